@@ -1,0 +1,600 @@
+//! Routing and one handler per endpoint. Handlers run on the worker threads; they read the
+//! request, change the shared state under its lock, and return a [`Reply`], or, for a
+//! `POST /lab` that has to run netlab, a [`StartJob`] for the lab thread.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tiny_http::{Method, Request};
+use uuid::Uuid;
+
+use crate::config::parse_bool;
+use crate::http::Reply;
+use crate::lab::{self, Acquire, Destroy};
+use crate::lab_thread::StartJob;
+use crate::queue::{SessionId, Status, parse_session_id};
+use crate::state::Shared;
+use crate::upload::{self, UploadError};
+
+pub const SESSION_HEADER: &str = "X-Session-ID";
+
+pub enum Outcome {
+    Reply(Reply),
+    /// Hand the request to the lab thread, which answers it when netlab is done.
+    Lab(StartJob),
+}
+
+impl From<Reply> for Outcome {
+    fn from(reply: Reply) -> Self {
+        Outcome::Reply(reply)
+    }
+}
+
+/// The routes, by path. A path can match two routes (`/session/heartbeat` is also a
+/// `/session/{id}`); the methods of both are allowed there.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Sessions,
+    Heartbeat,
+    Session(&'a str),
+    ActiveSession,
+    Healthz,
+    DebugHealth,
+    OpenApi,
+    Lab,
+    LabRelease,
+    LabDevices,
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    Some(match path {
+        "/session" => Route::Sessions,
+        "/session/heartbeat" => Route::Heartbeat,
+        "/active-session" => Route::ActiveSession,
+        "/healthz" => Route::Healthz,
+        "/debug/health" => Route::DebugHealth,
+        "/openapi.json" => Route::OpenApi,
+        "/lab" => Route::Lab,
+        "/lab/release" => Route::LabRelease,
+        "/lab/devices" => Route::LabDevices,
+        _ => match path.strip_prefix("/session/") {
+            Some(id) if !id.contains('/') => Route::Session(id),
+            _ => return None,
+        },
+    })
+}
+
+/// The `Allow` header of a path: every method of every route that matches it.
+fn allow(route: &Route<'_>) -> &'static str {
+    match route {
+        Route::Sessions | Route::LabRelease => "POST",
+        Route::Heartbeat => "GET, HEAD, DELETE, POST",
+        Route::Session(_) => "GET, HEAD, DELETE",
+        Route::Lab => "GET, HEAD, POST, DELETE",
+        Route::ActiveSession
+        | Route::Healthz
+        | Route::DebugHealth
+        | Route::OpenApi
+        | Route::LabDevices => "GET, HEAD",
+    }
+}
+
+/// `HEAD` is served wherever `GET` is; tiny_http leaves the body out.
+fn effective_method(method: &Method) -> Option<&'static str> {
+    Some(match method {
+        Method::Get | Method::Head => "GET",
+        Method::Post => "POST",
+        Method::Delete => "DELETE",
+        _ => return None,
+    })
+}
+
+pub fn handle(shared: &Shared, request: &mut Request) -> Outcome {
+    let url = request.url().to_owned();
+    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    let Some(route) = route(path) else {
+        return Reply::detail(404, "Not Found").into();
+    };
+    let method = effective_method(request.method());
+    let reply = match (&route, method) {
+        (Route::Sessions, Some("POST")) => create_session(shared),
+        (Route::Heartbeat, Some("POST")) => heartbeat(shared, request),
+        (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat"),
+        (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat"),
+        (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id)),
+        (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id)),
+        (Route::ActiveSession, Some("GET")) => active_session(shared),
+        (Route::Healthz, Some("GET")) => Reply::empty(204),
+        (Route::DebugHealth, Some("GET")) => debug_health(shared),
+        (Route::OpenApi, Some("GET")) => Reply::raw_json(200, crate::openapi::document()),
+        (Route::Lab, Some("POST")) => return acquire(shared, request),
+        (Route::Lab, Some("GET")) => lab_status(shared, request),
+        (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query),
+        (Route::LabRelease, Some("POST")) => release_lab(shared, request),
+        (Route::LabDevices, Some("GET")) => lab_devices(shared, request),
+        _ => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(&route)),
+    };
+    Outcome::Reply(reply)
+}
+
+// ------------------------------------------------------------------------------- sessions
+
+fn create_session(shared: &Shared) -> Reply {
+    #[derive(Serialize)]
+    struct Created {
+        session_id: String,
+        position: usize,
+    }
+    let id = Uuid::new_v4();
+    let now = shared.clock.now();
+    let created = shared.lock().queue.create(id, now);
+    match created {
+        Ok(position) => {
+            if position == 0 {
+                log::info!("session {id} created and active");
+            } else {
+                log::info!("session {id} created, waiting at position {position}");
+            }
+            Reply::json(
+                201,
+                &Created {
+                    session_id: id.to_string(),
+                    position,
+                },
+            )
+        }
+        Err(full) => {
+            log::warn!(
+                "session refused: {full} ({} sessions)",
+                shared.config.max_sessions
+            );
+            Reply::detail(503, full.to_string()).with_header("Retry-After", "5")
+        }
+    }
+}
+
+fn session_not_found() -> Reply {
+    Reply::detail(404, "Session not found")
+}
+
+fn session_status(shared: &Shared, id: &str) -> Reply {
+    #[derive(Serialize)]
+    struct StatusBody {
+        status: &'static str,
+        position: usize,
+    }
+    let Some(id) = parse_session_id(id) else {
+        return session_not_found();
+    };
+    let now = shared.clock.now();
+    let found = {
+        let mut state = shared.lock();
+        state.queue.touch(&id, now);
+        state.queue.lookup(&id)
+    };
+    match found {
+        Some((status, position)) => Reply::json(
+            200,
+            &StatusBody {
+                status: status.as_str(),
+                position,
+            },
+        ),
+        None => session_not_found(),
+    }
+}
+
+fn end_session(shared: &Shared, id: &str) -> Reply {
+    let ended = parse_session_id(id).is_some_and(|id| shared.end_session(&id));
+    if ended || shared.is_shutting_down() {
+        Reply::empty(204)
+    } else {
+        session_not_found()
+    }
+}
+
+fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+fn heartbeat(shared: &Shared, request: &Request) -> Reply {
+    let Some(value) = header_value(request, SESSION_HEADER) else {
+        return Reply::missing(["header", SESSION_HEADER]);
+    };
+    let now = shared.clock.now();
+    let known = parse_session_id(value).is_some_and(|id| shared.lock().queue.touch(&id, now));
+    if known {
+        Reply::empty(204)
+    } else {
+        session_not_found()
+    }
+}
+
+fn active_session(shared: &Shared) -> Reply {
+    #[derive(Serialize)]
+    struct ActiveBody {
+        status: &'static str,
+        position: usize,
+        session_id: String,
+    }
+    let now = shared.clock.now();
+    let active = {
+        let mut state = shared.lock();
+        let active = state.queue.active();
+        if let Some(id) = &active {
+            state.queue.touch(id, now);
+        }
+        active
+    };
+    match active {
+        Some(id) => Reply::json(
+            200,
+            &ActiveBody {
+                status: Status::Active.as_str(),
+                position: 0,
+                session_id: id.to_string(),
+            },
+        ),
+        None => Reply::detail(404, "No active session"),
+    }
+}
+
+fn debug_health(shared: &Shared) -> Reply {
+    #[derive(Serialize)]
+    struct Health {
+        status: &'static str,
+        timestamp: f64,
+        uptime: f64,
+        sessions: usize,
+        queue_length: usize,
+    }
+    let now = SystemTime::now();
+    let timestamp = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    let uptime = now
+        .duration_since(shared.started_at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    let sessions = shared.lock().queue.len();
+    Reply::json(
+        200,
+        &Health {
+            status: "ok",
+            timestamp,
+            uptime,
+            sessions,
+            queue_length: sessions,
+        },
+    )
+}
+
+// ------------------------------------------------------------------------------- the gate
+
+/// The `X-Session-ID` gate of every `/lab*` route: 422 missing header, 404 unknown session,
+/// 423 not the ACTIVE session. Passing it refreshes the session's `last_seen_at`. The body
+/// is not read before the gate is passed.
+fn gate(shared: &Shared, request: &Request) -> Result<SessionId, Reply> {
+    let Some(value) = header_value(request, SESSION_HEADER) else {
+        return Err(Reply::missing(["header", SESSION_HEADER]));
+    };
+    let id = parse_session_id(value).ok_or_else(session_not_found)?;
+    let now = shared.clock.now();
+    let mut state = shared.lock();
+    match state.queue.lookup(&id) {
+        None => Err(session_not_found()),
+        Some((Status::Waiting, _)) => Err(Reply::detail(423, "Session is not active")),
+        Some((Status::Active, _)) => {
+            state.queue.touch(&id, now);
+            Ok(id)
+        }
+    }
+}
+
+fn no_lab() -> Reply {
+    Reply::detail(404, "No lab running")
+}
+
+// ------------------------------------------------------------------------------- lab routes
+
+fn lab_status(shared: &Shared, request: &Request) -> Reply {
+    if let Err(reply) = gate(shared, request) {
+        return reply;
+    }
+    let state = shared.lock();
+    let body = match &state.lab {
+        Some(lab) => format!(
+            "{{\"running\":true,\"topology\":{},\"ref_count\":{},\"devices\":{},\"netlab_status\":null}}",
+            serde_json::Value::String(lab.topology.to_string_lossy().into_owned()),
+            lab.ref_count,
+            lab.devices_json
+        ),
+        None => {
+            "{\"running\":false,\"topology\":null,\"ref_count\":0,\"devices\":[],\"netlab_status\":null}"
+                .to_owned()
+        }
+    };
+    Reply::raw_json(200, body)
+}
+
+fn lab_devices(shared: &Shared, request: &Request) -> Reply {
+    if let Err(reply) = gate(shared, request) {
+        return reply;
+    }
+    let devices = shared.lock().lab.as_ref().map(|l| l.devices_json.clone());
+    match devices {
+        Some(devices) => Reply::raw_json(200, devices.as_bytes()),
+        None => no_lab(),
+    }
+}
+
+fn release_lab(shared: &Shared, request: &Request) -> Reply {
+    let session = match gate(shared, request) {
+        Ok(id) => id,
+        Err(reply) => return reply,
+    };
+    let mut state = shared.lock();
+    match state.lab.as_mut() {
+        Some(lab) => {
+            lab.release();
+            log::info!(
+                "session {session} released the lab (ref_count {})",
+                lab.ref_count
+            );
+            Reply::empty(204)
+        }
+        None => no_lab(),
+    }
+}
+
+/// The value of a query parameter, percent-decoded (`+` is a space).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(&key.replace('+', " ")) == name)
+            .then(|| percent_decode(&value.replace('+', " ")))
+    })
+}
+
+fn destroy_lab(shared: &Shared, request: &Request, query: &str) -> Reply {
+    let session = match gate(shared, request) {
+        Ok(id) => id,
+        Err(reply) => return reply,
+    };
+    let force = match query_param(query, "force") {
+        None => true,
+        Some(text) => match parse_bool(&text) {
+            Some(force) => force,
+            None => return bool_error("query", "force", &text),
+        },
+    };
+    let mut state = shared.lock();
+    match lab::decide_destroy(state.lab.as_ref(), force) {
+        Destroy::NothingRunning => Reply::empty(204),
+        Destroy::InUse => Reply::detail(409, "Lab still in use"),
+        Destroy::TearDown => {
+            if let Some(lab) = state.lab.take() {
+                log::info!(
+                    "session {session} destroys the lab {} (force={force})",
+                    lab.topology.display()
+                );
+                shared.send_lab_job(crate::lab_thread::LabJob::Teardown(lab));
+            }
+            Reply::empty(202)
+        }
+    }
+}
+
+pub fn bool_error(place: &str, name: &str, input: &str) -> Reply {
+    Reply::validation(
+        "bool_parsing",
+        [place, name],
+        "Input should be a valid boolean, unable to interpret input",
+        Some(input),
+    )
+}
+
+/// Clears the "a `POST /lab` is in progress" marks when dropped, unless handed over to the
+/// lab thread, which clears them itself when netlab is done.
+struct AcquireGuard<'a> {
+    shared: &'a Shared,
+    session: SessionId,
+    armed: bool,
+}
+
+impl AcquireGuard<'_> {
+    fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AcquireGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            finish_acquire(self.shared, &self.session);
+        }
+    }
+}
+
+/// Ends a `POST /lab` in progress: the next one may come, and the session may be reaped again
+/// (its clock restarts now: the completion of its lab operation counts as activity).
+pub fn finish_acquire(shared: &Shared, session: &SessionId) {
+    let now = shared.clock.now();
+    let mut state = shared.lock();
+    if state.acquiring == Some(*session) {
+        state.acquiring = None;
+    }
+    state.queue.set_busy(session, false);
+    state.queue.touch(session, now);
+}
+
+fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
+    let session = match gate(shared, request) {
+        Ok(id) => id,
+        Err(reply) => return reply.into(),
+    };
+    {
+        let mut state = shared.lock();
+        if state.acquiring.is_some() {
+            return Reply::detail(423, "Lab currently busy").into();
+        }
+        state.acquiring = Some(session);
+        state.queue.set_busy(&session, true);
+    }
+    let guard = AcquireGuard {
+        shared,
+        session,
+        armed: true,
+    };
+
+    let limits = upload::Limits {
+        max_bytes: shared.config.max_upload_bytes,
+        max_parts: upload::MAX_PARTS,
+    };
+    if let Some(length) = request.body_length() {
+        if length as u64 > limits.max_bytes {
+            return upload_error_reply(&UploadError::TooLarge(limits.max_bytes)).into();
+        }
+    }
+    let content_type = header_value(request, "Content-Type").map(str::to_owned);
+    let boundary = match upload::boundary(content_type.as_deref()) {
+        Ok(boundary) => boundary,
+        Err(e) => return upload_error_reply(&e).into(),
+    };
+    let work_dir = shared.labs_dir.join(Uuid::new_v4().to_string());
+    let received = upload::receive(request.as_reader(), &boundary, &limits, &work_dir);
+    let upload = match received {
+        Ok(upload) => upload,
+        Err(e) => {
+            upload::remove_dir(&work_dir);
+            if let UploadError::Io(err) = &e {
+                log::error!("upload to {} failed: {err}", work_dir.display());
+            }
+            return upload_error_reply(&e).into();
+        }
+    };
+
+    let mut state = shared.lock();
+    match state.queue.lookup(&session) {
+        Some((Status::Active, _)) => {}
+        other => {
+            drop(state);
+            upload::remove_dir(&work_dir);
+            return match other {
+                None => session_not_found(),
+                Some(_) => Reply::detail(423, "Session is not active"),
+            }
+            .into();
+        }
+    }
+    match lab::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
+        Acquire::Attach => {
+            let lab = state.lab.as_mut().expect("decide() attaches to a running lab");
+            lab.ref_count += 1;
+            let body = format!("{{\"reused\":true,\"devices\":{}}}", lab.devices_json);
+            log::info!(
+                "session {session} attached to the running lab {} (ref_count {})",
+                lab.topology.display(),
+                lab.ref_count
+            );
+            drop(state);
+            upload::remove_dir(&work_dir);
+            drop(guard);
+            Reply::raw_json(200, body).into()
+        }
+        Acquire::Busy => {
+            drop(state);
+            upload::remove_dir(&work_dir);
+            Reply::detail(423, "Lab currently busy").into()
+        }
+        Acquire::Start { replace } => {
+            if replace {
+                if let Some(old) = state.lab.take() {
+                    log::info!(
+                        "replacing the idle lab {} for session {session}",
+                        old.topology.display()
+                    );
+                    shared.send_lab_job(crate::lab_thread::LabJob::Teardown(old));
+                }
+            }
+            drop(state);
+            guard.hand_over();
+            Outcome::Lab(StartJob {
+                session,
+                hash: upload.hash,
+                work_dir,
+                topology: upload.topology,
+            })
+        }
+    }
+}
+
+fn upload_error_reply(e: &UploadError) -> Reply {
+    match e {
+        UploadError::MissingTopology => Reply::missing(["body", "topology"]),
+        UploadError::BadBool(input) => bool_error("body", "reuse", input),
+        UploadError::Io(_) => Reply::detail(500, "Could not store the upload on the server"),
+        other => Reply::detail(other.status(), other.to_string()),
+    }
+}
+
+/// Decodes `%XX` escapes; invalid escapes are kept as they are.
+pub fn percent_decode(text: &str) -> String {
+    if !text.contains('%') {
+        return text.to_owned();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(value);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/session"), Some(Route::Sessions));
+        assert_eq!(route("/session/"), Some(Route::Session("")));
+        assert_eq!(route("/session/abc"), Some(Route::Session("abc")));
+        assert_eq!(route("/session/a/b"), None);
+        assert_eq!(route("/session/heartbeat"), Some(Route::Heartbeat));
+        assert_eq!(route("/lab/"), None);
+        assert_eq!(route("/nope"), None);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Db"), "a-b");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("x%41"), "xA");
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param("force=false", "force"), Some("false".into()));
+        assert_eq!(query_param("a=1&force=no", "force"), Some("no".into()));
+        assert_eq!(query_param("", "force"), None);
+        assert_eq!(query_param("force", "force"), Some(String::new()));
+    }
+}

@@ -1,0 +1,511 @@
+//! Command line and environment. Every option `--some-flag` falls back to the environment
+//! variable `NEOPS_REMOTE_LAB_SOME_FLAG`; the command line wins.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+pub const ENV_PREFIX: &str = "NEOPS_REMOTE_LAB_";
+
+/// One option: its long name, the placeholder of its value (None for a switch), its default
+/// as the help shows it, and what it does.
+pub struct OptionSpec {
+    pub name: &'static str,
+    pub value: Option<&'static str>,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every option, in the order `--help` lists them.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "host",
+        value: Some("ADDR"),
+        default: "0.0.0.0",
+        help: "address to listen on",
+    },
+    OptionSpec {
+        name: "port",
+        value: Some("PORT"),
+        default: "8000",
+        help: "TCP port to listen on (0 picks a free one)",
+    },
+    OptionSpec {
+        name: "workers",
+        value: Some("N"),
+        default: "twice the CPU count, at least 4",
+        help: "worker threads answering requests",
+    },
+    OptionSpec {
+        name: "state-dir",
+        value: Some("DIR"),
+        default: "<temp dir>/neops-remote-lab",
+        help: "lock file and lab work directories",
+    },
+    OptionSpec {
+        name: "active-timeout",
+        value: Some("SECONDS"),
+        default: "300",
+        help: "reap the ACTIVE session after this much silence",
+    },
+    OptionSpec {
+        name: "waiting-timeout",
+        value: Some("SECONDS"),
+        default: "600",
+        help: "reap a WAITING session after this much silence",
+    },
+    OptionSpec {
+        name: "sweep-interval",
+        value: Some("SECONDS"),
+        default: "5",
+        help: "how often stale sessions are looked for",
+    },
+    OptionSpec {
+        name: "max-sessions",
+        value: Some("N"),
+        default: "1000",
+        help: "sessions allowed at once; more get 503",
+    },
+    OptionSpec {
+        name: "netlab",
+        value: Some("PATH"),
+        default: "netlab",
+        help: "the netlab command (a path, or a name looked up on PATH)",
+    },
+    OptionSpec {
+        name: "netlab-timeout",
+        value: Some("SECONDS"),
+        default: "1800",
+        help: "give up on `netlab up` after this long",
+    },
+    OptionSpec {
+        name: "max-upload-bytes",
+        value: Some("BYTES"),
+        default: "16777216",
+        help: "largest POST /lab body accepted",
+    },
+    OptionSpec {
+        name: "log-level",
+        value: Some("LEVEL"),
+        default: "info",
+        help: "error, warn, info, debug or trace",
+    },
+    OptionSpec {
+        name: "log-file",
+        value: Some("PATH"),
+        default: "none",
+        help: "also append the log, with timestamps, to this file",
+    },
+    OptionSpec {
+        name: "debug",
+        value: None,
+        default: "off",
+        help: "same as --log-level debug, and log netlab's output as it comes",
+    },
+    OptionSpec {
+        name: "log-config",
+        value: Some("PATH"),
+        default: "none",
+        help: "accepted for compatibility with the Python server; ignored",
+    },
+];
+
+pub fn env_name(option: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        option.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "neops-remote-lab: exclusive, queued access to this host's network lab over HTTP\n\n\
+         Usage: neops-remote-lab [OPTIONS]\n\n\
+         Every option can also be set in the environment variable shown under it;\n\
+         the command line wins.\n\nOptions:\n",
+    );
+    for opt in OPTIONS {
+        let flag = match opt.value {
+            Some(v) => format!("--{} {v}", opt.name),
+            None => format!("--{}", opt.name),
+        };
+        out.push_str(&format!(
+            "  {flag:<28} {} [default: {}]\n  {:<28} env: {}\n",
+            opt.help,
+            opt.default,
+            "",
+            env_name(opt.name)
+        ));
+    }
+    out.push_str("  -h, --help                   print this help\n");
+    out.push_str("  -V, --version                print the version\n");
+    out
+}
+
+pub fn version_text() -> String {
+    format!("neops-remote-lab {}", env!("CARGO_PKG_VERSION"))
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub state_dir: PathBuf,
+    pub active_timeout: Duration,
+    pub waiting_timeout: Duration,
+    pub sweep_interval: Duration,
+    pub max_sessions: usize,
+    pub netlab: PathBuf,
+    pub netlab_timeout: Duration,
+    pub max_upload_bytes: u64,
+    pub log_level: LevelFilter,
+    pub log_file: Option<PathBuf>,
+    /// `--debug`: netlab's output is logged line by line.
+    pub stream_netlab_output: bool,
+    /// `--log-config` was given (it is ignored, with a warning).
+    pub log_config: Option<PathBuf>,
+}
+
+impl Config {
+    /// The defaults, with `state_dir` as given.
+    pub fn with_state_dir(state_dir: PathBuf) -> Self {
+        Config {
+            host: "0.0.0.0".into(),
+            port: 8000,
+            workers: default_workers(),
+            state_dir,
+            active_timeout: Duration::from_secs(300),
+            waiting_timeout: Duration::from_secs(600),
+            sweep_interval: Duration::from_secs(5),
+            max_sessions: 1000,
+            netlab: PathBuf::from("netlab"),
+            netlab_timeout: Duration::from_secs(1800),
+            max_upload_bytes: 16 * 1024 * 1024,
+            log_level: LevelFilter::Info,
+            log_file: None,
+            stream_netlab_output: false,
+            log_config: None,
+        }
+    }
+}
+
+fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus * 2).max(4)
+}
+
+pub enum Command {
+    Serve(Config),
+    Help,
+    Version,
+}
+
+/// A bad command line or environment; the process exits 2 with this message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a value came from, for error messages that name it.
+fn source_name(option: &str, from_env: bool) -> String {
+    if from_env {
+        format!("{} (--{option})", env_name(option))
+    } else {
+        format!("--{option}")
+    }
+}
+
+/// Parses the command line (without the program name), falling back to `env` for options
+/// not given.
+pub fn parse<I, E>(args: I, env: E) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = OsString>,
+    E: Fn(&str) -> Option<OsString>,
+{
+    use lexopt::prelude::*;
+
+    let mut given: Vec<(&'static str, Option<OsString>)> = Vec::new();
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(|e| ConfigError(e.to_string()))? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long(name) => {
+                let spec = OPTIONS
+                    .iter()
+                    .find(|o| o.name == name)
+                    .ok_or_else(|| ConfigError(format!("unknown option --{name}")))?;
+                let value = match spec.value {
+                    Some(_) => Some(parser.value().map_err(|e| ConfigError(e.to_string()))?),
+                    None => None,
+                };
+                given.retain(|(n, _)| *n != spec.name);
+                given.push((spec.name, value));
+            }
+            other => return Err(ConfigError(other.unexpected().to_string())),
+        }
+    }
+
+    // The value of an option: the command line's, else the environment's.
+    let lookup = |name: &'static str| -> Option<(String, bool)> {
+        if let Some((_, v)) = given.iter().find(|(n, _)| *n == name) {
+            let text = v
+                .as_ref()
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "true".into());
+            return Some((text, false));
+        }
+        env(&env_name(name)).map(|v| (v.to_string_lossy().into_owned(), true))
+    };
+
+    let state_dir = match lookup("state-dir") {
+        Some((v, from_env)) if v.is_empty() => {
+            return Err(ConfigError(format!(
+                "{}: must not be empty",
+                source_name("state-dir", from_env)
+            )));
+        }
+        Some((v, _)) => PathBuf::from(v),
+        None => std::env::temp_dir().join("neops-remote-lab"),
+    };
+    let mut config = Config::with_state_dir(state_dir);
+
+    if let Some((v, _)) = lookup("host") {
+        config.host = v;
+    }
+    if let Some((v, e)) = lookup("port") {
+        config.port = v
+            .trim()
+            .parse()
+            .map_err(|_| bad("port", e, &v, "a port number from 0 to 65535"))?;
+    }
+    if let Some((v, e)) = lookup("workers") {
+        config.workers = parse_count(&v, "workers", e, 1, 1024)?;
+    }
+    if let Some((v, e)) = lookup("max-sessions") {
+        config.max_sessions = parse_count(&v, "max-sessions", e, 1, 10_000_000)?;
+    }
+    if let Some((v, e)) = lookup("active-timeout") {
+        config.active_timeout = parse_seconds(&v, "active-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("waiting-timeout") {
+        config.waiting_timeout = parse_seconds(&v, "waiting-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("sweep-interval") {
+        config.sweep_interval = parse_seconds(&v, "sweep-interval", e)?;
+    }
+    if let Some((v, e)) = lookup("netlab-timeout") {
+        config.netlab_timeout = parse_seconds(&v, "netlab-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("netlab") {
+        if v.is_empty() {
+            return Err(bad("netlab", e, &v, "a path or a command name"));
+        }
+        config.netlab = PathBuf::from(v);
+    }
+    if let Some((v, e)) = lookup("max-upload-bytes") {
+        config.max_upload_bytes = parse_count(&v, "max-upload-bytes", e, 1, 1 << 40)? as u64;
+    }
+    if let Some((v, e)) = lookup("log-level") {
+        config.log_level = parse_level(&v).ok_or_else(|| {
+            bad(
+                "log-level",
+                e,
+                &v,
+                "one of error, warn, info, debug, trace",
+            )
+        })?;
+    }
+    if let Some((v, e)) = lookup("debug") {
+        if parse_bool(&v).ok_or_else(|| bad("debug", e, &v, "a boolean"))? {
+            config.stream_netlab_output = true;
+            config.log_level = config.log_level.max(LevelFilter::Debug);
+        }
+    }
+    if let Some((v, _)) = lookup("log-file") {
+        config.log_file = (!v.is_empty()).then(|| PathBuf::from(v));
+    }
+    if let Some((v, _)) = lookup("log-config") {
+        config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
+    }
+    Ok(Command::Serve(config))
+}
+
+fn bad(option: &str, from_env: bool, value: &str, expected: &str) -> ConfigError {
+    ConfigError(format!(
+        "{}: invalid value {value:?}: expected {expected}",
+        source_name(option, from_env)
+    ))
+}
+
+fn parse_count(
+    v: &str,
+    option: &str,
+    from_env: bool,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    v.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            bad(
+                option,
+                from_env,
+                v,
+                &format!("a whole number from {min} to {max}"),
+            )
+        })
+}
+
+/// Seconds, whole or fractional (`0.5`), greater than zero.
+fn parse_seconds(v: &str, option: &str, from_env: bool) -> Result<Duration, ConfigError> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| bad(option, from_env, v, "a number of seconds greater than 0"))
+}
+
+/// Log levels, case-insensitive; the Python server's names (`WARNING`, `CRITICAL`) too, so
+/// its unit files keep working.
+pub fn parse_level(v: &str) -> Option<LevelFilter> {
+    Some(match v.trim().to_ascii_lowercase().as_str() {
+        "error" | "critical" | "fatal" => LevelFilter::Error,
+        "warn" | "warning" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// Booleans as the API accepts them: true/false, 1/0, yes/no, on/off, t/f, y/n, any case.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" | "t" | "y" => Some(true),
+        "false" | "0" | "no" | "off" | "f" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    fn serve(list: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match parse(args(list), |k| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| OsString::from(v))
+        })? {
+            Command::Serve(c) => Ok(c),
+            _ => panic!("not a serve command"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.port, 8000);
+        assert!(c.workers >= 4);
+        assert_eq!(c.active_timeout, Duration::from_secs(300));
+        assert_eq!(c.waiting_timeout, Duration::from_secs(600));
+        assert_eq!(c.sweep_interval, Duration::from_secs(5));
+        assert_eq!(c.max_sessions, 1000);
+        assert_eq!(c.max_upload_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.log_level, LevelFilter::Info);
+        assert_eq!(c.state_dir, std::env::temp_dir().join("neops-remote-lab"));
+    }
+
+    #[test]
+    fn command_line_wins_over_environment() {
+        let c = serve(
+            &["--port", "9000"],
+            &[("NEOPS_REMOTE_LAB_PORT", "7000"), ("NEOPS_REMOTE_LAB_HOST", "::1")],
+        )
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.host, "::1");
+        let c = serve(&["--port=9001"], &[]).unwrap();
+        assert_eq!(c.port, 9001);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_or_the_variable() {
+        let e = serve(&["--port", "http"], &[]).unwrap_err();
+        assert!(e.0.starts_with("--port: invalid value \"http\""), "{e}");
+        let e = serve(&[], &[("NEOPS_REMOTE_LAB_ACTIVE_TIMEOUT", "-1")]).unwrap_err();
+        assert!(
+            e.0.starts_with("NEOPS_REMOTE_LAB_ACTIVE_TIMEOUT (--active-timeout)"),
+            "{e}"
+        );
+        let e = serve(&["--log-level", "loud"], &[]).unwrap_err();
+        assert!(e.0.contains("--log-level"), "{e}");
+        let e = serve(&["--bogus"], &[]).unwrap_err();
+        assert_eq!(e.0, "unknown option --bogus");
+        let e = serve(&["--workers", "0"], &[]).unwrap_err();
+        assert!(e.0.contains("--workers"), "{e}");
+    }
+
+    #[test]
+    fn python_server_flags_keep_working() {
+        let c = serve(
+            &["--debug", "--log-level", "INFO", "--log-config", "log.yaml"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.log_level, LevelFilter::Debug);
+        assert!(c.stream_netlab_output);
+        assert_eq!(c.log_config, Some(PathBuf::from("log.yaml")));
+        let c = serve(&["--log-level", "WARNING"], &[]).unwrap();
+        assert_eq!(c.log_level, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn fractional_seconds_are_accepted() {
+        let c = serve(&["--sweep-interval", "0.25"], &[]).unwrap();
+        assert_eq!(c.sweep_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn help_lists_every_option_with_its_default_and_variable() {
+        let help = help_text();
+        for opt in OPTIONS {
+            assert!(help.contains(&format!("--{}", opt.name)));
+            assert!(help.contains(&env_name(opt.name)));
+            assert!(help.contains(&format!("[default: {}]", opt.default)));
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        for t in ["true", "TRUE", "1", "yes", "On", "t", "Y"] {
+            assert_eq!(parse_bool(t), Some(true), "{t}");
+        }
+        for f in ["false", "0", "no", "OFF", "f", "n"] {
+            assert_eq!(parse_bool(f), Some(false), "{f}");
+        }
+        assert_eq!(parse_bool("maybe"), None);
+        assert_eq!(parse_bool(""), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! The HTTP edge: replies, the listener thread and the worker pool.
+//!
+//! tiny_http accepts connections and parses requests on its own threads and queues them
+//! without bound; the listener thread only drains `recv()` into a bounded channel, so the
+//! queue stays short, and answers `503 Server busy` itself when the channel is full.
+
+use std::io::Cursor;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use serde::Serialize;
+use tiny_http::{Header, Request, Response, Server};
+
+use crate::api::{self, Outcome};
+use crate::lab_thread::LabJob;
+use crate::state::Shared;
+
+/// A response the server produces, before it becomes a tiny_http response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    /// `None` for responses without a body (204, 202): no body, no content type.
+    pub body: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn empty(status: u16) -> Self {
+        Reply {
+            status,
+            body: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// A JSON body already serialized.
+    pub fn raw_json(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Reply {
+            status,
+            body: Some(body.into()),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => Self::raw_json(status, body),
+            Err(e) => {
+                log::error!("cannot serialize a response: {e}");
+                Self::internal_error()
+            }
+        }
+    }
+
+    /// The error envelope `{"detail":"..."}`.
+    pub fn detail(status: u16, message: impl AsRef<str>) -> Self {
+        Self::json(status, &serde_json::json!({ "detail": message.as_ref() }))
+    }
+
+    /// A FastAPI-shaped validation error: `{"detail":[{type, loc, msg, input}]}`.
+    pub fn validation(kind: &str, loc: [&str; 2], msg: &str, input: Option<&str>) -> Self {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            loc: [&'a str; 2],
+            msg: &'a str,
+            input: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            detail: [Item<'a>; 1],
+        }
+        Self::json(
+            422,
+            &Body {
+                detail: [Item {
+                    kind,
+                    loc,
+                    msg,
+                    input,
+                }],
+            },
+        )
+    }
+
+    pub fn missing(loc: [&str; 2]) -> Self {
+        Self::validation("missing", loc, "Field required", None)
+    }
+
+    pub fn internal_error() -> Self {
+        Reply::raw_json(500, &b"{\"detail\":\"internal error\"}"[..])
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn into_response(self) -> Response<Cursor<Vec<u8>>> {
+        let mut response = match self.body {
+            Some(body) => Response::from_data(body).with_header(header(
+                "Content-Type",
+                "application/json",
+            )),
+            None => Response::new(
+                self.status.into(),
+                Vec::new(),
+                Cursor::new(Vec::new()),
+                Some(0),
+                None,
+            ),
+        }
+        .with_status_code(self.status);
+        for (name, value) in self.headers {
+            response.add_header(header(name, &value));
+        }
+        response
+    }
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .unwrap_or_else(|_| Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("static"))
+}
+
+/// Sends a reply; a client that went away is not an error worth more than a debug line.
+pub fn respond(request: Request, reply: Reply) {
+    let status = reply.status;
+    if let Err(e) = request.respond(reply.into_response()) {
+        log::debug!("could not send a {status} response: {e}");
+    }
+}
+
+/// Capacity of the channel between the listener and the workers.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// Drains `server.recv()` into the workers' channel until the server is unblocked for a
+/// shutdown. Returns `Err` when tiny_http's accept loop died (the process must exit non-zero).
+pub fn listen(server: &Server, shared: &Shared, tx: &Sender<Request>) -> Result<(), String> {
+    loop {
+        let request = match server.recv() {
+            Ok(request) => request,
+            Err(e) => {
+                if shared.is_shutting_down() {
+                    break;
+                }
+                return Err(format!("the HTTP listener failed: {e}"));
+            }
+        };
+        if !dispatch(request, tx) {
+            return Ok(());
+        }
+        if shared.is_shutting_down() {
+            break;
+        }
+    }
+    // Requests tiny_http had already parsed are still answered.
+    while let Ok(Some(request)) = server.try_recv() {
+        if !dispatch(request, tx) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn dispatch(request: Request, tx: &Sender<Request>) -> bool {
+    match tx.try_send(request) {
+        Ok(()) => true,
+        Err(TrySendError::Full(request)) => {
+            respond(
+                request,
+                Reply::detail(503, "Server busy").with_header("Retry-After", "1"),
+            );
+            true
+        }
+        Err(TrySendError::Disconnected(request)) => {
+            respond(request, Reply::detail(503, "Server is shutting down"));
+            false
+        }
+    }
+}
+
+pub fn work_channel() -> (Sender<Request>, Receiver<Request>) {
+    bounded(QUEUE_CAPACITY)
+}
+
+/// Starts the worker pool. Each worker runs until the channel is closed and drained.
+pub fn start_workers(
+    count: usize,
+    shared: &Arc<Shared>,
+    rx: &Receiver<Request>,
+) -> Vec<JoinHandle<()>> {
+    (0..count)
+        .map(|n| {
+            let shared = Arc::clone(shared);
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("worker-{n}"))
+                .spawn(move || {
+                    for request in rx.iter() {
+                        serve_one(&shared, request);
+                    }
+                })
+                .expect("cannot start a worker thread")
+        })
+        .collect()
+}
+
+/// Handles one request; a panic in the handler becomes a 500 and the worker lives on.
+pub fn serve_one(shared: &Shared, mut request: Request) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &mut request)));
+    match outcome {
+        Ok(Outcome::Reply(reply)) => respond(request, reply),
+        Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
+        Err(_) => {
+            log::error!(
+                "handler for {} {} panicked; answered 500",
+                request.method(),
+                request.url()
+            );
+            respond(request, Reply::internal_error());
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The lab record and the decisions of `POST /lab`, `POST /lab/release` and `DELETE /lab`.
+//! Pure: no I/O. A lab's identity is the SHA-256 of its topology file's bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub type Hash = [u8; 32];
+
+pub fn sha256(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+pub fn hex(hash: &Hash) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for byte in hash {
+        out.push(DIGITS[(byte >> 4) as usize] as char);
+        out.push(DIGITS[(byte & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// One node of the lab as the API returns it: its name and netlab's data for it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Device {
+    pub name: String,
+    pub raw: serde_json::Value,
+}
+
+/// The running lab.
+#[derive(Clone, Debug)]
+pub struct LabRecord {
+    pub hash: Hash,
+    /// The directory netlab ran `up` in (under the state dir).
+    pub work_dir: PathBuf,
+    /// The topology file inside `work_dir`.
+    pub topology: PathBuf,
+    pub ref_count: u32,
+    /// The devices, serialized once as the JSON array the API returns.
+    pub devices_json: Arc<str>,
+}
+
+/// What `POST /lab` does, given the running lab (if any).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// Same topology and `reuse=true`: take a reference on the running lab (`reused:true`).
+    Attach,
+    /// Start a lab from the upload; `replace` says whether the running (idle) lab must be torn
+    /// down first.
+    Start { replace: bool },
+    /// The running lab is held by someone and cannot be replaced: 423.
+    Busy,
+}
+
+pub fn decide(running: Option<&LabRecord>, hash: &Hash, reuse: bool) -> Acquire {
+    match running {
+        None => Acquire::Start { replace: false },
+        Some(lab) if lab.hash == *hash && reuse => Acquire::Attach,
+        Some(lab) if lab.ref_count == 0 => Acquire::Start { replace: true },
+        Some(_) => Acquire::Busy,
+    }
+}
+
+/// What `DELETE /lab` does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Destroy {
+    /// No lab: 204.
+    NothingRunning,
+    /// `force=false` and the lab is held: 409.
+    InUse,
+    /// Tear it down (202).
+    TearDown,
+}
+
+pub fn decide_destroy(running: Option<&LabRecord>, force: bool) -> Destroy {
+    match running {
+        None => Destroy::NothingRunning,
+        Some(lab) if !force && lab.ref_count > 0 => Destroy::InUse,
+        Some(_) => Destroy::TearDown,
+    }
+}
+
+impl LabRecord {
+    /// `POST /lab/release`: one reference less, clamped at 0.
+    pub fn release(&mut self) {
+        self.ref_count = self.ref_count.saturating_sub(1);
+    }
+
+    /// Whether ending the ACTIVE session must tear this lab down: only when it still holds
+    /// references; a lab released properly stays up for the next session to attach to.
+    pub fn torn_down_with_its_session(&self) -> bool {
+        self.ref_count > 0
+    }
+}
+
+/// Serializes devices as the API returns them.
+pub fn devices_json(devices: &[Device]) -> Arc<str> {
+    serde_json::to_string(devices)
+        .unwrap_or_else(|_| "[]".to_owned())
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab(topology: &[u8], ref_count: u32) -> LabRecord {
+        LabRecord {
+            hash: sha256(topology),
+            work_dir: PathBuf::from("/state/labs/x"),
+            topology: PathBuf::from("/state/labs/x/topo.yml"),
+            ref_count,
+            devices_json: "[]".into(),
+        }
+    }
+
+    const A: &[u8] = b"nodes: [r1]\n";
+    const B: &[u8] = b"nodes: [r1, r2]\n";
+
+    #[test]
+    fn hex_of_a_known_digest() {
+        assert_eq!(
+            hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn no_lab_starts_one() {
+        assert_eq!(
+            decide(None, &sha256(A), true),
+            Acquire::Start { replace: false }
+        );
+        assert_eq!(
+            decide(None, &sha256(A), false),
+            Acquire::Start { replace: false }
+        );
+    }
+
+    #[test]
+    fn same_hash_with_reuse_attaches_whether_held_or_idle() {
+        assert_eq!(decide(Some(&lab(A, 1)), &sha256(A), true), Acquire::Attach);
+        assert_eq!(decide(Some(&lab(A, 0)), &sha256(A), true), Acquire::Attach);
+    }
+
+    #[test]
+    fn same_hash_without_reuse_restarts_an_idle_lab_and_refuses_a_held_one() {
+        assert_eq!(
+            decide(Some(&lab(A, 0)), &sha256(A), false),
+            Acquire::Start { replace: true }
+        );
+        assert_eq!(decide(Some(&lab(A, 2)), &sha256(A), false), Acquire::Busy);
+    }
+
+    #[test]
+    fn other_hash_switches_an_idle_lab_and_refuses_a_held_one() {
+        for reuse in [true, false] {
+            assert_eq!(
+                decide(Some(&lab(A, 0)), &sha256(B), reuse),
+                Acquire::Start { replace: true }
+            );
+            assert_eq!(decide(Some(&lab(A, 1)), &sha256(B), reuse), Acquire::Busy);
+        }
+    }
+
+    #[test]
+    fn release_clamps_at_zero() {
+        let mut l = lab(A, 1);
+        l.release();
+        assert_eq!(l.ref_count, 0);
+        l.release();
+        assert_eq!(l.ref_count, 0);
+    }
+
+    #[test]
+    fn destroy_rows() {
+        assert_eq!(decide_destroy(None, true), Destroy::NothingRunning);
+        assert_eq!(decide_destroy(None, false), Destroy::NothingRunning);
+        assert_eq!(decide_destroy(Some(&lab(A, 1)), false), Destroy::InUse);
+        assert_eq!(decide_destroy(Some(&lab(A, 0)), false), Destroy::TearDown);
+        assert_eq!(decide_destroy(Some(&lab(A, 3)), true), Destroy::TearDown);
+    }
+
+    #[test]
+    fn session_end_tears_down_only_a_held_lab() {
+        assert!(lab(A, 1).torn_down_with_its_session());
+        assert!(!lab(A, 0).torn_down_with_its_session());
+    }
+
+    #[test]
+    fn devices_serialize_as_name_then_raw() {
+        let devices = vec![Device {
+            name: "r1".into(),
+            raw: serde_json::json!({"hostname": "clab-x-r1"}),
+        }];
+        assert_eq!(
+            &*devices_json(&devices),
+            r#"[{"name":"r1","raw":{"hostname":"clab-x-r1"}}]"#
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The lab thread: the one thread that runs netlab. Jobs (start, teardown) come over a channel
+//! and run one at a time, in order, so starts and teardowns never overlap and a start queued
+//! behind a teardown waits for it. A start carries the client's request; this thread answers
+//! it when netlab is done, so no worker ever waits for netlab.
+
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use tiny_http::Request;
+
+use crate::api::finish_acquire;
+use crate::http::{Reply, respond};
+use crate::lab::{self, Hash, LabRecord};
+use crate::netlab::{Netlab, NetlabError};
+use crate::queue::{SessionId, Status};
+use crate::state::Shared;
+use crate::upload::remove_dir;
+
+/// A validated, stored upload waiting for `netlab up`.
+#[derive(Debug)]
+pub struct StartJob {
+    pub session: SessionId,
+    pub hash: Hash,
+    pub work_dir: PathBuf,
+    /// The topology file inside `work_dir`.
+    pub topology: PathBuf,
+}
+
+pub enum LabJob {
+    Start(StartJob, Request),
+    Teardown(LabRecord),
+    /// Finish the queued jobs, tear the running lab down and stop.
+    Shutdown,
+}
+
+impl fmt::Debug for LabJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabJob::Start(job, _) => write!(f, "start of {}", job.topology.display()),
+            LabJob::Teardown(lab) => write!(f, "teardown of {}", lab.topology.display()),
+            LabJob::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
+
+pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
+    for job in jobs.iter() {
+        let stop = matches!(job, LabJob::Shutdown);
+        let description = format!("{job:?}");
+        let result = catch_unwind(AssertUnwindSafe(|| match job {
+            LabJob::Start(job, request) => {
+                let reply = start(shared, netlab, job);
+                respond(request, reply);
+            }
+            LabJob::Teardown(lab) => teardown(netlab, &lab),
+            LabJob::Shutdown => {
+                let running = shared.lock().lab.take();
+                if let Some(lab) = running {
+                    log::info!("shutting down: tearing down the running lab");
+                    teardown(netlab, &lab);
+                }
+            }
+        }));
+        if result.is_err() {
+            log::error!("the lab thread panicked during the {description}; going on");
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+/// Tears a lab down in its work directory and removes the directory. A failing `netlab down`
+/// is logged, never returned: the lab no longer counts as running either way.
+pub fn teardown(netlab: &Netlab, lab: &LabRecord) {
+    let started = Instant::now();
+    match netlab.down(&lab.work_dir, false) {
+        Ok(()) => log::info!(
+            "lab {} torn down in {:.1} s",
+            lab.topology.display(),
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => log::warn!("teardown of {}: {e}", lab.topology.display()),
+    }
+    remove_dir(&lab.work_dir);
+}
+
+/// Cleans up after a start that did not produce a lab we keep.
+fn discard(netlab: &Netlab, job: &StartJob) {
+    if let Err(e) = netlab.down(&job.work_dir, true) {
+        log::warn!("cleanup of the failed lab {}: {e}", job.topology.display());
+    }
+    remove_dir(&job.work_dir);
+}
+
+fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
+    if shared.is_shutting_down() {
+        remove_dir(&job.work_dir);
+        finish_acquire(shared, &job.session);
+        return Reply::detail(503, "Server is shutting down");
+    }
+    let started = Instant::now();
+    log::info!(
+        "starting lab {} ({}) for session {}",
+        job.topology.display(),
+        &lab::hex(&job.hash)[..12],
+        job.session
+    );
+    // Whatever netlab still registers as `default` (a lab we lost track of) would make
+    // `up` fail: clear it first.
+    netlab.cleanup_default(&shared.config.state_dir);
+    let result = netlab
+        .up(&job.topology, shared.shutdown_flag())
+        .and_then(|()| netlab.devices(&job.work_dir));
+    let devices = match result {
+        Ok(devices) => devices,
+        Err(e) => {
+            log_failure(&job, &e);
+            discard(netlab, &job);
+            finish_acquire(shared, &job.session);
+            return Reply::detail(e.status(), e.to_string());
+        }
+    };
+    let devices_json = lab::devices_json(&devices);
+    let record = LabRecord {
+        hash: job.hash,
+        work_dir: job.work_dir.clone(),
+        topology: job.topology.clone(),
+        ref_count: 1,
+        devices_json: devices_json.clone(),
+    };
+    let shutting_down = shared.is_shutting_down();
+    let (active, stored) = {
+        let mut state = shared.lock();
+        let active = matches!(state.queue.lookup(&job.session), Some((Status::Active, _)));
+        let stored = active && !shutting_down;
+        if stored {
+            state.lab = Some(record);
+        }
+        (active, stored)
+    };
+    finish_acquire(shared, &job.session);
+    if !stored {
+        discard(netlab, &job);
+        return if active {
+            log::warn!("the server is shutting down: tearing the new lab down again");
+            Reply::detail(503, "Server is shutting down")
+        } else {
+            log::warn!(
+                "session {} ended while its lab was starting: tore the new lab down",
+                job.session
+            );
+            Reply::detail(404, "Session not found")
+        };
+    }
+    log::info!(
+        "lab {} is up with {} devices after {:.1} s",
+        job.topology.display(),
+        devices.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Reply::raw_json(200, format!("{{\"reused\":false,\"devices\":{devices_json}}}"))
+}
+
+fn log_failure(job: &StartJob, e: &NetlabError) {
+    match e {
+        NetlabError::Rejected(_) => log::warn!("lab {}: {e}", job.topology.display()),
+        NetlabError::Cancelled => log::warn!(
+            "start of {} cut short by the shutdown",
+            job.topology.display()
+        ),
+        _ => log::error!("lab {}: {e}", job.topology.display()),
+    }
+}

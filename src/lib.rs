@@ -1,0 +1,34 @@
+//! neops-remote-lab: exclusive, queued access to the one network lab a host can run.
+//!
+//! The binary is a thin wrapper around [`server::main`]; everything else lives here so that
+//! tests can reach it. Module map:
+//!
+//! * [`config`]: command line and environment.
+//! * [`clock`]: the time source (a fake one for tests).
+//! * [`queue`]: sessions and the FIFO queue (pure).
+//! * [`lab`]: the lab record and the acquire decisions (pure).
+//! * [`state`]: the shared state behind one mutex, and the operations that change it.
+//! * [`http`]: listener, worker pool, replies and routing.
+//! * [`api`]: one handler per endpoint.
+//! * [`upload`]: the multipart upload of `POST /lab`.
+//! * [`netlab`]: the netlab CLI driver.
+//! * [`lab_thread`]: the one thread that runs netlab.
+//! * [`timer`]: the stale-session sweep.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod lab;
+pub mod lab_thread;
+pub mod lockfile;
+pub mod logging;
+pub mod netlab;
+pub mod notify;
+pub mod openapi;
+pub mod queue;
+pub mod server;
+pub mod state;
+pub mod timer;
+pub mod upload;

@@ -1,0 +1,55 @@
+//! Logging: one event per line to stderr (colours only on a terminal, no timestamp under
+//! systemd, where journald adds one), and optionally appended to a file with timestamps.
+
+use std::fs::OpenOptions;
+use std::io::IsTerminal;
+use std::path::Path;
+
+use log::LevelFilter;
+use simplelog::{
+    ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode,
+    WriteLogger,
+};
+
+pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let mut stderr_config = ConfigBuilder::new();
+    stderr_config
+        .set_target_level(LevelFilter::Off)
+        .set_thread_level(LevelFilter::Off)
+        .set_location_level(LevelFilter::Off);
+    if under_journal {
+        stderr_config.set_time_level(LevelFilter::Off);
+    } else {
+        let _ = stderr_config.set_time_offset_to_local();
+    }
+    let stderr_config = stderr_config.build();
+
+    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
+    if std::io::stderr().is_terminal() {
+        loggers.push(TermLogger::new(
+            level,
+            stderr_config,
+            TerminalMode::Stderr,
+            ColorChoice::Auto,
+        ));
+    } else {
+        loggers.push(WriteLogger::new(level, stderr_config, std::io::stderr()));
+    }
+    if let Some(path) = log_file {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+        let mut file_config = ConfigBuilder::new();
+        file_config
+            .set_target_level(LevelFilter::Off)
+            .set_thread_level(LevelFilter::Off)
+            .set_location_level(LevelFilter::Off)
+            .set_time_format_rfc3339();
+        let _ = file_config.set_time_offset_to_local();
+        loggers.push(WriteLogger::new(level, file_config.build(), file));
+    }
+    CombinedLogger::init(loggers).map_err(|e| format!("logging: {e}"))
+}

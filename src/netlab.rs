@@ -1,0 +1,642 @@
+//! The netlab CLI driver. Every command runs without a shell, with stdin from /dev/null,
+//! `COLUMNS=1000` (netlab prints through Rich, which cuts lines at the terminal width), in its
+//! own process group (so a timeout kills the whole tree), with stdout and stderr captured up
+//! to a bound, and with a timeout.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, bounded};
+
+use crate::lab::Device;
+
+/// Most stdout kept from one command (node data for big labs fits easily).
+const STDOUT_LIMIT: usize = 16 * 1024 * 1024;
+/// The tail of stderr kept from one command.
+const STDERR_TAIL: usize = 64 * 1024;
+/// The tail of stderr quoted in an HTTP error.
+const DETAIL_TAIL: usize = 4 * 1024;
+/// How long captured output may keep flowing after the command exited (a grandchild that
+/// escaped the process group can hold the pipes open; we do not wait for it).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
+pub const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a netlab command left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub timed_out: bool,
+    pub cancelled: bool,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    pub fn code(&self) -> String {
+        match self.status.and_then(|s| s.code()) {
+            Some(code) => code.to_string(),
+            None => "killed by a signal".to_owned(),
+        }
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// The last lines of stderr, trimmed and bounded, for error messages.
+    pub fn stderr_tail(&self) -> String {
+        tail(&self.stderr, DETAIL_TAIL)
+    }
+}
+
+/// The last `limit` bytes of `text` (cut at a line start when possible), trimmed.
+pub fn tail(text: &str, limit: usize) -> String {
+    let text = text.trim();
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut start = text.len() - limit;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &text[start..];
+    match cut.find('\n') {
+        Some(nl) if nl + 1 < cut.len() => cut[nl + 1..].trim().to_owned(),
+        _ => cut.trim().to_owned(),
+    }
+}
+
+/// Why a lab could not be started; each maps to one HTTP answer.
+#[derive(Debug)]
+pub enum NetlabError {
+    /// netlab rejected the topology (422).
+    Rejected(String),
+    /// Another lab instance runs on the host outside our control (409).
+    AlreadyRunning(String),
+    /// Any other failure of `up` or `inspect` (500).
+    Failed {
+        command: &'static str,
+        code: String,
+        stderr: String,
+    },
+    /// `inspect` printed something that is not a node list or not JSON (500).
+    BadOutput {
+        command: &'static str,
+        why: String,
+    },
+    /// `up` ran past `--netlab-timeout` (504).
+    TimedOut(Duration),
+    /// The server is shutting down (503).
+    Cancelled,
+    /// netlab could not be run at all (500).
+    Spawn(String),
+}
+
+impl NetlabError {
+    pub fn status(&self) -> u16 {
+        match self {
+            NetlabError::Rejected(_) => 422,
+            NetlabError::AlreadyRunning(_) => 409,
+            NetlabError::TimedOut(_) => 504,
+            NetlabError::Cancelled => 503,
+            _ => 500,
+        }
+    }
+}
+
+impl fmt::Display for NetlabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetlabError::Rejected(stderr) => write!(f, "netlab rejected the topology: {stderr}"),
+            NetlabError::AlreadyRunning(message) => f.write_str(message),
+            NetlabError::Failed {
+                command,
+                code,
+                stderr,
+            } => write!(f, "netlab {command} failed (exit code {code}): {stderr}"),
+            NetlabError::BadOutput { command, why } => {
+                write!(f, "netlab {command} printed unexpected output: {why}")
+            }
+            NetlabError::TimedOut(after) => {
+                write!(f, "netlab up timed out after {} s", after.as_secs_f64())
+            }
+            NetlabError::Cancelled => f.write_str("Server is shutting down"),
+            NetlabError::Spawn(why) => write!(f, "cannot run netlab: {why}"),
+        }
+    }
+}
+
+/// Lines on netlab's stderr that mean "your topology is wrong", not "netlab broke".
+const REJECTION_MARKERS: &[&str] = &[
+    "Cannot read YAML",
+    "Errors encountered while processing",
+    "Unknown virtualization provider",
+    "Unknown device",
+    "Unknown node",
+    "Unknown module",
+    "Invalid node",
+    "Invalid link",
+    "Invalid topology",
+    "is not a valid",
+    "Invalid value",
+    "Invalid attribute",
+    "Unknown attribute",
+];
+
+/// Sorts a failed `netlab up` into rejected topology, instance already running, or failure.
+pub fn classify_up_failure(output: &Output) -> NetlabError {
+    let stdout = output.stdout_text();
+    if let Some(line) = stdout
+        .lines()
+        .find(|l| l.contains("already running in directory"))
+    {
+        return NetlabError::AlreadyRunning(line.trim().to_owned());
+    }
+    let stderr = output.stderr_tail();
+    if REJECTION_MARKERS.iter().any(|m| output.stderr.contains(m)) {
+        return NetlabError::Rejected(stderr);
+    }
+    NetlabError::Failed {
+        command: "up",
+        code: output.code(),
+        stderr,
+    }
+}
+
+/// Parses netlab's node list, a Python literal such as `['r1', 'r2']`.
+pub fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
+    let text = text.trim();
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .ok_or_else(|| format!("not a list: {:?}", tail(text, 200)))?;
+    let mut names = Vec::new();
+    for item in inner.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let name = item
+            .strip_prefix('\'')
+            .and_then(|i| i.strip_suffix('\''))
+            .or_else(|| item.strip_prefix('"').and_then(|i| i.strip_suffix('"')))
+            .ok_or_else(|| format!("not a quoted name: {item:?}"))?;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !valid {
+            return Err(format!("not a node name: {name:?}"));
+        }
+        names.push(name.to_owned());
+    }
+    Ok(names)
+}
+
+#[derive(Clone, Debug)]
+pub struct Netlab {
+    pub program: PathBuf,
+    pub up_timeout: Duration,
+    /// Log netlab's output line by line as it arrives (`--debug`).
+    pub stream_output: bool,
+    /// Most `inspect --node` calls running at once.
+    pub parallelism: usize,
+}
+
+impl Netlab {
+    pub fn new(program: PathBuf, up_timeout: Duration, stream_output: bool) -> Self {
+        Netlab {
+            program,
+            up_timeout,
+            stream_output,
+            parallelism: thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+
+    /// Runs `netlab <args>` in `cwd`. `stdin` is fed to it (else /dev/null); `cancel`, when it
+    /// becomes true, kills it like a timeout does.
+    pub fn run(
+        &self,
+        args: &[&str],
+        cwd: &Path,
+        timeout: Duration,
+        stdin: Option<&[u8]>,
+        cancel: Option<&AtomicBool>,
+    ) -> io::Result<Output> {
+        let label = args.first().copied().unwrap_or("").to_owned();
+        log::debug!("running netlab {} in {}", args.join(" "), cwd.display());
+        let mut command = Command::new(&self.program);
+        command
+            .args(args)
+            .current_dir(cwd)
+            .env("COLUMNS", "1000")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = command.spawn()?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
+            let _ = pipe.write_all(input);
+        }
+        let stdout = capture(
+            child.stdout.take(),
+            self.stream_output,
+            format!("netlab {label}"),
+            Keep::Head(STDOUT_LIMIT),
+        );
+        let stderr = capture(
+            child.stderr.take(),
+            self.stream_output,
+            format!("netlab {label} (stderr)"),
+            Keep::Tail(STDERR_TAIL),
+        );
+
+        let started = Instant::now();
+        let mut timed_out = false;
+        let mut cancelled = false;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if started.elapsed() >= timeout {
+                timed_out = true;
+            } else if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                cancelled = true;
+            }
+            if timed_out || cancelled {
+                kill_group(&mut child);
+                break child.wait().ok();
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let deadline = Instant::now() + DRAIN_GRACE;
+        let stdout = stdout.collect(deadline);
+        let stderr = String::from_utf8_lossy(&stderr.collect(deadline)).into_owned();
+        log::debug!(
+            "netlab {label} finished in {:.2} s: {status:?}",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+            timed_out,
+            cancelled,
+        })
+    }
+
+    /// Pre-flight: `netlab version` must work.
+    pub fn version(&self, cwd: &Path) -> Result<String, String> {
+        match self.run(&["version"], cwd, SHORT_TIMEOUT, None, None) {
+            Ok(out) if out.success() => Ok(out.stdout_text().trim().to_owned()),
+            Ok(out) => Err(format!(
+                "`{} version` failed (exit code {}): {}",
+                self.program.display(),
+                out.code(),
+                out.stderr_tail()
+            )),
+            Err(e) => Err(format!("cannot run `{}`: {e}", self.program.display())),
+        }
+    }
+
+    /// Tears down whatever netlab registers as the `default` instance, wherever it is. A
+    /// registration pointing at a directory that no longer exists is dropped with
+    /// `netlab status --reset`. "Nothing running" is the normal answer.
+    pub fn cleanup_default(&self, cwd: &Path) {
+        let out = match self.run(
+            &["down", "--instance", "default", "--cleanup"],
+            cwd,
+            DOWN_TIMEOUT,
+            None,
+            None,
+        ) {
+            Ok(out) => out,
+            Err(e) => {
+                log::error!("cannot run netlab down: {e}");
+                return;
+            }
+        };
+        if out.success() {
+            log::info!("tore down a leftover netlab instance 'default'");
+            return;
+        }
+        let all = format!("{}\n{}", out.stdout_text(), out.stderr);
+        if all.contains("Unknown instance") {
+            return;
+        }
+        if all.contains("Cannot change directory") {
+            log::warn!(
+                "netlab's 'default' instance points at a directory that is gone; resetting its status"
+            );
+            match self.run(
+                &["status", "--reset"],
+                cwd,
+                SHORT_TIMEOUT,
+                Some(b"y\n"),
+                None,
+            ) {
+                Ok(out) if out.success() => {}
+                Ok(out) => log::error!(
+                    "netlab status --reset failed (exit code {}): {}",
+                    out.code(),
+                    out.stderr_tail()
+                ),
+                Err(e) => log::error!("cannot run netlab status --reset: {e}"),
+            }
+            return;
+        }
+        log::error!(
+            "netlab down --instance default failed (exit code {}): {}",
+            out.code(),
+            tail(&all, DETAIL_TAIL)
+        );
+    }
+
+    /// `netlab up <topology>` in the topology's directory.
+    pub fn up(&self, topology: &Path, cancel: &AtomicBool) -> Result<(), NetlabError> {
+        let (dir, name) = split(topology);
+        let out = self
+            .run(&["up", &name], &dir, self.up_timeout, None, Some(cancel))
+            .map_err(|e| NetlabError::Spawn(format!("{}: {e}", self.program.display())))?;
+        if out.cancelled {
+            return Err(NetlabError::Cancelled);
+        }
+        if out.timed_out {
+            return Err(NetlabError::TimedOut(self.up_timeout));
+        }
+        if out.success() {
+            Ok(())
+        } else {
+            Err(classify_up_failure(&out))
+        }
+    }
+
+    fn inspect(&self, dir: &Path, args: &[&str]) -> Result<Vec<u8>, NetlabError> {
+        let mut full = vec!["inspect", "-q", "--instance", "default"];
+        full.extend_from_slice(args);
+        let out = self
+            .run(&full, dir, INSPECT_TIMEOUT, None, None)
+            .map_err(|e| NetlabError::Spawn(format!("{}: {e}", self.program.display())))?;
+        if out.success() {
+            Ok(out.stdout)
+        } else if out.timed_out {
+            Err(NetlabError::Failed {
+                command: "inspect",
+                code: "none: timed out".into(),
+                stderr: out.stderr_tail(),
+            })
+        } else {
+            Err(NetlabError::Failed {
+                command: "inspect",
+                code: out.code(),
+                stderr: out.stderr_tail(),
+            })
+        }
+    }
+
+    /// The lab's nodes in netlab's order, each with its `inspect --node` data. The per-node
+    /// calls run in parallel, at most `parallelism` at a time.
+    pub fn devices(&self, dir: &Path) -> Result<Vec<Device>, NetlabError> {
+        let listing = self.inspect(dir, &["--format", "json", "list(nodes.keys())"])?;
+        let names = parse_node_list(&String::from_utf8_lossy(&listing)).map_err(|why| {
+            NetlabError::BadOutput {
+                command: "inspect",
+                why,
+            }
+        })?;
+        let results: Mutex<Vec<Option<Result<serde_json::Value, NetlabError>>>> =
+            Mutex::new((0..names.len()).map(|_| None).collect());
+        let next = AtomicUsize::new(0);
+        thread::scope(|scope| {
+            for _ in 0..self.parallelism.clamp(1, names.len().max(1)) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(name) = names.get(i) else { break };
+                        let result = self
+                            .inspect(dir, &["--node", name, "--format", "json"])
+                            .and_then(|bytes| {
+                                serde_json::from_slice(&bytes).map_err(|e| {
+                                    NetlabError::BadOutput {
+                                        command: "inspect",
+                                        why: format!("node {name}: not JSON: {e}"),
+                                    }
+                                })
+                            });
+                        results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
+                    }
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        names
+            .into_iter()
+            .zip(results)
+            .map(|(name, result)| {
+                let raw = result.unwrap_or_else(|| {
+                    Err(NetlabError::BadOutput {
+                        command: "inspect",
+                        why: format!("node {name} was not inspected"),
+                    })
+                })?;
+                Ok(Device { name, raw })
+            })
+            .collect()
+    }
+
+    /// `netlab down --cleanup [--force]` in a lab's work directory.
+    pub fn down(&self, dir: &Path, force: bool) -> Result<(), String> {
+        let mut args = vec!["down", "--cleanup"];
+        if force {
+            args.push("--force");
+        }
+        match self.run(&args, dir, DOWN_TIMEOUT, None, None) {
+            Ok(out) if out.success() => Ok(()),
+            Ok(out) if out.timed_out => Err(format!(
+                "netlab {} timed out after {} s",
+                args.join(" "),
+                DOWN_TIMEOUT.as_secs()
+            )),
+            Ok(out) => Err(format!(
+                "netlab {} failed (exit code {}): {}",
+                args.join(" "),
+                out.code(),
+                out.stderr_tail()
+            )),
+            Err(e) => Err(format!("cannot run netlab down: {e}")),
+        }
+    }
+}
+
+fn split(topology: &Path) -> (PathBuf, String) {
+    let dir = topology
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let name = topology
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (dir, name)
+}
+
+/// Kills the child's whole process group, then the child itself.
+fn kill_group(child: &mut Child) {
+    kill_group_of(child.id());
+    let _ = child.kill();
+}
+
+/// `kill -9 -PGID` through the shell (std has no killpg). The group id is the child's pid,
+/// because each netlab command is started as the leader of a new group.
+fn kill_group_of(pgid: u32) {
+    let _ = Command::new("/bin/sh")
+        .args(["-c", "kill -9 -$1 2>/dev/null", "sh", &pgid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+enum Keep {
+    Head(usize),
+    Tail(usize),
+}
+
+/// A pipe being read on its own thread.
+struct Capture {
+    done: Option<Receiver<Vec<u8>>>,
+}
+
+impl Capture {
+    /// The bytes read, waiting at most until `deadline` for the pipe to close.
+    fn collect(self, deadline: Instant) -> Vec<u8> {
+        match self.done {
+            Some(rx) => rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+fn capture<R: Read + Send + 'static>(
+    pipe: Option<R>,
+    stream: bool,
+    label: String,
+    keep: Keep,
+) -> Capture {
+    let Some(pipe) = pipe else {
+        return Capture { done: None };
+    };
+    let (tx, rx) = bounded(1);
+    let spawned = thread::Builder::new()
+        .name("netlab-output".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(pipe);
+            let mut kept: VecDeque<u8> = VecDeque::new();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // Lines are read in bounded pieces so one endless line cannot grow memory.
+                match (&mut reader).take(64 * 1024).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if stream {
+                    log::debug!("{label}: {}", String::from_utf8_lossy(&line).trim_end());
+                }
+                match keep {
+                    Keep::Head(limit) => {
+                        let room = limit.saturating_sub(kept.len());
+                        kept.extend(&line[..line.len().min(room)]);
+                    }
+                    Keep::Tail(limit) => {
+                        kept.extend(&line);
+                        let excess = kept.len().saturating_sub(limit);
+                        kept.drain(..excess);
+                    }
+                }
+            }
+            let _ = tx.send(Vec::from(kept));
+        });
+    Capture {
+        done: spawned.ok().map(|_| rx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_lists_as_netlab_prints_them() {
+        assert_eq!(
+            parse_node_list("['r1', 'r2', 'h1']\n\n").unwrap(),
+            vec!["r1", "r2", "h1"]
+        );
+        assert_eq!(parse_node_list("[]\n").unwrap(), Vec::<String>::new());
+        assert_eq!(parse_node_list("[\"a_b\"]").unwrap(), vec!["a_b"]);
+        assert!(parse_node_list("garbage").is_err());
+        assert!(parse_node_list("[r1]").is_err());
+        assert!(parse_node_list("['r1; rm -rf /']").is_err());
+    }
+
+    #[test]
+    fn tails_keep_whole_last_lines() {
+        assert_eq!(tail("  a\nb  \n", 100), "a\nb");
+        let long = format!("{}\nlast line", "x".repeat(100));
+        assert_eq!(tail(&long, 20), "last line");
+    }
+
+    fn output(code: i32, stdout: &str, stderr: &str) -> Output {
+        use std::os::unix::process::ExitStatusExt;
+        Output {
+            status: Some(ExitStatus::from_raw(code << 8)),
+            stdout: stdout.as_bytes().to_vec(),
+            stderr: stderr.to_owned(),
+            timed_out: false,
+            cancelled: false,
+        }
+    }
+
+    #[test]
+    fn up_failures_are_classified() {
+        let e = classify_up_failure(&output(
+            1,
+            "lab instance 'default' is already running in directory /x\n",
+            "Fatal error in netlab: aborting \"netlab up\" request",
+        ));
+        assert_eq!(e.status(), 409);
+        assert_eq!(
+            e.to_string(),
+            "lab instance 'default' is already running in directory /x"
+        );
+        let e = classify_up_failure(&output(1, "", "Cannot read YAML from t.yml\n"));
+        assert_eq!(e.status(), 422);
+        assert!(e.to_string().starts_with("netlab rejected the topology: "));
+        let e = classify_up_failure(&output(3, "", "boom\n"));
+        assert_eq!(e.status(), 500);
+        assert_eq!(e.to_string(), "netlab up failed (exit code 3): boom");
+    }
+}

@@ -1,0 +1,398 @@
+//! Sessions and the FIFO queue. Pure data: no I/O, no clock of its own (callers pass `now`).
+//!
+//! The queue order never changes; only the head is ACTIVE; positions are dense. Each session
+//! gets a sequence number when it is created; the queue keeps `(seq, id)` pairs sorted by
+//! `seq`, so a session's position is a binary search and removing the head is O(1).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// A session id as the clients see it: a lower-case hyphenated UUID v4.
+pub type SessionId = Uuid;
+
+/// Parses a session id exactly as the server hands them out. Any other spelling (upper case,
+/// braces, no hyphens) is not a tracked id, so it is "not found" like any other string.
+pub fn parse_session_id(text: &str) -> Option<SessionId> {
+    if text.len() != 36 {
+        return None;
+    }
+    let id = Uuid::try_parse(text).ok()?;
+    let mut buf = [0u8; 36];
+    (id.hyphenated().encode_lower(&mut buf) == text).then_some(id)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Waiting,
+    Active,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Waiting => "waiting",
+            Status::Active => "active",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    seq: u64,
+    last_seen: Duration,
+    /// A `POST /lab` of this session is in progress: it is never reaped meanwhile.
+    busy: bool,
+}
+
+/// `POST /session` when `--max-sessions` sessions already exist.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueueFull;
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Session queue is full")
+    }
+}
+
+/// What removing a session did to the queue.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub id: SessionId,
+    pub was_active: bool,
+    /// The session that became ACTIVE because of the removal.
+    pub promoted: Option<SessionId>,
+}
+
+#[derive(Debug)]
+pub struct Queue {
+    sessions: HashMap<SessionId, Session>,
+    order: VecDeque<(u64, SessionId)>,
+    next_seq: u64,
+    max_sessions: usize,
+}
+
+impl Queue {
+    pub fn new(max_sessions: usize) -> Self {
+        Queue {
+            sessions: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            max_sessions,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Appends a new session; returns its position (0 = it is ACTIVE already).
+    pub fn create(&mut self, id: SessionId, now: Duration) -> Result<usize, QueueFull> {
+        if self.sessions.len() >= self.max_sessions {
+            return Err(QueueFull);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                seq,
+                last_seen: now,
+                busy: false,
+            },
+        );
+        self.order.push_back((seq, id));
+        Ok(self.order.len() - 1)
+    }
+
+    fn position_of(&self, seq: u64) -> usize {
+        // Present by construction: every tracked session is in `order`.
+        self.order
+            .binary_search_by_key(&seq, |&(s, _)| s)
+            .unwrap_or_else(|insert_at| insert_at)
+    }
+
+    /// Status and position of a session, if it is tracked.
+    pub fn lookup(&self, id: &SessionId) -> Option<(Status, usize)> {
+        let session = self.sessions.get(id)?;
+        let position = self.position_of(session.seq);
+        let status = if position == 0 {
+            Status::Active
+        } else {
+            Status::Waiting
+        };
+        Some((status, position))
+    }
+
+    /// Refreshes `last_seen`; false when the session is not tracked.
+    pub fn touch(&mut self, id: &SessionId, now: Duration) -> bool {
+        match self.sessions.get_mut(id) {
+            Some(session) => {
+                session.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The ACTIVE session (the head), if any.
+    pub fn active(&self) -> Option<SessionId> {
+        self.order.front().map(|&(_, id)| id)
+    }
+
+    pub fn is_active(&self, id: &SessionId) -> bool {
+        self.active() == Some(*id)
+    }
+
+    /// Marks a session as having a `POST /lab` in progress (never reaped) or not.
+    pub fn set_busy(&mut self, id: &SessionId, busy: bool) {
+        if let Some(session) = self.sessions.get_mut(id) {
+            session.busy = busy;
+        }
+    }
+
+    /// Removes a session wherever it stands; the next one is promoted at once when the
+    /// removed one was the head.
+    pub fn remove(&mut self, id: &SessionId) -> Option<Removed> {
+        let session = self.sessions.remove(id)?;
+        let position = self.position_of(session.seq);
+        self.order.remove(position);
+        let was_active = position == 0;
+        Some(Removed {
+            id: *id,
+            was_active,
+            promoted: if was_active { self.active() } else { None },
+        })
+    }
+
+    /// Removes every session not seen for longer than its timeout (WAITING and ACTIVE have
+    /// their own), except those with a `POST /lab` in progress. Returns the removals in queue
+    /// order; a removal of the head names the session it promoted.
+    pub fn sweep(
+        &mut self,
+        now: Duration,
+        waiting_timeout: Duration,
+        active_timeout: Duration,
+    ) -> Vec<Removed> {
+        let stale: Vec<SessionId> = self
+            .order
+            .iter()
+            .enumerate()
+            .filter_map(|(position, (_, id))| {
+                let session = &self.sessions[id];
+                let timeout = if position == 0 {
+                    active_timeout
+                } else {
+                    waiting_timeout
+                };
+                let silent = now.saturating_sub(session.last_seen);
+                (!session.busy && silent > timeout).then_some(*id)
+            })
+            .collect();
+        let mut removed: Vec<Removed> = stale.iter().filter_map(|id| self.remove(id)).collect();
+        // When several sessions at the head are reaped in one sweep, only the last promotion
+        // stands: report the session that is ACTIVE now, not the ones reaped right after.
+        let head = self.active();
+        for r in removed.iter_mut() {
+            if r.promoted.is_some() {
+                r.promoted = head;
+            }
+        }
+        removed
+    }
+
+    /// Ids in queue order (the head first).
+    pub fn ids(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.order.iter().map(|&(_, id)| id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, FakeClock};
+
+    fn id(n: u128) -> SessionId {
+        Uuid::from_u128(n)
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn first_session_is_active_and_later_ones_wait_in_order() {
+        let mut q = Queue::new(10);
+        assert_eq!(q.create(id(1), S), Ok(0));
+        assert_eq!(q.create(id(2), S), Ok(1));
+        assert_eq!(q.create(id(3), S), Ok(2));
+        assert_eq!(q.lookup(&id(1)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(2)), Some((Status::Waiting, 1)));
+        assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 2)));
+        assert_eq!(q.active(), Some(id(1)));
+    }
+
+    #[test]
+    fn removing_the_head_promotes_the_next_at_once() {
+        let mut q = Queue::new(10);
+        for n in 1..=3 {
+            q.create(id(n), S).unwrap();
+        }
+        let r = q.remove(&id(1)).unwrap();
+        assert_eq!(
+            r,
+            Removed {
+                id: id(1),
+                was_active: true,
+                promoted: Some(id(2))
+            }
+        );
+        assert_eq!(q.lookup(&id(2)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 1)));
+    }
+
+    #[test]
+    fn removing_from_the_middle_shifts_the_positions_behind_it() {
+        let mut q = Queue::new(10);
+        for n in 1..=4 {
+            q.create(id(n), S).unwrap();
+        }
+        let r = q.remove(&id(2)).unwrap();
+        assert!(!r.was_active);
+        assert_eq!(r.promoted, None);
+        assert_eq!(q.lookup(&id(1)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 1)));
+        assert_eq!(q.lookup(&id(4)), Some((Status::Waiting, 2)));
+        assert_eq!(q.lookup(&id(2)), None);
+        assert_eq!(q.remove(&id(2)), None);
+    }
+
+    #[test]
+    fn queue_full_is_refused_and_frees_up_after_a_removal() {
+        let mut q = Queue::new(2);
+        q.create(id(1), S).unwrap();
+        q.create(id(2), S).unwrap();
+        assert_eq!(q.create(id(3), S), Err(QueueFull));
+        q.remove(&id(1));
+        assert_eq!(q.create(id(3), S), Ok(1));
+    }
+
+    #[test]
+    fn sweep_reaps_waiting_and_active_sessions_by_their_own_timeouts() {
+        let clock = FakeClock::new();
+        let mut q = Queue::new(10);
+        for n in 1..=3 {
+            q.create(id(n), clock.now()).unwrap();
+        }
+        let active_timeout = Duration::from_secs(300);
+        let waiting_timeout = Duration::from_secs(600);
+        clock.advance(Duration::from_secs(300));
+        assert!(q.sweep(clock.now(), waiting_timeout, active_timeout).is_empty());
+        // Session 3 keeps polling; 1 (active) goes silent past 300 s, 2 (waiting) too.
+        q.touch(&id(3), clock.now());
+        clock.advance(Duration::from_millis(1));
+        let reaped = q.sweep(clock.now(), waiting_timeout, active_timeout);
+        assert_eq!(
+            reaped,
+            vec![Removed {
+                id: id(1),
+                was_active: true,
+                promoted: Some(id(2))
+            }]
+        );
+        // Session 2 was waiting for 300 s and is now active: it gets the active timeout,
+        // counted from its last contact.
+        assert_eq!(q.lookup(&id(2)), Some((Status::Active, 0)));
+        let reaped = q.sweep(clock.now(), waiting_timeout, active_timeout);
+        assert_eq!(reaped.len(), 1);
+        assert_eq!(reaped[0].id, id(2));
+        assert_eq!(reaped[0].promoted, Some(id(3)));
+        assert_eq!(q.lookup(&id(3)), Some((Status::Active, 0)));
+    }
+
+    #[test]
+    fn a_waiting_session_lives_until_the_waiting_timeout() {
+        let clock = FakeClock::new();
+        let mut q = Queue::new(10);
+        q.create(id(1), clock.now()).unwrap();
+        q.create(id(2), clock.now()).unwrap();
+        let (w, a) = (Duration::from_secs(600), Duration::from_secs(300));
+        clock.advance(Duration::from_secs(400));
+        q.touch(&id(1), clock.now());
+        assert!(q.sweep(clock.now(), w, a).is_empty());
+        clock.advance(Duration::from_secs(201));
+        q.touch(&id(1), clock.now());
+        let reaped = q.sweep(clock.now(), w, a);
+        assert_eq!(
+            reaped,
+            vec![Removed {
+                id: id(2),
+                was_active: false,
+                promoted: None
+            }]
+        );
+    }
+
+    #[test]
+    fn a_busy_session_is_never_reaped() {
+        let clock = FakeClock::new();
+        let mut q = Queue::new(10);
+        q.create(id(1), clock.now()).unwrap();
+        q.set_busy(&id(1), true);
+        clock.advance(Duration::from_secs(10_000));
+        let (w, a) = (Duration::from_secs(600), Duration::from_secs(300));
+        assert!(q.sweep(clock.now(), w, a).is_empty());
+        q.set_busy(&id(1), false);
+        assert_eq!(q.sweep(clock.now(), w, a).len(), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn reaping_several_heads_in_one_sweep_reports_the_final_head() {
+        let clock = FakeClock::new();
+        let mut q = Queue::new(10);
+        for n in 1..=3 {
+            q.create(id(n), clock.now()).unwrap();
+        }
+        clock.advance(Duration::from_secs(700));
+        q.touch(&id(3), clock.now());
+        let reaped = q.sweep(clock.now(), Duration::from_secs(600), Duration::from_secs(300));
+        let ids: Vec<_> = reaped.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![id(1), id(2)]);
+        assert_eq!(reaped[0].promoted, Some(id(3)));
+        assert_eq!(reaped[1].promoted, Some(id(3)));
+        assert!(reaped[1].was_active);
+    }
+
+    #[test]
+    fn positions_stay_dense_through_many_creates_and_removes() {
+        let mut q = Queue::new(100_000);
+        for n in 0..1000 {
+            q.create(id(n), S).unwrap();
+        }
+        for n in (0..1000).step_by(3) {
+            q.remove(&id(n));
+        }
+        let ids: Vec<_> = q.ids().collect();
+        for (position, sid) in ids.iter().enumerate() {
+            let (status, p) = q.lookup(sid).unwrap();
+            assert_eq!(p, position);
+            assert_eq!(status == Status::Active, position == 0);
+        }
+    }
+
+    #[test]
+    fn only_the_canonical_spelling_of_an_id_is_accepted() {
+        let id = Uuid::new_v4();
+        let text = id.to_string();
+        assert_eq!(parse_session_id(&text), Some(id));
+        assert_eq!(parse_session_id(&text.to_uppercase()), None);
+        assert_eq!(parse_session_id(&id.simple().to_string()), None);
+        assert_eq!(parse_session_id(""), None);
+        assert_eq!(parse_session_id("heartbeat"), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! Start-up, the threads, and shutdown.
+//!
+//! Start-up: lock the state dir, check netlab (`netlab version`), clear what a previous run
+//! left (netlab's `default` instance, old work directories), bind, print
+//! `listening on http://ADDR:PORT`, tell systemd `READY=1`.
+//!
+//! Shutdown (SIGTERM/SIGINT): the listener stops taking requests (what tiny_http already
+//! parsed is still answered), the workers drain the channel, the lab thread finishes its job
+//! (a running `netlab up` is cut short) and tears the lab down, and the process exits 0.
+
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::unbounded;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tiny_http::Server;
+
+use crate::clock::MonotonicClock;
+use crate::config::{self, Command, Config};
+use crate::lab_thread::{self, LabJob};
+use crate::netlab::Netlab;
+use crate::state::Shared;
+use crate::{http, lockfile, logging, notify, timer, upload};
+
+/// Runs the program with its arguments (without the program name); returns the exit code.
+pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
+    match config::parse(args, |name| std::env::var_os(name)) {
+        Ok(Command::Help) => {
+            print!("{}", config::help_text());
+            0
+        }
+        Ok(Command::Version) => {
+            println!("{}", config::version_text());
+            0
+        }
+        Ok(Command::Serve(config)) => serve(config),
+        Err(e) => {
+            eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
+            2
+        }
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> i32 {
+    log::error!("{message}");
+    1
+}
+
+fn serve(config: Config) -> i32 {
+    if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
+        eprintln!("neops-remote-lab: {e}");
+        return 1;
+    }
+    if let Some(path) = &config.log_config {
+        log::warn!(
+            "--log-config {} is ignored: use --log-level, --log-file or --debug",
+            path.display()
+        );
+    }
+    if let Err(e) = std::fs::create_dir_all(config.state_dir.join("labs")) {
+        return fail(format!(
+            "cannot create state dir {}: {e}",
+            config.state_dir.display()
+        ));
+    }
+    let _lock = match lockfile::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => return fail(e),
+    };
+
+    let netlab = Netlab::new(
+        config.netlab.clone(),
+        config.netlab_timeout,
+        config.stream_netlab_output,
+    );
+    match netlab.version(&config.state_dir) {
+        Ok(version) => log::info!("using {version}"),
+        Err(e) => {
+            return fail(format!(
+                "netlab is missing or broken: {e}\n\
+                 Install it (for example `python3 -m venv /opt/netlab && /opt/netlab/bin/pip install networklab`) \
+                 and point --netlab (or NEOPS_REMOTE_LAB_NETLAB) at the `netlab` command."
+            ));
+        }
+    }
+    // Nothing we knew survives a restart: clear netlab's `default` instance and old work dirs.
+    netlab.cleanup_default(&config.state_dir);
+    remove_leftover_work_dirs(&config);
+
+    let server = match Server::http((config.host.as_str(), config.port)) {
+        Ok(server) => Arc::new(server),
+        Err(e) => {
+            return fail(format!(
+                "cannot listen on {}:{}: {e}",
+                config.host, config.port
+            ));
+        }
+    };
+    let address = match server.server_addr().to_ip() {
+        Some(addr) => addr.to_string(),
+        None => format!("{}:{}", config.host, config.port),
+    };
+
+    let (lab_tx, lab_rx) = unbounded();
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        Arc::new(MonotonicClock::new()),
+        lab_tx,
+    ));
+
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => return fail(format!("cannot handle signals: {e}")),
+    };
+    {
+        let shared = Arc::clone(&shared);
+        let server = Arc::clone(&server);
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if shared.begin_shutdown() {
+                        let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        log::info!("{name}: shutting down");
+                        notify::notify("STOPPING=1");
+                        server.unblock();
+                    } else {
+                        log::info!("shutdown already in progress");
+                    }
+                }
+            })
+            .expect("cannot start the signal thread");
+    }
+
+    let lab_thread = {
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("lab".into())
+            .spawn(move || lab_thread::run(&shared, &netlab, lab_rx))
+            .expect("cannot start the lab thread")
+    };
+    let (timer_stop, timer_rx) = crossbeam_channel::bounded::<()>(1);
+    let timer = {
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("timer".into())
+            .spawn(move || timer::run(&shared, timer_rx))
+            .expect("cannot start the timer thread")
+    };
+    let (work_tx, work_rx) = http::work_channel();
+    let workers = http::start_workers(config.workers, &shared, &work_rx);
+    drop(work_rx);
+
+    eprintln!("listening on http://{address}");
+    log::info!(
+        "serving with {} workers; state dir {}",
+        config.workers,
+        config.state_dir.display()
+    );
+    notify::notify("READY=1");
+
+    let listener = {
+        let shared = Arc::clone(&shared);
+        let server = Arc::clone(&server);
+        thread::Builder::new()
+            .name("listener".into())
+            .spawn(move || http::listen(&server, &shared, &work_tx))
+            .expect("cannot start the listener thread")
+    };
+    let listened = listener
+        .join()
+        .unwrap_or_else(|_| Err("the listener thread panicked".into()));
+    if shared.begin_shutdown() {
+        notify::notify("STOPPING=1");
+    }
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let _ = timer_stop.send(());
+    let _ = timer.join();
+    shared.send_lab_job(LabJob::Shutdown);
+    let _ = lab_thread.join();
+    match listened {
+        Ok(()) => {
+            log::info!("stopped");
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Work directories of a previous run: their labs are gone (netlab's `default` was torn down
+/// just before), so the directories are only litter.
+fn remove_leftover_work_dirs(config: &Config) {
+    let labs = config.state_dir.join("labs");
+    let Ok(entries) = std::fs::read_dir(&labs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        log::info!("removing leftover work dir {}", entry.path().display());
+        if entry.path().is_dir() {
+            upload::remove_dir(&entry.path());
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! The multipart upload of `POST /lab`: the `topology` file, the optional `reuse` flag and the
+//! repeatable `extra_files`, streamed into a fresh lab work directory.
+//!
+//! The `multipart` crate does the parsing; it stays behind this module so that it can be
+//! replaced. This module owns the limits (total bytes, number of parts) and the file-name
+//! rules, so that nothing a client sends is ever written outside the work directory.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use multipart::server::Multipart;
+use sha2::{Digest, Sha256};
+
+use crate::lab::Hash;
+
+/// Most parts accepted in one upload.
+pub const MAX_PARTS: usize = 256;
+
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_parts: usize,
+}
+
+/// A stored upload.
+#[derive(Debug)]
+pub struct Upload {
+    /// Full path of the topology file inside the work directory.
+    pub topology: PathBuf,
+    pub hash: Hash,
+    pub reuse: bool,
+    /// The extra files' paths relative to the work directory, in upload order.
+    pub extra_files: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+pub enum UploadError {
+    /// No `topology` part (also: not a multipart body at all, or cut short before it).
+    MissingTopology,
+    /// `reuse` is not a boolean; carries what was sent.
+    BadBool(String),
+    /// `multipart/form-data` without a boundary.
+    MissingBoundary,
+    BadBoundary,
+    TopologyExtension,
+    TopologyName(String),
+    TopologyNotAFile,
+    DuplicateTopology,
+    EmptyTopology,
+    ExtraName { name: String, reason: &'static str },
+    TooLarge(u64),
+    TooManyParts(usize),
+    Malformed(String),
+    Io(io::Error),
+}
+
+impl UploadError {
+    pub fn status(&self) -> u16 {
+        match self {
+            UploadError::MissingTopology | UploadError::BadBool(_) => 422,
+            UploadError::TooLarge(_) | UploadError::TooManyParts(_) => 413,
+            UploadError::Io(_) => 500,
+            _ => 400,
+        }
+    }
+}
+
+impl fmt::Display for UploadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UploadError::MissingTopology => f.write_str("Field required: topology"),
+            UploadError::BadBool(v) => write!(f, "reuse is not a boolean: {v:?}"),
+            UploadError::MissingBoundary => f.write_str("Missing boundary in multipart."),
+            UploadError::BadBoundary => f.write_str("Invalid boundary in multipart."),
+            UploadError::TopologyExtension => f.write_str("Topology must be a .yml or .yaml file"),
+            UploadError::TopologyName(name) => write!(
+                f,
+                "Topology file name must be a plain file name (no path, no leading '-'): {name:?}"
+            ),
+            UploadError::TopologyNotAFile => {
+                f.write_str("The topology part must be a file upload with a file name")
+            }
+            UploadError::DuplicateTopology => f.write_str("Only one topology file may be uploaded"),
+            UploadError::EmptyTopology => f.write_str("Topology file is empty"),
+            UploadError::ExtraName { name, reason } => {
+                write!(f, "Invalid extra file name {name:?}: {reason}")
+            }
+            UploadError::TooLarge(limit) => write!(
+                f,
+                "Upload too large: the limit is {limit} bytes (--max-upload-bytes)"
+            ),
+            UploadError::TooManyParts(limit) => {
+                write!(f, "Too many parts in the upload: the limit is {limit}")
+            }
+            UploadError::Malformed(why) => write!(f, "Malformed multipart body: {why}"),
+            UploadError::Io(e) => write!(f, "cannot store the upload: {e}"),
+        }
+    }
+}
+
+/// The boundary of a `multipart/form-data` content type. Any other content type (none, JSON,
+/// url-encoded) cannot carry the topology file, so it counts as a missing `topology`.
+pub fn boundary(content_type: Option<&str>) -> Result<String, UploadError> {
+    let Some(content_type) = content_type else {
+        return Err(UploadError::MissingTopology);
+    };
+    let mut params = content_type.split(';');
+    let media = params.next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("multipart/form-data") {
+        return Err(UploadError::MissingTopology);
+    }
+    let value = params
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+        .ok_or(UploadError::MissingBoundary)?;
+    let valid = (1..=70).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() || b == b' ')
+        && !value.ends_with(' ');
+    if valid {
+        Ok(value)
+    } else if value.is_empty() {
+        Err(UploadError::MissingBoundary)
+    } else {
+        Err(UploadError::BadBoundary)
+    }
+}
+
+/// Checks the topology's file name: a plain `.yml`/`.yaml` file name.
+pub fn check_topology_name(name: &str) -> Result<(), UploadError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(UploadError::TopologyExtension);
+    }
+    if name.contains(['/', '\\', '\0']) || name.chars().any(char::is_control) {
+        return Err(UploadError::TopologyName(name.to_owned()));
+    }
+    let lower = name.to_ascii_lowercase();
+    let stem_len = if lower.ends_with(".yaml") {
+        name.len() - 5
+    } else if lower.ends_with(".yml") {
+        name.len() - 4
+    } else {
+        return Err(UploadError::TopologyExtension);
+    };
+    if stem_len == 0 {
+        return Err(UploadError::TopologyExtension);
+    }
+    // It goes on netlab's command line: a leading '-' would read as an option.
+    if name.starts_with('-') || name.len() > 255 {
+        return Err(UploadError::TopologyName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks an extra file's name and turns it into a relative path inside the work directory.
+pub fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
+    let bad = |reason| UploadError::ExtraName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("empty name"));
+    }
+    if name.starts_with('/') {
+        return Err(bad("absolute paths are not allowed"));
+    }
+    if name.contains('\\') {
+        return Err(bad("backslashes are not allowed"));
+    }
+    if name.contains('\0') || name.chars().any(char::is_control) {
+        return Err(bad("control characters are not allowed"));
+    }
+    if name.len() > 1024 {
+        return Err(bad("longer than 1024 bytes"));
+    }
+    let mut path = PathBuf::new();
+    for segment in name.split('/') {
+        match segment {
+            "" => return Err(bad("empty path segments are not allowed")),
+            "." | ".." => return Err(bad("'.' and '..' segments are not allowed")),
+            s if s.len() > 255 => return Err(bad("a path segment is longer than 255 bytes")),
+            s => path.push(s),
+        }
+    }
+    Ok(path)
+}
+
+/// A reader that fails once more than `remaining` bytes come through, and says so in `over`.
+struct Limited<R> {
+    inner: R,
+    remaining: u64,
+    over: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.over.get() {
+            return Err(io::Error::other("upload limit exceeded"));
+        }
+        // Ask for one byte more than allowed, to tell "exactly at the limit" from "over".
+        let want = buf.len().min(self.remaining.saturating_add(1) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.remaining {
+            self.over.set(true);
+            return Err(io::Error::other("upload limit exceeded"));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Which relative paths are taken in the work directory, as files or as directories.
+#[derive(Default)]
+struct Layout {
+    files: HashSet<PathBuf>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Layout {
+    fn is_free(&self, path: &Path) -> bool {
+        !self.files.contains(path)
+            && !self.dirs.contains(path)
+            && path.ancestors().skip(1).all(|a| !self.files.contains(a))
+    }
+
+    fn take(&mut self, path: &Path) {
+        for ancestor in path.ancestors().skip(1) {
+            if !ancestor.as_os_str().is_empty() {
+                self.dirs.insert(ancestor.to_path_buf());
+            }
+        }
+        self.files.insert(path.to_path_buf());
+    }
+}
+
+/// Streams a multipart body into `work_dir` (created here, and left for the caller to remove
+/// on error).
+pub fn receive<R: Read>(
+    body: R,
+    boundary: &str,
+    limits: &Limits,
+    work_dir: &Path,
+) -> Result<Upload, UploadError> {
+    let over = Rc::new(Cell::new(false));
+    let limited = Limited {
+        inner: body,
+        remaining: limits.max_bytes,
+        over: Rc::clone(&over),
+    };
+    let mut multipart = Multipart::with_body(limited, boundary);
+    fs::create_dir_all(work_dir).map_err(UploadError::Io)?;
+
+    let mut topology: Option<(PathBuf, Hash)> = None;
+    let mut reuse = true;
+    let mut extra_files = Vec::new();
+    let mut layout = Layout::default();
+    let mut parts = 0usize;
+
+    // Turns a parse error into the right answer: a limit, or a body cut short.
+    let failed = |e: io::Error, topology_seen: bool| {
+        if over.get() {
+            UploadError::TooLarge(limits.max_bytes)
+        } else if !topology_seen {
+            UploadError::MissingTopology
+        } else {
+            UploadError::Malformed(e.to_string())
+        }
+    };
+
+    loop {
+        let entry = match multipart.read_entry() {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            Err(e) => return Err(failed(e, topology.is_some())),
+        };
+        parts += 1;
+        if parts > limits.max_parts {
+            return Err(UploadError::TooManyParts(limits.max_parts));
+        }
+        let mut field = entry;
+        let name = field.headers.name.to_string();
+        let filename = field.headers.filename.clone();
+        match name.as_str() {
+            "topology" => {
+                let Some(filename) = filename else {
+                    return Err(UploadError::TopologyNotAFile);
+                };
+                check_topology_name(&filename)?;
+                if topology.is_some() {
+                    return Err(UploadError::DuplicateTopology);
+                }
+                let relative = PathBuf::from(&filename);
+                if !layout.is_free(&relative) {
+                    return Err(UploadError::ExtraName {
+                        name: filename,
+                        reason: "the same path as the topology",
+                    });
+                }
+                layout.take(&relative);
+                let path = work_dir.join(&relative);
+                let mut hasher = Sha256::new();
+                let size = store(&mut field.data, &path, Some(&mut hasher))
+                    .map_err(|e| store_error(e, &over, limits, false))?;
+                if size == 0 {
+                    return Err(UploadError::EmptyTopology);
+                }
+                topology = Some((path, hasher.finalize().into()));
+            }
+            "extra_files" => {
+                let Some(filename) = filename else {
+                    return Err(UploadError::ExtraName {
+                        name: String::new(),
+                        reason: "an extra file must be a file upload with a file name",
+                    });
+                };
+                let relative = extra_file_path(&filename)?;
+                if !layout.is_free(&relative) {
+                    let reason = if topology
+                        .as_ref()
+                        .is_some_and(|(t, _)| t == &work_dir.join(&relative))
+                    {
+                        "the same path as the topology"
+                    } else {
+                        "clashes with another uploaded file"
+                    };
+                    return Err(UploadError::ExtraName {
+                        name: filename,
+                        reason,
+                    });
+                }
+                layout.take(&relative);
+                let path = work_dir.join(&relative);
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(UploadError::Io)?;
+                }
+                store(&mut field.data, &path, None)
+                    .map_err(|e| store_error(e, &over, limits, topology.is_some()))?;
+                extra_files.push(relative);
+            }
+            "reuse" => {
+                let mut text = Vec::new();
+                (&mut field.data)
+                    .take(256)
+                    .read_to_end(&mut text)
+                    .map_err(|e| store_error(e.into(), &over, limits, topology.is_some()))?;
+                let text = String::from_utf8_lossy(&text).into_owned();
+                reuse = crate::config::parse_bool(&text).ok_or(UploadError::BadBool(text))?;
+            }
+            _ => {
+                // Unknown parts are read past (they count against the byte limit).
+                io::copy(&mut field.data, &mut io::sink())
+                    .map_err(|e| store_error(e.into(), &over, limits, topology.is_some()))?;
+            }
+        }
+    }
+    if over.get() {
+        return Err(UploadError::TooLarge(limits.max_bytes));
+    }
+    let (topology, hash) = topology.ok_or(UploadError::MissingTopology)?;
+    if let Some(name) = topology.file_name() {
+        if layout.dirs.contains(Path::new(name)) {
+            return Err(UploadError::ExtraName {
+                name: name.to_string_lossy().into_owned(),
+                reason: "the same path as the topology",
+            });
+        }
+    }
+    Ok(Upload {
+        topology,
+        hash,
+        reuse,
+        extra_files,
+    })
+}
+
+/// An error while copying a part: the byte limit, a body cut short, or the disk.
+fn store_error(e: StoreError, over: &Cell<bool>, limits: &Limits, topology_seen: bool) -> UploadError {
+    match e {
+        StoreError::Write(e) => UploadError::Io(e),
+        StoreError::Read(_) if over.get() => UploadError::TooLarge(limits.max_bytes),
+        StoreError::Read(_) if !topology_seen => UploadError::MissingTopology,
+        StoreError::Read(e) => UploadError::Malformed(e.to_string()),
+    }
+}
+
+enum StoreError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        StoreError::Read(e)
+    }
+}
+
+/// Copies one part into a new file (never over an existing one), hashing it on the way.
+fn store(
+    data: &mut impl Read,
+    path: &Path,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<u64, StoreError> {
+    let mut file: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(StoreError::Write)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StoreError::Read(e)),
+        };
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
+        file.write_all(&buf[..n]).map_err(StoreError::Write)?;
+        total += n as u64;
+    }
+    Ok(total)
+}
+
+/// Removes a work directory and everything in it; a missing one is fine.
+pub fn remove_dir(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("cannot remove {}: {e}", dir.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_names() {
+        for ok in ["a.yml", "a.yaml", "A.YML", "lab.Yaml", "x.y.yml"] {
+            assert!(check_topology_name(ok).is_ok(), "{ok}");
+        }
+        for ext in ["", ".", "..", "a.txt", "yml", ".yml", "a.yml.txt"] {
+            assert!(
+                matches!(check_topology_name(ext), Err(UploadError::TopologyExtension)),
+                "{ext}"
+            );
+        }
+        for path in ["a/b.yml", "..\\b.yml", "a\0.yml", "-x.yml", "a\n.yml"] {
+            assert!(
+                matches!(check_topology_name(path), Err(UploadError::TopologyName(_))),
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn extra_file_names() {
+        assert_eq!(
+            extra_file_path("configs/r1.cfg").unwrap(),
+            PathBuf::from("configs/r1.cfg")
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\b",
+            "a\0b",
+        ] {
+            assert!(extra_file_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn boundaries() {
+        assert_eq!(
+            boundary(Some("multipart/form-data; boundary=abc")).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            boundary(Some("Multipart/Form-Data;boundary=\"a b\"")).unwrap(),
+            "a b"
+        );
+        assert!(matches!(
+            boundary(Some("multipart/form-data")),
+            Err(UploadError::MissingBoundary)
+        ));
+        assert!(matches!(
+            boundary(Some("application/json")),
+            Err(UploadError::MissingTopology)
+        ));
+        assert!(matches!(boundary(None), Err(UploadError::MissingTopology)));
+    }
+}

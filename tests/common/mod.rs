@@ -1,0 +1,496 @@
+//! Test harness: boots the real binary on 127.0.0.1:0 with the fake netlab, and speaks HTTP
+//! over plain sockets (so tests control every byte and see every header).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_neops-remote-lab");
+
+pub fn fake_netlab() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-netlab/netlab")
+}
+
+/// A running server with its own state dir and fake-netlab dir.
+pub struct TestServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Mutex<String>>,
+}
+
+pub struct Options {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Reuse the state and fake dirs of an earlier server (restarts).
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+        }
+    }
+}
+
+impl Options {
+    pub fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.args.push(flag.to_owned());
+        self.args.push(value.to_owned());
+        self
+    }
+}
+
+pub fn start() -> TestServer {
+    TestServer::start(Options::default())
+}
+
+pub fn start_with(args: &[(&str, &str)]) -> TestServer {
+    let mut options = Options::default();
+    for (flag, value) in args {
+        options = options.arg(flag, value);
+    }
+    TestServer::start(options)
+}
+
+impl TestServer {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn fake_dir(&self) -> PathBuf {
+        self.dir.path().join("fake")
+    }
+
+    /// The command line a server of this test dir is started with.
+    pub fn command(dir: &Path, options: &Options) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--netlab")
+            .arg(fake_netlab())
+            .args(["--sweep-interval", "0.1"])
+            .args(&options.args)
+            .env("FAKE_NETLAB_DIR", dir.join("fake"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        command
+    }
+
+    pub fn start(mut options: Options) -> TestServer {
+        let dir = options
+            .dir
+            .take()
+            .unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+        let mut child = Self::command(dir.path(), &options)
+            .spawn()
+            .expect("start the server");
+        let (addr, log) = wait_for_listening(&mut child);
+        TestServer {
+            child,
+            addr,
+            dir,
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        request(self.addr, method, path, headers, body)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, &[], b"")
+    }
+
+    pub fn post(&self, path: &str) -> Resp {
+        self.request("POST", path, &[], b"")
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        self.request("DELETE", path, &[], b"")
+    }
+
+    /// `POST /session`; returns the new id and its position.
+    pub fn create_session(&self) -> (String, u64) {
+        let r = self.post("/session");
+        assert_eq!(r.status, 201, "{}", r.text());
+        let v = r.json();
+        (
+            v["session_id"].as_str().unwrap().to_owned(),
+            v["position"].as_u64().unwrap(),
+        )
+    }
+
+    /// A gated `/lab*` call as session `id`.
+    pub fn lab(&self, method: &str, path: &str, id: &str) -> Resp {
+        self.request(method, path, &[("X-Session-ID", id)], b"")
+    }
+
+    /// `POST /lab` with a multipart body.
+    pub fn acquire(&self, id: &str, form: &Form) -> Resp {
+        let content_type = form.content_type();
+        self.request(
+            "POST",
+            "/lab",
+            &[("X-Session-ID", id), ("Content-Type", &content_type)],
+            &form.body(),
+        )
+    }
+
+    pub fn set_control(&self, name: &str, content: &str) {
+        std::fs::write(self.fake_dir().join("control").join(name), content).unwrap();
+    }
+
+    pub fn clear_control(&self, name: &str) {
+        let _ = std::fs::remove_file(self.fake_dir().join("control").join(name));
+    }
+
+    /// The fake netlab's calls, as (argv, cwd).
+    pub fn calls(&self) -> Vec<(Vec<String>, String)> {
+        let text = std::fs::read_to_string(self.fake_dir().join("calls.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let argv = v["argv"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_owned())
+                    .collect();
+                (argv, v["cwd"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
+
+    /// The calls as "argv joined by spaces", for compact assertions.
+    pub fn call_lines(&self) -> Vec<String> {
+        self.calls().into_iter().map(|(argv, _)| argv.join(" ")).collect()
+    }
+
+    pub fn clear_calls(&self) {
+        let _ = std::fs::remove_file(self.fake_dir().join("calls.log"));
+    }
+
+    /// The directory netlab's `default` instance is registered in, if any.
+    pub fn registered(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.fake_dir().join("instance.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(v["dir"].as_str()?.to_owned())
+    }
+
+    /// Work directories currently under the state dir.
+    pub fn work_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.state_dir().join("labs")) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit in {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the server and hands back its directory, for a restart on the same state.
+    pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        dir
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads stderr until the `listening on http://ADDR` line; keeps collecting it afterwards.
+pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Mutex<String>>) {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        let mut tx = Some(tx);
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            sink.lock().unwrap().push_str(&line);
+            if let Some(rest) = line.trim().strip_prefix("listening on http://") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(rest.parse::<SocketAddr>().unwrap());
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) => (addr, log),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "server did not print its listening line; stderr:\n{}",
+                log.lock().unwrap()
+            );
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts status and exact body text.
+    #[track_caller]
+    pub fn expect(&self, status: u16, body: &str) {
+        assert_eq!(
+            (self.status, self.text().as_str()),
+            (status, body),
+            "unexpected response"
+        );
+    }
+
+    /// Asserts an empty response: no body, no content type.
+    #[track_caller]
+    pub fn expect_empty(&self, status: u16) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        assert!(self.body.is_empty(), "body: {:?}", self.text());
+        assert_eq!(self.header("content-type"), None);
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer before reading the body (the gate): ignore a reset here.
+    let _ = stream.write_all(body);
+    read_response(&mut stream, method == "HEAD")
+}
+
+pub fn read_response(stream: &mut impl Read, head_only: bool) -> Resp {
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).expect("status line");
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
+        .parse()
+        .unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line.split_once(':').unwrap();
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse::<usize>().unwrap());
+    let mut body = Vec::new();
+    if !head_only && status != 204 {
+        match length {
+            Some(n) => {
+                body.resize(n, 0);
+                reader.read_exact(&mut body).unwrap();
+            }
+            None => {
+                let chunked = headers.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")
+                });
+                if chunked {
+                    loop {
+                        let mut size = String::new();
+                        reader.read_line(&mut size).unwrap();
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        let mut chunk = vec![0; n + 2];
+                        reader.read_exact(&mut chunk).unwrap();
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                } else {
+                    reader.read_to_end(&mut body).unwrap();
+                }
+            }
+        }
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A multipart/form-data body.
+pub struct Form {
+    pub boundary: String,
+    parts: Vec<(String, Option<String>, Vec<u8>)>,
+}
+
+impl Default for Form {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Form {
+    pub fn new() -> Self {
+        Form {
+            boundary: "----neopsTestBoundary7MA4YWxkTrZu0gW".into(),
+            parts: Vec::new(),
+        }
+    }
+
+    pub fn file(mut self, name: &str, filename: &str, data: &[u8]) -> Self {
+        self.parts
+            .push((name.into(), Some(filename.into()), data.to_vec()));
+        self
+    }
+
+    pub fn text(mut self, name: &str, value: &str) -> Self {
+        self.parts.push((name.into(), None, value.as_bytes().to_vec()));
+        self
+    }
+
+    /// A form with just a topology file.
+    pub fn topology(filename: &str, data: &str) -> Self {
+        Form::new().file("topology", filename, data.as_bytes())
+    }
+
+    pub fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, filename, data) in &self.parts {
+            out.extend_from_slice(format!("--{}\r\n", self.boundary).as_bytes());
+            match filename {
+                Some(f) => out.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/x-yaml\r\n\r\n"
+                    )
+                    .as_bytes(),
+                ),
+                None => out.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                ),
+            }
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
+        out
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true, at most `limit`.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub const MISSING_SESSION_HEADER: &str = r#"{"detail":[{"type":"missing","loc":["header","X-Session-ID"],"msg":"Field required","input":null}]}"#;
+pub const MISSING_TOPOLOGY: &str = r#"{"detail":[{"type":"missing","loc":["body","topology"],"msg":"Field required","input":null}]}"#;
+pub const SESSION_NOT_FOUND: &str = r#"{"detail":"Session not found"}"#;
+pub const NOT_ACTIVE: &str = r#"{"detail":"Session is not active"}"#;
+pub const NO_LAB: &str = r#"{"detail":"No lab running"}"#;
+pub const LAB_BUSY: &str = r#"{"detail":"Lab currently busy"}"#;
+pub const NOT_RUNNING: &str =
+    r#"{"running":false,"topology":null,"ref_count":0,"devices":[],"netlab_status":null}"#;

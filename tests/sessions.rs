@@ -1,0 +1,304 @@
+//! The session half of the contract, over real HTTP against the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn sessions_queue_and_promote_in_order() {
+    let s = start();
+    let (a, pa) = s.create_session();
+    let (b, pb) = s.create_session();
+    let (c, pc) = s.create_session();
+    assert_eq!((pa, pb, pc), (0, 1, 2));
+    s.get(&format!("/session/{a}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.get(&format!("/session/{c}"))
+        .expect(200, r#"{"status":"waiting","position":2}"#);
+    s.get("/active-session").expect(
+        200,
+        &format!(r#"{{"status":"active","position":0,"session_id":"{a}"}}"#),
+    );
+
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    // Promotion is immediate: the next read already sees it.
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{c}"))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.delete(&format!("/session/{b}")).expect_empty(204);
+    s.get(&format!("/session/{c}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.delete(&format!("/session/{c}")).expect_empty(204);
+    s.get("/active-session")
+        .expect(404, r#"{"detail":"No active session"}"#);
+}
+
+#[test]
+fn two_sessions_promote() {
+    let s = start();
+    let (a, _) = s.create_session();
+    let (b, pb) = s.create_session();
+    assert_eq!(pb, 1);
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+}
+
+#[test]
+fn deleting_a_waiting_session_in_the_middle_shifts_the_ones_behind() {
+    let s = start();
+    let ids: Vec<String> = (0..4).map(|_| s.create_session().0).collect();
+    s.delete(&format!("/session/{}", ids[1])).expect_empty(204);
+    s.get(&format!("/session/{}", ids[0]))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{}", ids[2]))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.get(&format!("/session/{}", ids[3]))
+        .expect(200, r#"{"status":"waiting","position":2}"#);
+    s.get(&format!("/session/{}", ids[1]))
+        .expect(404, SESSION_NOT_FOUND);
+    s.delete(&format!("/session/{}", ids[1]))
+        .expect(404, SESSION_NOT_FOUND);
+}
+
+#[test]
+fn unknown_and_odd_session_ids_are_not_found() {
+    let s = start();
+    let (a, _) = s.create_session();
+    for id in [
+        "nope".to_owned(),
+        "".to_owned(),
+        a.to_uppercase(),
+        "00000000-0000-0000-0000-000000000000".to_owned(),
+        "%00".to_owned(),
+    ] {
+        s.get(&format!("/session/{id}"))
+            .expect(404, SESSION_NOT_FOUND);
+        s.delete(&format!("/session/{id}"))
+            .expect(404, SESSION_NOT_FOUND);
+        s.request("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"")
+            .expect(404, SESSION_NOT_FOUND);
+    }
+    // GET on /session/heartbeat is a lookup of the id "heartbeat".
+    s.get("/session/heartbeat").expect(404, SESSION_NOT_FOUND);
+    // A percent-encoded id is the same id.
+    let encoded = a.replace('-', "%2D");
+    s.get(&format!("/session/{encoded}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+}
+
+#[test]
+fn heartbeat_for_waiting_and_active_sessions() {
+    let s = start();
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    for id in [&a, &b] {
+        s.request("POST", "/session/heartbeat", &[("X-Session-ID", id)], b"")
+            .expect_empty(204);
+    }
+    // Header names are case-insensitive.
+    s.request("POST", "/session/heartbeat", &[("x-session-id", &b)], b"")
+        .expect_empty(204);
+    s.post("/session/heartbeat")
+        .expect(422, MISSING_SESSION_HEADER);
+}
+
+#[test]
+fn heartbeats_keep_sessions_alive_and_silence_reaps_them() {
+    let s = start_with(&[("--active-timeout", "1"), ("--waiting-timeout", "1.5")]);
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    let (c, _) = s.create_session();
+    // Keep b and c alive past both timeouts; a (active) goes silent.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1300) {
+        for id in [&b, &c] {
+            s.request("POST", "/session/heartbeat", &[("X-Session-ID", id)], b"")
+                .expect_empty(204);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.get(&format!("/session/{a}"))
+        .expect(404, SESSION_NOT_FOUND);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    assert!(s.log_text().contains(&format!("session {a} reaped")));
+
+    // Now c (waiting) goes silent while b keeps polling: c is reaped by the waiting timeout.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1900) {
+        s.get(&format!("/session/{b}"))
+            .expect(200, r#"{"status":"active","position":0}"#);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.get(&format!("/session/{c}"))
+        .expect(404, SESSION_NOT_FOUND);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+}
+
+#[test]
+fn a_reaped_active_session_promotes_the_next() {
+    let s = start_with(&[("--active-timeout", "0.5"), ("--waiting-timeout", "600")]);
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    // Only b polls (a poll would keep a alive).
+    wait_until(Duration::from_secs(5), "b to be promoted", || {
+        s.get(&format!("/session/{b}")).text() == r#"{"status":"active","position":0}"#
+    });
+    s.get(&format!("/session/{a}"))
+        .expect(404, SESSION_NOT_FOUND);
+}
+
+#[test]
+fn max_sessions_answers_503_with_retry_after() {
+    let s = start_with(&[("--max-sessions", "2")]);
+    let (a, _) = s.create_session();
+    s.create_session();
+    let r = s.post("/session");
+    r.expect(503, r#"{"detail":"Session queue is full"}"#);
+    assert_eq!(r.header("Retry-After"), Some("5"));
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    let (_, position) = s.create_session();
+    assert_eq!(position, 1);
+}
+
+#[test]
+fn health_endpoints() {
+    let s = start();
+    s.get("/healthz").expect_empty(204);
+    s.create_session();
+    s.create_session();
+    let r = s.get("/debug/health");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    assert_eq!(keys.len(), 5);
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["sessions"], 2);
+    assert_eq!(v["queue_length"], 2);
+    assert!(v["timestamp"].as_f64().unwrap() > 1.7e9);
+    assert!(v["uptime"].as_f64().unwrap() >= 0.0);
+    assert!(r.text().starts_with(r#"{"status":"ok","timestamp":"#));
+}
+
+#[test]
+fn not_found_method_not_allowed_and_head() {
+    let s = start();
+    s.get("/nope").expect(404, r#"{"detail":"Not Found"}"#);
+    s.get("/lab/devices/extra").expect(404, r#"{"detail":"Not Found"}"#);
+
+    let cases = [
+        ("GET", "/session", "POST"),
+        ("PUT", "/session/abc", "GET, HEAD, DELETE"),
+        ("PATCH", "/lab", "GET, HEAD, POST, DELETE"),
+        ("GET", "/lab/release", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/active-session", "GET, HEAD"),
+        ("PUT", "/session/heartbeat", "GET, HEAD, DELETE, POST"),
+        ("POST", "/lab/devices", "GET, HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let r = s.request(method, path, &[], b"");
+        r.expect(405, r#"{"detail":"Method Not Allowed"}"#);
+        assert_eq!(r.header("Allow"), Some(allow), "{method} {path}");
+    }
+
+    // HEAD on a GET route: same status and headers, no body.
+    let (a, _) = s.create_session();
+    let get = s.get(&format!("/session/{a}"));
+    let head = s.request("HEAD", &format!("/session/{a}"), &[], b"");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), get.header("content-length"));
+    assert_eq!(head.header("content-type"), Some("application/json"));
+    assert_eq!(s.request("HEAD", "/healthz", &[], b"").status, 204);
+    assert_eq!(s.request("HEAD", "/nope", &[], b"").status, 404);
+    let r = s.request("HEAD", "/session", &[], b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("Allow"), Some("POST"));
+}
+
+#[test]
+fn the_gate_of_lab_routes_in_order() {
+    let s = start();
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    let routes = [
+        ("GET", "/lab"),
+        ("POST", "/lab"),
+        ("DELETE", "/lab"),
+        ("POST", "/lab/release"),
+        ("GET", "/lab/devices"),
+    ];
+    for (method, path) in routes {
+        s.request(method, path, &[], b"")
+            .expect(422, MISSING_SESSION_HEADER);
+        s.lab(method, path, "not-a-session")
+            .expect(404, SESSION_NOT_FOUND);
+        s.lab(method, path, &b).expect(423, NOT_ACTIVE);
+    }
+    // Passing the gate with no lab running.
+    s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
+    s.lab("GET", "/lab/devices", &a).expect(404, NO_LAB);
+    s.lab("POST", "/lab/release", &a).expect(404, NO_LAB);
+    s.lab("DELETE", "/lab", &a).expect_empty(204);
+}
+
+#[test]
+fn the_gate_does_not_read_the_body_of_an_unauthenticated_upload() {
+    let s = start();
+    let form = Form::topology("t.yml", "nodes: [r1]\n");
+    let r = s.request(
+        "POST",
+        "/lab",
+        &[("Content-Type", &form.content_type())],
+        &form.body(),
+    );
+    r.expect(422, MISSING_SESSION_HEADER);
+    assert!(s.work_dirs().is_empty());
+}
+
+#[test]
+fn openapi_document_lists_every_route() {
+    let s = start();
+    let r = s.get("/openapi.json");
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["openapi"], "3.1.0");
+    let paths = v["paths"].as_object().unwrap();
+    let expected = [
+        ("/session", vec!["post"]),
+        ("/session/heartbeat", vec!["post"]),
+        ("/session/{session_id}", vec!["get", "delete"]),
+        ("/active-session", vec!["get"]),
+        ("/lab", vec!["post", "get", "delete"]),
+        ("/lab/release", vec!["post"]),
+        ("/lab/devices", vec!["get"]),
+        ("/healthz", vec!["get"]),
+        ("/debug/health", vec!["get"]),
+        ("/openapi.json", vec!["get"]),
+    ];
+    assert_eq!(paths.len(), expected.len());
+    for (path, methods) in expected {
+        let ops = paths[path].as_object().unwrap_or_else(|| panic!("{path}"));
+        let mut got: Vec<&str> = ops.keys().map(|k| k.as_str()).collect();
+        got.sort();
+        let mut want = methods.clone();
+        want.sort();
+        assert_eq!(got, want, "{path}");
+        // Every documented operation is really served (not 404/405).
+        for method in methods {
+            let concrete = path.replace("{session_id}", "x");
+            let r = s.request(&method.to_uppercase(), &concrete, &[], b"");
+            assert!(r.status != 404 || concrete.starts_with("/session/") || concrete == "/active-session", "{method} {path}");
+            assert_ne!(r.status, 405, "{method} {path}");
+        }
+    }
+}
