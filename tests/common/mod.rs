@@ -494,3 +494,50 @@ pub const NO_LAB: &str = r#"{"detail":"No lab running"}"#;
 pub const LAB_BUSY: &str = r#"{"detail":"Lab currently busy"}"#;
 pub const NOT_RUNNING: &str =
     r#"{"running":false,"topology":null,"ref_count":0,"devices":[],"netlab_status":null}"#;
+
+/// Sends raw bytes on a fresh connection and reads one response.
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Resp {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = stream.write_all(bytes);
+    read_response(&mut stream, false)
+}
+
+/// A `POST /lab` sent with `Transfer-Encoding: chunked` (no Content-Length).
+pub fn chunked_acquire(addr: SocketAddr, id: &str, form: &Form) -> Resp {
+    let body = form.body();
+    let mut bytes = format!(
+        "POST /lab HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Session-ID: {id}\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        form.content_type()
+    )
+    .into_bytes();
+    for chunk in body.chunks(64 * 1024) {
+        bytes.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        bytes.extend_from_slice(chunk);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    raw_request(addr, &bytes)
+}
+
+/// Every file under `dir`, relative to it (sorted).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(base, &path, out);
+                } else {
+                    out.push(path.strip_prefix(base).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
