@@ -456,10 +456,10 @@ fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
         max_bytes: shared.config.max_upload_bytes,
         max_parts: upload::MAX_PARTS,
     };
-    if let Some(length) = request.body_length() {
-        if length as u64 > limits.max_bytes {
-            return upload_error_reply(&UploadError::TooLarge(limits.max_bytes)).into();
-        }
+    if let Some(length) = request.body_length()
+        && length as u64 > limits.max_bytes
+    {
+        return upload_error_reply(&UploadError::TooLarge(limits.max_bytes)).into();
     }
     let content_type = header_value(request, "Content-Type").map(str::to_owned);
     let boundary = match upload::boundary(content_type.as_deref()) {
@@ -494,7 +494,10 @@ fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
     }
     match lab::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
         Acquire::Attach => {
-            let lab = state.lab.as_mut().expect("decide() attaches to a running lab");
+            let lab = state
+                .lab
+                .as_mut()
+                .expect("decide() attaches to a running lab");
             lab.ref_count += 1;
             let body = format!("{{\"reused\":true,\"devices\":{}}}", lab.devices_json);
             log::info!(
@@ -513,14 +516,12 @@ fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
-            if replace {
-                if let Some(old) = state.lab.take() {
-                    log::info!(
-                        "replacing the idle lab {} for session {session}",
-                        old.topology.display()
-                    );
-                    shared.send_lab_job(crate::lab_thread::LabJob::Teardown(old));
-                }
+            if replace && let Some(old) = state.lab.take() {
+                log::info!(
+                    "replacing the idle lab {} for session {session}",
+                    old.topology.display()
+                );
+                shared.send_lab_job(crate::lab_thread::LabJob::Teardown(old));
             }
             drop(state);
             guard.hand_over();

@@ -199,7 +199,7 @@ fn default_workers() -> usize {
 }
 
 pub enum Command {
-    Serve(Config),
+    Serve(Box<Config>),
     Help,
     Version,
 }
@@ -315,20 +315,14 @@ where
         config.max_upload_bytes = parse_count(&v, "max-upload-bytes", e, 1, 1 << 40)? as u64;
     }
     if let Some((v, e)) = lookup("log-level") {
-        config.log_level = parse_level(&v).ok_or_else(|| {
-            bad(
-                "log-level",
-                e,
-                &v,
-                "one of error, warn, info, debug, trace",
-            )
-        })?;
+        config.log_level = parse_level(&v)
+            .ok_or_else(|| bad("log-level", e, &v, "one of error, warn, info, debug, trace"))?;
     }
-    if let Some((v, e)) = lookup("debug") {
-        if parse_bool(&v).ok_or_else(|| bad("debug", e, &v, "a boolean"))? {
-            config.stream_netlab_output = true;
-            config.log_level = config.log_level.max(LevelFilter::Debug);
-        }
+    if let Some((v, e)) = lookup("debug")
+        && parse_bool(&v).ok_or_else(|| bad("debug", e, &v, "a boolean"))?
+    {
+        config.stream_netlab_output = true;
+        config.log_level = config.log_level.max(LevelFilter::Debug);
     }
     if let Some((v, _)) = lookup("log-file") {
         config.log_file = (!v.is_empty()).then(|| PathBuf::from(v));
@@ -336,7 +330,7 @@ where
     if let Some((v, _)) = lookup("log-config") {
         config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
     }
-    Ok(Command::Serve(config))
+    Ok(Command::Serve(Box::new(config)))
 }
 
 fn bad(option: &str, from_env: bool, value: &str, expected: &str) -> ConfigError {
@@ -417,7 +411,7 @@ mod tests {
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| OsString::from(v))
         })? {
-            Command::Serve(c) => Ok(c),
+            Command::Serve(c) => Ok(*c),
             _ => panic!("not a serve command"),
         }
     }
@@ -441,7 +435,10 @@ mod tests {
     fn command_line_wins_over_environment() {
         let c = serve(
             &["--port", "9000"],
-            &[("NEOPS_REMOTE_LAB_PORT", "7000"), ("NEOPS_REMOTE_LAB_HOST", "::1")],
+            &[
+                ("NEOPS_REMOTE_LAB_PORT", "7000"),
+                ("NEOPS_REMOTE_LAB_HOST", "::1"),
+            ],
         )
         .unwrap();
         assert_eq!(c.port, 9000);

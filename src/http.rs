@@ -101,10 +101,9 @@ impl Reply {
 
     pub fn into_response(self) -> Response<Cursor<Vec<u8>>> {
         let mut response = match self.body {
-            Some(body) => Response::from_data(body).with_header(header(
-                "Content-Type",
-                "application/json",
-            )),
+            Some(body) => {
+                Response::from_data(body).with_header(header("Content-Type", "application/json"))
+            }
             None => Response::new(
                 self.status.into(),
                 Vec::new(),

@@ -162,7 +162,10 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         devices.len(),
         started.elapsed().as_secs_f64()
     );
-    Reply::raw_json(200, format!("{{\"reused\":false,\"devices\":{devices_json}}}"))
+    Reply::raw_json(
+        200,
+        format!("{{\"reused\":false,\"devices\":{devices_json}}}"),
+    )
 }
 
 fn log_failure(job: &StartJob, e: &NetlabError) {

@@ -7,8 +7,7 @@ use std::path::Path;
 
 use log::LevelFilter;
 use simplelog::{
-    ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode,
-    WriteLogger,
+    ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, WriteLogger,
 };
 
 pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {

@@ -95,10 +95,7 @@ pub enum NetlabError {
         stderr: String,
     },
     /// `inspect` printed something that is not a node list or not JSON (500).
-    BadOutput {
-        command: &'static str,
-        why: String,
-    },
+    BadOutput { command: &'static str, why: String },
     /// `up` ran past `--netlab-timeout` (504).
     TimedOut(Duration),
     /// The server is shutting down (503).
@@ -437,11 +434,9 @@ impl Netlab {
                         let result = self
                             .inspect(dir, &["--node", name, "--format", "json"])
                             .and_then(|bytes| {
-                                serde_json::from_slice(&bytes).map_err(|e| {
-                                    NetlabError::BadOutput {
-                                        command: "inspect",
-                                        why: format!("node {name}: not JSON: {e}"),
-                                    }
+                                serde_json::from_slice(&bytes).map_err(|e| NetlabError::BadOutput {
+                                    command: "inspect",
+                                    why: format!("node {name}: not JSON: {e}"),
                                 })
                             });
                         results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);

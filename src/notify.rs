@@ -26,10 +26,10 @@ pub fn notify(message: &str) {
 
 /// The watchdog interval asked for by systemd (`WATCHDOG_USEC`), if it is meant for us.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var_os("WATCHDOG_PID") {
-        if pid.to_string_lossy() != std::process::id().to_string() {
-            return None;
-        }
+    if let Some(pid) = std::env::var_os("WATCHDOG_PID")
+        && pid.to_string_lossy() != std::process::id().to_string()
+    {
+        return None;
     }
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec))

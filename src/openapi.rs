@@ -39,7 +39,8 @@ fn gated(mut responses: Value) -> Value {
 }
 
 fn build() -> Value {
-    let session_id_param = json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}});
+    let session_id_param =
+        json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}});
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -291,7 +291,10 @@ mod tests {
         let active_timeout = Duration::from_secs(300);
         let waiting_timeout = Duration::from_secs(600);
         clock.advance(Duration::from_secs(300));
-        assert!(q.sweep(clock.now(), waiting_timeout, active_timeout).is_empty());
+        assert!(
+            q.sweep(clock.now(), waiting_timeout, active_timeout)
+                .is_empty()
+        );
         // Session 3 keeps polling; 1 (active) goes silent past 300 s, 2 (waiting) too.
         q.touch(&id(3), clock.now());
         clock.advance(Duration::from_millis(1));
@@ -360,7 +363,11 @@ mod tests {
         }
         clock.advance(Duration::from_secs(700));
         q.touch(&id(3), clock.now());
-        let reaped = q.sweep(clock.now(), Duration::from_secs(600), Duration::from_secs(300));
+        let reaped = q.sweep(
+            clock.now(),
+            Duration::from_secs(600),
+            Duration::from_secs(300),
+        );
         let ids: Vec<_> = reaped.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![id(1), id(2)]);
         assert_eq!(reaped[0].promoted, Some(id(3)));

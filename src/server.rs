@@ -34,7 +34,7 @@ pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
             println!("{}", config::version_text());
             0
         }
-        Ok(Command::Serve(config)) => serve(config),
+        Ok(Command::Serve(config)) => serve(*config),
         Err(e) => {
             eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
             2
@@ -121,7 +121,11 @@ fn serve(config: Config) -> i32 {
             .spawn(move || {
                 for signal in signals.forever() {
                     if shared.begin_shutdown() {
-                        let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        let name = if signal == SIGINT {
+                            "SIGINT"
+                        } else {
+                            "SIGTERM"
+                        };
                         log::info!("{name}: shutting down");
                         notify::notify("STOPPING=1");
                         server.unblock();

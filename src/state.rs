@@ -95,11 +95,10 @@ impl Shared {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
         let mut state = self.lock();
-        let removed = state.queue.sweep(
-            now,
-            self.config.waiting_timeout,
-            self.config.active_timeout,
-        );
+        let removed =
+            state
+                .queue
+                .sweep(now, self.config.waiting_timeout, self.config.active_timeout);
         for r in &removed {
             let (status, timeout) = if r.was_active {
                 ("active", self.config.active_timeout)
@@ -123,19 +122,17 @@ impl Shared {
         if !removed.was_active {
             return;
         }
-        if state
+        let held = state
             .lab
             .as_ref()
-            .is_some_and(LabRecord::torn_down_with_its_session)
-        {
-            if let Some(lab) = state.lab.take() {
-                log::info!(
-                    "lab {} still held by ended session {}: tearing it down",
-                    lab.topology.display(),
-                    removed.id
-                );
-                self.send_lab_job(LabJob::Teardown(lab));
-            }
+            .is_some_and(LabRecord::torn_down_with_its_session);
+        if held && let Some(lab) = state.lab.take() {
+            log::info!(
+                "lab {} still held by ended session {}: tearing it down",
+                lab.topology.display(),
+                removed.id
+            );
+            self.send_lab_job(LabJob::Teardown(lab));
         }
         if let Some(next) = removed.promoted {
             log::info!("session {next} is now active");

@@ -51,7 +51,10 @@ pub enum UploadError {
     TopologyNotAFile,
     DuplicateTopology,
     EmptyTopology,
-    ExtraName { name: String, reason: &'static str },
+    ExtraName {
+        name: String,
+        reason: &'static str,
+    },
     TooLarge(u64),
     TooManyParts(usize),
     Malformed(String),
@@ -119,9 +122,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, UploadError> {
         .map(|(_, v)| v.trim().trim_matches('"').to_owned())
         .ok_or(UploadError::MissingBoundary)?;
     let valid = (1..=70).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() || b == b' ')
+        && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
         && !value.ends_with(' ');
     if valid {
         Ok(value)
@@ -363,13 +364,13 @@ pub fn receive<R: Read>(
         return Err(UploadError::TooLarge(limits.max_bytes));
     }
     let (topology, hash) = topology.ok_or(UploadError::MissingTopology)?;
-    if let Some(name) = topology.file_name() {
-        if layout.dirs.contains(Path::new(name)) {
-            return Err(UploadError::ExtraName {
-                name: name.to_string_lossy().into_owned(),
-                reason: "the same path as the topology",
-            });
-        }
+    if let Some(name) = topology.file_name()
+        && layout.dirs.contains(Path::new(name))
+    {
+        return Err(UploadError::ExtraName {
+            name: name.to_string_lossy().into_owned(),
+            reason: "the same path as the topology",
+        });
     }
     Ok(Upload {
         topology,
@@ -380,7 +381,12 @@ pub fn receive<R: Read>(
 }
 
 /// An error while copying a part: the byte limit, a body cut short, or the disk.
-fn store_error(e: StoreError, over: &Cell<bool>, limits: &Limits, topology_seen: bool) -> UploadError {
+fn store_error(
+    e: StoreError,
+    over: &Cell<bool>,
+    limits: &Limits,
+    topology_seen: bool,
+) -> UploadError {
     match e {
         StoreError::Write(e) => UploadError::Io(e),
         StoreError::Read(_) if over.get() => UploadError::TooLarge(limits.max_bytes),
@@ -449,7 +455,10 @@ mod tests {
         }
         for ext in ["", ".", "..", "a.txt", "yml", ".yml", "a.yml.txt"] {
             assert!(
-                matches!(check_topology_name(ext), Err(UploadError::TopologyExtension)),
+                matches!(
+                    check_topology_name(ext),
+                    Err(UploadError::TopologyExtension)
+                ),
                 "{ext}"
             );
         }

@@ -53,8 +53,14 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
     let r = s.acquire(&a, &Form::topology("lab.yml", TOPO_A));
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
-    assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["devices", "reused"]);
-    assert!(r.text().starts_with(r#"{"reused":false,"devices":[{"name":"r1","raw":{"#));
+    assert_eq!(
+        v.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["devices", "reused"]
+    );
+    assert!(
+        r.text()
+            .starts_with(r#"{"reused":false,"devices":[{"name":"r1","raw":{"#)
+    );
     assert_eq!(device_names(&v["devices"]), devices(&["r1", "r2"]));
     assert_eq!(v["devices"][1]["raw"]["mgmt"]["ipv4"], "192.168.121.102");
 
@@ -109,7 +115,10 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
 fn reuse_by_content_attach_release_and_idle_reattach() {
     let s = start();
     let (a, _) = s.create_session();
-    assert_eq!(s.acquire(&a, &Form::topology("one.yml", TOPO_A)).status, 200);
+    assert_eq!(
+        s.acquire(&a, &Form::topology("one.yml", TOPO_A)).status,
+        200
+    );
     s.clear_calls();
     // Same bytes, another file name: attached, no netlab call.
     let r = s.acquire(&a, &Form::topology("two.yaml", TOPO_A));
@@ -172,11 +181,16 @@ fn another_topology_switches_an_idle_lab_and_is_refused_for_a_held_one() {
     let r = s.acquire(&a, &Form::topology("b.yml", TOPO_B));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["reused"], false);
-    assert_eq!(device_names(&r.json()["devices"]), devices(&["s1", "s2", "s3"]));
+    assert_eq!(
+        device_names(&r.json()["devices"]),
+        devices(&["s1", "s2", "s3"])
+    );
     assert_eq!(s.work_dirs().len(), 1);
-    assert!(s.registered().unwrap().ends_with(
-        work_dir_of(&s, &a).file_name().unwrap().to_str().unwrap()
-    ));
+    assert!(
+        s.registered()
+            .unwrap()
+            .ends_with(work_dir_of(&s, &a).file_name().unwrap().to_str().unwrap())
+    );
 }
 
 #[test]
@@ -192,7 +206,10 @@ fn only_one_acquire_at_a_time() {
             addr,
             "POST",
             "/lab",
-            &[("X-Session-ID", &a2), ("Content-Type", &form.content_type())],
+            &[
+                ("X-Session-ID", &a2),
+                ("Content-Type", &form.content_type()),
+            ],
             &form.body(),
         )
     });
@@ -220,7 +237,10 @@ fn polls_are_answered_while_a_slow_netlab_up_runs() {
             addr,
             "POST",
             "/lab",
-            &[("X-Session-ID", &a2), ("Content-Type", &form.content_type())],
+            &[
+                ("X-Session-ID", &a2),
+                ("Content-Type", &form.content_type()),
+            ],
             &form.body(),
         )
     });
@@ -234,7 +254,10 @@ fn polls_are_answered_while_a_slow_netlab_up_runs() {
         s.request("POST", "/session/heartbeat", &[("X-Session-ID", &b)], b"")
             .expect_empty(204);
     }
-    assert!(!acquire.is_finished(), "the polls should not have waited for netlab");
+    assert!(
+        !acquire.is_finished(),
+        "the polls should not have waited for netlab"
+    );
     assert_eq!(acquire.join().unwrap().status, 200);
 }
 
@@ -390,7 +413,8 @@ fn bodies_that_carry_no_topology() {
     with(&form.content_type(), &form.body()).expect(422, MISSING_TOPOLOGY);
     let full = Form::topology("t.yml", TOPO_A).body();
     with(&Form::new().content_type(), &full[..full.len() / 2]).expect(422, MISSING_TOPOLOGY);
-    with("multipart/form-data", &full).expect(400, r#"{"detail":"Missing boundary in multipart."}"#);
+    with("multipart/form-data", &full)
+        .expect(400, r#"{"detail":"Missing boundary in multipart."}"#);
     let form = Form::topology("t.yml", TOPO_A).text("reuse", "maybe");
     s.acquire(&a, &form).expect(
         422,
@@ -425,8 +449,10 @@ fn too_many_parts() {
     for i in 0..300 {
         form = form.file("extra_files", &format!("f{i}.cfg"), b"x");
     }
-    s.acquire(&a, &form)
-        .expect(413, r#"{"detail":"Too many parts in the upload: the limit is 256"}"#);
+    s.acquire(&a, &form).expect(
+        413,
+        r#"{"detail":"Too many parts in the upload: the limit is 256"}"#,
+    );
     assert!(s.work_dirs().is_empty());
 }
 
@@ -436,14 +462,26 @@ fn assert_failed_start_cleaned(s: &TestServer, a: &str) {
     s.lab("GET", "/lab", a).expect(200, NOT_RUNNING);
     assert!(s.work_dirs().is_empty());
     let calls = s.calls();
-    let up_dir = calls.iter().rev().find(|(argv, _)| argv[0] == "up").unwrap().1.clone();
+    let up_dir = calls
+        .iter()
+        .rev()
+        .find(|(argv, _)| argv[0] == "up")
+        .unwrap()
+        .1
+        .clone();
     let forced = calls
         .iter()
         .any(|(argv, cwd)| argv.join(" ") == "down --cleanup --force" && *cwd == up_dir);
     assert!(forced, "{calls:?}");
     s.get(&format!("/session/{a}"))
         .expect(200, r#"{"status":"active","position":0}"#);
-    for control in ["up.fail", "inspect.fail", "list.output", "node.output", "up.hang"] {
+    for control in [
+        "up.fail",
+        "inspect.fail",
+        "list.output",
+        "node.output",
+        "up.hang",
+    ] {
         s.clear_control(control);
     }
     let r = s.acquire(a, &Form::topology("t.yml", TOPO_A));
@@ -475,21 +513,30 @@ fn netlab_failures_are_clear_answers() {
     );
     assert_failed_start_cleaned(&s, &a);
 
-    s.set_control("up.fail", r#"{"code": 3, "stderr": "something\nbroke badly\n"}"#);
+    s.set_control(
+        "up.fail",
+        r#"{"code": 3, "stderr": "something\nbroke badly\n"}"#,
+    );
     s.acquire(&a, &Form::topology("t.yml", TOPO_A)).expect(
         500,
         r#"{"detail":"netlab up failed (exit code 3): something\nbroke badly"}"#,
     );
     assert_failed_start_cleaned(&s, &a);
 
-    s.set_control("inspect.fail", r#"{"code": 2, "stderr": "inspect exploded"}"#);
+    s.set_control(
+        "inspect.fail",
+        r#"{"code": 2, "stderr": "inspect exploded"}"#,
+    );
     s.acquire(&a, &Form::topology("t.yml", TOPO_A)).expect(
         500,
         r#"{"detail":"netlab inspect failed (exit code 2): inspect exploded"}"#,
     );
     assert_failed_start_cleaned(&s, &a);
 
-    s.set_control("list.output", "Traceback (most recent call last):\n  oops\n");
+    s.set_control(
+        "list.output",
+        "Traceback (most recent call last):\n  oops\n",
+    );
     let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
     assert_eq!(r.status, 500);
     assert!(
@@ -545,7 +592,10 @@ fn a_session_ending_during_netlab_up_gets_its_lab_torn_down() {
             addr,
             "POST",
             "/lab",
-            &[("X-Session-ID", &a2), ("Content-Type", &form.content_type())],
+            &[
+                ("X-Session-ID", &a2),
+                ("Content-Type", &form.content_type()),
+            ],
             &form.body(),
         )
     });
@@ -559,7 +609,10 @@ fn a_session_ending_during_netlab_up_gets_its_lab_torn_down() {
     acquire.join().unwrap().expect(404, SESSION_NOT_FOUND);
     wait_torn_down(&s);
     s.lab("GET", "/lab", &b).expect(200, NOT_RUNNING);
-    assert!(s.call_lines().contains(&"down --cleanup --force".to_owned()));
+    assert!(
+        s.call_lines()
+            .contains(&"down --cleanup --force".to_owned())
+    );
 }
 
 #[test]

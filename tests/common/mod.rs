@@ -23,21 +23,12 @@ pub struct TestServer {
     pub log: Arc<Mutex<String>>,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Reuse the state and fake dirs of an earlier server (restarts).
     pub dir: Option<tempfile::TempDir>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            args: Vec::new(),
-            env: Vec::new(),
-            dir: None,
-        }
-    }
 }
 
 impl Options {
@@ -184,7 +175,10 @@ impl TestServer {
 
     /// The calls as "argv joined by spaces", for compact assertions.
     pub fn call_lines(&self) -> Vec<String> {
-        self.calls().into_iter().map(|(argv, _)| argv.join(" ")).collect()
+        self.calls()
+            .into_iter()
+            .map(|(argv, _)| argv.join(" "))
+            .collect()
     }
 
     pub fn clear_calls(&self) {
@@ -225,7 +219,10 @@ impl TestServer {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit in {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit in {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -234,8 +231,7 @@ impl TestServer {
     pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
 
@@ -263,10 +259,10 @@ pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Mutex<String>>)
                 Ok(_) => {}
             }
             sink.lock().unwrap().push_str(&line);
-            if let Some(rest) = line.trim().strip_prefix("listening on http://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(rest.parse::<SocketAddr>().unwrap());
-                }
+            if let Some(rest) = line.trim().strip_prefix("listening on http://")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.parse::<SocketAddr>().unwrap());
             }
         }
     });
@@ -440,7 +436,8 @@ impl Form {
     }
 
     pub fn text(mut self, name: &str, value: &str) -> Self {
-        self.parts.push((name.into(), None, value.as_bytes().to_vec()));
+        self.parts
+            .push((name.into(), None, value.as_bytes().to_vec()));
         self
     }
 

@@ -1,0 +1,312 @@
+//! Start-up, shutdown, the state-dir lock and the command line.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const TOPO: &str = "nodes: [r1, r2]\n";
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn help_and_version() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--host",
+        "--port",
+        "--workers",
+        "--state-dir",
+        "--active-timeout",
+        "--waiting-timeout",
+        "--sweep-interval",
+        "--max-sessions",
+        "--log-level",
+        "--log-file",
+        "--debug",
+        "--log-config",
+        "--netlab",
+        "--netlab-timeout",
+        "--max-upload-bytes",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+        let var = format!(
+            "NEOPS_REMOTE_LAB_{}",
+            flag[2..].to_uppercase().replace('-', "_")
+        );
+        assert!(help.contains(&var), "{var} missing from --help");
+    }
+    let out = run(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("neops-remote-lab {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bad_values_exit_2_naming_the_flag() {
+    for (args, needle) in [
+        (vec!["--port", "eighty"], "--port"),
+        (vec!["--active-timeout", "0"], "--active-timeout"),
+        (vec!["--log-level", "chatty"], "--log-level"),
+        (vec!["--frobnicate"], "--frobnicate"),
+        (vec!["--max-sessions", "-3"], "--max-sessions"),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let out = Command::new(BIN)
+        .env("NEOPS_REMOTE_LAB_PORT", "99999")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NEOPS_REMOTE_LAB_PORT (--port)"));
+}
+
+#[test]
+fn environment_variables_configure_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let mut child = Command::new(BIN)
+        .env("NEOPS_REMOTE_LAB_HOST", "127.0.0.1")
+        .env("NEOPS_REMOTE_LAB_PORT", "0")
+        .env("NEOPS_REMOTE_LAB_STATE_DIR", dir.path().join("state"))
+        .env("NEOPS_REMOTE_LAB_NETLAB", fake_netlab())
+        .env("NEOPS_REMOTE_LAB_MAX_SESSIONS", "1")
+        .env("FAKE_NETLAB_DIR", dir.path().join("fake"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = wait_for_listening(&mut child);
+    assert_eq!(request(addr, "POST", "/session", &[], b"").status, 201);
+    assert_eq!(request(addr, "POST", "/session", &[], b"").status, 503);
+    assert!(dir.path().join("state/neops-remote-lab.lock").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_second_instance_on_the_same_state_dir_is_refused() {
+    let s = start();
+    let out = TestServer::command(s.dir.path(), &Options::default())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!("pid {}", s.child.id())),
+        "stderr: {err}"
+    );
+    // The first one is unharmed.
+    s.get("/healthz").expect_empty(204);
+}
+
+#[test]
+fn a_lock_left_by_a_killed_server_does_not_block_a_restart() {
+    let s = start();
+    let dir = s.kill_keep_dir();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    s.get("/healthz").expect_empty(204);
+}
+
+#[test]
+fn a_missing_netlab_stops_the_start_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--netlab",
+            "/nonexistent/netlab",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("netlab is missing or broken"), "{err}");
+    assert!(err.contains("pip install networklab"), "{err}");
+    assert!(!err.contains("listening on"), "{err}");
+}
+
+#[test]
+fn a_broken_netlab_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    std::fs::write(
+        dir.path().join("fake/control/version.fail"),
+        r#"{"code": 1, "stderr": "ModuleNotFoundError: No module named 'netsim'"}"#,
+    )
+    .unwrap();
+    let out = TestServer::command(dir.path(), &Options::default())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("No module named 'netsim'"), "{err}");
+}
+
+#[test]
+fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake");
+    std::fs::create_dir_all(fake.join("control")).unwrap();
+    let old_lab = dir.path().join("state/labs/old");
+    std::fs::create_dir_all(&old_lab).unwrap();
+    std::fs::write(old_lab.join("t.yml"), TOPO).unwrap();
+    std::fs::write(
+        fake.join("instance.json"),
+        serde_json::json!({"dir": old_lab, "nodes": ["r1"], "name": "old"}).to_string(),
+    )
+    .unwrap();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    assert_eq!(
+        s.call_lines(),
+        ["version", "down --instance default --cleanup"]
+    );
+    assert_eq!(s.registered(), None);
+    assert!(s.work_dirs().is_empty());
+}
+
+#[test]
+fn start_up_resets_a_registration_whose_directory_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake");
+    std::fs::create_dir_all(fake.join("control")).unwrap();
+    std::fs::write(
+        fake.join("instance.json"),
+        serde_json::json!({"dir": "/nonexistent/lab", "nodes": ["r1"], "name": "gone"}).to_string(),
+    )
+    .unwrap();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    assert_eq!(
+        s.call_lines(),
+        [
+            "version",
+            "down --instance default --cleanup",
+            "status --reset"
+        ]
+    );
+    assert_eq!(s.registered(), None);
+    // And the lab works.
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+}
+
+#[test]
+fn sigterm_with_a_lab_up_tears_it_down_and_exits_0() {
+    let mut s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs();
+    assert_eq!(work.len(), 1);
+    s.clear_calls();
+    s.signal("TERM");
+    let status = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(s.call_lines(), ["down --cleanup"]);
+    assert_eq!(s.calls()[0].1, work[0].display().to_string());
+    assert_eq!(s.registered(), None);
+    assert!(s.work_dirs().is_empty());
+}
+
+#[test]
+fn sigterm_during_netlab_up_cuts_it_short_and_cleans_up() {
+    let mut s = start();
+    let (a, _) = s.create_session();
+    s.set_control("up.sleep", "30");
+    let addr = s.addr;
+    let a2 = a.clone();
+    let acquire = thread::spawn(move || {
+        let form = Form::topology("t.yml", TOPO);
+        request(
+            addr,
+            "POST",
+            "/lab",
+            &[
+                ("X-Session-ID", &a2),
+                ("Content-Type", &form.content_type()),
+            ],
+            &form.body(),
+        )
+    });
+    wait_until(Duration::from_secs(5), "netlab up to start", || {
+        s.call_lines().iter().any(|l| l.starts_with("up "))
+    });
+    s.signal("INT");
+    // The request in flight gets a clear answer before the server exits.
+    acquire
+        .join()
+        .unwrap()
+        .expect(503, r#"{"detail":"Server is shutting down"}"#);
+    let status = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        s.call_lines()
+            .contains(&"down --cleanup --force".to_owned())
+    );
+    assert!(s.work_dirs().is_empty());
+    assert!(s.log_text().contains("cut short"), "{}", s.log_text());
+}
+
+#[test]
+fn sigterm_with_only_sessions_exits_promptly() {
+    let mut s = start();
+    s.create_session();
+    s.create_session();
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    // No lab, so no teardown ran.
+    assert!(!s.call_lines().iter().any(|l| l == "down --cleanup"));
+}
+
+#[test]
+fn log_file_gets_the_events_with_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let s = start_with(&[("--log-file", log.to_str().unwrap())]);
+    let (a, _) = s.create_session();
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    wait_until(Duration::from_secs(5), "the log file", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains(&format!("session {a} ended")))
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("created and active"))
+        .unwrap();
+    // RFC 3339 timestamp first.
+    assert!(line.starts_with("20"), "{line}");
+    assert!(
+        !s.log_text().contains('\u{1b}'),
+        "no colour escapes on a pipe"
+    );
+}
