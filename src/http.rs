@@ -208,8 +208,16 @@ pub fn start_workers(
         .collect()
 }
 
+/// Declared bodies above this size are never read nor dropped; see [`quarantine`].
+pub const QUARANTINE_FLOOR: u64 = 256 * 1024 * 1024;
+
 /// Handles one request; a panic in the handler becomes a 500 and the worker lives on.
 pub fn serve_one(shared: &Shared, mut request: Request) {
+    let ceiling = shared.config.max_upload_bytes.max(QUARANTINE_FLOOR);
+    if request.body_length().is_some_and(|n| n as u64 > ceiling) {
+        quarantine(request, ceiling);
+        return;
+    }
     let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &mut request)));
     match outcome {
         Ok(Outcome::Reply(reply)) => respond(request, reply),
@@ -223,4 +231,33 @@ pub fn serve_one(shared: &Shared, mut request: Request) {
             respond(request, Reply::internal_error());
         }
     }
+}
+
+/// Answers a request that declares an absurd `Content-Length`, and never drops it.
+///
+/// When tiny_http drops a request whose body was not read to the end, it reads the rest and
+/// throws it away, allocating one buffer as large as the remaining declared length first. A
+/// request declaring a terabyte would make that allocation fail, and a failed allocation aborts
+/// the process. So such a request is answered through `upgrade()`, which writes the response
+/// and hands back the connection (body reader included) without dropping the reader, and that
+/// connection is deliberately leaked: it costs one idle connection thread and one socket,
+/// instead of the whole server. Only requests declaring more than the larger of
+/// `--max-upload-bytes` and 256 MiB go this way; no client of this API sends those.
+fn quarantine(request: Request, ceiling: u64) {
+    log::warn!(
+        "{} {} from {} declares a body of {} bytes (over {ceiling}): refused, connection abandoned",
+        request.method(),
+        request.url(),
+        request
+            .remote_addr()
+            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        request.body_length().unwrap_or(0),
+    );
+    let reply = Reply::detail(
+        413,
+        format!("Request body too large: the limit is {ceiling} bytes"),
+    )
+    .with_header("Connection", "close");
+    let stream = request.upgrade("none", reply.into_response());
+    std::mem::forget(stream);
 }

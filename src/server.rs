@@ -97,9 +97,8 @@ fn serve(config: Config) -> i32 {
             ));
         }
     };
-    let address = match server.server_addr().to_ip() {
-        Some(addr) => addr.to_string(),
-        None => format!("{}:{}", config.host, config.port),
+    let Some(bound) = server.server_addr().to_ip() else {
+        return fail("the listener has no IP address");
     };
 
     let (lab_tx, lab_rx) = unbounded();
@@ -115,7 +114,8 @@ fn serve(config: Config) -> i32 {
     };
     {
         let shared = Arc::clone(&shared);
-        let server = Arc::clone(&server);
+        // Weak: once the listener is done, the server is dropped and its socket closed.
+        let server = Arc::downgrade(&server);
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -128,7 +128,9 @@ fn serve(config: Config) -> i32 {
                         };
                         log::info!("{name}: shutting down");
                         notify::notify("STOPPING=1");
-                        server.unblock();
+                        if let Some(server) = server.upgrade() {
+                            server.unblock();
+                        }
                     } else {
                         log::info!("shutdown already in progress");
                     }
@@ -149,14 +151,14 @@ fn serve(config: Config) -> i32 {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
             .name("timer".into())
-            .spawn(move || timer::run(&shared, timer_rx))
+            .spawn(move || timer::run(&shared, timer_rx, timer::probe_address(bound)))
             .expect("cannot start the timer thread")
     };
     let (work_tx, work_rx) = http::work_channel();
     let workers = http::start_workers(config.workers, &shared, &work_rx);
     drop(work_rx);
 
-    eprintln!("listening on http://{address}");
+    eprintln!("listening on http://{bound}");
     log::info!(
         "serving with {} workers; state dir {}",
         config.workers,
@@ -166,7 +168,6 @@ fn serve(config: Config) -> i32 {
 
     let listener = {
         let shared = Arc::clone(&shared);
-        let server = Arc::clone(&server);
         thread::Builder::new()
             .name("listener".into())
             .spawn(move || http::listen(&server, &shared, &work_tx))

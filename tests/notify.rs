@@ -1,0 +1,129 @@
+//! The systemd notification protocol, against a socket the test listens on (there is no
+//! systemd here to start the unit).
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::*;
+
+fn next_message(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("a notification");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn ready_watchdog_and_stopping_are_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut s = TestServer::start(Options {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        ..Options::default()
+    });
+    assert_eq!(next_message(&socket), "READY=1");
+    // Pings every half interval, each after a real request through the listener.
+    for _ in 0..3 {
+        assert_eq!(next_message(&socket), "WATCHDOG=1");
+    }
+    s.signal("TERM");
+    let mut rest = Vec::new();
+    while let Ok(n) = {
+        let mut buf = [0u8; 256];
+        socket
+            .recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    } {
+        rest.push(n);
+        if rest.last().map(String::as_str) == Some("STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("STOPPING=1"),
+        "{rest:?}"
+    );
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn no_watchdog_pings_for_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let _s = TestServer::start(Options {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "200000".into()),
+            ("WATCHDOG_PID".into(), "1".into()),
+        ],
+        ..Options::default()
+    });
+    assert_eq!(next_message(&socket), "READY=1");
+    let mut buf = [0u8; 64];
+    assert!(socket.recv(&mut buf).is_err(), "no WATCHDOG=1 expected");
+}
+
+#[test]
+fn watchdog_pings_stop_while_the_workers_cannot_answer() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let s = TestServer::start(
+        Options {
+            env: vec![
+                ("NOTIFY_SOCKET".into(), path.display().to_string()),
+                ("WATCHDOG_USEC".into(), "400000".into()),
+            ],
+            ..Options::default()
+        }
+        .arg("--workers", "1"),
+    );
+    assert_eq!(next_message(&socket), "READY=1");
+    assert_eq!(next_message(&socket), "WATCHDOG=1");
+    // An upload that never finishes holds the only worker.
+    let (id, _) = s.create_session();
+    let form = Form::topology("t.yml", "nodes: [r1]\n");
+    let body = form.body();
+    let mut stalled = std::net::TcpStream::connect(s.addr).unwrap();
+    write!(
+        stalled,
+        "POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: {id}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        form.content_type(),
+        body.len() + 5000
+    )
+    .unwrap();
+    stalled.write_all(&body[..10]).unwrap();
+    // Drain pings that were already on their way, then expect silence.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut late = 0;
+    while socket.recv(&mut buf).is_ok() {
+        late += 1;
+        assert!(late <= 1, "pings went on while the worker was stuck");
+    }
+    // The client goes away: the worker is free again and so are the pings.
+    drop(stalled);
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(next_message(&socket), "WATCHDOG=1");
+}
