@@ -192,7 +192,8 @@ fn health_endpoints() {
 fn not_found_method_not_allowed_and_head() {
     let s = start();
     s.get("/nope").expect(404, r#"{"detail":"Not Found"}"#);
-    s.get("/lab/devices/extra").expect(404, r#"{"detail":"Not Found"}"#);
+    s.get("/lab/devices/extra")
+        .expect(404, r#"{"detail":"Not Found"}"#);
 
     let cases = [
         ("GET", "/session", "POST"),
@@ -297,7 +298,12 @@ fn openapi_document_lists_every_route() {
         for method in methods {
             let concrete = path.replace("{session_id}", "x");
             let r = s.request(&method.to_uppercase(), &concrete, &[], b"");
-            assert!(r.status != 404 || concrete.starts_with("/session/") || concrete == "/active-session", "{method} {path}");
+            assert!(
+                r.status != 404
+                    || concrete.starts_with("/session/")
+                    || concrete == "/active-session",
+                "{method} {path}"
+            );
             assert_ne!(r.status, 405, "{method} {path}");
         }
     }
