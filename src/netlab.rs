@@ -8,13 +8,13 @@ use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 
 use crate::lab::Device;
 
@@ -27,6 +27,9 @@ const DETAIL_TAIL: usize = 4 * 1024;
 /// How long captured output may keep flowing after the command exited (a grandchild that
 /// escaped the process group can hold the pipes open; we do not wait for it).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a running command looks at the cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
 
 pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -270,11 +273,23 @@ impl Netlab {
         );
 
         let started = Instant::now();
+        let pid = child.id();
+        // A waiter thread blocks in wait(), so an exit is seen at once; this thread wakes up
+        // now and then to check the timeout and the cancel flag.
+        let (exited_tx, exited) = bounded(1);
+        thread::Builder::new()
+            .name("netlab-wait".into())
+            .spawn(move || {
+                let _ = exited_tx.send(child.wait().ok());
+            })?;
         let mut timed_out = false;
         let mut cancelled = false;
         let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break Some(status);
+            let left = timeout.saturating_sub(started.elapsed());
+            match exited.recv_timeout(left.min(CANCEL_CHECK)) {
+                Ok(status) => break status,
+                Err(RecvTimeoutError::Disconnected) => break None,
+                Err(RecvTimeoutError::Timeout) => {}
             }
             if started.elapsed() >= timeout {
                 timed_out = true;
@@ -282,10 +297,11 @@ impl Netlab {
                 cancelled = true;
             }
             if timed_out || cancelled {
-                kill_group(&mut child);
-                break child.wait().ok();
+                // The group id is the child's pid (it leads its own group) and stays valid
+                // until the waiter reaps it, which cannot happen before it dies.
+                kill_group_of(pid);
+                break exited.recv().ok().flatten();
             }
-            thread::sleep(Duration::from_millis(10));
         };
         let deadline = Instant::now() + DRAIN_GRACE;
         let stdout = stdout.collect(deadline);
@@ -494,12 +510,6 @@ fn split(topology: &Path) -> (PathBuf, String) {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     (dir, name)
-}
-
-/// Kills the child's whole process group, then the child itself.
-fn kill_group(child: &mut Child) {
-    kill_group_of(child.id());
-    let _ = child.kill();
 }
 
 /// `kill -9 -PGID` through the shell (std has no killpg). The group id is the child's pid,
