@@ -12,6 +12,7 @@ use crate::config::parse_bool;
 use crate::http::Reply;
 use crate::lab::{self, Acquire, Destroy};
 use crate::lab_thread::StartJob;
+use crate::persist::Starting;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
 use crate::upload::{self, UploadError};
@@ -127,9 +128,16 @@ fn create_session(shared: &Shared) -> Reply {
     }
     let id = Uuid::new_v4();
     let now = shared.clock.now();
-    let created = shared.lock().queue.create(id, now);
+    let created = {
+        let mut state = shared.lock();
+        state
+            .queue
+            .create(id, now)
+            .map(|position| (position, state.changed()))
+    };
     match created {
-        Ok(position) => {
+        Ok((position, version)) => {
+            shared.persist(version);
             if position == 0 {
                 log::info!("session {id} created and active");
             } else {
@@ -338,18 +346,22 @@ fn release_lab(shared: &Shared, request: &Request) -> Reply {
         Ok(id) => id,
         Err(reply) => return reply,
     };
-    let mut state = shared.lock();
-    match state.lab.as_mut() {
-        Some(lab) => {
-            lab.release();
-            log::info!(
-                "session {session} released the lab (ref_count {})",
-                lab.ref_count
-            );
-            Reply::empty(204)
+    let version = {
+        let mut state = shared.lock();
+        match state.lab.as_mut() {
+            Some(lab) => {
+                lab.release();
+                log::info!(
+                    "session {session} released the lab (ref_count {})",
+                    lab.ref_count
+                );
+                state.changed()
+            }
+            None => return no_lab(),
         }
-        None => no_lab(),
-    }
+    };
+    shared.persist(version);
+    Reply::empty(204)
 }
 
 /// The value of a query parameter, percent-decoded (`+` is a space).
@@ -373,21 +385,25 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str) -> Reply {
             None => return bool_error("query", "force", &text),
         },
     };
-    let mut state = shared.lock();
-    match lab::decide_destroy(state.lab.as_ref(), force) {
-        Destroy::NothingRunning => Reply::empty(204),
-        Destroy::InUse => Reply::detail(409, "Lab still in use"),
-        Destroy::TearDown => {
-            if let Some(lab) = state.lab.take() {
-                log::info!(
-                    "session {session} destroys the lab {} (force={force})",
-                    lab.topology.display()
-                );
-                shared.send_lab_job(crate::lab_thread::LabJob::Teardown(lab));
+    let version = {
+        let mut state = shared.lock();
+        match lab::decide_destroy(state.lab.as_ref(), force) {
+            Destroy::NothingRunning => return Reply::empty(204),
+            Destroy::InUse => return Reply::detail(409, "Lab still in use"),
+            Destroy::TearDown => {
+                if let Some(lab) = state.lab.take() {
+                    log::info!(
+                        "session {session} destroys the lab {} (force={force})",
+                        lab.topology.display()
+                    );
+                    shared.queue_teardown(&mut state, lab);
+                }
+                state.changed()
             }
-            Reply::empty(202)
         }
-    }
+    };
+    shared.persist(version);
+    Reply::empty(202)
 }
 
 pub fn bool_error(place: &str, name: &str, input: &str) -> Reply {
@@ -505,7 +521,9 @@ fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
                 lab.topology.display(),
                 lab.ref_count
             );
+            let version = state.changed();
             drop(state);
+            shared.persist(version);
             upload::remove_dir(&work_dir);
             drop(guard);
             Reply::raw_json(200, body).into()
@@ -521,9 +539,15 @@ fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
                     "replacing the idle lab {} for session {session}",
                     old.topology.display()
                 );
-                shared.send_lab_job(crate::lab_thread::LabJob::Teardown(old));
+                shared.queue_teardown(&mut state, old);
             }
+            state.starting = Some(Starting {
+                session,
+                work_dir: work_dir.clone(),
+            });
+            let version = state.changed();
             drop(state);
+            shared.persist(version);
             guard.hand_over();
             Outcome::Lab(StartJob {
                 session,

@@ -88,6 +88,24 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "largest POST /lab body accepted",
     },
     OptionSpec {
+        name: "upload-timeout",
+        value: Some("SECONDS"),
+        default: "60",
+        help: "give up on a POST /lab upload that takes longer",
+    },
+    OptionSpec {
+        name: "on-exit",
+        value: Some("ACTION"),
+        default: "teardown",
+        help: "on SIGTERM: teardown the lab, or keep it for the next start to adopt",
+    },
+    OptionSpec {
+        name: "idle-lab-timeout",
+        value: Some("SECONDS"),
+        default: "3600",
+        help: "tear down a lab left idle with no session for this long",
+    },
+    OptionSpec {
         name: "log-level",
         value: Some("LEVEL"),
         default: "info",
@@ -123,7 +141,10 @@ pub fn env_name(option: &str) -> String {
 pub fn help_text() -> String {
     let mut out = String::from(
         "neops-remote-lab: exclusive, queued access to this host's network lab over HTTP\n\n\
-         Usage: neops-remote-lab [OPTIONS]\n\n\
+         Usage: neops-remote-lab [OPTIONS]\n       \
+         neops-remote-lab cleanup [OPTIONS]\n\n\
+         `cleanup` tears down the lab a stopped server left (and netlab's `default`\n\
+         instance) and clears the state file; it refuses while a server runs.\n\n\
          Every option can also be set in the environment variable shown under it;\n\
          the command line wins.\n\nOptions:\n",
     );
@@ -162,6 +183,9 @@ pub struct Config {
     pub netlab: PathBuf,
     pub netlab_timeout: Duration,
     pub max_upload_bytes: u64,
+    pub upload_timeout: Duration,
+    pub on_exit: OnExit,
+    pub idle_lab_timeout: Duration,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
     /// `--debug`: netlab's output is logged line by line.
@@ -185,6 +209,9 @@ impl Config {
             netlab: PathBuf::from("netlab"),
             netlab_timeout: Duration::from_secs(1800),
             max_upload_bytes: 16 * 1024 * 1024,
+            upload_timeout: Duration::from_secs(60),
+            on_exit: OnExit::Teardown,
+            idle_lab_timeout: Duration::from_secs(3600),
             log_level: LevelFilter::Info,
             log_file: None,
             stream_netlab_output: false,
@@ -198,8 +225,19 @@ fn default_workers() -> usize {
     (cpus * 2).max(4)
 }
 
+/// What SIGTERM does with a running lab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// Tear it down (as the Python server did).
+    Teardown,
+    /// Leave it up; the next start adopts it from the state file.
+    Keep,
+}
+
 pub enum Command {
     Serve(Box<Config>),
+    /// `neops-remote-lab cleanup`: tear down what a stopped server left.
+    Cleanup(Box<Config>),
     Help,
     Version,
 }
@@ -233,6 +271,7 @@ where
     use lexopt::prelude::*;
 
     let mut given: Vec<(&'static str, Option<OsString>)> = Vec::new();
+    let mut cleanup = false;
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next().map_err(|e| ConfigError(e.to_string()))? {
         match arg {
@@ -250,6 +289,7 @@ where
                 given.retain(|(n, _)| *n != spec.name);
                 given.push((spec.name, value));
             }
+            Value(word) if word == "cleanup" && !cleanup => cleanup = true,
             other => return Err(ConfigError(other.unexpected().to_string())),
         }
     }
@@ -314,6 +354,19 @@ where
     if let Some((v, e)) = lookup("max-upload-bytes") {
         config.max_upload_bytes = parse_count(&v, "max-upload-bytes", e, 1, 1 << 40)? as u64;
     }
+    if let Some((v, e)) = lookup("upload-timeout") {
+        config.upload_timeout = parse_seconds(&v, "upload-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("idle-lab-timeout") {
+        config.idle_lab_timeout = parse_seconds(&v, "idle-lab-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("on-exit") {
+        config.on_exit = match v.trim().to_ascii_lowercase().as_str() {
+            "teardown" => OnExit::Teardown,
+            "keep" => OnExit::Keep,
+            _ => return Err(bad("on-exit", e, &v, "teardown or keep")),
+        };
+    }
     if let Some((v, e)) = lookup("log-level") {
         config.log_level = parse_level(&v)
             .ok_or_else(|| bad("log-level", e, &v, "one of error, warn, info, debug, trace"))?;
@@ -330,7 +383,11 @@ where
     if let Some((v, _)) = lookup("log-config") {
         config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
     }
-    Ok(Command::Serve(Box::new(config)))
+    if cleanup {
+        Ok(Command::Cleanup(Box::new(config)))
+    } else {
+        Ok(Command::Serve(Box::new(config)))
+    }
 }
 
 fn bad(option: &str, from_env: bool, value: &str, expected: &str) -> ConfigError {
@@ -411,7 +468,7 @@ mod tests {
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| OsString::from(v))
         })? {
-            Command::Serve(c) => Ok(*c),
+            Command::Serve(c) | Command::Cleanup(c) => Ok(*c),
             _ => panic!("not a serve command"),
         }
     }
@@ -476,6 +533,17 @@ mod tests {
         assert_eq!(c.log_config, Some(PathBuf::from("log.yaml")));
         let c = serve(&["--log-level", "WARNING"], &[]).unwrap();
         assert_eq!(c.log_level, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn on_exit_and_the_cleanup_command() {
+        assert_eq!(serve(&[], &[]).unwrap().on_exit, OnExit::Teardown);
+        let c = serve(&[], &[("NEOPS_REMOTE_LAB_ON_EXIT", "keep")]).unwrap();
+        assert_eq!(c.on_exit, OnExit::Keep);
+        assert!(serve(&["--on-exit", "explode"], &[]).is_err());
+        let parsed = parse(args(&["cleanup", "--state-dir", "/x"]), |_| None).unwrap();
+        assert!(matches!(parsed, Command::Cleanup(c) if c.state_dir == std::path::Path::new("/x")));
+        assert!(serve(&["frobnicate"], &[]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crossbeam_channel::Receiver;
 use tiny_http::Request;
 
 use crate::api::finish_acquire;
+use crate::config::OnExit;
 use crate::http::{Reply, respond};
 use crate::lab::{self, Hash, LabRecord};
 use crate::netlab::{Netlab, NetlabError};
@@ -55,14 +56,11 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
                 let reply = start(shared, netlab, job);
                 respond(request, reply);
             }
-            LabJob::Teardown(lab) => teardown(netlab, &lab),
-            LabJob::Shutdown => {
-                let running = shared.lock().lab.take();
-                if let Some(lab) = running {
-                    log::info!("shutting down: tearing down the running lab");
-                    teardown(netlab, &lab);
-                }
+            LabJob::Teardown(lab) => {
+                teardown(netlab, &lab);
+                shared.teardown_done(&lab.work_dir);
             }
+            LabJob::Shutdown => shut_down(shared, netlab),
         }));
         if result.is_err() {
             log::error!("the lab thread panicked during the {description}; going on");
@@ -70,6 +68,32 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
         if stop {
             break;
         }
+    }
+}
+
+/// The last job: tear the running lab down, unless `--on-exit keep` leaves it for the next
+/// start to adopt (the state file already says everything about it).
+fn shut_down(shared: &Shared, netlab: &Netlab) {
+    if shared.config.on_exit == OnExit::Keep {
+        if let Some(lab) = &shared.lock().lab {
+            log::info!(
+                "shutting down: keeping the lab {} (ref_count {}) for the next start",
+                lab.topology.display(),
+                lab.ref_count
+            );
+        }
+        return;
+    }
+    let running = shared.lock().lab.clone();
+    if let Some(lab) = running {
+        log::info!("shutting down: tearing down the running lab");
+        teardown(netlab, &lab);
+        let version = {
+            let mut state = shared.lock();
+            state.lab = None;
+            state.changed()
+        };
+        shared.persist(version);
     }
 }
 
@@ -99,7 +123,7 @@ fn discard(netlab: &Netlab, job: &StartJob) {
 fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     if shared.is_shutting_down() {
         remove_dir(&job.work_dir);
-        finish_acquire(shared, &job.session);
+        finish_start(shared, &job.session, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let started = Instant::now();
@@ -120,7 +144,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         Err(e) => {
             log_failure(&job, &e);
             discard(netlab, &job);
-            finish_acquire(shared, &job.session);
+            finish_start(shared, &job.session, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -132,17 +156,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         ref_count: 1,
         devices_json: devices_json.clone(),
     };
-    let shutting_down = shared.is_shutting_down();
-    let (active, stored) = {
-        let mut state = shared.lock();
-        let active = matches!(state.queue.lookup(&job.session), Some((Status::Active, _)));
-        let stored = active && !shutting_down;
-        if stored {
-            state.lab = Some(record);
-        }
-        (active, stored)
-    };
-    finish_acquire(shared, &job.session);
+    let (active, stored) = finish_start(shared, &job.session, Some(record));
     if !stored {
         discard(netlab, &job);
         return if active {
@@ -166,6 +180,25 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         200,
         format!("{{\"reused\":false,\"devices\":{devices_json}}}"),
     )
+}
+
+/// Ends a start: the lab (if one came up and its session is still the active one, and the
+/// server is not shutting down) becomes the running lab; the start is no longer in
+/// progress. Durable when this returns. Returns (session still active, lab stored).
+fn finish_start(shared: &Shared, session: &SessionId, lab: Option<LabRecord>) -> (bool, bool) {
+    let (active, stored, version) = {
+        let mut state = shared.lock();
+        let active = matches!(state.queue.lookup(session), Some((Status::Active, _)));
+        let stored = lab.is_some() && active && !shared.is_shutting_down();
+        if stored {
+            state.lab = lab;
+        }
+        state.starting = None;
+        (active, stored, state.changed())
+    };
+    shared.persist(version);
+    finish_acquire(shared, session);
+    (active, stored)
 }
 
 fn log_failure(job: &StartJob, e: &NetlabError) {

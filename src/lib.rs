@@ -13,7 +13,8 @@
 //! * [`upload`]: the multipart upload of `POST /lab`.
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
-//! * [`timer`]: the stale-session sweep.
+//! * [`timer`]: the stale-session sweep and the systemd watchdog.
+//! * [`persist`]: the state file that lets a restart lose nothing.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod logging;
 pub mod netlab;
 pub mod notify;
 pub mod openapi;
+pub mod persist;
 pub mod queue;
 pub mod server;
 pub mod state;

@@ -386,6 +386,58 @@ impl Netlab {
         );
     }
 
+    /// The directory netlab registers its `default` instance in, if any
+    /// (`netlab status --all --format json`).
+    pub fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String> {
+        let out = self
+            .run(
+                &["status", "--all", "--format", "json"],
+                cwd,
+                SHORT_TIMEOUT,
+                None,
+                None,
+            )
+            .map_err(|e| format!("cannot run netlab status: {e}"))?;
+        let text = out.stdout_text();
+        let value: serde_json::Value = match serde_json::from_str(text.trim()) {
+            Ok(value) => value,
+            // "No netlab-managed labs" exits 1 with a warning object; anything else is odd.
+            Err(_) if !out.success() => return Ok(None),
+            Err(e) => return Err(format!("netlab status printed no JSON: {e}")),
+        };
+        Ok(value
+            .get("default")
+            .and_then(|d| d.get("dir"))
+            .and_then(|d| d.as_str())
+            .map(PathBuf::from))
+    }
+
+    /// Whether the lab in `work_dir` is still there: netlab registers `default` in that
+    /// directory and `inspect` answers for it.
+    pub fn check_running(&self, work_dir: &Path) -> Result<(), String> {
+        if !work_dir.is_dir() {
+            return Err(format!("its work dir {} is gone", work_dir.display()));
+        }
+        match self.default_instance_dir(work_dir)? {
+            Some(dir) if dir == work_dir => {}
+            Some(dir) => {
+                return Err(format!(
+                    "netlab's default instance is in {}, not in {}",
+                    dir.display(),
+                    work_dir.display()
+                ));
+            }
+            None => return Err("netlab has no default instance".into()),
+        }
+        self.inspect(work_dir, &["--format", "json", "list(nodes.keys())"])
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                parse_node_list(&String::from_utf8_lossy(&out))
+                    .map(|_| ())
+                    .map_err(|e| format!("netlab inspect: {e}"))
+            })
+    }
+
     /// `netlab up <topology>` in the topology's directory.
     pub fn up(&self, topology: &Path, cancel: &AtomicBool) -> Result<(), NetlabError> {
         let (dir, name) = split(topology);

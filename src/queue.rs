@@ -111,6 +111,25 @@ impl Queue {
         Ok(self.order.len() - 1)
     }
 
+    /// Appends a session restored from the state file (the limit does not apply: nobody who
+    /// was queued before a restart is turned away after it).
+    pub fn restore(&mut self, id: SessionId, now: Duration) {
+        if self.sessions.contains_key(&id) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                seq,
+                last_seen: now,
+                busy: false,
+            },
+        );
+        self.order.push_back((seq, id));
+    }
+
     fn position_of(&self, seq: u64) -> usize {
         // Present by construction: every tracked session is in `order`.
         self.order

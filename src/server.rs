@@ -8,6 +8,7 @@
 //! parsed is still answered), the workers drain the channel, the lab thread finishes its job
 //! (a running `netlab up` is cut short) and tears the lab down, and the process exits 0.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 
@@ -16,11 +17,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tiny_http::Server;
 
-use crate::clock::MonotonicClock;
+use crate::clock::{Clock, MonotonicClock};
 use crate::config::{self, Command, Config};
+use crate::lab::LabRecord;
 use crate::lab_thread::{self, LabJob};
 use crate::netlab::Netlab;
-use crate::state::Shared;
+use crate::persist::{self, Saved};
+use crate::state::{Shared, State};
 use crate::{http, lockfile, logging, notify, timer, upload};
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
@@ -35,6 +38,7 @@ pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
             0
         }
         Ok(Command::Serve(config)) => serve(*config),
+        Ok(Command::Cleanup(config)) => cleanup(*config),
         Err(e) => {
             eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
             2
@@ -84,9 +88,8 @@ fn serve(config: Config) -> i32 {
             ));
         }
     }
-    // Nothing we knew survives a restart: clear netlab's `default` instance and old work dirs.
-    netlab.cleanup_default(&config.state_dir);
-    remove_leftover_work_dirs(&config);
+    let clock = Arc::new(MonotonicClock::new());
+    let state = restore(&config, &netlab, clock.now());
 
     let server = match Server::http((config.host.as_str(), config.port)) {
         Ok(server) => Arc::new(server),
@@ -102,11 +105,23 @@ fn serve(config: Config) -> i32 {
     };
 
     let (lab_tx, lab_rx) = unbounded();
-    let shared = Arc::new(Shared::new(
+    let pending: Vec<LabRecord> = state.teardowns.clone();
+    let shared = Arc::new(Shared::with_state(
         config.clone(),
-        Arc::new(MonotonicClock::new()),
+        clock,
         lab_tx,
+        Some(state),
     ));
+    // The restored state is the new truth: write it before anyone can see it.
+    let version = shared.lock().changed();
+    shared.persist(version);
+    for lab in pending {
+        log::info!(
+            "carrying out the teardown of {} left pending by the last run",
+            lab.topology.display()
+        );
+        shared.send_lab_job(LabJob::Teardown(lab));
+    }
 
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(signals) => signals,
@@ -195,14 +210,147 @@ fn serve(config: Config) -> i32 {
     }
 }
 
-/// Work directories of a previous run: their labs are gone (netlab's `default` was torn down
-/// just before), so the directories are only litter.
-fn remove_leftover_work_dirs(config: &Config) {
+/// Rebuilds the state from the state file, checked against reality:
+/// * sessions come back in the same order (their silence is counted from now);
+/// * the lab is re-adopted if its work dir exists, netlab still registers `default` there
+///   and `inspect` answers; otherwise it is cleaned up and forgotten;
+/// * a start the last run did not finish is cleaned up (its session can retry);
+/// * pending teardowns stay pending (the lab thread carries them out first);
+/// * without a lab to adopt, netlab's `default` instance is torn down;
+/// * work directories nobody refers to are removed.
+fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State {
+    let mut state = State::new(config.max_sessions);
+    let saved = match persist::load(&config.state_dir) {
+        Ok(saved) => saved.unwrap_or_default(),
+        Err(message) => {
+            log::warn!("{message}");
+            Saved::default()
+        }
+    };
+    for id in &saved.sessions {
+        state.queue.restore(*id, now);
+    }
+    if let Some(active) = state.queue.active() {
+        log::info!(
+            "restored {} sessions from the state file; session {active} is active",
+            state.queue.len()
+        );
+    }
+    if let Some(start) = &saved.starting {
+        log::warn!(
+            "the last run stopped during a netlab up for session {}: cleaning up {}",
+            start.session,
+            start.work_dir.display()
+        );
+        discard_dir(netlab, &start.work_dir);
+    }
+    let mut keep: Vec<PathBuf> = Vec::new();
+    if let Some(lab) = saved.lab {
+        match netlab.check_running(&lab.work_dir) {
+            Ok(()) => {
+                log::info!(
+                    "re-adopted the running lab {} (ref_count {})",
+                    lab.topology.display(),
+                    lab.ref_count
+                );
+                keep.push(lab.work_dir.clone());
+                state.lab = Some(lab);
+            }
+            Err(why) => {
+                log::warn!(
+                    "the lab {} of the last run is not running any more ({why}): forgetting it",
+                    lab.topology.display()
+                );
+                discard_dir(netlab, &lab.work_dir);
+            }
+        }
+    }
+    for lab in saved.teardowns {
+        keep.push(lab.work_dir.clone());
+        state.teardowns.push(lab);
+    }
+    if state.lab.is_none() {
+        netlab.cleanup_default(&config.state_dir);
+    }
+    remove_leftover_work_dirs(config, &keep);
+    state
+}
+
+/// `netlab down --cleanup --force` in a work dir that may hold a half-made lab, then the
+/// directory goes.
+fn discard_dir(netlab: &Netlab, work_dir: &Path) {
+    if work_dir.is_dir()
+        && let Err(e) = netlab.down(work_dir, true)
+    {
+        log::warn!("cleanup of {}: {e}", work_dir.display());
+    }
+    upload::remove_dir(work_dir);
+}
+
+/// `neops-remote-lab cleanup`: tears down whatever a stopped server left (its lab, pending
+/// teardowns, a half-made start, netlab's `default` instance), removes the work dirs and the
+/// state file. Refuses while a server holds the state dir.
+fn cleanup(config: Config) -> i32 {
+    if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
+        eprintln!("neops-remote-lab: {e}");
+        return 1;
+    }
+    if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+        return fail(format!(
+            "cannot create state dir {}: {e}",
+            config.state_dir.display()
+        ));
+    }
+    let _lock = match lockfile::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => return fail(format!("{e}: stop it first")),
+    };
+    let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false);
+    if let Err(e) = netlab.version(&config.state_dir) {
+        return fail(format!("netlab is missing or broken: {e}"));
+    }
+    let saved = match persist::load(&config.state_dir) {
+        Ok(saved) => saved.unwrap_or_default(),
+        Err(message) => {
+            log::warn!("{message}");
+            Saved::default()
+        }
+    };
+    let labs = saved
+        .lab
+        .iter()
+        .chain(saved.teardowns.iter())
+        .map(|l| l.work_dir.clone())
+        .chain(saved.starting.map(|s| s.work_dir));
+    for work_dir in labs {
+        log::info!("tearing down {}", work_dir.display());
+        if work_dir.is_dir()
+            && let Err(e) = netlab.down(&work_dir, false)
+        {
+            log::warn!("{e}");
+        }
+        discard_dir(&netlab, &work_dir);
+    }
+    netlab.cleanup_default(&config.state_dir);
+    remove_leftover_work_dirs(&config, &[]);
+    if let Err(e) = persist::remove(&config.state_dir) {
+        return fail(format!("cannot remove the state file: {e}"));
+    }
+    log::info!("cleanup done");
+    0
+}
+
+/// Work directories nobody refers to: their labs are gone (netlab's `default` was dealt
+/// with just before), so the directories are only litter.
+fn remove_leftover_work_dirs(config: &Config, keep: &[PathBuf]) {
     let labs = config.state_dir.join("labs");
     let Ok(entries) = std::fs::read_dir(&labs) else {
         return;
     };
     for entry in entries.flatten() {
+        if keep.contains(&entry.path()) {
+            continue;
+        }
         log::info!("removing leftover work dir {}", entry.path().display());
         if entry.path().is_dir() {
             upload::remove_dir(&entry.path());

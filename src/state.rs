@@ -1,11 +1,14 @@
 //! The shared state (sessions, queue, lab record) behind one mutex, and the operations that
 //! change more than one part of it. The mutex guards plain data and is held for microseconds:
-//! never across a subprocess, a disk write of an upload or a socket write.
+//! never across a subprocess, a disk write or a socket write.
+//!
+//! Every change a restart must not lose bumps the state's version; the caller then waits for
+//! [`Shared::persist`] of that version (outside the lock) before it answers the client.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 
@@ -13,6 +16,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::lab::LabRecord;
 use crate::lab_thread::LabJob;
+use crate::persist::{Persister, Snapshot, Starting};
 use crate::queue::{Queue, Removed, SessionId};
 
 pub struct State {
@@ -21,6 +25,43 @@ pub struct State {
     pub lab: Option<LabRecord>,
     /// The session whose `POST /lab` is in progress (only one at a time).
     pub acquiring: Option<SessionId>,
+    /// The start the lab thread is running, once the upload is stored.
+    pub starting: Option<Starting>,
+    /// Teardowns queued on the lab thread and not done yet.
+    pub teardowns: Vec<LabRecord>,
+    /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
+    pub idle_since: Option<Duration>,
+    version: u64,
+}
+
+impl State {
+    pub fn new(max_sessions: usize) -> Self {
+        State {
+            queue: Queue::new(max_sessions),
+            lab: None,
+            acquiring: None,
+            starting: None,
+            teardowns: Vec::new(),
+            idle_since: None,
+            version: 0,
+        }
+    }
+
+    /// Marks a change that must reach the state file; returns the version to persist.
+    pub fn changed(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: self.version,
+            sessions: self.queue.ids().collect(),
+            lab: self.lab.clone(),
+            starting: self.starting.clone(),
+            teardowns: self.teardowns.clone(),
+        }
+    }
 }
 
 pub struct Shared {
@@ -29,6 +70,7 @@ pub struct Shared {
     state: Mutex<State>,
     lab_tx: Sender<LabJob>,
     shutting_down: AtomicBool,
+    persister: Persister,
     pub started_at: SystemTime,
     /// Where lab work directories are created (`<state dir>/labs`).
     pub labs_dir: PathBuf,
@@ -36,13 +78,20 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config, clock: Arc<dyn Clock>, lab_tx: Sender<LabJob>) -> Self {
+        Self::with_state(config, clock, lab_tx, None)
+    }
+
+    /// With a state restored from the state file.
+    pub fn with_state(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        lab_tx: Sender<LabJob>,
+        state: Option<State>,
+    ) -> Self {
         let labs_dir = config.state_dir.join("labs");
         Shared {
-            state: Mutex::new(State {
-                queue: Queue::new(config.max_sessions),
-                lab: None,
-                acquiring: None,
-            }),
+            state: Mutex::new(state.unwrap_or_else(|| State::new(config.max_sessions))),
+            persister: Persister::new(config.state_dir.clone()),
             config,
             clock,
             lab_tx,
@@ -56,6 +105,11 @@ impl Shared {
     /// consistent enough to go on (every change is a few field writes), so poisoning is ignored.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until state `version` is in the state file.
+    pub fn persist(&self, version: u64) {
+        self.persister.commit(version, || self.lock().snapshot());
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -78,20 +132,44 @@ impl Shared {
         }
     }
 
-    /// Ends a session (DELETE /session/{id}); false when it was not tracked.
-    pub fn end_session(&self, id: &SessionId) -> bool {
-        let mut state = self.lock();
-        match state.queue.remove(id) {
-            Some(removed) => {
-                log::info!("session {id} ended");
-                self.after_removal(&mut state, &removed);
-                true
-            }
-            None => false,
-        }
+    /// Queues the teardown of a lab that no longer counts as running, and records it as
+    /// pending until the lab thread has done it.
+    pub fn queue_teardown(&self, state: &mut State, lab: LabRecord) {
+        state.teardowns.push(lab.clone());
+        state.changed();
+        self.send_lab_job(LabJob::Teardown(lab));
     }
 
-    /// Reaps stale sessions (the timer thread).
+    /// The lab thread finished a teardown (whatever netlab said).
+    pub fn teardown_done(&self, work_dir: &Path) {
+        let version = {
+            let mut state = self.lock();
+            state.teardowns.retain(|t| t.work_dir != work_dir);
+            state.changed()
+        };
+        self.persist(version);
+    }
+
+    /// Ends a session (DELETE /session/{id}); false when it was not tracked. The change is
+    /// in the state file when this returns.
+    pub fn end_session(&self, id: &SessionId) -> bool {
+        let version = {
+            let mut state = self.lock();
+            match state.queue.remove(id) {
+                Some(removed) => {
+                    log::info!("session {id} ended");
+                    self.after_removal(&mut state, &removed);
+                    state.changed()
+                }
+                None => return false,
+            }
+        };
+        self.persist(version);
+        true
+    }
+
+    /// The timer's round: reaps stale sessions and tears down a lab left idle with no session
+    /// for longer than `--idle-lab-timeout`. Returns how many sessions were reaped.
     pub fn sweep(&self) -> usize {
         let now = self.clock.now();
         let mut state = self.lock();
@@ -111,6 +189,32 @@ impl Shared {
                 timeout.as_secs_f64()
             );
             self.after_removal(&mut state, r);
+        }
+        let mut dirty = !removed.is_empty();
+        let unattended = state.queue.is_empty()
+            && state.acquiring.is_none()
+            && state.lab.as_ref().is_some_and(|l| l.ref_count == 0);
+        match (unattended, state.idle_since) {
+            (false, _) => state.idle_since = None,
+            (true, None) => state.idle_since = Some(now),
+            (true, Some(since)) if now.saturating_sub(since) > self.config.idle_lab_timeout => {
+                state.idle_since = None;
+                if let Some(lab) = state.lab.take() {
+                    log::info!(
+                        "lab {} idle with no session for more than {:.0} s: tearing it down",
+                        lab.topology.display(),
+                        self.config.idle_lab_timeout.as_secs_f64()
+                    );
+                    self.queue_teardown(&mut state, lab);
+                    dirty = true;
+                }
+            }
+            (true, Some(_)) => {}
+        }
+        if dirty {
+            let version = state.changed();
+            drop(state);
+            self.persist(version);
         }
         removed.len()
     }
@@ -132,10 +236,73 @@ impl Shared {
                 lab.topology.display(),
                 removed.id
             );
-            self.send_lab_job(LabJob::Teardown(lab));
+            self.queue_teardown(state, lab);
         }
         if let Some(next) = removed.promoted {
             log::info!("session {next} is now active");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::lab;
+
+    fn shared(clock: Arc<FakeClock>) -> (Shared, crossbeam_channel::Receiver<LabJob>) {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut config = Config::with_state_dir(dir);
+        config.idle_lab_timeout = Duration::from_secs(3600);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Shared::new(config, clock, tx), rx)
+    }
+
+    fn lab(refs: u32) -> LabRecord {
+        LabRecord {
+            hash: lab::sha256(b"t"),
+            work_dir: PathBuf::from("/x"),
+            topology: PathBuf::from("/x/t.yml"),
+            ref_count: refs,
+            devices_json: "[]".into(),
+        }
+    }
+
+    #[test]
+    fn an_idle_lab_with_no_session_is_torn_down_after_the_idle_timeout() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, jobs) = shared(clock.clone());
+        shared.lock().lab = Some(lab(0));
+        shared.sweep();
+        clock.advance(Duration::from_secs(3600));
+        shared.sweep();
+        assert!(shared.lock().lab.is_some());
+        clock.advance(Duration::from_secs(1));
+        shared.sweep();
+        assert!(shared.lock().lab.is_none());
+        assert!(matches!(jobs.try_recv(), Ok(LabJob::Teardown(_))));
+        assert_eq!(shared.lock().teardowns.len(), 1);
+    }
+
+    #[test]
+    fn a_session_or_a_reference_keeps_an_idle_lab() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, jobs) = shared(clock.clone());
+        shared.lock().lab = Some(lab(1));
+        shared.sweep();
+        clock.advance(Duration::from_secs(5000));
+        shared.sweep();
+        assert!(shared.lock().lab.is_some());
+        // Released, but a session is queued and polling: kept.
+        let id = uuid::Uuid::new_v4();
+        shared.lock().lab.as_mut().unwrap().release();
+        shared.lock().queue.create(id, clock.now()).unwrap();
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(200));
+            shared.lock().queue.touch(&id, clock.now());
+            shared.sweep();
+        }
+        assert!(shared.lock().lab.is_some());
+        assert!(jobs.try_recv().is_err());
     }
 }

@@ -1,0 +1,379 @@
+//! The state file, `<state dir>/state.json`: everything a restart needs (sessions in queue
+//! order, the lab record, a start in progress, pending teardowns), so that a restart, a crash
+//! or a package upgrade does not throw the queue away or orphan the lab.
+//!
+//! Writes are atomic (temporary file, fsync, rename, fsync of the directory) and happen
+//! before the client gets the answer for the change. Concurrent changes share one write
+//! (group commit): whoever finds no write in progress writes a snapshot that includes every
+//! change made so far, and everyone whose change it covers returns.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::lab::{self, Hash, LabRecord};
+use crate::queue::{SessionId, parse_session_id};
+
+pub const STATE_FILE: &str = "state.json";
+pub const FORMAT_VERSION: u64 = 1;
+
+/// A start in progress (`netlab up` running): cleaned up if the server dies meanwhile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Starting {
+    pub session: SessionId,
+    pub work_dir: PathBuf,
+}
+
+/// What the state file holds, decoded.
+#[derive(Debug, Default)]
+pub struct Saved {
+    /// Session ids in queue order (the first is the ACTIVE one).
+    pub sessions: Vec<SessionId>,
+    pub lab: Option<LabRecord>,
+    pub starting: Option<Starting>,
+    pub teardowns: Vec<LabRecord>,
+}
+
+/// A copy of the durable part of the state, taken under the state lock.
+pub struct Snapshot {
+    pub version: u64,
+    pub sessions: Vec<SessionId>,
+    pub lab: Option<LabRecord>,
+    pub starting: Option<Starting>,
+    pub teardowns: Vec<LabRecord>,
+}
+
+impl Snapshot {
+    /// The file's JSON. Devices are stored as the API serves them (already JSON).
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Session<'a> {
+            id: String,
+            status: &'a str,
+        }
+        let sessions: Vec<Session> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Session {
+                id: id.to_string(),
+                status: if i == 0 { "active" } else { "waiting" },
+            })
+            .collect();
+        let mut out = String::with_capacity(64 + 60 * sessions.len());
+        out.push_str(&format!(
+            "{{\n\"version\": {FORMAT_VERSION},\n\"sessions\": ["
+        ));
+        for (i, s) in sessions.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str("\n  ");
+            out.push_str(&serde_json::to_string(s).unwrap_or_default());
+        }
+        out.push_str("\n],\n\"lab\": ");
+        match &self.lab {
+            Some(l) => out.push_str(&lab_json(l)),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\n\"starting\": ");
+        match &self.starting {
+            Some(s) => out.push_str(
+                &serde_json::json!({
+                    "session": s.session.to_string(),
+                    "work_dir": s.work_dir,
+                })
+                .to_string(),
+            ),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\n\"teardowns\": [");
+        for (i, t) in self.teardowns.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&lab_json(t));
+        }
+        out.push_str("]\n}\n");
+        out
+    }
+}
+
+fn lab_json(l: &LabRecord) -> String {
+    format!(
+        "{{\"hash\": {}, \"work_dir\": {}, \"topology\": {}, \"ref_count\": {}, \"devices\": {}}}",
+        Value::String(lab::hex(&l.hash)),
+        Value::String(l.work_dir.to_string_lossy().into_owned()),
+        Value::String(l.topology.to_string_lossy().into_owned()),
+        l.ref_count,
+        l.devices_json
+    )
+}
+
+fn parse_hash(text: &str) -> Option<Hash> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
+fn parse_lab(v: &Value) -> Result<LabRecord, String> {
+    let field = |name: &str| v.get(name).ok_or_else(|| format!("lab without {name}"));
+    let text = |name: &str| -> Result<String, String> {
+        field(name)?
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("lab {name} is not a string"))
+    };
+    let devices = field("devices")?;
+    if !devices.is_array() {
+        return Err("lab devices is not a list".into());
+    }
+    Ok(LabRecord {
+        hash: parse_hash(&text("hash")?).ok_or("lab hash is not 64 hex digits")?,
+        work_dir: PathBuf::from(text("work_dir")?),
+        topology: PathBuf::from(text("topology")?),
+        ref_count: field("ref_count")?
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or("lab ref_count is not a count")?,
+        devices_json: devices.to_string().into(),
+    })
+}
+
+/// Decodes the file's text.
+pub fn parse(text: &str) -> Result<Saved, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    match v.get("version").and_then(Value::as_u64) {
+        Some(FORMAT_VERSION) => {}
+        Some(other) => return Err(format!("unknown format version {other}")),
+        None => return Err("no format version".into()),
+    }
+    let mut saved = Saved::default();
+    for s in v
+        .get("sessions")
+        .and_then(Value::as_array)
+        .ok_or("no session list")?
+    {
+        let id = s
+            .get("id")
+            .and_then(Value::as_str)
+            .and_then(parse_session_id)
+            .ok_or("a session without a valid id")?;
+        if saved.sessions.contains(&id) {
+            return Err(format!("session {id} listed twice"));
+        }
+        saved.sessions.push(id);
+    }
+    saved.lab = match v.get("lab") {
+        None | Some(Value::Null) => None,
+        Some(l) => Some(parse_lab(l)?),
+    };
+    saved.starting = match v.get("starting") {
+        None | Some(Value::Null) => None,
+        Some(s) => Some(Starting {
+            session: s
+                .get("session")
+                .and_then(Value::as_str)
+                .and_then(parse_session_id)
+                .ok_or("a start without a valid session")?,
+            work_dir: PathBuf::from(
+                s.get("work_dir")
+                    .and_then(Value::as_str)
+                    .ok_or("a start without a work dir")?,
+            ),
+        }),
+    };
+    if let Some(list) = v.get("teardowns").and_then(Value::as_array) {
+        for t in list {
+            saved.teardowns.push(parse_lab(t)?);
+        }
+    }
+    Ok(saved)
+}
+
+/// Reads the state file. Missing: `Ok(None)`. Unreadable or corrupt: the file is moved
+/// aside (its new name is in the error) and the server starts clean.
+pub fn load(state_dir: &Path) -> Result<Option<Saved>, String> {
+    let path = state_dir.join(STATE_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(set_aside(&path, &e.to_string())),
+    };
+    match parse(&text) {
+        Ok(saved) => Ok(Some(saved)),
+        Err(why) => Err(set_aside(&path, &why)),
+    }
+}
+
+fn set_aside(path: &Path, why: &str) -> String {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = path.with_file_name(format!("{STATE_FILE}.bad-{stamp}"));
+    match fs::rename(path, &aside) {
+        Ok(()) => format!(
+            "state file {} is unusable ({why}); kept as {} and starting clean",
+            path.display(),
+            aside.display()
+        ),
+        Err(e) => format!(
+            "state file {} is unusable ({why}) and could not be moved aside ({e}); starting clean",
+            path.display()
+        ),
+    }
+}
+
+/// Writes `text` to `<dir>/state.json` atomically and durably.
+pub fn write_atomic(dir: &Path, text: &str) -> io::Result<()> {
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(STATE_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Removes the state file (the `cleanup` command).
+pub fn remove(dir: &Path) -> io::Result<()> {
+    match fs::remove_file(dir.join(STATE_FILE)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => File::open(dir)?.sync_all(),
+    }
+}
+
+/// Group commit of state versions.
+pub struct Persister {
+    dir: PathBuf,
+    inner: Mutex<Progress>,
+    written: Condvar,
+}
+
+struct Progress {
+    durable: u64,
+    writing: bool,
+}
+
+impl Persister {
+    pub fn new(dir: PathBuf) -> Self {
+        Persister {
+            dir,
+            inner: Mutex::new(Progress {
+                durable: 0,
+                writing: false,
+            }),
+            written: Condvar::new(),
+        }
+    }
+
+    /// Returns once state `version` (or a later one) is on disk. `snapshot` is called by the
+    /// writer to copy the current state (it takes the state lock briefly).
+    pub fn commit(&self, version: u64, snapshot: impl Fn() -> Snapshot) {
+        let mut progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if progress.durable >= version {
+                return;
+            }
+            if progress.writing {
+                progress = self
+                    .written
+                    .wait(progress)
+                    .unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            progress.writing = true;
+            drop(progress);
+            let snap = snapshot();
+            if let Err(e) = write_atomic(&self.dir, &snap.to_json()) {
+                // The server goes on serving; a restart would lose this change.
+                log::error!("cannot write the state file in {}: {e}", self.dir.display());
+            }
+            progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            progress.writing = false;
+            progress.durable = progress.durable.max(snap.version);
+            self.written.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn record(dir: &str, refs: u32) -> LabRecord {
+        LabRecord {
+            hash: lab::sha256(dir.as_bytes()),
+            work_dir: PathBuf::from(dir),
+            topology: PathBuf::from(format!("{dir}/t.yml")),
+            ref_count: refs,
+            devices_json: r#"[{"name":"r1","raw":{"a":1}}]"#.into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let ids: Vec<SessionId> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let snap = Snapshot {
+            version: 7,
+            sessions: ids.clone(),
+            lab: Some(record("/s/labs/a", 2)),
+            starting: Some(Starting {
+                session: ids[0],
+                work_dir: PathBuf::from("/s/labs/b"),
+            }),
+            teardowns: vec![record("/s/labs/c", 0)],
+        };
+        let text = snap.to_json();
+        assert!(text.contains("\"status\":\"active\""));
+        let saved = parse(&text).unwrap();
+        assert_eq!(saved.sessions, ids);
+        let lab = saved.lab.unwrap();
+        assert_eq!(lab.hash, lab::sha256(b"/s/labs/a"));
+        assert_eq!(lab.ref_count, 2);
+        assert_eq!(&*lab.devices_json, r#"[{"name":"r1","raw":{"a":1}}]"#);
+        assert_eq!(saved.starting.unwrap().work_dir, PathBuf::from("/s/labs/b"));
+        assert_eq!(saved.teardowns[0].work_dir, PathBuf::from("/s/labs/c"));
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        assert!(parse("").is_err());
+        assert!(parse("{}").is_err());
+        assert!(parse(r#"{"version": 99, "sessions": []}"#).is_err());
+        assert!(parse(r#"{"version": 1, "sessions": [{"id": "x"}]}"#).is_err());
+        assert!(parse(r#"{"version": 1, "sessions": [], "lab": {"hash": "zz"}}"#).is_err());
+        let empty = parse(r#"{"version": 1, "sessions": []}"#).unwrap();
+        assert!(empty.sessions.is_empty() && empty.lab.is_none());
+    }
+
+    #[test]
+    fn writes_are_atomic_and_corrupt_files_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
+        write_atomic(dir.path(), "{\"version\": 1, \"sessions\": []}").unwrap();
+        assert!(load(dir.path()).unwrap().is_some());
+        assert!(!dir.path().join("state.json.tmp").exists());
+        fs::write(dir.path().join(STATE_FILE), "{garbage").unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(err.contains("state.json.bad-"), "{err}");
+        assert!(!dir.path().join(STATE_FILE).exists());
+        assert!(load(dir.path()).unwrap().is_none());
+    }
+}

@@ -1,0 +1,336 @@
+//! Restarts lose nothing: the state file, re-adoption of the lab, `--on-exit`, `cleanup`.
+//! Most tests `kill -9` the server (no clean stop) and start it again on the same state dir.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const TOPO: &str = "nodes: [r1, r2]\n";
+
+fn restart(dir: tempfile::TempDir, args: &[(&str, &str)]) -> TestServer {
+    let mut options = Options {
+        dir: Some(dir),
+        ..Options::default()
+    };
+    for (flag, value) in args {
+        options = options.arg(flag, value);
+    }
+    TestServer::start(options)
+}
+
+fn state_file(s: &TestServer) -> serde_json::Value {
+    let text = std::fs::read_to_string(s.state_dir().join("state.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn session_ids_in_file(s: &TestServer) -> Vec<String> {
+    state_file(s)["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_queue_survives_kill_9() {
+    let s = start();
+    let ids: Vec<String> = (0..3).map(|_| s.create_session().0).collect();
+    let s = restart(s.kill_keep_dir(), &[]);
+    s.get(&format!("/session/{}", ids[0]))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{}", ids[1]))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.get(&format!("/session/{}", ids[2]))
+        .expect(200, r#"{"status":"waiting","position":2}"#);
+    // They promote normally, and new sessions queue behind them.
+    s.delete(&format!("/session/{}", ids[0])).expect_empty(204);
+    s.get(&format!("/session/{}", ids[1]))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    assert_eq!(s.create_session().1, 2);
+}
+
+#[test]
+fn a_state_write_happens_before_the_answer() {
+    let s = start();
+    for _ in 0..20 {
+        let (id, _) = s.create_session();
+        assert!(session_ids_in_file(&s).contains(&id));
+        s.delete(&format!("/session/{id}")).expect_empty(204);
+        assert!(!session_ids_in_file(&s).contains(&id));
+    }
+    let text = std::fs::read_to_string(s.state_dir().join("state.json")).unwrap();
+    assert!(text.starts_with("{\n\"version\": 1,"), "{text}");
+}
+
+#[test]
+fn a_held_lab_is_readopted_without_a_new_netlab_up() {
+    let s = start();
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let devices = s.lab("GET", "/lab/devices", &a).text();
+    let before = s.lab("GET", "/lab", &a).text();
+    let work = s.work_dirs();
+    let dir = s.kill_keep_dir();
+    std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
+    let s = restart(dir, &[]);
+    s.lab("GET", "/lab/devices", &a).expect(200, &devices);
+    s.lab("GET", "/lab", &a).expect(200, &before);
+    assert_eq!(s.work_dirs(), work);
+    assert_eq!(
+        s.call_lines(),
+        [
+            "version",
+            "status --all --format json",
+            "inspect -q --instance default --format json list(nodes.keys())"
+        ]
+    );
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    // The re-adopted lab behaves as before: reuse attaches, ending the session tears it down.
+    let r = s.acquire(&a, &Form::topology("again.yml", TOPO));
+    assert_eq!(r.json()["reused"], true);
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    wait_until(Duration::from_secs(10), "the teardown", || {
+        s.registered().is_none() && s.work_dirs().is_empty()
+    });
+}
+
+/// Kills the fake netlab processes still running (systemd kills the whole cgroup).
+fn kill_netlab_processes(s: &TestServer) {
+    let text = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap_or_default();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let pid = v["pid"].as_u64().unwrap();
+        let _ = Command::new("kill")
+            .args(["-9", &format!("-{pid}")])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
+    let s = start();
+    let (a, _) = s.create_session();
+    s.set_control("up.sleep", "30");
+    let addr = s.addr;
+    let a2 = a.clone();
+    let acquire = thread::spawn(move || {
+        let form = Form::topology("t.yml", TOPO);
+        let _ = std::panic::catch_unwind(|| {
+            request(
+                addr,
+                "POST",
+                "/lab",
+                &[
+                    ("X-Session-ID", &a2),
+                    ("Content-Type", &form.content_type()),
+                ],
+                &form.body(),
+            )
+        });
+    });
+    wait_until(Duration::from_secs(5), "netlab up to start", || {
+        s.call_lines().iter().any(|l| l.starts_with("up "))
+    });
+    let starting = state_file(&s)["starting"].clone();
+    assert_eq!(starting["session"], a.as_str());
+    let work = PathBuf::from(starting["work_dir"].as_str().unwrap());
+    assert!(work.is_dir());
+    kill_netlab_processes(&s);
+    let dir = s.kill_keep_dir();
+    let _ = acquire.join();
+    std::fs::remove_file(dir.path().join("fake/control/up.sleep")).unwrap();
+    std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
+    let s = restart(dir, &[]);
+    assert!(s.calls().iter().any(
+        |(argv, cwd)| argv.join(" ") == "down --cleanup --force" && PathBuf::from(cwd) == work
+    ));
+    assert!(!work.exists());
+    assert!(s.work_dirs().is_empty());
+    s.get(&format!("/session/{a}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    assert_eq!(state_file(&s)["starting"], serde_json::Value::Null);
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn a_pending_teardown_is_carried_out_after_kill_9() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs().pop().unwrap();
+    s.set_control("down.sleep", "30");
+    s.lab("DELETE", "/lab", &a).expect_empty(202);
+    wait_until(Duration::from_secs(5), "netlab down to start", || {
+        s.call_lines().iter().any(|l| l == "down --cleanup")
+    });
+    assert_eq!(
+        state_file(&s)["teardowns"][0]["work_dir"],
+        work.display().to_string()
+    );
+    kill_netlab_processes(&s);
+    let dir = s.kill_keep_dir();
+    std::fs::remove_file(dir.path().join("fake/control/down.sleep")).unwrap();
+    let s = restart(dir, &[]);
+    wait_until(Duration::from_secs(10), "the pending teardown", || {
+        !work.exists() && state_file(&s)["teardowns"] == serde_json::json!([])
+    });
+    assert_eq!(s.registered(), None);
+    s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
+}
+
+#[test]
+fn a_lab_whose_work_dir_vanished_is_forgotten() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs().pop().unwrap();
+    let dir = s.kill_keep_dir();
+    std::fs::remove_dir_all(&work).unwrap();
+    let s = restart(dir, &[]);
+    s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
+    assert!(
+        s.log_text().contains("is not running any more"),
+        "{}",
+        s.log_text()
+    );
+    // The stale registration went with it; the next acquire is a clean start.
+    assert_eq!(s.registered(), None);
+    s.clear_calls();
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.json()["reused"], false);
+    assert!(s.call_lines().contains(&"up t.yml".to_owned()));
+}
+
+#[test]
+fn a_corrupt_state_file_means_a_clean_start() {
+    let s = start();
+    s.create_session();
+    let dir = s.kill_keep_dir();
+    std::fs::write(
+        dir.path().join("state/state.json"),
+        "{\"version\": 1, \"sess",
+    )
+    .unwrap();
+    let s = restart(dir, &[]);
+    assert_eq!(s.get("/debug/health").json()["sessions"], 0);
+    let kept: Vec<String> = std::fs::read_dir(s.state_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("state.json.bad-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert!(s.log_text().contains(&kept[0]), "{}", s.log_text());
+    assert_eq!(
+        std::fs::read_to_string(s.state_dir().join(&kept[0])).unwrap(),
+        "{\"version\": 1, \"sess"
+    );
+    // And the new state file is good again.
+    let (id, _) = s.create_session();
+    assert_eq!(session_ids_in_file(&s), [id]);
+}
+
+#[test]
+fn sigterm_with_on_exit_keep_leaves_the_lab_for_the_next_start() {
+    let mut s = start_with(&[("--on-exit", "keep")]);
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let devices = s.lab("GET", "/lab/devices", &a).text();
+    s.clear_calls();
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(s.calls().is_empty(), "no netlab call on a keep exit");
+    assert!(s.registered().is_some());
+    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let s = restart(dir, &[("--on-exit", "keep")]);
+    s.lab("GET", "/lab/devices", &a).expect(200, &devices);
+    assert!(!s.call_lines().iter().any(|l| l.starts_with("up ")));
+}
+
+#[test]
+fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
+    let mut s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(s.registered(), None);
+    assert_eq!(state_file(&s)["lab"], serde_json::Value::Null);
+    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let s = restart(dir, &[]);
+    // The session itself survived the restart.
+    s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
+}
+
+#[test]
+fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
+    let mut s = start_with(&[("--on-exit", "keep")]);
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs().pop().unwrap();
+    // Refused while the server runs.
+    let out = Command::new(BIN)
+        .arg("cleanup")
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .arg("--netlab")
+        .arg(fake_netlab())
+        .env("FAKE_NETLAB_DIR", s.fake_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(s.registered().is_some());
+    s.clear_calls();
+    let out = Command::new(BIN)
+        .arg("cleanup")
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .arg("--netlab")
+        .arg(fake_netlab())
+        .env("FAKE_NETLAB_DIR", s.fake_dir())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.registered(), None);
+    assert!(!work.exists());
+    assert!(!s.state_dir().join("state.json").exists());
+    assert!(
+        s.calls()
+            .iter()
+            .any(|(argv, cwd)| argv.join(" ") == "down --cleanup" && PathBuf::from(cwd) == work)
+    );
+}
+
+#[test]
+fn an_idle_lab_with_no_session_is_torn_down_after_the_idle_timeout() {
+    let s = start_with(&[("--idle-lab-timeout", "0.5")]);
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    s.lab("POST", "/lab/release", &a).expect_empty(204);
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    // Idle, kept for reuse at first...
+    assert!(s.registered().is_some());
+    // ...then torn down by the timer.
+    wait_until(Duration::from_secs(10), "the idle teardown", || {
+        s.registered().is_none() && s.work_dirs().is_empty()
+    });
+    assert!(s.log_text().contains("idle with no session"));
+}
