@@ -150,9 +150,12 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     std::fs::remove_file(dir.path().join("fake/control/up.sleep")).unwrap();
     std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
     let s = restart(dir, &[]);
-    assert!(s.calls().iter().any(
-        |(argv, cwd)| argv.join(" ") == "down --cleanup --force" && PathBuf::from(cwd) == work
-    ));
+    assert!(
+        s.calls()
+            .iter()
+            .any(|(argv, cwd)| argv.join(" ") == "down --cleanup --force"
+                && std::path::Path::new(cwd) == work)
+    );
     assert!(!work.exists());
     assert!(s.work_dirs().is_empty());
     s.get(&format!("/session/{a}"))
@@ -315,7 +318,8 @@ fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     assert!(
         s.calls()
             .iter()
-            .any(|(argv, cwd)| argv.join(" ") == "down --cleanup" && PathBuf::from(cwd) == work)
+            .any(|(argv, cwd)| argv.join(" ") == "down --cleanup"
+                && std::path::Path::new(cwd) == work)
     );
 }
 
