@@ -8,14 +8,13 @@ use serde::Serialize;
 use tiny_http::{Method, Request};
 use uuid::Uuid;
 
+use crate::acquire::{self, Pending};
 use crate::config::parse_bool;
 use crate::http::Reply;
-use crate::lab::{self, Acquire, Destroy};
+use crate::lab::{self, Destroy};
 use crate::lab_thread::StartJob;
-use crate::persist::Starting;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
-use crate::upload::{self, UploadError};
 
 pub const SESSION_HEADER: &str = "X-Session-ID";
 
@@ -23,6 +22,8 @@ pub enum Outcome {
     Reply(Reply),
     /// Hand the request to the lab thread, which answers it when netlab is done.
     Lab(StartJob),
+    /// Read the `POST /lab` body on an upload thread (see [`crate::acquire`]).
+    Upload(Pending),
 }
 
 impl From<Reply> for Outcome {
@@ -90,7 +91,7 @@ fn effective_method(method: &Method) -> Option<&'static str> {
     })
 }
 
-pub fn handle(shared: &Shared, request: &mut Request) -> Outcome {
+pub fn handle(shared: &Shared, request: &Request) -> Outcome {
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
     let Some(route) = route(path) else {
@@ -108,7 +109,7 @@ pub fn handle(shared: &Shared, request: &mut Request) -> Outcome {
         (Route::Healthz, Some("GET")) => Reply::empty(204),
         (Route::DebugHealth, Some("GET")) => debug_health(shared),
         (Route::OpenApi, Some("GET")) => Reply::raw_json(200, crate::openapi::document()),
-        (Route::Lab, Some("POST")) => return acquire(shared, request),
+        (Route::Lab, Some("POST")) => return acquire::begin(shared, request),
         (Route::Lab, Some("GET")) => lab_status(shared, request),
         (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query),
         (Route::LabRelease, Some("POST")) => release_lab(shared, request),
@@ -161,7 +162,7 @@ fn create_session(shared: &Shared) -> Reply {
     }
 }
 
-fn session_not_found() -> Reply {
+pub fn session_not_found() -> Reply {
     Reply::detail(404, "Session not found")
 }
 
@@ -201,7 +202,7 @@ fn end_session(shared: &Shared, id: &str) -> Reply {
     }
 }
 
-fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+pub fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
     request
         .headers()
         .iter()
@@ -287,7 +288,7 @@ fn debug_health(shared: &Shared) -> Reply {
 /// The `X-Session-ID` gate of every `/lab*` route: 422 missing header, 404 unknown session,
 /// 423 not the ACTIVE session. Passing it refreshes the session's `last_seen_at`. The body
 /// is not read before the gate is passed.
-fn gate(shared: &Shared, request: &Request) -> Result<SessionId, Reply> {
+pub fn gate(shared: &Shared, request: &Request) -> Result<SessionId, Reply> {
     let Some(value) = header_value(request, SESSION_HEADER) else {
         return Err(Reply::missing(["header", SESSION_HEADER]));
     };
@@ -413,159 +414,6 @@ pub fn bool_error(place: &str, name: &str, input: &str) -> Reply {
         "Input should be a valid boolean, unable to interpret input",
         Some(input),
     )
-}
-
-/// Clears the "a `POST /lab` is in progress" marks when dropped, unless handed over to the
-/// lab thread, which clears them itself when netlab is done.
-struct AcquireGuard<'a> {
-    shared: &'a Shared,
-    session: SessionId,
-    armed: bool,
-}
-
-impl AcquireGuard<'_> {
-    fn hand_over(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for AcquireGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            finish_acquire(self.shared, &self.session);
-        }
-    }
-}
-
-/// Ends a `POST /lab` in progress: the next one may come, and the session may be reaped again
-/// (its clock restarts now: the completion of its lab operation counts as activity).
-pub fn finish_acquire(shared: &Shared, session: &SessionId) {
-    let now = shared.clock.now();
-    let mut state = shared.lock();
-    if state.acquiring == Some(*session) {
-        state.acquiring = None;
-    }
-    state.queue.set_busy(session, false);
-    state.queue.touch(session, now);
-}
-
-fn acquire(shared: &Shared, request: &mut Request) -> Outcome {
-    let session = match gate(shared, request) {
-        Ok(id) => id,
-        Err(reply) => return reply.into(),
-    };
-    {
-        let mut state = shared.lock();
-        if state.acquiring.is_some() {
-            return Reply::detail(423, "Lab currently busy").into();
-        }
-        state.acquiring = Some(session);
-        state.queue.set_busy(&session, true);
-    }
-    let guard = AcquireGuard {
-        shared,
-        session,
-        armed: true,
-    };
-
-    let limits = upload::Limits {
-        max_bytes: shared.config.max_upload_bytes,
-        max_parts: upload::MAX_PARTS,
-    };
-    if let Some(length) = request.body_length()
-        && length as u64 > limits.max_bytes
-    {
-        return upload_error_reply(&UploadError::TooLarge(limits.max_bytes)).into();
-    }
-    let content_type = header_value(request, "Content-Type").map(str::to_owned);
-    let boundary = match upload::boundary(content_type.as_deref()) {
-        Ok(boundary) => boundary,
-        Err(e) => return upload_error_reply(&e).into(),
-    };
-    let work_dir = shared.labs_dir.join(Uuid::new_v4().to_string());
-    let received = upload::receive(request.as_reader(), &boundary, &limits, &work_dir);
-    let upload = match received {
-        Ok(upload) => upload,
-        Err(e) => {
-            upload::remove_dir(&work_dir);
-            if let UploadError::Io(err) = &e {
-                log::error!("upload to {} failed: {err}", work_dir.display());
-            }
-            return upload_error_reply(&e).into();
-        }
-    };
-
-    let mut state = shared.lock();
-    match state.queue.lookup(&session) {
-        Some((Status::Active, _)) => {}
-        other => {
-            drop(state);
-            upload::remove_dir(&work_dir);
-            return match other {
-                None => session_not_found(),
-                Some(_) => Reply::detail(423, "Session is not active"),
-            }
-            .into();
-        }
-    }
-    match lab::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
-        Acquire::Attach => {
-            let lab = state
-                .lab
-                .as_mut()
-                .expect("decide() attaches to a running lab");
-            lab.ref_count += 1;
-            let body = format!("{{\"reused\":true,\"devices\":{}}}", lab.devices_json);
-            log::info!(
-                "session {session} attached to the running lab {} (ref_count {})",
-                lab.topology.display(),
-                lab.ref_count
-            );
-            let version = state.changed();
-            drop(state);
-            shared.persist(version);
-            upload::remove_dir(&work_dir);
-            drop(guard);
-            Reply::raw_json(200, body).into()
-        }
-        Acquire::Busy => {
-            drop(state);
-            upload::remove_dir(&work_dir);
-            Reply::detail(423, "Lab currently busy").into()
-        }
-        Acquire::Start { replace } => {
-            if replace && let Some(old) = state.lab.take() {
-                log::info!(
-                    "replacing the idle lab {} for session {session}",
-                    old.topology.display()
-                );
-                shared.queue_teardown(&mut state, old);
-            }
-            state.starting = Some(Starting {
-                session,
-                work_dir: work_dir.clone(),
-            });
-            let version = state.changed();
-            drop(state);
-            shared.persist(version);
-            guard.hand_over();
-            Outcome::Lab(StartJob {
-                session,
-                hash: upload.hash,
-                work_dir,
-                topology: upload.topology,
-            })
-        }
-    }
-}
-
-fn upload_error_reply(e: &UploadError) -> Reply {
-    match e {
-        UploadError::MissingTopology => Reply::missing(["body", "topology"]),
-        UploadError::BadBool(input) => bool_error("body", "reuse", input),
-        UploadError::Io(_) => Reply::detail(500, "Could not store the upload on the server"),
-        other => Reply::detail(other.status(), other.to_string()),
-    }
 }
 
 /// Decodes `%XX` escapes; invalid escapes are kept as they are.

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::Serialize;
 use tiny_http::{Header, Request, Response, Server};
 
+use crate::acquire;
 use crate::api::{self, Outcome};
 use crate::lab_thread::LabJob;
 use crate::state::Shared;
@@ -212,16 +213,17 @@ pub fn start_workers(
 pub const QUARANTINE_FLOOR: u64 = 256 * 1024 * 1024;
 
 /// Handles one request; a panic in the handler becomes a 500 and the worker lives on.
-pub fn serve_one(shared: &Shared, mut request: Request) {
+pub fn serve_one(shared: &Arc<Shared>, request: Request) {
     let ceiling = shared.config.max_upload_bytes.max(QUARANTINE_FLOOR);
     if request.body_length().is_some_and(|n| n as u64 > ceiling) {
         quarantine(request, ceiling);
         return;
     }
-    let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &mut request)));
+    let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &request)));
     match outcome {
         Ok(Outcome::Reply(reply)) => respond(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
+        Ok(Outcome::Upload(pending)) => acquire::spawn_upload(shared, request, pending),
         Err(_) => {
             log::error!(
                 "handler for {} {} panicked; answered 500",

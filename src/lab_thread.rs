@@ -11,19 +11,19 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use tiny_http::Request;
 
-use crate::api::finish_acquire;
+use crate::acquire::{self, Ticket};
 use crate::config::OnExit;
 use crate::http::{Reply, respond};
 use crate::lab::{self, Hash, LabRecord};
 use crate::netlab::{Netlab, NetlabError};
-use crate::queue::{SessionId, Status};
+use crate::queue::Status;
 use crate::state::Shared;
 use crate::upload::remove_dir;
 
 /// A validated, stored upload waiting for `netlab up`.
 #[derive(Debug)]
 pub struct StartJob {
-    pub session: SessionId,
+    pub ticket: Ticket,
     pub hash: Hash,
     pub work_dir: PathBuf,
     /// The topology file inside `work_dir`.
@@ -123,7 +123,7 @@ fn discard(netlab: &Netlab, job: &StartJob) {
 fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     if shared.is_shutting_down() {
         remove_dir(&job.work_dir);
-        finish_start(shared, &job.session, None);
+        finish_start(shared, &job.ticket, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let started = Instant::now();
@@ -131,7 +131,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         "starting lab {} ({}) for session {}",
         job.topology.display(),
         &lab::hex(&job.hash)[..12],
-        job.session
+        job.ticket.session
     );
     // Whatever netlab still registers as `default` (a lab we lost track of) would make
     // `up` fail: clear it first.
@@ -144,7 +144,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         Err(e) => {
             log_failure(&job, &e);
             discard(netlab, &job);
-            finish_start(shared, &job.session, None);
+            finish_start(shared, &job.ticket, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -156,7 +156,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         ref_count: 1,
         devices_json: devices_json.clone(),
     };
-    let (active, stored) = finish_start(shared, &job.session, Some(record));
+    let (active, stored) = finish_start(shared, &job.ticket, Some(record));
     if !stored {
         discard(netlab, &job);
         return if active {
@@ -165,7 +165,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         } else {
             log::warn!(
                 "session {} ended while its lab was starting: tore the new lab down",
-                job.session
+                job.ticket.session
             );
             Reply::detail(404, "Session not found")
         };
@@ -185,7 +185,8 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
 /// Ends a start: the lab (if one came up and its session is still the active one, and the
 /// server is not shutting down) becomes the running lab; the start is no longer in
 /// progress. Durable when this returns. Returns (session still active, lab stored).
-fn finish_start(shared: &Shared, session: &SessionId, lab: Option<LabRecord>) -> (bool, bool) {
+fn finish_start(shared: &Shared, ticket: &Ticket, lab: Option<LabRecord>) -> (bool, bool) {
+    let session = &ticket.session;
     let (active, stored, version) = {
         let mut state = shared.lock();
         let active = matches!(state.queue.lookup(session), Some((Status::Active, _)));
@@ -197,7 +198,7 @@ fn finish_start(shared: &Shared, session: &SessionId, lab: Option<LabRecord>) ->
         (active, stored, state.changed())
     };
     shared.persist(version);
-    finish_acquire(shared, session);
+    acquire::finish(shared, ticket);
     (active, stored)
 }
 

@@ -10,6 +10,7 @@
 //! * [`state`]: the shared state behind one mutex, and the operations that change it.
 //! * [`http`]: listener, worker pool, replies and routing.
 //! * [`api`]: one handler per endpoint.
+//! * [`acquire`]: `POST /lab` from the gate to the lab thread, uploads on their own threads.
 //! * [`upload`]: the multipart upload of `POST /lab`.
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
@@ -17,6 +18,7 @@
 //! * [`persist`]: the state file that lets a restart lose nothing.
 #![forbid(unsafe_code)]
 
+pub mod acquire;
 pub mod api;
 pub mod clock;
 pub mod config;

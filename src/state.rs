@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 
+use crate::acquire::Ticket;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::lab::LabRecord;
@@ -24,7 +25,8 @@ pub struct State {
     /// The running lab, if any. A lab being torn down is no longer here.
     pub lab: Option<LabRecord>,
     /// The session whose `POST /lab` is in progress (only one at a time).
-    pub acquiring: Option<SessionId>,
+    pub acquiring: Option<Ticket>,
+    tickets: u64,
     /// The start the lab thread is running, once the upload is stored.
     pub starting: Option<Starting>,
     /// Teardowns queued on the lab thread and not done yet.
@@ -40,11 +42,18 @@ impl State {
             queue: Queue::new(max_sessions),
             lab: None,
             acquiring: None,
+            tickets: 0,
             starting: None,
             teardowns: Vec::new(),
             idle_since: None,
             version: 0,
         }
+    }
+
+    /// A fresh number for a `POST /lab`.
+    pub fn next_ticket(&mut self) -> u64 {
+        self.tickets += 1;
+        self.tickets
     }
 
     /// Marks a change that must reach the state file; returns the version to persist.

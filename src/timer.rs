@@ -79,3 +79,61 @@ pub fn probe_address(bound: SocketAddr) -> SocketAddr {
     }
     addr
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+
+    /// A one-connection server that reads the request and answers `reply` (or nothing).
+    fn peer(reply: Option<&'static str>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            match reply {
+                Some(text) => {
+                    let _ = (&stream).write_all(text.as_bytes());
+                }
+                None => std::thread::sleep(Duration::from_secs(5)),
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn the_self_check_needs_a_real_204() {
+        let limit = Duration::from_millis(300);
+        let ok = peer(Some("HTTP/1.1 204 No Content\r\n\r\n"));
+        assert_eq!(self_check(ok, limit), Ok(()));
+        let busy = peer(Some("HTTP/1.1 503 Service Unavailable\r\n\r\n"));
+        assert!(self_check(busy, limit).is_err());
+        // A listener whose workers never answer: the check gives up within its limit.
+        let stuck = peer(None);
+        let started = Instant::now();
+        assert!(self_check(stuck, limit).is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn wildcard_addresses_are_probed_on_loopback() {
+        assert_eq!(
+            probe_address("0.0.0.0:8000".parse().unwrap()),
+            "127.0.0.1:8000".parse().unwrap()
+        );
+        assert_eq!(
+            probe_address("[::]:80".parse().unwrap()),
+            "[::1]:80".parse().unwrap()
+        );
+        assert_eq!(
+            probe_address("10.1.2.3:80".parse().unwrap()),
+            "10.1.2.3:80".parse().unwrap()
+        );
+    }
+}

@@ -12,6 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use multipart::server::Multipart;
 use sha2::{Digest, Sha256};
@@ -192,21 +193,29 @@ pub fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
     Ok(path)
 }
 
-/// A reader that fails once more than `remaining` bytes come through, and says so in `over`.
-struct Limited<R> {
+/// A reader that fails once more than `remaining` bytes come through (and says so in
+/// `over`), or once `cancel` is set (the upload was given up on).
+struct Limited<'c, R> {
     inner: R,
     remaining: u64,
     over: Rc<Cell<bool>>,
+    cancel: &'c AtomicBool,
 }
 
-impl<R: Read> Read for Limited<R> {
+impl<R: Read> Read for Limited<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "upload given up"));
+        }
         if self.over.get() {
             return Err(io::Error::other("upload limit exceeded"));
         }
         // Ask for one byte more than allowed, to tell "exactly at the limit" from "over".
         let want = buf.len().min(self.remaining.saturating_add(1) as usize);
         let n = self.inner.read(&mut buf[..want])?;
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "upload given up"));
+        }
         if n as u64 > self.remaining {
             self.over.set(true);
             return Err(io::Error::other("upload limit exceeded"));
@@ -247,12 +256,14 @@ pub fn receive<R: Read>(
     boundary: &str,
     limits: &Limits,
     work_dir: &Path,
+    cancel: &AtomicBool,
 ) -> Result<Upload, UploadError> {
     let over = Rc::new(Cell::new(false));
     let limited = Limited {
         inner: body,
         remaining: limits.max_bytes,
         over: Rc::clone(&over),
+        cancel,
     };
     let mut multipart = Multipart::with_body(limited, boundary);
     fs::create_dir_all(work_dir).map_err(UploadError::Io)?;
