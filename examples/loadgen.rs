@@ -1,0 +1,493 @@
+//! The benchmark's load generator: keep-alive HTTP/1.1 clients on plain threads, driving one
+//! or more servers through the same scenarios in the same run and printing one table.
+//!
+//! Usage (`scripts/bench` starts the servers and calls this):
+//!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
+//!           [--only SCENARIO,...]
+//! The first target is "ours"; ratios are given against it. PID is read for resident
+//! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
+//! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
+//! tiny_http example, driven like the others for the throughput rows.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    fake_dir: Option<PathBuf>,
+}
+
+/// One keep-alive connection.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).ok();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .ok();
+        Conn {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+            addr,
+        }
+    }
+
+    /// Sends a request and reads the response; reconnects once if the server closed the
+    /// connection. Returns the status and the body.
+    fn call(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+        match self.try_call(method, path, headers, body) {
+            Ok(r) => r,
+            Err(_) => {
+                *self = Conn::open(self.addr);
+                self.try_call(method, path, headers, body).unwrap_or((0, Vec::new()))
+            }
+        }
+    }
+
+    fn try_call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            head.push_str(k);
+            head.push_str(": ");
+            head.push_str(v);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body);
+        self.writer.write_all(&out)?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other("bad status line"))?;
+        let mut length = None;
+        let mut chunked = false;
+        let mut close = false;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+                match k.as_str() {
+                    "content-length" => length = v.parse::<usize>().ok(),
+                    "transfer-encoding" => chunked = v.contains("chunked"),
+                    "connection" => close = v.contains("close"),
+                    _ => {}
+                }
+            }
+        }
+        let mut data = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line)?;
+                let n = usize::from_str_radix(line.trim(), 16).map_err(std::io::Error::other)?;
+                let mut chunk = vec![0; n + 2];
+                self.reader.read_exact(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                data.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = length {
+            data.resize(n, 0);
+            self.reader.read_exact(&mut data)?;
+        }
+        if close {
+            *self = Conn::open(self.addr);
+        }
+        Ok((status, data))
+    }
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn create_session(conn: &mut Conn) -> String {
+    let (status, body) = conn.call("POST", "/session", &[], b"");
+    assert_eq!(status, 201, "POST /session: {}", String::from_utf8_lossy(&body));
+    json(&body)["session_id"].as_str().unwrap().to_owned()
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stats {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64
+}
+
+/// `clients` keep-alive connections hammering one request for `duration`.
+fn hammer(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    expect: u16,
+) -> Stats {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let errors = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            let errors = Arc::clone(&errors);
+            let path = path.clone();
+            let headers = headers.clone();
+            thread::spawn(move || {
+                let mut conn = Conn::open(addr);
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let mut lat = Vec::with_capacity(100_000);
+                barrier.wait();
+                let end = Instant::now() + duration;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let (status, _) = conn.call(method, &path, &h, b"");
+                    lat.push(t.elapsed().as_micros() as u32);
+                    if status != expect {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let mut all: Vec<u32> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Stats {
+        rps: all.len() as f64 / elapsed,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+fn multipart(topology: &str, reuse: bool) -> (String, Vec<u8>) {
+    let b = "benchboundary0123";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"bench.yml\"\r\nContent-Type: application/x-yaml\r\n\r\n{topology}\r\n--{b}\r\nContent-Disposition: form-data; name=\"reuse\"\r\n\r\n{reuse}\r\n--{b}--\r\n"
+    );
+    (format!("multipart/form-data; boundary={b}"), body.into_bytes())
+}
+
+/// Waits until no session is left (the previous scenario's are ended).
+fn end_sessions(conn: &mut Conn, ids: &[String]) {
+    for id in ids {
+        conn.call("DELETE", &format!("/session/{id}"), &[], b"");
+    }
+}
+
+/// Results: scenario name → value per target, and the unit and whether lower is better.
+struct Table {
+    rows: Vec<(String, &'static str, bool, BTreeMap<usize, f64>)>,
+}
+
+impl Table {
+    fn put(&mut self, row: &str, unit: &'static str, lower_better: bool, target: usize, value: f64) {
+        if let Some(r) = self.rows.iter_mut().find(|r| r.0 == row) {
+            r.3.insert(target, value);
+        } else {
+            let mut m = BTreeMap::new();
+            m.insert(target, value);
+            self.rows.push((row.to_owned(), unit, lower_better, m));
+        }
+    }
+}
+
+fn main() {
+    let mut targets: Vec<Target> = Vec::new();
+    let mut ceiling: Option<SocketAddr> = None;
+    let mut duration = Duration::from_secs(5);
+    let mut only: Option<Vec<String>> = None;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    let addr_of = |url: &str| -> SocketAddr {
+        url.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_socket_addrs()
+            .expect("address")
+            .next()
+            .expect("address")
+    };
+    while i < args.len() {
+        match args[i].as_str() {
+            "--target" => {
+                targets.push(Target {
+                    name: args[i + 1].clone(),
+                    addr: addr_of(&args[i + 2]),
+                    pid: args[i + 3].parse().ok(),
+                    fake_dir: Some(PathBuf::from(&args[i + 4])).filter(|p| p.is_dir()),
+                });
+                i += 5;
+            }
+            "--ceiling" => {
+                ceiling = Some(addr_of(&args[i + 1]));
+                i += 2;
+            }
+            "--duration" => {
+                duration = Duration::from_secs_f64(args[i + 1].parse().expect("seconds"));
+                i += 2;
+            }
+            "--only" => {
+                only = Some(args[i + 1].split(',').map(str::to_owned).collect());
+                i += 2;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(!targets.is_empty(), "give at least one --target");
+    let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    let mut table = Table { rows: Vec::new() };
+    const CEILING: usize = usize::MAX;
+
+    for (t, target) in targets.iter().enumerate() {
+        eprintln!("== {} ({})", target.name, target.addr);
+        let mut conn = Conn::open(target.addr);
+        if let Some(kib) = rss_kib(target.pid) {
+            table.put("resident memory, idle", "MiB", true, t, kib as f64 / 1024.0);
+        }
+
+        if wants("throughput") {
+            let id = create_session(&mut conn);
+            for clients in [1, 32, 128] {
+                for (label, method, path, headers, expect) in [
+                    ("POST /session/heartbeat", "POST", "/session/heartbeat".to_owned(), vec![("X-Session-ID", id.clone())], 204),
+                    ("GET /session/{id}", "GET", format!("/session/{id}"), vec![], 200),
+                ] {
+                    eprintln!("   {label} x{clients}");
+                    let s = hammer(target.addr, clients, duration, method, path, headers, expect);
+                    table.put(&format!("{label} c={clients}: req/s"), "req/s", false, t, s.rps);
+                    table.put(&format!("{label} c={clients}: p50"), "ms", true, t, s.p50_us / 1000.0);
+                    table.put(&format!("{label} c={clients}: p99"), "ms", true, t, s.p99_us / 1000.0);
+                    table.put(&format!("{label} c={clients}: errors"), "", true, t, s.errors as f64);
+                }
+            }
+            end_sessions(&mut conn, &[id]);
+        }
+
+        if wants("queue") {
+            let mut ids: Vec<String> = Vec::new();
+            for depth in [10usize, 1000, 10_000] {
+                while ids.len() < depth {
+                    ids.push(create_session(&mut conn));
+                }
+                let last = ids.last().unwrap().clone();
+                eprintln!("   GET /session/{{id}} with {depth} queued");
+                let s = hammer(target.addr, 1, duration / 2, "GET", format!("/session/{last}"), vec![], 200);
+                table.put(&format!("GET /session/{{id}}, {depth} queued: p50"), "ms", true, t, s.p50_us / 1000.0);
+                table.put(&format!("GET /session/{{id}}, {depth} queued: p99"), "ms", true, t, s.p99_us / 1000.0);
+            }
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put("resident memory, 10 000 sessions", "MiB", true, t, kib as f64 / 1024.0);
+            }
+            end_sessions(&mut conn, &ids);
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put("resident memory, after they ended", "MiB", true, t, kib as f64 / 1024.0);
+            }
+        }
+
+        if wants("handover") && target.fake_dir.is_some() {
+            let fake = target.fake_dir.clone().unwrap();
+            let a = create_session(&mut conn);
+            let (ct, body) = multipart("name: handover\nnodes: [r1]\n", true);
+            let (status, text) = conn.call("POST", "/lab", &[("X-Session-ID", &a), ("Content-Type", &ct)], &body);
+            if status == 200 {
+                let b = create_session(&mut conn);
+                std::fs::write(fake.join("control/down.sleep"), "5").unwrap();
+                let mut poller = Conn::open(target.addr);
+                let started = Instant::now();
+                let deleter = thread::spawn({
+                    let addr = target.addr;
+                    let a = a.clone();
+                    move || Conn::open(addr).call("DELETE", &format!("/session/{a}"), &[], b"")
+                });
+                loop {
+                    let (_, body) = poller.call("GET", &format!("/session/{b}"), &[], b"");
+                    if json(&body)["status"] == "active" {
+                        break;
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_micros(200));
+                }
+                let took = started.elapsed();
+                let _ = deleter.join();
+                let _ = std::fs::remove_file(fake.join("control/down.sleep"));
+                table.put("hand-over with a 5 s netlab down", "ms", true, t, took.as_secs_f64() * 1000.0);
+                thread::sleep(Duration::from_secs(6));
+                end_sessions(&mut conn, &[b]);
+            } else {
+                eprintln!("   hand-over skipped: POST /lab answered {status}: {}", String::from_utf8_lossy(&text));
+                end_sessions(&mut conn, &[a]);
+            }
+        }
+
+        if wants("mix") {
+            let active = create_session(&mut conn);
+            let stop = Arc::new(AtomicBool::new(false));
+            let errors = Arc::new(AtomicU64::new(0));
+            let polls = Arc::new(AtomicU64::new(0));
+            let waiting: Vec<_> = (0..200)
+                .map(|_| {
+                    let (stop, errors, polls) = (Arc::clone(&stop), Arc::clone(&errors), Arc::clone(&polls));
+                    let addr = target.addr;
+                    thread::spawn(move || {
+                        let mut c = Conn::open(addr);
+                        let id = create_session(&mut c);
+                        while !stop.load(Ordering::SeqCst) {
+                            let (s1, _) = c.call("GET", &format!("/session/{id}"), &[], b"");
+                            let (s2, _) = c.call("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"");
+                            polls.fetch_add(2, Ordering::Relaxed);
+                            if s1 != 200 || s2 != 204 {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            thread::sleep(Duration::from_millis(100));
+                        }
+                        c.call("DELETE", &format!("/session/{id}"), &[], b"");
+                    })
+                })
+                .collect();
+            let (ct, body) = multipart("name: mix\nnodes: [r1, r2]\n", true);
+            let mut acquire = Vec::new();
+            let mut release = Vec::new();
+            let mut active_errors = 0u64;
+            let end = Instant::now() + duration * 2;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let (s, _) = conn.call("POST", "/lab", &[("X-Session-ID", &active), ("Content-Type", &ct)], &body);
+                acquire.push(t0.elapsed().as_micros() as u32);
+                let t1 = Instant::now();
+                let (r, _) = conn.call("POST", "/lab/release", &[("X-Session-ID", &active)], b"");
+                release.push(t1.elapsed().as_micros() as u32);
+                if s != 200 || r != 204 {
+                    active_errors += 1;
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+            for w in waiting {
+                let _ = w.join();
+            }
+            acquire.sort_unstable();
+            release.sort_unstable();
+            table.put("mix: errors (200 pollers + active client)", "", true, t, (errors.load(Ordering::Relaxed) + active_errors) as f64);
+            table.put("mix: POST /lab (reuse) p50", "ms", true, t, percentile(&acquire, 0.5) / 1000.0);
+            table.put("mix: POST /lab (reuse) p99", "ms", true, t, percentile(&acquire, 0.99) / 1000.0);
+            table.put("mix: POST /lab/release p99", "ms", true, t, percentile(&release, 0.99) / 1000.0);
+            table.put("mix: acquire+release cycles", "", false, t, acquire.len() as f64);
+            // Leave no lab behind for the next target's runs.
+            conn.call("DELETE", "/lab", &[("X-Session-ID", &active)], b"");
+            end_sessions(&mut conn, &[active]);
+        }
+    }
+
+    if let Some(addr) = ceiling.filter(|_| wants("throughput")) {
+        eprintln!("== bare tiny_http ceiling ({addr})");
+        for clients in [1, 32, 128] {
+            let s = hammer(addr, clients, duration, "POST", "/session/heartbeat".into(), vec![], 204);
+            table.put(&format!("POST /session/heartbeat c={clients}: req/s"), "req/s", false, CEILING, s.rps);
+            table.put(&format!("POST /session/heartbeat c={clients}: p99"), "ms", true, CEILING, s.p99_us / 1000.0);
+            let s = hammer(addr, clients, duration, "GET", "/session/x".into(), vec![], 204);
+            table.put(&format!("GET /session/{{id}} c={clients}: req/s"), "req/s", false, CEILING, s.rps);
+            table.put(&format!("GET /session/{{id}} c={clients}: p99"), "ms", true, CEILING, s.p99_us / 1000.0);
+        }
+    }
+
+    // The table: one column per target, then each other target's ratio to ours, then the
+    // ceiling and ours as a share of it.
+    let mut header = format!("| {:<48} |", "measure");
+    for t in &targets {
+        header.push_str(&format!(" {:>12} |", t.name));
+    }
+    for t in targets.iter().skip(1) {
+        header.push_str(&format!(" {:>14} |", format!("ours vs {}", t.name)));
+    }
+    if ceiling.is_some() {
+        header.push_str(&format!(" {:>12} | {:>12} |", "ceiling", "% of ceiling"));
+    }
+    println!("{header}");
+    println!("|{}|", header[1..header.len() - 1].split('|').map(|c| "-".repeat(c.len())).collect::<Vec<_>>().join("|"));
+    for (row, unit, lower_better, values) in &table.rows {
+        let label = if unit.is_empty() { row.clone() } else { format!("{row} ({unit})") };
+        let mut line = format!("| {label:<48} |");
+        let fmt = |v: Option<&f64>| match v {
+            Some(v) if *v >= 100.0 => format!("{v:.0}"),
+            Some(v) => format!("{v:.3}"),
+            None => "-".into(),
+        };
+        for t in 0..targets.len() {
+            line.push_str(&format!(" {:>12} |", fmt(values.get(&t))));
+        }
+        let ours = values.get(&0).copied();
+        for t in 1..targets.len() {
+            let ratio = match (ours, values.get(&t)) {
+                (Some(o), Some(v)) if o > 0.0 && *v > 0.0 => {
+                    if *lower_better { format!("{:.1}x better", v / o) } else { format!("{:.1}x", o / v) }
+                }
+                _ => "-".into(),
+            };
+            line.push_str(&format!(" {ratio:>14} |"));
+        }
+        if ceiling.is_some() {
+            let c = values.get(&CEILING);
+            let share = match (ours, c) {
+                (Some(o), Some(c)) if !*lower_better && *c > 0.0 => format!("{:.0} %", 100.0 * o / c),
+                _ => "-".into(),
+            };
+            line.push_str(&format!(" {:>12} | {share:>12} |", fmt(c)));
+        }
+        println!("{line}");
+    }
+}
