@@ -14,6 +14,9 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let mut stderr_config = ConfigBuilder::new();
     stderr_config
+        // The multipart parser logs every boundary it meets at debug level.
+        .add_filter_ignore_str("multipart")
+        .add_filter_ignore_str("buf_redux")
         .set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
@@ -43,6 +46,8 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
             .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
         let mut file_config = ConfigBuilder::new();
         file_config
+            .add_filter_ignore_str("multipart")
+            .add_filter_ignore_str("buf_redux")
             .set_target_level(LevelFilter::Off)
             .set_thread_level(LevelFilter::Off)
             .set_location_level(LevelFilter::Off)

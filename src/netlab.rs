@@ -18,8 +18,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 
 use crate::lab::Device;
 
-/// Most stdout kept from one command (node data for big labs fits easily).
-const STDOUT_LIMIT: usize = 16 * 1024 * 1024;
+/// Most stdout kept from one command (one node's data is a few KiB; `up` says little).
+const STDOUT_LIMIT: usize = 4 * 1024 * 1024;
 /// The tail of stderr kept from one command.
 const STDERR_TAIL: usize = 64 * 1024;
 /// The tail of stderr quoted in an HTTP error.
@@ -50,10 +50,16 @@ impl Output {
         self.status.is_some_and(|s| s.success())
     }
 
-    pub fn code(&self) -> String {
-        match self.status.and_then(|s| s.code()) {
-            Some(code) => code.to_string(),
-            None => "killed by a signal".to_owned(),
+    /// "exit code 1", "killed by signal 9".
+    pub fn exit(&self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match self.status {
+            Some(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                (None, None) => "unknown exit".to_owned(),
+            },
+            None => "no exit status".to_owned(),
         }
     }
 
@@ -94,7 +100,8 @@ pub enum NetlabError {
     /// Any other failure of `up` or `inspect` (500).
     Failed {
         command: &'static str,
-        code: String,
+        /// "exit code 1", "killed by signal 9"
+        exit: String,
         stderr: String,
     },
     /// `inspect` printed something that is not a node list or not JSON (500).
@@ -126,9 +133,9 @@ impl fmt::Display for NetlabError {
             NetlabError::AlreadyRunning(message) => f.write_str(message),
             NetlabError::Failed {
                 command,
-                code,
+                exit,
                 stderr,
-            } => write!(f, "netlab {command} failed (exit code {code}): {stderr}"),
+            } => write!(f, "netlab {command} failed ({exit}): {stderr}"),
             NetlabError::BadOutput { command, why } => {
                 write!(f, "netlab {command} printed unexpected output: {why}")
             }
@@ -161,11 +168,17 @@ const REJECTION_MARKERS: &[&str] = &[
 /// Sorts a failed `netlab up` into rejected topology, instance already running, or failure.
 pub fn classify_up_failure(output: &Output) -> NetlabError {
     let stdout = output.stdout_text();
-    if let Some(line) = stdout
-        .lines()
-        .find(|l| l.contains("already running in directory"))
-    {
-        return NetlabError::AlreadyRunning(line.trim().to_owned());
+    if let Some(at) = stdout.find("already running in directory") {
+        // netlab wraps this message, the directory going on the next line: join them.
+        let start = stdout[..at].rfind('\n').map_or(0, |i| i + 1);
+        let mut lines = stdout[start..].lines().map(str::trim);
+        let first = lines.next().unwrap_or_default();
+        let message = if first.ends_with("directory") {
+            format!("{first} {}", lines.next().unwrap_or_default())
+        } else {
+            first.to_owned()
+        };
+        return NetlabError::AlreadyRunning(message);
     }
     let stderr = output.stderr_tail();
     if REJECTION_MARKERS.iter().any(|m| output.stderr.contains(m)) {
@@ -173,7 +186,7 @@ pub fn classify_up_failure(output: &Output) -> NetlabError {
     }
     NetlabError::Failed {
         command: "up",
-        code: output.code(),
+        exit: output.exit(),
         stderr,
     }
 }
@@ -324,9 +337,9 @@ impl Netlab {
         match self.run(&["version"], cwd, SHORT_TIMEOUT, None, None) {
             Ok(out) if out.success() => Ok(out.stdout_text().trim().to_owned()),
             Ok(out) => Err(format!(
-                "`{} version` failed (exit code {}): {}",
+                "`{} version` failed ({}): {}",
                 self.program.display(),
-                out.code(),
+                out.exit(),
                 out.stderr_tail()
             )),
             Err(e) => Err(format!("cannot run `{}`: {e}", self.program.display())),
@@ -371,8 +384,8 @@ impl Netlab {
             ) {
                 Ok(out) if out.success() => {}
                 Ok(out) => log::error!(
-                    "netlab status --reset failed (exit code {}): {}",
-                    out.code(),
+                    "netlab status --reset failed ({}): {}",
+                    out.exit(),
                     out.stderr_tail()
                 ),
                 Err(e) => log::error!("cannot run netlab status --reset: {e}"),
@@ -380,8 +393,8 @@ impl Netlab {
             return;
         }
         log::error!(
-            "netlab down --instance default failed (exit code {}): {}",
-            out.code(),
+            "netlab down --instance default failed ({}): {}",
+            out.exit(),
             tail(&all, DETAIL_TAIL)
         );
     }
@@ -468,13 +481,13 @@ impl Netlab {
         } else if out.timed_out {
             Err(NetlabError::Failed {
                 command: "inspect",
-                code: "none: timed out".into(),
+                exit: format!("timed out after {} s", INSPECT_TIMEOUT.as_secs()),
                 stderr: out.stderr_tail(),
             })
         } else {
             Err(NetlabError::Failed {
                 command: "inspect",
-                code: out.code(),
+                exit: out.exit(),
                 stderr: out.stderr_tail(),
             })
         }
@@ -542,9 +555,9 @@ impl Netlab {
                 DOWN_TIMEOUT.as_secs()
             )),
             Ok(out) => Err(format!(
-                "netlab {} failed (exit code {}): {}",
+                "netlab {} failed ({}): {}",
                 args.join(" "),
-                out.code(),
+                out.exit(),
                 out.stderr_tail()
             )),
             Err(e) => Err(format!("cannot run netlab down: {e}")),
@@ -689,11 +702,26 @@ mod tests {
             e.to_string(),
             "lab instance 'default' is already running in directory /x"
         );
+        let e = classify_up_failure(&output(
+            1,
+            "It looks like the lab instance 'default' is already running in directory\n/tmp/lab1.\n",
+            "",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "It looks like the lab instance 'default' is already running in directory /tmp/lab1."
+        );
         let e = classify_up_failure(&output(1, "", "Cannot read YAML from t.yml\n"));
         assert_eq!(e.status(), 422);
         assert!(e.to_string().starts_with("netlab rejected the topology: "));
         let e = classify_up_failure(&output(3, "", "boom\n"));
         assert_eq!(e.status(), 500);
         assert_eq!(e.to_string(), "netlab up failed (exit code 3): boom");
+        let mut killed = output(0, "", "half done\n");
+        killed.status = Some(std::os::unix::process::ExitStatusExt::from_raw(9));
+        assert_eq!(
+            classify_up_failure(&killed).to_string(),
+            "netlab up failed (killed by signal 9): half done"
+        );
     }
 }

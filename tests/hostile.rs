@@ -211,3 +211,278 @@ fn oversize_bodies_are_refused_with_and_without_content_length() {
     assert!(s.work_dirs().is_empty());
     probe.finish();
 }
+
+#[test]
+fn idle_connections_slow_headers_long_lines_and_many_headers() {
+    let _serial = serial();
+    let s = start();
+    let probe = Probe::start(&s);
+    // 1000 idle connections held open.
+    // Opened at about 2 000 a second: std's listen backlog is 128, and a faster burst
+    // overflows it in the kernel (connects then wait for SYN retries), whoever the server is.
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| {
+            thread::sleep(Duration::from_micros(500));
+            TcpStream::connect(s.addr).unwrap()
+        })
+        .collect();
+    s.get("/healthz").expect_empty(204);
+    // Headers sent a byte at a time.
+    let slow = thread::spawn({
+        let addr = s.addr;
+        move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: slow\r\nConnection: close\r\n\r\n" {
+                stream.write_all(&[*byte]).unwrap();
+                thread::sleep(Duration::from_millis(5));
+            }
+            read_response(&mut stream, false).status
+        }
+    });
+    // An endless header line (20 MB of it).
+    let endless = thread::spawn({
+        let addr = s.addr;
+        move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nX-Endless: ")
+                .unwrap();
+            let chunk = vec![b'a'; 64 * 1024];
+            for _ in 0..320 {
+                if stream.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // 10 000 headers.
+    let mut many = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..10_000 {
+        many.push_str(&format!("X-H{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    raw_request(s.addr, many.as_bytes()).expect_empty(204);
+    assert_eq!(slow.join().unwrap(), 204);
+    endless.join().unwrap();
+    s.get("/healthz").expect_empty(204);
+    drop(idle);
+    probe.finish();
+    assert!(stray_files(&s).is_empty());
+}
+
+#[test]
+fn odd_bytes_in_headers_and_file_names() {
+    let _serial = serial();
+    let s = start();
+    let (a, _) = s.create_session();
+    let probe = Probe::start(&s);
+    // Control characters in a header value reach us: the id is simply not a session.
+    let bytes = b"POST /session/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Session-ID: \x01\x02\x7f\r\nContent-Length: 0\r\n\r\n";
+    raw_request(s.addr, bytes).expect(404, SESSION_NOT_FOUND);
+    // Bytes that are not ASCII: tiny_http refuses the header and closes the connection
+    // without an answer; nothing else happens.
+    for bytes in [
+        &b"POST /session/heartbeat HTTP/1.1\r\nHost: x\r\nX-Session-ID: \xff\xfe\r\n\r\n"[..],
+        b"GET /session/\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut stream = TcpStream::connect(s.addr).unwrap();
+        stream.write_all(bytes).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "{text}"
+        );
+    }
+    s.get(&format!("/session/{a}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    // File names with control characters, non-UTF-8 bytes and quotes.
+    for name in [&b"t\x01.yml"[..], b"\xff\xfe.yml", b"configs/\x00x.yml"] {
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"",
+        );
+        body.extend_from_slice(name);
+        body.extend_from_slice(b"\"\r\n\r\nnodes: [r1]\r\n--XyZ--\r\n");
+        let r = s.request(
+            "POST",
+            "/lab",
+            &[
+                ("X-Session-ID", &a),
+                ("Content-Type", "multipart/form-data; boundary=XyZ"),
+            ],
+            &body,
+        );
+        assert!(
+            (400..500).contains(&r.status),
+            "{:?}: {} {}",
+            name,
+            r.status,
+            r.text()
+        );
+        assert!(r.json()["detail"].is_string() || r.json()["detail"].is_array());
+    }
+    for name in [
+        &b"x\x01/y.cfg"[..],
+        b"\xff/../../z.cfg",
+        b"\\\\server\\share",
+    ] {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"t.yml\"\r\n\r\nnodes: [r1]\r\n");
+        body.extend_from_slice(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"extra_files\"; filename=\"",
+        );
+        body.extend_from_slice(name);
+        body.extend_from_slice(b"\"\r\n\r\nx\r\n--XyZ--\r\n");
+        let r = s.request(
+            "POST",
+            "/lab",
+            &[
+                ("X-Session-ID", &a),
+                ("Content-Type", "multipart/form-data; boundary=XyZ"),
+            ],
+            &body,
+        );
+        assert_eq!(r.status, 400, "{:?}: {}", name, r.text());
+    }
+    assert!(s.work_dirs().is_empty());
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    probe.finish();
+}
+
+#[test]
+fn ten_thousand_multipart_parts() {
+    let _serial = serial();
+    let s = start();
+    let (a, _) = s.create_session();
+    let probe = Probe::start(&s);
+    let mut form = Form::topology("t.yml", "nodes: [r1]\n");
+    for i in 0..10_000 {
+        form = form.text("filler", &i.to_string());
+    }
+    s.acquire(&a, &form).expect(
+        413,
+        r#"{"detail":"Too many parts in the upload: the limit is 256"}"#,
+    );
+    assert!(s.work_dirs().is_empty());
+    probe.finish();
+}
+
+#[test]
+fn a_flood_of_sessions_past_the_limit() {
+    let _serial = serial();
+    let s = start_with(&[("--max-sessions", "500")]);
+    let probe = Probe::start(&s);
+    let mut conn = KeepAlive::open(s.addr);
+    let mut created = 0;
+    let mut refused = 0;
+    for _ in 0..3000 {
+        let r = conn.call("POST", "/session", &[]);
+        match r.status {
+            201 => created += 1,
+            503 => {
+                assert_eq!(r.header("Retry-After"), Some("5"));
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((created, refused), (500, 2500));
+    assert_eq!(s.get("/debug/health").json()["sessions"], 500);
+    probe.finish();
+}
+
+#[test]
+fn create_delete_cycles_leak_nothing() {
+    let _serial = serial();
+    // Every create and delete is fsynced to the state file; on a tmpfs that costs nothing,
+    // so the 200 000 requests measure leaks, not the disk.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let s = start_with(&[("--state-dir", shm.path().to_str().unwrap())]);
+    let pid = s.child.id();
+    let cycles = |n: usize| {
+        let mut conn = KeepAlive::open(s.addr);
+        for _ in 0..n {
+            let r = conn.call("POST", "/session", &[]);
+            assert_eq!(r.status, 201);
+            let id = r.json()["session_id"].as_str().unwrap().to_owned();
+            assert_eq!(
+                conn.call("DELETE", &format!("/session/{id}"), &[]).status,
+                204
+            );
+        }
+    };
+    // Warm up (allocator pools, the state file), then measure across 100 000 cycles.
+    cycles(2_000);
+    let before = process_figures(pid);
+    let probe = Probe::start(&s);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = s.addr;
+            thread::spawn(move || {
+                let mut conn = KeepAlive::open(addr);
+                for _ in 0..25_000 {
+                    let r = conn.call("POST", "/session", &[]);
+                    assert_eq!(r.status, 201);
+                    let id = r.json()["session_id"].as_str().unwrap().to_owned();
+                    assert_eq!(
+                        conn.call("DELETE", &format!("/session/{id}"), &[]).status,
+                        204
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    probe.finish();
+    // Connections the cycles used are closed; give tiny_http a moment to notice.
+    thread::sleep(Duration::from_millis(300));
+    let after = process_figures(pid);
+    assert_eq!(s.get("/debug/health").json()["sessions"], 0);
+    assert!(
+        after.0 < before.0 + 2048,
+        "resident memory grew from {} to {} KiB",
+        before.0,
+        after.0
+    );
+    assert!(
+        after.1 <= before.1 + 2,
+        "threads: {} -> {}",
+        before.1,
+        after.1
+    );
+    assert!(after.2 <= before.2 + 2, "fds: {} -> {}", before.2, after.2);
+}
+
+#[test]
+fn a_netlab_that_crashes_or_floods_its_output() {
+    let _serial = serial();
+    let s = start();
+    let (a, _) = s.create_session();
+    let probe = Probe::start(&s);
+    s.set_control("up.crash", "");
+    s.acquire(&a, &Form::topology("t.yml", "nodes: [r1]\n"))
+        .expect(
+            500,
+            r#"{"detail":"netlab up failed (killed by signal 9): deploying r1"}"#,
+        );
+    assert!(s.work_dirs().is_empty());
+    s.clear_control("up.crash");
+    // 64 MB on each of stdout and stderr: kept bounded, and the lab still starts.
+    let before = process_figures(s.child.id()).0;
+    s.set_control("up.spam", &(64 * 1024 * 1024).to_string());
+    let r = s.acquire(&a, &Form::topology("t.yml", "nodes: [r1]\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = process_figures(s.child.id()).0;
+    assert!(
+        after < before + 24 * 1024,
+        "resident memory grew from {before} to {after} KiB"
+    );
+    probe.finish();
+}
