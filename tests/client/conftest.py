@@ -1,0 +1,67 @@
+"""Harness for the client suite: one server (real netlab, container layer shimmed) for the
+whole suite, and a helper that runs the user-style project in user_project/ with the
+neops-remote-lab 1.4.0 pytest plugin, REMOTE_LAB_URL pointing at that server.
+
+user_project/ is not collected by this (outer) pytest run: it is what a user of the Python
+package would write, and runs in pytest processes of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from client_harness import Lab, find_venv_python  # noqa: E402
+from labserver import Client, HarnessError, Sandbox, ServerProcess, find_netlab, rust_binary, server_kind  # noqa: E402
+
+collect_ignore = ["user_project"]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"neops-remote-lab client suite: server kind = {server_kind()}"
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    try:
+        netlab = find_netlab()
+        if server_kind() == "rust":
+            rust_binary()
+        python = find_venv_python()
+        sandbox = Sandbox(tmp_path_factory.mktemp("client") / "sb", netlab)
+        server = ServerProcess(sandbox).start()
+    except HarnessError as exc:
+        problem = str(exc)
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    lab = Lab(server=server, sandbox=sandbox, api=Client(server.url), python=python)
+    try:
+        yield lab
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def dump_on_failure(request: pytest.FixtureRequest, lab: Lab) -> Iterator[None]:
+    start = len(lab.runs)
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for path in lab.runs[start:]:
+            print(f"\n----- {path.name} -----\n{path.read_text()[-6000:]}")
+        print(f"\n----- server log tail -----\n{lab.server.tail(60)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
