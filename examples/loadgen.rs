@@ -36,9 +36,7 @@ impl Conn {
     fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).ok();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .ok();
+        stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
         Conn {
             reader: BufReader::new(stream.try_clone().expect("clone")),
             writer: stream,
@@ -48,12 +46,19 @@ impl Conn {
 
     /// Sends a request and reads the response; reconnects once if the server closed the
     /// connection. Returns the status and the body.
-    fn call(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
         match self.try_call(method, path, headers, body) {
             Ok(r) => r,
             Err(_) => {
                 *self = Conn::open(self.addr);
-                self.try_call(method, path, headers, body).unwrap_or((0, Vec::new()))
+                self.try_call(method, path, headers, body)
+                    .unwrap_or((0, Vec::new()))
             }
         }
     }
@@ -65,7 +70,10 @@ impl Conn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> std::io::Result<(u16, Vec<u8>)> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n", body.len());
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             head.push_str(k);
             head.push_str(": ");
@@ -135,7 +143,12 @@ fn json(body: &[u8]) -> serde_json::Value {
 
 fn create_session(conn: &mut Conn) -> String {
     let (status, body) = conn.call("POST", "/session", &[], b"");
-    assert_eq!(status, 201, "POST /session: {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        status,
+        201,
+        "POST /session: {}",
+        String::from_utf8_lossy(&body)
+    );
     json(&body)["session_id"].as_str().unwrap().to_owned()
 }
 
@@ -203,7 +216,10 @@ fn hammer(
         .collect();
     barrier.wait();
     let started = Instant::now();
-    let mut all: Vec<u32> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<u32> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     Stats {
@@ -219,7 +235,10 @@ fn multipart(topology: &str, reuse: bool) -> (String, Vec<u8>) {
     let body = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"bench.yml\"\r\nContent-Type: application/x-yaml\r\n\r\n{topology}\r\n--{b}\r\nContent-Disposition: form-data; name=\"reuse\"\r\n\r\n{reuse}\r\n--{b}--\r\n"
     );
-    (format!("multipart/form-data; boundary={b}"), body.into_bytes())
+    (
+        format!("multipart/form-data; boundary={b}"),
+        body.into_bytes(),
+    )
 }
 
 /// Waits until no session is left (the previous scenario's are ended).
@@ -235,7 +254,14 @@ struct Table {
 }
 
 impl Table {
-    fn put(&mut self, row: &str, unit: &'static str, lower_better: bool, target: usize, value: f64) {
+    fn put(
+        &mut self,
+        row: &str,
+        unit: &'static str,
+        lower_better: bool,
+        target: usize,
+        value: f64,
+    ) {
         if let Some(r) = self.rows.iter_mut().find(|r| r.0 == row) {
             r.3.insert(target, value);
         } else {
@@ -303,15 +329,59 @@ fn main() {
             let id = create_session(&mut conn);
             for clients in [1, 32, 128] {
                 for (label, method, path, headers, expect) in [
-                    ("POST /session/heartbeat", "POST", "/session/heartbeat".to_owned(), vec![("X-Session-ID", id.clone())], 204),
-                    ("GET /session/{id}", "GET", format!("/session/{id}"), vec![], 200),
+                    (
+                        "POST /session/heartbeat",
+                        "POST",
+                        "/session/heartbeat".to_owned(),
+                        vec![("X-Session-ID", id.clone())],
+                        204,
+                    ),
+                    (
+                        "GET /session/{id}",
+                        "GET",
+                        format!("/session/{id}"),
+                        vec![],
+                        200,
+                    ),
                 ] {
                     eprintln!("   {label} x{clients}");
-                    let s = hammer(target.addr, clients, duration, method, path, headers, expect);
-                    table.put(&format!("{label} c={clients}: req/s"), "req/s", false, t, s.rps);
-                    table.put(&format!("{label} c={clients}: p50"), "ms", true, t, s.p50_us / 1000.0);
-                    table.put(&format!("{label} c={clients}: p99"), "ms", true, t, s.p99_us / 1000.0);
-                    table.put(&format!("{label} c={clients}: errors"), "", true, t, s.errors as f64);
+                    let s = hammer(
+                        target.addr,
+                        clients,
+                        duration,
+                        method,
+                        path,
+                        headers,
+                        expect,
+                    );
+                    table.put(
+                        &format!("{label} c={clients}: req/s"),
+                        "req/s",
+                        false,
+                        t,
+                        s.rps,
+                    );
+                    table.put(
+                        &format!("{label} c={clients}: p50"),
+                        "ms",
+                        true,
+                        t,
+                        s.p50_us / 1000.0,
+                    );
+                    table.put(
+                        &format!("{label} c={clients}: p99"),
+                        "ms",
+                        true,
+                        t,
+                        s.p99_us / 1000.0,
+                    );
+                    table.put(
+                        &format!("{label} c={clients}: errors"),
+                        "",
+                        true,
+                        t,
+                        s.errors as f64,
+                    );
                 }
             }
             end_sessions(&mut conn, &[id]);
@@ -325,16 +395,48 @@ fn main() {
                 }
                 let last = ids.last().unwrap().clone();
                 eprintln!("   GET /session/{{id}} with {depth} queued");
-                let s = hammer(target.addr, 1, duration / 2, "GET", format!("/session/{last}"), vec![], 200);
-                table.put(&format!("GET /session/{{id}}, {depth} queued: p50"), "ms", true, t, s.p50_us / 1000.0);
-                table.put(&format!("GET /session/{{id}}, {depth} queued: p99"), "ms", true, t, s.p99_us / 1000.0);
+                let s = hammer(
+                    target.addr,
+                    1,
+                    duration / 2,
+                    "GET",
+                    format!("/session/{last}"),
+                    vec![],
+                    200,
+                );
+                table.put(
+                    &format!("GET /session/{{id}}, {depth} queued: p50"),
+                    "ms",
+                    true,
+                    t,
+                    s.p50_us / 1000.0,
+                );
+                table.put(
+                    &format!("GET /session/{{id}}, {depth} queued: p99"),
+                    "ms",
+                    true,
+                    t,
+                    s.p99_us / 1000.0,
+                );
             }
             if let Some(kib) = rss_kib(target.pid) {
-                table.put("resident memory, 10 000 sessions", "MiB", true, t, kib as f64 / 1024.0);
+                table.put(
+                    "resident memory, 10 000 sessions",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
             }
             end_sessions(&mut conn, &ids);
             if let Some(kib) = rss_kib(target.pid) {
-                table.put("resident memory, after they ended", "MiB", true, t, kib as f64 / 1024.0);
+                table.put(
+                    "resident memory, after they ended",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
             }
         }
 
@@ -342,7 +444,12 @@ fn main() {
             let fake = target.fake_dir.clone().unwrap();
             let a = create_session(&mut conn);
             let (ct, body) = multipart("name: handover\nnodes: [r1]\n", true);
-            let (status, text) = conn.call("POST", "/lab", &[("X-Session-ID", &a), ("Content-Type", &ct)], &body);
+            let (status, text) = conn.call(
+                "POST",
+                "/lab",
+                &[("X-Session-ID", &a), ("Content-Type", &ct)],
+                &body,
+            );
             if status == 200 {
                 let b = create_session(&mut conn);
                 std::fs::write(fake.join("control/down.sleep"), "5").unwrap();
@@ -366,11 +473,20 @@ fn main() {
                 let took = started.elapsed();
                 let _ = deleter.join();
                 let _ = std::fs::remove_file(fake.join("control/down.sleep"));
-                table.put("hand-over with a 5 s netlab down", "ms", true, t, took.as_secs_f64() * 1000.0);
+                table.put(
+                    "hand-over with a 5 s netlab down",
+                    "ms",
+                    true,
+                    t,
+                    took.as_secs_f64() * 1000.0,
+                );
                 thread::sleep(Duration::from_secs(6));
                 end_sessions(&mut conn, &[b]);
             } else {
-                eprintln!("   hand-over skipped: POST /lab answered {status}: {}", String::from_utf8_lossy(&text));
+                eprintln!(
+                    "   hand-over skipped: POST /lab answered {status}: {}",
+                    String::from_utf8_lossy(&text)
+                );
                 end_sessions(&mut conn, &[a]);
             }
         }
@@ -382,14 +498,16 @@ fn main() {
             let polls = Arc::new(AtomicU64::new(0));
             let waiting: Vec<_> = (0..200)
                 .map(|_| {
-                    let (stop, errors, polls) = (Arc::clone(&stop), Arc::clone(&errors), Arc::clone(&polls));
+                    let (stop, errors, polls) =
+                        (Arc::clone(&stop), Arc::clone(&errors), Arc::clone(&polls));
                     let addr = target.addr;
                     thread::spawn(move || {
                         let mut c = Conn::open(addr);
                         let id = create_session(&mut c);
                         while !stop.load(Ordering::SeqCst) {
                             let (s1, _) = c.call("GET", &format!("/session/{id}"), &[], b"");
-                            let (s2, _) = c.call("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"");
+                            let (s2, _) =
+                                c.call("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"");
                             polls.fetch_add(2, Ordering::Relaxed);
                             if s1 != 200 || s2 != 204 {
                                 errors.fetch_add(1, Ordering::Relaxed);
@@ -407,7 +525,12 @@ fn main() {
             let end = Instant::now() + duration * 2;
             while Instant::now() < end {
                 let t0 = Instant::now();
-                let (s, _) = conn.call("POST", "/lab", &[("X-Session-ID", &active), ("Content-Type", &ct)], &body);
+                let (s, _) = conn.call(
+                    "POST",
+                    "/lab",
+                    &[("X-Session-ID", &active), ("Content-Type", &ct)],
+                    &body,
+                );
                 acquire.push(t0.elapsed().as_micros() as u32);
                 let t1 = Instant::now();
                 let (r, _) = conn.call("POST", "/lab/release", &[("X-Session-ID", &active)], b"");
@@ -422,11 +545,41 @@ fn main() {
             }
             acquire.sort_unstable();
             release.sort_unstable();
-            table.put("mix: errors (200 pollers + active client)", "", true, t, (errors.load(Ordering::Relaxed) + active_errors) as f64);
-            table.put("mix: POST /lab (reuse) p50", "ms", true, t, percentile(&acquire, 0.5) / 1000.0);
-            table.put("mix: POST /lab (reuse) p99", "ms", true, t, percentile(&acquire, 0.99) / 1000.0);
-            table.put("mix: POST /lab/release p99", "ms", true, t, percentile(&release, 0.99) / 1000.0);
-            table.put("mix: acquire+release cycles", "", false, t, acquire.len() as f64);
+            table.put(
+                "mix: errors (200 pollers + active client)",
+                "",
+                true,
+                t,
+                (errors.load(Ordering::Relaxed) + active_errors) as f64,
+            );
+            table.put(
+                "mix: POST /lab (reuse) p50",
+                "ms",
+                true,
+                t,
+                percentile(&acquire, 0.5) / 1000.0,
+            );
+            table.put(
+                "mix: POST /lab (reuse) p99",
+                "ms",
+                true,
+                t,
+                percentile(&acquire, 0.99) / 1000.0,
+            );
+            table.put(
+                "mix: POST /lab/release p99",
+                "ms",
+                true,
+                t,
+                percentile(&release, 0.99) / 1000.0,
+            );
+            table.put(
+                "mix: acquire+release cycles",
+                "",
+                false,
+                t,
+                acquire.len() as f64,
+            );
             // Leave no lab behind for the next target's runs.
             conn.call("DELETE", "/lab", &[("X-Session-ID", &active)], b"");
             end_sessions(&mut conn, &[active]);
@@ -436,12 +589,52 @@ fn main() {
     if let Some(addr) = ceiling.filter(|_| wants("throughput")) {
         eprintln!("== bare tiny_http ceiling ({addr})");
         for clients in [1, 32, 128] {
-            let s = hammer(addr, clients, duration, "POST", "/session/heartbeat".into(), vec![], 204);
-            table.put(&format!("POST /session/heartbeat c={clients}: req/s"), "req/s", false, CEILING, s.rps);
-            table.put(&format!("POST /session/heartbeat c={clients}: p99"), "ms", true, CEILING, s.p99_us / 1000.0);
-            let s = hammer(addr, clients, duration, "GET", "/session/x".into(), vec![], 204);
-            table.put(&format!("GET /session/{{id}} c={clients}: req/s"), "req/s", false, CEILING, s.rps);
-            table.put(&format!("GET /session/{{id}} c={clients}: p99"), "ms", true, CEILING, s.p99_us / 1000.0);
+            let s = hammer(
+                addr,
+                clients,
+                duration,
+                "POST",
+                "/session/heartbeat".into(),
+                vec![],
+                204,
+            );
+            table.put(
+                &format!("POST /session/heartbeat c={clients}: req/s"),
+                "req/s",
+                false,
+                CEILING,
+                s.rps,
+            );
+            table.put(
+                &format!("POST /session/heartbeat c={clients}: p99"),
+                "ms",
+                true,
+                CEILING,
+                s.p99_us / 1000.0,
+            );
+            let s = hammer(
+                addr,
+                clients,
+                duration,
+                "GET",
+                "/session/x".into(),
+                vec![],
+                204,
+            );
+            table.put(
+                &format!("GET /session/{{id}} c={clients}: req/s"),
+                "req/s",
+                false,
+                CEILING,
+                s.rps,
+            );
+            table.put(
+                &format!("GET /session/{{id}} c={clients}: p99"),
+                "ms",
+                true,
+                CEILING,
+                s.p99_us / 1000.0,
+            );
         }
     }
 
@@ -458,9 +651,20 @@ fn main() {
         header.push_str(&format!(" {:>12} | {:>12} |", "ceiling", "% of ceiling"));
     }
     println!("{header}");
-    println!("|{}|", header[1..header.len() - 1].split('|').map(|c| "-".repeat(c.len())).collect::<Vec<_>>().join("|"));
+    println!(
+        "|{}|",
+        header[1..header.len() - 1]
+            .split('|')
+            .map(|c| "-".repeat(c.len()))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
     for (row, unit, lower_better, values) in &table.rows {
-        let label = if unit.is_empty() { row.clone() } else { format!("{row} ({unit})") };
+        let label = if unit.is_empty() {
+            row.clone()
+        } else {
+            format!("{row} ({unit})")
+        };
         let mut line = format!("| {label:<48} |");
         let fmt = |v: Option<&f64>| match v {
             Some(v) if *v >= 100.0 => format!("{v:.0}"),
@@ -474,7 +678,11 @@ fn main() {
         for t in 1..targets.len() {
             let ratio = match (ours, values.get(&t)) {
                 (Some(o), Some(v)) if o > 0.0 && *v > 0.0 => {
-                    if *lower_better { format!("{:.1}x better", v / o) } else { format!("{:.1}x", o / v) }
+                    if *lower_better {
+                        format!("{:.1}x better", v / o)
+                    } else {
+                        format!("{:.1}x", o / v)
+                    }
                 }
                 _ => "-".into(),
             };
@@ -483,7 +691,9 @@ fn main() {
         if ceiling.is_some() {
             let c = values.get(&CEILING);
             let share = match (ours, c) {
-                (Some(o), Some(c)) if !*lower_better && *c > 0.0 => format!("{:.0} %", 100.0 * o / c),
+                (Some(o), Some(c)) if !*lower_better && *c > 0.0 => {
+                    format!("{:.0} %", 100.0 * o / c)
+                }
                 _ => "-".into(),
             };
             line.push_str(&format!(" {:>12} | {share:>12} |", fmt(c)));

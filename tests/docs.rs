@@ -1,0 +1,136 @@
+//! The docs say what the binary does: every flag in `--help` is in the man page, the
+//! /etc/default file and the README, and none of them names a flag that does not exist.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The long options `--help` lists (without -h/--help and -V/--version).
+fn help_flags() -> BTreeSet<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_neops-remote-lab"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    help.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+        .filter(|f| f != "help" && f != "version")
+        .collect()
+}
+
+/// Flags named in `text` as `--word-word` (man pages escape each dash: `\-\-word\-word`).
+fn named_flags(text: &str) -> BTreeSet<String> {
+    let plain = text.replace("\\-", "-");
+    let mut out = BTreeSet::new();
+    let bytes = plain.as_bytes();
+    let mut i = 0;
+    while let Some(at) = plain[i..].find("--") {
+        let start = i + at + 2;
+        let end = plain[start..]
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .map_or(plain.len(), |e| start + e);
+        let before_ok = i + at == 0 || !bytes[i + at - 1].is_ascii_alphanumeric();
+        let name = plain[start..end].trim_matches('-');
+        if before_ok && !name.is_empty() {
+            out.insert(name.to_owned());
+        }
+        i = end.max(start);
+    }
+    out
+}
+
+/// Other tools' flags that the docs quote in their command lines (netlab's, cargo's).
+const NETLAB_FLAGS: &[&str] = &[
+    "cleanup", "instance", "reset", "force", "format", "node", "check", "release", "all",
+];
+
+#[test]
+fn help_lists_the_flags_we_expect() {
+    let flags = help_flags();
+    for f in [
+        "host",
+        "port",
+        "workers",
+        "state-dir",
+        "active-timeout",
+        "waiting-timeout",
+        "sweep-interval",
+        "max-sessions",
+        "netlab",
+        "netlab-timeout",
+        "max-upload-bytes",
+        "upload-timeout",
+        "on-exit",
+        "idle-lab-timeout",
+        "log-level",
+        "log-file",
+        "debug",
+        "log-config",
+    ] {
+        assert!(flags.contains(f), "--{f} missing from --help: {flags:?}");
+    }
+}
+
+#[test]
+fn the_man_page_documents_exactly_the_flags() {
+    let flags = help_flags();
+    // Without the roff comments (`.\"`), which may quote other tools' flags.
+    let page: String = read("man/neops-remote-lab.8")
+        .lines()
+        .filter(|l| !l.starts_with(".\\\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // Each option has its own entry: `.B \-\-flag` at the start of a line.
+    let entries: BTreeSet<String> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(".B \\-\\-"))
+        .map(|rest| rest.split_whitespace().next().unwrap().replace("\\-", "-"))
+        .collect();
+    for f in &flags {
+        assert!(entries.contains(f), "--{f} has no entry in the man page");
+    }
+    for f in named_flags(&page) {
+        assert!(
+            flags.contains(&f)
+                || f == "help"
+                || f == "version"
+                || NETLAB_FLAGS.contains(&f.as_str()),
+            "the man page names --{f}, which does not exist"
+        );
+    }
+}
+
+#[test]
+fn the_default_file_and_the_readme_cover_every_flag() {
+    let flags = help_flags();
+    let defaults = read("packaging/default");
+    let readme = read("README.md");
+    for f in &flags {
+        let var = format!("NEOPS_REMOTE_LAB_{}=", f.to_uppercase().replace('-', "_"));
+        assert!(
+            defaults.contains(&var),
+            "{var} missing from packaging/default"
+        );
+        assert!(
+            readme.contains(&format!("`--{f}")),
+            "--{f} missing from README.md"
+        );
+    }
+    for f in named_flags(&readme)
+        .into_iter()
+        .chain(named_flags(&defaults))
+    {
+        assert!(
+            flags.contains(&f)
+                || f == "help"
+                || f == "version"
+                || NETLAB_FLAGS.contains(&f.as_str()),
+            "--{f} is named in the docs but does not exist"
+        );
+    }
+}
