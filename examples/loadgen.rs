@@ -3,7 +3,7 @@
 //!
 //! Usage (`scripts/bench` starts the servers and calls this):
 //!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
-//!           [--only SCENARIO,...]
+//!           [--only SCENARIO,...] [--mix-duration S]
 //! The first target is "ours"; ratios are given against it. PID is read for resident
 //! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
 //! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
@@ -277,6 +277,7 @@ fn main() {
     let mut ceiling: Option<SocketAddr> = None;
     let mut duration = Duration::from_secs(5);
     let mut only: Option<Vec<String>> = None;
+    let mut mix_duration: Option<Duration> = None;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     let addr_of = |url: &str| -> SocketAddr {
@@ -304,6 +305,12 @@ fn main() {
             }
             "--duration" => {
                 duration = Duration::from_secs_f64(args[i + 1].parse().expect("seconds"));
+                i += 2;
+            }
+            "--mix-duration" => {
+                mix_duration = Some(Duration::from_secs_f64(
+                    args[i + 1].parse().expect("seconds"),
+                ));
                 i += 2;
             }
             "--only" => {
@@ -492,6 +499,15 @@ fn main() {
         }
 
         if wants("mix") {
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put(
+                    "mix: resident memory at the start",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
+            }
             let active = create_session(&mut conn);
             let stop = Arc::new(AtomicBool::new(false));
             let errors = Arc::new(AtomicU64::new(0));
@@ -522,7 +538,7 @@ fn main() {
             let mut acquire = Vec::new();
             let mut release = Vec::new();
             let mut active_errors = 0u64;
-            let end = Instant::now() + duration * 2;
+            let end = Instant::now() + mix_duration.unwrap_or(duration * 2);
             while Instant::now() < end {
                 let t0 = Instant::now();
                 let (s, _) = conn.call(
@@ -580,6 +596,15 @@ fn main() {
                 t,
                 acquire.len() as f64,
             );
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put(
+                    "mix: resident memory at the end",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
+            }
             // Leave no lab behind for the next target's runs.
             conn.call("DELETE", "/lab", &[("X-Session-ID", &active)], b"");
             end_sessions(&mut conn, &[active]);
