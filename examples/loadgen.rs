@@ -479,6 +479,9 @@ fn main() {
                 }
                 let took = started.elapsed();
                 let _ = deleter.join();
+                // The slow `netlab down` reads its control file when it starts: remove the
+                // file only once it has surely run.
+                thread::sleep(Duration::from_secs(7));
                 let _ = std::fs::remove_file(fake.join("control/down.sleep"));
                 table.put(
                     "hand-over with a 5 s netlab down",
@@ -487,7 +490,6 @@ fn main() {
                     t,
                     took.as_secs_f64() * 1000.0,
                 );
-                thread::sleep(Duration::from_secs(6));
                 end_sessions(&mut conn, &[b]);
             } else {
                 eprintln!(

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::lab::{self, Hash, LabRecord};
@@ -39,7 +38,9 @@ pub struct Saved {
     pub teardowns: Vec<LabRecord>,
 }
 
-/// A copy of the durable part of the state, taken under the state lock.
+/// A copy of the durable part of the state, taken under the state lock. The writer keeps
+/// one and refills it, so a queue of thousands does not churn the allocator on every write.
+#[derive(Default)]
 pub struct Snapshot {
     pub version: u64,
     pub sessions: Vec<SessionId>,
@@ -49,58 +50,52 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The file's JSON. Devices are stored as the API serves them (already JSON).
-    pub fn to_json(&self) -> String {
-        #[derive(Serialize)]
-        struct Session<'a> {
-            id: String,
-            status: &'a str,
+    /// The file's JSON, into `out` (cleared first). Devices are stored as the API serves
+    /// them (already JSON).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.clear();
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{{\n\"version\": {FORMAT_VERSION},\n\"sessions\": [");
+        let mut id = [0u8; 36];
+        for (i, s) in self.sessions.iter().enumerate() {
+            let status = if i == 0 { "active" } else { "waiting" };
+            let sep = if i == 0 { "" } else { "," };
+            let id = s.hyphenated().encode_lower(&mut id);
+            let _ = write!(out, "{sep}\n  {{\"id\":\"{id}\",\"status\":\"{status}\"}}");
         }
-        let sessions: Vec<Session> = self
-            .sessions
-            .iter()
-            .enumerate()
-            .map(|(i, id)| Session {
-                id: id.to_string(),
-                status: if i == 0 { "active" } else { "waiting" },
-            })
-            .collect();
-        let mut out = String::with_capacity(64 + 60 * sessions.len());
-        out.push_str(&format!(
-            "{{\n\"version\": {FORMAT_VERSION},\n\"sessions\": ["
-        ));
-        for (i, s) in sessions.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str("\n  ");
-            out.push_str(&serde_json::to_string(s).unwrap_or_default());
-        }
-        out.push_str("\n],\n\"lab\": ");
+        out.extend_from_slice(b"\n],\n\"lab\": ");
         match &self.lab {
-            Some(l) => out.push_str(&lab_json(l)),
-            None => out.push_str("null"),
+            Some(l) => out.extend_from_slice(lab_json(l).as_bytes()),
+            None => out.extend_from_slice(b"null"),
         }
-        out.push_str(",\n\"starting\": ");
+        out.extend_from_slice(b",\n\"starting\": ");
         match &self.starting {
-            Some(s) => out.push_str(
-                &serde_json::json!({
+            Some(s) => out.extend_from_slice(
+                serde_json::json!({
                     "session": s.session.to_string(),
                     "work_dir": s.work_dir,
                 })
-                .to_string(),
+                .to_string()
+                .as_bytes(),
             ),
-            None => out.push_str("null"),
+            None => out.extend_from_slice(b"null"),
         }
-        out.push_str(",\n\"teardowns\": [");
+        out.extend_from_slice(b",\n\"teardowns\": [");
         for (i, t) in self.teardowns.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            out.push_str(&lab_json(t));
+            out.extend_from_slice(lab_json(t).as_bytes());
         }
-        out.push_str("]\n}\n");
-        out
+        out.extend_from_slice(b"]\n}\n");
+    }
+
+    /// The file's JSON as a string.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
@@ -235,7 +230,7 @@ fn set_aside(path: &Path, why: &str) -> String {
 }
 
 /// Writes `text` to `<dir>/state.json` atomically and durably.
-pub fn write_atomic(dir: &Path, text: &str) -> io::Result<()> {
+pub fn write_atomic(dir: &Path, text: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     {
         let mut file = OpenOptions::new()
@@ -243,7 +238,7 @@ pub fn write_atomic(dir: &Path, text: &str) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(text.as_bytes())?;
+        file.write_all(text)?;
         file.sync_all()?;
     }
     fs::rename(&tmp, dir.join(STATE_FILE))?;
@@ -268,6 +263,9 @@ pub struct Persister {
 struct Progress {
     durable: u64,
     writing: bool,
+    /// The writer's buffers, kept between writes.
+    snapshot: Snapshot,
+    text: Vec<u8>,
 }
 
 impl Persister {
@@ -277,14 +275,16 @@ impl Persister {
             inner: Mutex::new(Progress {
                 durable: 0,
                 writing: false,
+                snapshot: Snapshot::default(),
+                text: Vec::new(),
             }),
             written: Condvar::new(),
         }
     }
 
-    /// Returns once state `version` (or a later one) is on disk. `snapshot` is called by the
-    /// writer to copy the current state (it takes the state lock briefly).
-    pub fn commit(&self, version: u64, snapshot: impl Fn() -> Snapshot) {
+    /// Returns once state `version` (or a later one) is on disk. `fill` is called by the
+    /// writer to copy the current state into the snapshot (it takes the state lock briefly).
+    pub fn commit(&self, version: u64, fill: impl Fn(&mut Snapshot)) {
         let mut progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if progress.durable >= version {
@@ -298,15 +298,20 @@ impl Persister {
                 continue;
             }
             progress.writing = true;
+            let mut snap = std::mem::take(&mut progress.snapshot);
+            let mut text = std::mem::take(&mut progress.text);
             drop(progress);
-            let snap = snapshot();
-            if let Err(e) = write_atomic(&self.dir, &snap.to_json()) {
+            fill(&mut snap);
+            snap.write_json(&mut text);
+            if let Err(e) = write_atomic(&self.dir, &text) {
                 // The server goes on serving; a restart would lose this change.
                 log::error!("cannot write the state file in {}: {e}", self.dir.display());
             }
             progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             progress.writing = false;
             progress.durable = progress.durable.max(snap.version);
+            progress.snapshot = snap;
+            progress.text = text;
             self.written.notify_all();
         }
     }
@@ -367,7 +372,7 @@ mod tests {
     fn writes_are_atomic_and_corrupt_files_are_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
-        write_atomic(dir.path(), "{\"version\": 1, \"sessions\": []}").unwrap();
+        write_atomic(dir.path(), b"{\"version\": 1, \"sessions\": []}").unwrap();
         assert!(load(dir.path()).unwrap().is_some());
         assert!(!dir.path().join("state.json.tmp").exists());
         fs::write(dir.path().join(STATE_FILE), "{garbage").unwrap();

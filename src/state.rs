@@ -62,14 +62,14 @@ impl State {
         self.version
     }
 
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            version: self.version,
-            sessions: self.queue.ids().collect(),
-            lab: self.lab.clone(),
-            starting: self.starting.clone(),
-            teardowns: self.teardowns.clone(),
-        }
+    /// Copies the durable part of the state into `snap`, reusing its buffers.
+    pub fn snapshot_into(&self, snap: &mut Snapshot) {
+        snap.version = self.version;
+        snap.sessions.clear();
+        snap.sessions.extend(self.queue.ids());
+        snap.lab.clone_from(&self.lab);
+        snap.starting.clone_from(&self.starting);
+        snap.teardowns.clone_from(&self.teardowns);
     }
 }
 
@@ -118,7 +118,8 @@ impl Shared {
 
     /// Waits until state `version` is in the state file.
     pub fn persist(&self, version: u64) {
-        self.persister.commit(version, || self.lock().snapshot());
+        self.persister
+            .commit(version, |snap| self.lock().snapshot_into(snap));
     }
 
     pub fn is_shutting_down(&self) -> bool {
