@@ -164,6 +164,7 @@ fn a_trickling_upload_is_bounded_in_time_too() {
     );
     assert!(s.work_dirs().is_empty());
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -195,6 +196,7 @@ fn absurd_content_lengths_do_not_take_the_server_down() {
     }
     s.get("/healthz").expect_empty(204);
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -210,6 +212,7 @@ fn oversize_bodies_are_refused_with_and_without_content_length() {
     chunked_acquire(s.addr, &a, &form).expect(413, expected);
     assert!(s.work_dirs().is_empty());
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -352,6 +355,7 @@ fn odd_bytes_in_headers_and_file_names() {
     assert!(s.work_dirs().is_empty());
     assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -370,6 +374,7 @@ fn ten_thousand_multipart_parts() {
     );
     assert!(s.work_dirs().is_empty());
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -394,6 +399,7 @@ fn a_flood_of_sessions_past_the_limit() {
     assert_eq!((created, refused), (500, 2500));
     assert_eq!(s.get("/debug/health").json()["sessions"], 500);
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
 
 #[test]
@@ -441,6 +447,7 @@ fn create_delete_cycles_leak_nothing() {
         w.join().unwrap();
     }
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
     // Connections the cycles used are closed; give tiny_http a moment to notice.
     thread::sleep(Duration::from_millis(300));
     let after = process_figures(pid);
@@ -485,4 +492,5 @@ fn a_netlab_that_crashes_or_floods_its_output() {
         "resident memory grew from {before} to {after} KiB"
     );
     probe.finish();
+    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
 }
