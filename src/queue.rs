@@ -97,6 +97,11 @@ impl Queue {
         if self.sessions.len() >= self.max_sessions {
             return Err(QueueFull);
         }
+        self.push(id, now);
+        Ok(self.order.len() - 1)
+    }
+
+    fn push(&mut self, id: SessionId, now: Duration) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sessions.insert(
@@ -108,26 +113,14 @@ impl Queue {
             },
         );
         self.order.push_back((seq, id));
-        Ok(self.order.len() - 1)
     }
 
     /// Appends a session restored from the state file (the limit does not apply: nobody who
     /// was queued before a restart is turned away after it).
     pub fn restore(&mut self, id: SessionId, now: Duration) {
-        if self.sessions.contains_key(&id) {
-            return;
+        if !self.sessions.contains_key(&id) {
+            self.push(id, now);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.sessions.insert(
-            id,
-            Session {
-                seq,
-                last_seen: now,
-                busy: false,
-            },
-        );
-        self.order.push_back((seq, id));
     }
 
     fn position_of(&self, seq: u64) -> usize {

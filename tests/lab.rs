@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -198,24 +197,7 @@ fn only_one_acquire_at_a_time() {
     let s = start();
     let (a, _) = s.create_session();
     s.set_control("up.sleep", "1.5");
-    let addr = s.addr;
-    let a2 = a.clone();
-    let first = thread::spawn(move || {
-        let form = Form::topology("t.yml", TOPO_A);
-        request(
-            addr,
-            "POST",
-            "/lab",
-            &[
-                ("X-Session-ID", &a2),
-                ("Content-Type", &form.content_type()),
-            ],
-            &form.body(),
-        )
-    });
-    wait_until(Duration::from_secs(5), "netlab up to start", || {
-        s.call_lines().iter().any(|l| l.starts_with("up "))
-    });
+    let first = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     s.acquire(&a, &Form::topology("t.yml", TOPO_A))
         .expect(423, LAB_BUSY);
     let r = first.join().unwrap();
@@ -229,24 +211,7 @@ fn polls_are_answered_while_a_slow_netlab_up_runs() {
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
     s.set_control("up.sleep", "3");
-    let addr = s.addr;
-    let a2 = a.clone();
-    let acquire = thread::spawn(move || {
-        let form = Form::topology("t.yml", TOPO_A);
-        request(
-            addr,
-            "POST",
-            "/lab",
-            &[
-                ("X-Session-ID", &a2),
-                ("Content-Type", &form.content_type()),
-            ],
-            &form.body(),
-        )
-    });
-    wait_until(Duration::from_secs(5), "netlab up to start", || {
-        s.call_lines().iter().any(|l| l.starts_with("up "))
-    });
+    let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     // More polls than there are workers: none of them waits for netlab.
     for _ in 0..40 {
         s.get(&format!("/session/{b}"))
@@ -586,24 +551,7 @@ fn a_session_ending_during_netlab_up_gets_its_lab_torn_down() {
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
     s.set_control("up.sleep", "1");
-    let addr = s.addr;
-    let a2 = a.clone();
-    let acquire = thread::spawn(move || {
-        let form = Form::topology("t.yml", TOPO_A);
-        request(
-            addr,
-            "POST",
-            "/lab",
-            &[
-                ("X-Session-ID", &a2),
-                ("Content-Type", &form.content_type()),
-            ],
-            &form.body(),
-        )
-    });
-    wait_until(Duration::from_secs(5), "netlab up to start", || {
-        s.call_lines().iter().any(|l| l.starts_with("up "))
-    });
+    let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     s.delete(&format!("/session/{a}")).expect_empty(204);
     // b is promoted at once, not after the start.
     s.get(&format!("/session/{b}"))

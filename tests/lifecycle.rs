@@ -3,7 +3,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -243,24 +242,7 @@ fn sigterm_during_netlab_up_cuts_it_short_and_cleans_up() {
     let mut s = start();
     let (a, _) = s.create_session();
     s.set_control("up.sleep", "30");
-    let addr = s.addr;
-    let a2 = a.clone();
-    let acquire = thread::spawn(move || {
-        let form = Form::topology("t.yml", TOPO);
-        request(
-            addr,
-            "POST",
-            "/lab",
-            &[
-                ("X-Session-ID", &a2),
-                ("Content-Type", &form.content_type()),
-            ],
-            &form.body(),
-        )
-    });
-    wait_until(Duration::from_secs(5), "netlab up to start", || {
-        s.call_lines().iter().any(|l| l.starts_with("up "))
-    });
+    let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO));
     s.signal("INT");
     // The request in flight gets a clear answer before the server exits.
     acquire

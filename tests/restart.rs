@@ -5,7 +5,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -120,26 +119,7 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     let s = start();
     let (a, _) = s.create_session();
     s.set_control("up.sleep", "30");
-    let addr = s.addr;
-    let a2 = a.clone();
-    let acquire = thread::spawn(move || {
-        let form = Form::topology("t.yml", TOPO);
-        let _ = std::panic::catch_unwind(|| {
-            request(
-                addr,
-                "POST",
-                "/lab",
-                &[
-                    ("X-Session-ID", &a2),
-                    ("Content-Type", &form.content_type()),
-                ],
-                &form.body(),
-            )
-        });
-    });
-    wait_until(Duration::from_secs(5), "netlab up to start", || {
-        s.call_lines().iter().any(|l| l.starts_with("up "))
-    });
+    let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO));
     let starting = state_file(&s)["starting"].clone();
     assert_eq!(starting["session"], a.as_str());
     let work = PathBuf::from(starting["work_dir"].as_str().unwrap());
@@ -275,6 +255,19 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
     s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
 }
 
+/// `neops-remote-lab cleanup` on the server's state dir.
+fn cleanup_command(s: &TestServer) -> std::process::Output {
+    Command::new(BIN)
+        .arg("cleanup")
+        .arg("--state-dir")
+        .arg(s.state_dir())
+        .arg("--netlab")
+        .arg(fake_netlab())
+        .env("FAKE_NETLAB_DIR", s.fake_dir())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     let mut s = start_with(&[("--on-exit", "keep")]);
@@ -282,30 +275,14 @@ fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
     let work = s.work_dirs().pop().unwrap();
     // Refused while the server runs.
-    let out = Command::new(BIN)
-        .arg("cleanup")
-        .arg("--state-dir")
-        .arg(s.state_dir())
-        .arg("--netlab")
-        .arg(fake_netlab())
-        .env("FAKE_NETLAB_DIR", s.fake_dir())
-        .output()
-        .unwrap();
+    let out = cleanup_command(&s);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
     s.signal("TERM");
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(s.registered().is_some());
     s.clear_calls();
-    let out = Command::new(BIN)
-        .arg("cleanup")
-        .arg("--state-dir")
-        .arg(s.state_dir())
-        .arg("--netlab")
-        .arg(fake_netlab())
-        .env("FAKE_NETLAB_DIR", s.fake_dir())
-        .output()
-        .unwrap();
+    let out = cleanup_command(&s);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -148,6 +148,26 @@ impl TestServer {
         )
     }
 
+    /// Sends `POST /lab` of `form` as session `id` on a thread of its own and returns once
+    /// the fake netlab has started `up` (set `up.sleep` first to keep it running).
+    pub fn acquire_during_up(&self, id: &str, form: Form) -> std::thread::JoinHandle<Resp> {
+        let (addr, id) = (self.addr, id.to_owned());
+        let handle = std::thread::spawn(move || {
+            let content_type = form.content_type();
+            request(
+                addr,
+                "POST",
+                "/lab",
+                &[("X-Session-ID", &id), ("Content-Type", &content_type)],
+                &form.body(),
+            )
+        });
+        wait_until(Duration::from_secs(5), "netlab up to start", || {
+            self.call_lines().iter().any(|l| l.starts_with("up "))
+        });
+        handle
+    }
+
     pub fn set_control(&self, name: &str, content: &str) {
         std::fs::write(self.fake_dir().join("control").join(name), content).unwrap();
     }
