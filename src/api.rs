@@ -2,6 +2,7 @@
 //! request, change the shared state under its lock, and return a [`Reply`], or, for a
 //! `POST /lab` that has to run netlab, a [`StartJob`] for the lab thread.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -92,8 +93,8 @@ fn effective_method(method: &Method) -> Option<&'static str> {
 }
 
 pub fn handle(shared: &Shared, request: &Request) -> Outcome {
-    let url = request.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    let url = request.url();
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let Some(route) = route(path) else {
         return Reply::detail(404, "Not Found").into();
     };
@@ -370,7 +371,7 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(&key.replace('+', " ")) == name)
-            .then(|| percent_decode(&value.replace('+', " ")))
+            .then(|| percent_decode(&value.replace('+', " ")).into_owned())
     })
 }
 
@@ -417,9 +418,9 @@ pub fn bool_error(place: &str, name: &str, input: &str) -> Reply {
 }
 
 /// Decodes `%XX` escapes; invalid escapes are kept as they are.
-pub fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> Cow<'_, str> {
     if !text.contains('%') {
-        return text.to_owned();
+        return Cow::Borrowed(text);
     }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -436,7 +437,7 @@ pub fn percent_decode(text: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
