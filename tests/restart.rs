@@ -101,16 +101,25 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
     });
 }
 
-/// Kills the fake netlab processes still running (systemd kills the whole cgroup).
+/// Kills the fake netlab processes still running, with their process groups (systemd
+/// kills the whole cgroup). Only pids that still run this test's fake netlab are touched:
+/// a logged pid that has exited may belong to anybody by now.
 fn kill_netlab_processes(s: &TestServer) {
     let text = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap_or_default();
+    let fake_dir = s.fake_dir().display().to_string();
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let pid = v["pid"].as_u64().unwrap();
-        let _ = Command::new("kill")
-            .args(["-9", &format!("-{pid}")])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains("fake-netlab/netlab")
+            && String::from_utf8_lossy(&environ).contains(&format!("FAKE_NETLAB_DIR={fake_dir}"));
+        if ours {
+            let _ = Command::new("kill")
+                .args(["-9", &format!("-{pid}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -364,10 +364,13 @@ class ServerProcess:
         """Last resort: SIGKILL the process group this harness created for the server."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # Only while the server is unreaped: once it is, its pid (the group id) may be reused
+        # by an unrelated process group.
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
