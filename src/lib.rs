@@ -14,6 +14,7 @@
 //! * [`upload`]: the multipart upload of `POST /lab`.
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
+//! * [`procgroup`]: signals that reach only the process groups they are meant for.
 //! * [`timer`]: the stale-session sweep and the systemd watchdog.
 //! * [`persist`]: the state file that lets a restart lose nothing.
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod netlab;
 pub mod notify;
 pub mod openapi;
 pub mod persist;
+pub mod procgroup;
 pub mod queue;
 pub mod server;
 pub mod state;

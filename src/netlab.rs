@@ -1,12 +1,12 @@
-//! The netlab CLI driver. Every command runs without a shell, with stdin from /dev/null,
-//! `COLUMNS=1000` (netlab prints through Rich, which cuts lines at the terminal width), in its
-//! own process group (so a timeout kills the whole tree), with stdout and stderr captured up
-//! to a bound, and with a timeout.
+//! The netlab CLI driver. Every command runs without a shell, with stdin from /dev/null (or
+//! a short answer such as `y\n` where netlab asks), `COLUMNS=1000` (netlab prints through
+//! Rich, which cuts lines at the terminal width), in its own process group (a
+//! [`GroupChild`], so a timeout kills the whole tree and nothing else), with stdout and stderr
+//! captured up to a bound, and with a timeout.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 
 use crate::lab::Device;
+use crate::procgroup::GroupChild;
+use rustix::process::Signal;
 
 /// Most stdout kept from one command (one node's data is a few KiB; `up` says little).
 const STDOUT_LIMIT: usize = 4 * 1024 * 1024;
@@ -265,28 +267,28 @@ impl Netlab {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = command.spawn()?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            .stderr(Stdio::piped());
+        let mut child = GroupChild::spawn(&mut command)?;
+        let (child_stdin, child_stdout, child_stderr) = child.take_pipes();
+        if let (Some(input), Some(mut pipe)) = (stdin, child_stdin) {
             // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
             let _ = pipe.write_all(input);
         }
         let stdout = capture(
-            child.stdout.take(),
+            child_stdout,
             self.stream_output,
             format!("netlab {label}"),
             Keep::Head(STDOUT_LIMIT),
         );
         let stderr = capture(
-            child.stderr.take(),
+            child_stderr,
             self.stream_output,
             format!("netlab {label} (stderr)"),
             Keep::Tail(STDERR_TAIL),
         );
 
         let started = Instant::now();
-        let pid = child.id();
+        let group = child.handle();
         // A waiter thread blocks in wait(), so an exit is seen at once; this thread wakes up
         // now and then to check the timeout and the cancel flag.
         let (exited_tx, exited) = bounded(1);
@@ -310,9 +312,10 @@ impl Netlab {
                 cancelled = true;
             }
             if timed_out || cancelled {
-                // The group id is the child's pid (it leads its own group) and stays valid
-                // until the waiter reaps it, which cannot happen before it dies.
-                kill_group_of(pid);
+                // The handle signals the group only while its leader is unreaped.
+                if let Err(e) = group.signal(Signal::KILL) {
+                    log::error!("cannot kill netlab {label} (group {}): {e}", group.pgid());
+                }
                 break exited.recv().ok().flatten();
             }
         };
@@ -575,17 +578,6 @@ fn split(topology: &Path) -> (PathBuf, String) {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     (dir, name)
-}
-
-/// `kill -9 -PGID` through the shell (std has no killpg). The group id is the child's pid,
-/// because each netlab command is started as the leader of a new group.
-fn kill_group_of(pgid: u32) {
-    let _ = Command::new("/bin/sh")
-        .args(["-c", "kill -9 -$1 2>/dev/null", "sh", &pgid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
 }
 
 enum Keep {

@@ -228,7 +228,7 @@ fn sigterm_with_a_lab_up_tears_it_down_and_exits_0() {
     let work = s.work_dirs();
     assert_eq!(work.len(), 1);
     s.clear_calls();
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     let status = s.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
     assert_eq!(s.call_lines(), ["down --cleanup"]);
@@ -243,7 +243,7 @@ fn sigterm_during_netlab_up_cuts_it_short_and_cleans_up() {
     let (a, _) = s.create_session();
     s.set_control("up.sleep", "30");
     let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO));
-    s.signal("INT");
+    s.signal(Signal::INT);
     // The request in flight gets a clear answer before the server exits.
     acquire
         .join()
@@ -264,7 +264,7 @@ fn sigterm_with_only_sessions_exits_promptly() {
     let mut s = start();
     s.create_session();
     s.create_session();
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     // No lab, so no teardown ran.
     assert!(!s.call_lines().iter().any(|l| l == "down --cleanup"));

@@ -34,7 +34,7 @@ fn ready_watchdog_and_stopping_are_sent() {
     for _ in 0..3 {
         assert_eq!(next_message(&socket), "WATCHDOG=1");
     }
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     let mut rest = Vec::new();
     while let Ok(n) = {
         let mut buf = [0u8; 256];

@@ -102,23 +102,25 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
 }
 
 /// Kills the fake netlab processes still running, with their process groups (systemd
-/// kills the whole cgroup). Only pids that still run this test's fake netlab are touched:
-/// a logged pid that has exited may belong to anybody by now.
+/// kills the whole cgroup). They are not our children (the server that started them was
+/// SIGKILLed), so each one is pinned by a pidfd and signalled only if it still carries this
+/// test's `FAKE_NETLAB_DIR`: a logged pid that has exited may belong to anybody by now.
 fn kill_netlab_processes(s: &TestServer) {
     let text = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap_or_default();
-    let fake_dir = s.fake_dir().display().to_string();
+    let marker = format!("FAKE_NETLAB_DIR={}", s.fake_dir().display());
+    let ours = |pid: u32| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        environ
+            .split(|&b| b == 0)
+            .any(|var| var == marker.as_bytes())
+    };
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let pid = v["pid"].as_u64().unwrap();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let ours = String::from_utf8_lossy(&cmdline).contains("fake-netlab/netlab")
-            && String::from_utf8_lossy(&environ).contains(&format!("FAKE_NETLAB_DIR={fake_dir}"));
-        if ours {
-            let _ = Command::new("kill")
-                .args(["-9", &format!("-{pid}")])
-                .stderr(std::process::Stdio::null())
-                .status();
+        let pid = u32::try_from(v["pid"].as_u64().unwrap()).unwrap();
+        // Each netlab command leads its own group; a group whose leader is gone or is not
+        // ours any more is left alone by the predicate.
+        if ours(pid) {
+            neops_remote_lab::procgroup::signal_group_members(pid, ours, Signal::KILL).unwrap();
         }
     }
 }
@@ -239,7 +241,7 @@ fn sigterm_with_on_exit_keep_leaves_the_lab_for_the_next_start() {
     assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
     let devices = s.lab("GET", "/lab/devices", &a).text();
     s.clear_calls();
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(s.calls().is_empty(), "no netlab call on a keep exit");
     assert!(s.registered().is_some());
@@ -254,7 +256,7 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
     let mut s = start();
     let (a, _) = s.create_session();
     assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert_eq!(s.registered(), None);
     assert_eq!(state_file(&s)["lab"], serde_json::Value::Null);
@@ -287,7 +289,7 @@ fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     let out = cleanup_command(&s);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
-    s.signal("TERM");
+    s.signal(Signal::TERM);
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(s.registered().is_some());
     s.clear_calls();

@@ -9,6 +9,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustix::process::Pid;
+pub use rustix::process::Signal;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_neops-remote-lab");
 
 pub fn fake_netlab() -> PathBuf {
@@ -224,12 +227,11 @@ impl TestServer {
         self.log.lock().unwrap().clone()
     }
 
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+    /// Signals the server process itself (never a group): its pid is still ours, since
+    /// `self.child` has not been reaped.
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).unwrap();
     }
 
     /// Waits for the process to exit, at most `limit`.

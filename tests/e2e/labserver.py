@@ -366,7 +366,9 @@ class ServerProcess:
             return
         # Only while the server is unreaped: once it is, its pid (the group id) may be reused
         # by an unrelated process group.
-        if self.proc.poll() is None:
+        # start_new_session=True made the server the leader of its own group, so its pid is
+        # the group id; never 0 or 1 (kill(-1) would reach every process).
+        if self.proc.poll() is None and self.proc.pid > 1:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
