@@ -20,7 +20,7 @@ use crossbeam_channel::{RecvTimeoutError, bounded};
 use tiny_http::Request;
 use uuid::Uuid;
 
-use crate::api::{Outcome, gate, header_value, session_not_found};
+use crate::api::{Caller, Outcome, gate, header_value, session_not_found};
 use crate::http::{Reply, respond};
 use crate::lab::{self, Acquire};
 use crate::lab_thread::{LabJob, StartJob};
@@ -96,8 +96,8 @@ fn upload_error_reply(e: &UploadError) -> Reply {
 }
 
 /// On the worker: everything that needs no body.
-pub fn begin(shared: &Shared, request: &Request) -> Outcome {
-    let session = match gate(shared, request) {
+pub fn begin(shared: &Shared, request: &Request, caller: &Caller) -> Outcome {
+    let session = match gate(shared, request, caller) {
         Ok(id) => id,
         Err(reply) => return reply.into(),
     };

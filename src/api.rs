@@ -3,6 +3,7 @@
 //! `POST /lab` that has to run netlab, a [`StartJob`] for the lab thread.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -10,6 +11,7 @@ use tiny_http::{Method, Request};
 use uuid::Uuid;
 
 use crate::acquire::{self, Pending};
+use crate::auth::Identity;
 use crate::config::parse_bool;
 use crate::http::Reply;
 use crate::lab::{self, Destroy};
@@ -95,34 +97,144 @@ fn effective_method(method: &Method) -> Option<&'static str> {
 pub fn handle(shared: &Shared, request: &Request) -> Outcome {
     let url = request.url();
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let method = effective_method(request.method());
+    // Before anything else, the body included: who is asking.
+    let caller = match authorize(shared, request, path, method) {
+        Ok(caller) => caller,
+        Err(reply) => return reply.into(),
+    };
+    let caller = &caller;
     let Some(route) = route(path) else {
         return Reply::detail(404, "Not Found").into();
     };
-    let method = effective_method(request.method());
     let reply = match (&route, method) {
-        (Route::Sessions, Some("POST")) => create_session(shared),
-        (Route::Heartbeat, Some("POST")) => heartbeat(shared, request),
-        (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat"),
-        (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat"),
-        (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id)),
-        (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id)),
-        (Route::ActiveSession, Some("GET")) => active_session(shared),
+        (Route::Sessions, Some("POST")) => create_session(shared, caller),
+        (Route::Heartbeat, Some("POST")) => heartbeat(shared, request, caller),
+        (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat", caller),
+        (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat", caller),
+        (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id), caller),
+        (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id), caller),
+        (Route::ActiveSession, Some("GET")) => active_session(shared, caller),
         (Route::Healthz, Some("GET")) => Reply::empty(204),
         (Route::DebugHealth, Some("GET")) => debug_health(shared),
         (Route::OpenApi, Some("GET")) => Reply::raw_json(200, crate::openapi::document()),
-        (Route::Lab, Some("POST")) => return acquire::begin(shared, request),
-        (Route::Lab, Some("GET")) => lab_status(shared, request),
-        (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query),
-        (Route::LabRelease, Some("POST")) => release_lab(shared, request),
-        (Route::LabDevices, Some("GET")) => lab_devices(shared, request),
+        (Route::Lab, Some("POST")) => return acquire::begin(shared, request, caller),
+        (Route::Lab, Some("GET")) => lab_status(shared, request, caller),
+        (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query, caller),
+        (Route::LabRelease, Some("POST")) => release_lab(shared, request, caller),
+        (Route::LabDevices, Some("GET")) => lab_devices(shared, request, caller),
         _ => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(&route)),
     };
     Outcome::Reply(reply)
 }
 
+// ------------------------------------------------------------------------------- access
+
+/// Who is asking.
+pub enum Caller {
+    /// No `--token-file`: everyone may do everything, as with the Python server.
+    Open,
+    /// A read-only view opened to everyone by `--public-read`, or `/healthz`.
+    Public,
+    /// A request with a valid token.
+    Token(Identity),
+}
+
+impl Caller {
+    /// The name a session created by this caller belongs to.
+    fn owner(&self) -> Option<Arc<str>> {
+        match self {
+            Caller::Token(id) => Some(Arc::clone(&id.name)),
+            Caller::Open | Caller::Public => None,
+        }
+    }
+
+    /// May this caller see and use a session that belongs to `owner`? Without tokens,
+    /// everyone may; with them, only its owner (a session made while the server was open
+    /// belongs to nobody in particular: any valid token may use it).
+    pub fn may_use(&self, owner: Option<&Arc<str>>) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Public => false,
+            Caller::Token(id) => owner.is_none_or(|o| *o == id.name),
+        }
+    }
+
+    fn is_admin(&self) -> bool {
+        matches!(self, Caller::Token(id) if id.admin)
+    }
+
+    /// The name to put in a log line about an action of this caller.
+    fn describe(&self) -> String {
+        match self {
+            Caller::Token(id) if id.admin => format!(" by admin {:?}", &*id.name),
+            Caller::Token(id) => format!(" by {:?}", &*id.name),
+            Caller::Open | Caller::Public => String::new(),
+        }
+    }
+}
+
+/// The read-only views `--public-read` opens to requests without a token.
+const PUBLIC_VIEWS: &[&str] = &[
+    "/",
+    "/queue",
+    "/events",
+    "/metrics",
+    "/debug/health",
+    "/openapi.json",
+    "/lab/log",
+];
+
+pub const WWW_AUTHENTICATE: &str = "Basic realm=\"neops-remote-lab\", Bearer";
+
+/// With `--token-file`: the caller's identity from `Authorization`, or the 401 (429 for an
+/// address that failed too often). `/healthz` is always open.
+fn authorize(
+    shared: &Shared,
+    request: &Request,
+    path: &str,
+    method: Option<&str>,
+) -> Result<Caller, Reply> {
+    let Some(access) = &shared.access else {
+        return Ok(Caller::Open);
+    };
+    let reading = method == Some("GET");
+    if reading && (path == "/healthz" || (access.public_read && PUBLIC_VIEWS.contains(&path))) {
+        return Ok(Caller::Public);
+    }
+    let addr = request.remote_addr().map(|a| a.ip());
+    let now = shared.clock.now();
+    if let Some(retry) = addr.and_then(|a| access.throttle.blocked(a, now)) {
+        return Err(
+            Reply::detail(429, "Too many failed authentications; try again later")
+                .with_header("Retry-After", retry.to_string()),
+        );
+    }
+    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
+        return Ok(Caller::Token(identity));
+    }
+    let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+    log::warn!(
+        "authentication failed: {} {:?} from {from}",
+        request.method(),
+        path
+    );
+    if let Some(addr) = addr
+        && access.throttle.fail(addr, now)
+    {
+        log::warn!(
+            "{addr} failed to authenticate {} times within {} s: refused for {} s",
+            crate::auth::MAX_FAILURES,
+            crate::auth::WINDOW.as_secs(),
+            crate::auth::WINDOW.as_secs()
+        );
+    }
+    Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
+}
+
 // ------------------------------------------------------------------------------- sessions
 
-fn create_session(shared: &Shared) -> Reply {
+fn create_session(shared: &Shared, caller: &Caller) -> Reply {
     #[derive(Serialize)]
     struct Created {
         session_id: String,
@@ -132,18 +244,20 @@ fn create_session(shared: &Shared) -> Reply {
     let now = shared.clock.now();
     let created = {
         let mut state = shared.lock();
-        state
-            .queue
-            .create(id, now)
-            .map(|position| (position, state.changed()))
+        let created = state.queue.create(id, now);
+        created.map(|position| {
+            state.queue.set_owner(&id, caller.owner());
+            (position, state.changed())
+        })
     };
     match created {
         Ok((position, version)) => {
             shared.persist(version);
+            let by = caller.describe();
             if position == 0 {
-                log::info!("session {id} created and active");
+                log::info!("session {id} created{by} and active");
             } else {
-                log::info!("session {id} created, waiting at position {position}");
+                log::info!("session {id} created{by}, waiting at position {position}");
             }
             Reply::json(
                 201,
@@ -167,7 +281,7 @@ pub fn session_not_found() -> Reply {
     Reply::detail(404, "Session not found")
 }
 
-fn session_status(shared: &Shared, id: &str) -> Reply {
+fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
     #[derive(Serialize)]
     struct StatusBody {
         status: &'static str,
@@ -179,8 +293,12 @@ fn session_status(shared: &Shared, id: &str) -> Reply {
     let now = shared.clock.now();
     let found = {
         let mut state = shared.lock();
-        state.queue.touch(&id, now);
-        state.queue.lookup(&id)
+        if state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
+            state.queue.touch(&id, now);
+            state.queue.lookup(&id)
+        } else {
+            None
+        }
     };
     match found {
         Some((status, position)) => Reply::json(
@@ -194,8 +312,19 @@ fn session_status(shared: &Shared, id: &str) -> Reply {
     }
 }
 
-fn end_session(shared: &Shared, id: &str) -> Reply {
-    let ended = parse_session_id(id).is_some_and(|id| shared.end_session(&id));
+fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
+    let ended = parse_session_id(id).is_some_and(|id| {
+        let owner = shared.lock().queue.owner(&id).map(|o| o.cloned());
+        match owner {
+            Some(owner) if caller.may_use(owner.as_ref()) => shared.end_session(&id),
+            Some(owner) if caller.is_admin() => {
+                let owner = owner.as_deref().unwrap_or("nobody");
+                log::warn!("session {id} of {owner:?} ended{}", caller.describe());
+                shared.end_session(&id)
+            }
+            _ => false,
+        }
+    });
     if ended || shared.is_shutting_down() {
         Reply::empty(204)
     } else {
@@ -211,12 +340,15 @@ pub fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
         .map(|h| h.value.as_str())
 }
 
-fn heartbeat(shared: &Shared, request: &Request) -> Reply {
+fn heartbeat(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
     let Some(value) = header_value(request, SESSION_HEADER) else {
         return Reply::missing(["header", SESSION_HEADER]);
     };
     let now = shared.clock.now();
-    let known = parse_session_id(value).is_some_and(|id| shared.lock().queue.touch(&id, now));
+    let known = parse_session_id(value).is_some_and(|id| {
+        let mut state = shared.lock();
+        state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) && state.queue.touch(&id, now)
+    });
     if known {
         Reply::empty(204)
     } else {
@@ -224,7 +356,7 @@ fn heartbeat(shared: &Shared, request: &Request) -> Reply {
     }
 }
 
-fn active_session(shared: &Shared) -> Reply {
+fn active_session(shared: &Shared, caller: &Caller) -> Reply {
     #[derive(Serialize)]
     struct ActiveBody {
         status: &'static str,
@@ -234,7 +366,9 @@ fn active_session(shared: &Shared) -> Reply {
     let now = shared.clock.now();
     let active = {
         let mut state = shared.lock();
-        let active = state.queue.active();
+        let active = state.queue.active().filter(|id| {
+            caller.is_admin() || state.queue.owner(id).is_some_and(|o| caller.may_use(o))
+        });
         if let Some(id) = &active {
             state.queue.touch(id, now);
         }
@@ -289,13 +423,16 @@ fn debug_health(shared: &Shared) -> Reply {
 /// The `X-Session-ID` gate of every `/lab*` route: 422 missing header, 404 unknown session,
 /// 423 not the ACTIVE session. Passing it refreshes the session's `last_seen_at`. The body
 /// is not read before the gate is passed.
-pub fn gate(shared: &Shared, request: &Request) -> Result<SessionId, Reply> {
+pub fn gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<SessionId, Reply> {
     let Some(value) = header_value(request, SESSION_HEADER) else {
         return Err(Reply::missing(["header", SESSION_HEADER]));
     };
     let id = parse_session_id(value).ok_or_else(session_not_found)?;
     let now = shared.clock.now();
     let mut state = shared.lock();
+    if !state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
+        return Err(session_not_found());
+    }
     match state.queue.lookup(&id) {
         None => Err(session_not_found()),
         Some((Status::Waiting, _)) => Err(Reply::detail(423, "Session is not active")),
@@ -312,8 +449,8 @@ fn no_lab() -> Reply {
 
 // ------------------------------------------------------------------------------- lab routes
 
-fn lab_status(shared: &Shared, request: &Request) -> Reply {
-    if let Err(reply) = gate(shared, request) {
+fn lab_status(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
+    if let Err(reply) = gate(shared, request, caller) {
         return reply;
     }
     let state = shared.lock();
@@ -332,8 +469,8 @@ fn lab_status(shared: &Shared, request: &Request) -> Reply {
     Reply::raw_json(200, body)
 }
 
-fn lab_devices(shared: &Shared, request: &Request) -> Reply {
-    if let Err(reply) = gate(shared, request) {
+fn lab_devices(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
+    if let Err(reply) = gate(shared, request, caller) {
         return reply;
     }
     let devices = shared.lock().lab.as_ref().map(|l| l.devices_json.clone());
@@ -343,8 +480,8 @@ fn lab_devices(shared: &Shared, request: &Request) -> Reply {
     }
 }
 
-fn release_lab(shared: &Shared, request: &Request) -> Reply {
-    let session = match gate(shared, request) {
+fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
+    let session = match gate(shared, request, caller) {
         Ok(id) => id,
         Err(reply) => return reply,
     };
@@ -375,17 +512,19 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
-fn destroy_lab(shared: &Shared, request: &Request, query: &str) -> Reply {
-    let session = match gate(shared, request) {
-        Ok(id) => id,
-        Err(reply) => return reply,
-    };
+fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller) -> Reply {
+    let gated = gate(shared, request, caller);
     let force = match query_param(query, "force") {
-        None => true,
-        Some(text) => match parse_bool(&text) {
-            Some(force) => force,
-            None => return bool_error("query", "force", &text),
-        },
+        None => Ok(true),
+        Some(text) => parse_bool(&text).ok_or(text),
+    };
+    // The gate's errors come first, except that an admin may force a teardown without
+    // holding the active session (the operator's rescue).
+    let (session, force) = match (gated, force) {
+        (Ok(id), Ok(force)) => (id.to_string(), force),
+        (Err(_), Ok(true)) if caller.is_admin() => ("none".to_owned(), true),
+        (Err(reply), _) => return reply,
+        (Ok(_), Err(text)) => return bool_error("query", "force", &text),
     };
     let version = {
         let mut state = shared.lock();
@@ -395,8 +534,9 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str) -> Reply {
             Destroy::TearDown => {
                 if let Some(lab) = state.lab.take() {
                     log::info!(
-                        "session {session} destroys the lab {} (force={force})",
-                        lab.topology.display()
+                        "session {session} destroys the lab {} (force={force}){}",
+                        lab.topology.display(),
+                        caller.describe()
                     );
                     shared.queue_teardown(&mut state, lab);
                 }

@@ -106,6 +106,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "tear down a lab left idle with no session for this long",
     },
     OptionSpec {
+        name: "token-file",
+        value: Some("PATH"),
+        default: "none: no authentication",
+        help: "NAME:TOKEN[:admin] lines; every route but /healthz needs a token",
+    },
+    OptionSpec {
+        name: "public-read",
+        value: None,
+        default: "off",
+        help: "with --token-file: the read-only views need no token",
+    },
+    OptionSpec {
         name: "log-level",
         value: Some("LEVEL"),
         default: "info",
@@ -142,7 +154,10 @@ pub fn help_text() -> String {
     let mut out = String::from(
         "neops-remote-lab: exclusive, queued access to this host's network lab over HTTP\n\n\
          Usage: neops-remote-lab [OPTIONS]\n       \
-         neops-remote-lab cleanup [OPTIONS]\n\n\
+         neops-remote-lab cleanup [OPTIONS]\n       \
+         neops-remote-lab reload [OPTIONS]\n\n\
+         `reload` makes the running server re-read its token file (SIGHUP to the pid\n\
+         in $MAINPID, else to the one holding the state dir's lock).\n\
          `cleanup` tears down the lab a stopped server left (and netlab's `default`\n\
          instance) and clears the state file; it refuses while a server runs.\n\n\
          Every option can also be set in the environment variable shown under it;\n\
@@ -192,6 +207,10 @@ pub struct Config {
     pub stream_netlab_output: bool,
     /// `--log-config` was given (it is ignored, with a warning).
     pub log_config: Option<PathBuf>,
+    /// `--token-file`: access tokens; `None` leaves the API open.
+    pub token_file: Option<PathBuf>,
+    /// `--public-read`: the read-only views need no token.
+    pub public_read: bool,
 }
 
 impl Config {
@@ -216,6 +235,8 @@ impl Config {
             log_file: None,
             stream_netlab_output: false,
             log_config: None,
+            token_file: None,
+            public_read: false,
         }
     }
 }
@@ -238,6 +259,8 @@ pub enum Command {
     Serve(Box<Config>),
     /// `neops-remote-lab cleanup`: tear down what a stopped server left.
     Cleanup(Box<Config>),
+    /// `neops-remote-lab reload`: SIGHUP to the running server.
+    Reload(Box<Config>),
     Help,
     Version,
 }
@@ -272,6 +295,7 @@ where
 
     let mut given: Vec<(&'static str, Option<OsString>)> = Vec::new();
     let mut cleanup = false;
+    let mut reload = false;
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next().map_err(|e| ConfigError(e.to_string()))? {
         match arg {
@@ -289,7 +313,8 @@ where
                 given.retain(|(n, _)| *n != spec.name);
                 given.push((spec.name, value));
             }
-            Value(word) if word == "cleanup" && !cleanup => cleanup = true,
+            Value(word) if word == "cleanup" && !cleanup && !reload => cleanup = true,
+            Value(word) if word == "reload" && !cleanup && !reload => reload = true,
             other => return Err(ConfigError(other.unexpected().to_string())),
         }
     }
@@ -380,10 +405,19 @@ where
     if let Some((v, _)) = lookup("log-file") {
         config.log_file = (!v.is_empty()).then(|| PathBuf::from(v));
     }
+    if let Some((v, _)) = lookup("token-file") {
+        config.token_file = (!v.is_empty()).then(|| PathBuf::from(v));
+    }
+    if let Some((v, e)) = lookup("public-read") {
+        config.public_read =
+            parse_bool(&v).ok_or_else(|| bad("public-read", e, &v, "a boolean"))?;
+    }
     if let Some((v, _)) = lookup("log-config") {
         config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
     }
-    if cleanup {
+    if reload {
+        Ok(Command::Reload(Box::new(config)))
+    } else if cleanup {
         Ok(Command::Cleanup(Box::new(config)))
     } else {
         Ok(Command::Serve(Box::new(config)))

@@ -4,6 +4,7 @@
 //! tests can reach it. Module map:
 //!
 //! * [`config`]: command line and environment.
+//! * [`auth`]: access tokens, who a request is, and the throttle of failed attempts.
 //! * [`clock`]: the time source (a fake one for tests).
 //! * [`queue`]: sessions and the FIFO queue (pure).
 //! * [`lab`]: the lab record and the acquire decisions (pure).
@@ -21,6 +22,7 @@
 
 pub mod acquire;
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod http;

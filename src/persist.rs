@@ -10,7 +10,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -28,11 +28,19 @@ pub struct Starting {
     pub work_dir: PathBuf,
 }
 
+/// One session as the state file keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The token name that created it (with `--token-file`).
+    pub owner: Option<Arc<str>>,
+}
+
 /// What the state file holds, decoded.
 #[derive(Debug, Default)]
 pub struct Saved {
-    /// Session ids in queue order (the first is the ACTIVE one).
-    pub sessions: Vec<SessionId>,
+    /// Sessions in queue order (the first is the ACTIVE one).
+    pub sessions: Vec<SessionRecord>,
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
     pub teardowns: Vec<LabRecord>,
@@ -43,7 +51,7 @@ pub struct Saved {
 #[derive(Default)]
 pub struct Snapshot {
     pub version: u64,
-    pub sessions: Vec<SessionId>,
+    pub sessions: Vec<SessionRecord>,
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
     pub teardowns: Vec<LabRecord>,
@@ -61,8 +69,12 @@ impl Snapshot {
         for (i, s) in self.sessions.iter().enumerate() {
             let status = if i == 0 { "active" } else { "waiting" };
             let sep = if i == 0 { "" } else { "," };
-            let id = s.hyphenated().encode_lower(&mut id);
-            let _ = write!(out, "{sep}\n  {{\"id\":\"{id}\",\"status\":\"{status}\"}}");
+            let id = s.id.hyphenated().encode_lower(&mut id);
+            let _ = write!(out, "{sep}\n  {{\"id\":\"{id}\",\"status\":\"{status}\"");
+            if let Some(owner) = &s.owner {
+                let _ = write!(out, ",\"owner\":{}", Value::String(owner.to_string()));
+            }
+            out.push(b'}');
         }
         out.extend_from_slice(b"\n],\n\"lab\": ");
         match &self.lab {
@@ -164,10 +176,15 @@ pub fn parse(text: &str) -> Result<Saved, String> {
             .and_then(Value::as_str)
             .and_then(parse_session_id)
             .ok_or("a session without a valid id")?;
-        if saved.sessions.contains(&id) {
+        if saved.sessions.iter().any(|s| s.id == id) {
             return Err(format!("session {id} listed twice"));
         }
-        saved.sessions.push(id);
+        let owner = match s.get("owner") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(Arc::from(name.as_str())),
+            Some(_) => return Err(format!("session {id} has an owner that is not a name")),
+        };
+        saved.sessions.push(SessionRecord { id, owner });
     }
     saved.lab = match v.get("lab") {
         None | Some(Value::Null) => None,
@@ -335,9 +352,19 @@ mod tests {
     #[test]
     fn round_trip() {
         let ids: Vec<SessionId> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let owners = [
+            Some(Arc::from("ci")),
+            None,
+            Some(Arc::from("a \"quoted\" name")),
+        ];
+        let sessions: Vec<SessionRecord> = ids
+            .iter()
+            .zip(owners)
+            .map(|(&id, owner)| SessionRecord { id, owner })
+            .collect();
         let snap = Snapshot {
             version: 7,
-            sessions: ids.clone(),
+            sessions: sessions.clone(),
             lab: Some(record("/s/labs/a", 2)),
             starting: Some(Starting {
                 session: ids[0],
@@ -348,7 +375,7 @@ mod tests {
         let text = snap.to_json();
         assert!(text.contains("\"status\":\"active\""));
         let saved = parse(&text).unwrap();
-        assert_eq!(saved.sessions, ids);
+        assert_eq!(saved.sessions, sessions);
         let lab = saved.lab.unwrap();
         assert_eq!(lab.hash, lab::sha256(b"/s/labs/a"));
         assert_eq!(lab.ref_count, 2);

@@ -184,6 +184,25 @@ pub fn signal_group_members(
     Ok(sent)
 }
 
+/// Sends `signal` to process `pid` (not a group) if `is_ours(pid)` holds, checked after the
+/// process was pinned by a pidfd. Refuses pids 0 and 1 and ourselves. Returns whether it
+/// was sent.
+pub fn signal_process(pid: u32, is_ours: impl Fn(u32) -> bool, signal: Signal) -> io::Result<bool> {
+    let raw = checked_pgid(pid)?;
+    if pid == std::process::id() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal ourselves",
+        ));
+    }
+    let pidfd = pidfd_open(raw, PidfdFlags::empty())?;
+    if !is_ours(pid) {
+        return Ok(false);
+    }
+    pidfd_send_signal(&pidfd, signal)?;
+    Ok(true)
+}
+
 /// The process group of `pid`, from `/proc/<pid>/stat` (None when it is gone).
 pub fn process_group_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -275,6 +294,21 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "group {id}");
         }
         assert!(checked_pgid(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn a_single_process_is_signalled_only_when_it_is_ours() {
+        let target = sleeper();
+        assert!(!signal_process(target.id(), |_| false, Signal::KILL).unwrap());
+        assert!(alive(target.id()));
+        assert!(signal_process(target.id(), |_| true, Signal::KILL).unwrap());
+        assert_eq!(target.wait().unwrap().signal(), Some(9));
+        for pid in [0, 1, std::process::id()] {
+            assert!(
+                signal_process(pid, |_| true, Signal::KILL).is_err(),
+                "{pid}"
+            );
+        }
     }
 
     #[test]

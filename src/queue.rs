@@ -6,9 +6,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
+
+use crate::persist::SessionRecord;
 
 /// A session id as the clients see it: a lower-case hyphenated UUID v4.
 pub type SessionId = Uuid;
@@ -45,6 +48,8 @@ struct Session {
     last_seen: Duration,
     /// A `POST /lab` of this session is in progress: it is never reaped meanwhile.
     busy: bool,
+    /// The token name that created it (with `--token-file`); only that name may use it.
+    owner: Option<Arc<str>>,
 }
 
 /// `POST /session` when `--max-sessions` sessions already exist.
@@ -110,6 +115,7 @@ impl Queue {
                 seq,
                 last_seen: now,
                 busy: false,
+                owner: None,
             },
         );
         self.order.push_back((seq, id));
@@ -217,6 +223,26 @@ impl Queue {
             }
         }
         removed
+    }
+
+    /// Records the token name a session belongs to.
+    pub fn set_owner(&mut self, id: &SessionId, owner: Option<Arc<str>>) {
+        if let Some(session) = self.sessions.get_mut(id) {
+            session.owner = owner;
+        }
+    }
+
+    /// The token name a tracked session belongs to (`Some(None)`: nobody in particular).
+    pub fn owner(&self, id: &SessionId) -> Option<Option<&Arc<str>>> {
+        self.sessions.get(id).map(|s| s.owner.as_ref())
+    }
+
+    /// Sessions in queue order (the head first), as the state file keeps them.
+    pub fn records(&self) -> impl Iterator<Item = SessionRecord> + '_ {
+        self.order.iter().map(|(_, id)| SessionRecord {
+            id: *id,
+            owner: self.sessions[id].owner.clone(),
+        })
     }
 
     /// Ids in queue order (the head first).

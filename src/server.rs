@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::thread;
 
 use crossbeam_channel::unbounded;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tiny_http::Server;
 
+use crate::auth::Access;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{self, Command, Config};
 use crate::lab::LabRecord;
@@ -39,6 +40,7 @@ pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
         }
         Ok(Command::Serve(config)) => serve(*config),
         Ok(Command::Cleanup(config)) => cleanup(*config),
+        Ok(Command::Reload(config)) => reload(&config),
         Err(e) => {
             eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
             2
@@ -62,6 +64,33 @@ fn serve(config: Config) -> i32 {
             path.display()
         );
     }
+    let access = match &config.token_file {
+        Some(path) => match Access::load(path, config.public_read) {
+            Ok(access) => {
+                log::info!(
+                    "access tokens from {}: every route but /healthz needs one{}",
+                    path.display(),
+                    if config.public_read {
+                        " (--public-read: the read-only views do not)"
+                    } else {
+                        ""
+                    }
+                );
+                Some(access)
+            }
+            Err(e) => return fail(e),
+        },
+        None => {
+            log::warn!(
+                "no --token-file: anyone who can reach the port can use the lab \
+                 (and a topology runs commands on this host)"
+            );
+            if config.public_read {
+                log::warn!("--public-read has no effect without --token-file");
+            }
+            None
+        }
+    };
     if let Err(e) = std::fs::create_dir_all(config.state_dir.join("labs")) {
         return fail(format!(
             "cannot create state dir {}: {e}",
@@ -106,12 +135,9 @@ fn serve(config: Config) -> i32 {
 
     let (lab_tx, lab_rx) = unbounded();
     let pending: Vec<LabRecord> = state.teardowns.clone();
-    let shared = Arc::new(Shared::with_state(
-        config.clone(),
-        clock,
-        lab_tx,
-        Some(state),
-    ));
+    let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
+    shared.access = access;
+    let shared = Arc::new(shared);
     // The restored state is the new truth: write it before anyone can see it.
     let version = shared.lock().changed();
     shared.persist(version);
@@ -123,7 +149,7 @@ fn serve(config: Config) -> i32 {
         shared.send_lab_job(LabJob::Teardown(lab));
     }
 
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => return fail(format!("cannot handle signals: {e}")),
     };
@@ -135,7 +161,9 @@ fn serve(config: Config) -> i32 {
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    if shared.begin_shutdown() {
+                    if signal == SIGHUP {
+                        reload_tokens(&shared);
+                    } else if shared.begin_shutdown() {
                         let name = if signal == SIGINT {
                             "SIGINT"
                         } else {
@@ -210,6 +238,69 @@ fn serve(config: Config) -> i32 {
     }
 }
 
+/// `neops-remote-lab reload`: SIGHUP to the server (systemd's `$MAINPID`, else the pid in the
+/// state dir's lock file), by syscall and only if that pid runs neops-remote-lab.
+fn reload(config: &Config) -> i32 {
+    let (pid, source) = match std::env::var("MAINPID") {
+        Ok(pid) => (pid, "$MAINPID".to_owned()),
+        Err(_) => {
+            let lock = config.state_dir.join(lockfile::LOCK_FILE);
+            match std::fs::read_to_string(&lock) {
+                Ok(text) => (text, lock.display().to_string()),
+                Err(e) => {
+                    eprintln!(
+                        "neops-remote-lab: no server to reload: cannot read {}: {e}",
+                        lock.display()
+                    );
+                    return 1;
+                }
+            }
+        }
+    };
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        eprintln!("neops-remote-lab: no server to reload: {source} holds no process id");
+        return 1;
+    };
+    let is_server = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            let name = exe.file_name().map(|n| n.to_string_lossy().into_owned());
+            // After an upgrade the running binary shows as "neops-remote-lab (deleted)".
+            name.is_some_and(|n| n.trim_end_matches(" (deleted)") == "neops-remote-lab")
+        })
+    };
+    match crate::procgroup::signal_process(pid, is_server, rustix::process::Signal::HUP) {
+        Ok(true) => {
+            println!("sent SIGHUP to neops-remote-lab (pid {pid})");
+            0
+        }
+        Ok(false) => {
+            eprintln!("neops-remote-lab: pid {pid} (from {source}) is not neops-remote-lab");
+            1
+        }
+        Err(e) => {
+            eprintln!("neops-remote-lab: cannot signal pid {pid} (from {source}): {e}");
+            1
+        }
+    }
+}
+
+/// SIGHUP: re-reads the token file; a bad file keeps the tokens in force.
+fn reload_tokens(shared: &Shared) {
+    let Some(access) = &shared.access else {
+        log::info!("SIGHUP: no --token-file, nothing to reload");
+        return;
+    };
+    match access.reload() {
+        Ok(count) => log::info!(
+            "SIGHUP: {} token{} from {}",
+            count,
+            if count == 1 { "" } else { "s" },
+            access.path().display()
+        ),
+        Err(e) => log::error!("SIGHUP: {e}; the tokens in force stay"),
+    }
+}
+
 /// Rebuilds the state from the state file, checked against reality:
 /// * sessions come back in the same order (their silence is counted from now);
 /// * the lab is re-adopted if its work dir exists, netlab still registers `default` there
@@ -227,8 +318,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
             Saved::default()
         }
     };
-    for id in &saved.sessions {
-        state.queue.restore(*id, now);
+    for session in &saved.sessions {
+        state.queue.restore(session.id, now);
+        state.queue.set_owner(&session.id, session.owner.clone());
     }
     if let Some(active) = state.queue.active() {
         log::info!(

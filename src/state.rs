@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::Sender;
 
 use crate::acquire::Ticket;
+use crate::auth::Access;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::lab::LabRecord;
@@ -66,7 +67,7 @@ impl State {
     pub fn snapshot_into(&self, snap: &mut Snapshot) {
         snap.version = self.version;
         snap.sessions.clear();
-        snap.sessions.extend(self.queue.ids());
+        snap.sessions.extend(self.queue.records());
         snap.lab.clone_from(&self.lab);
         snap.starting.clone_from(&self.starting);
         snap.teardowns.clone_from(&self.teardowns);
@@ -83,6 +84,8 @@ pub struct Shared {
     pub started_at: SystemTime,
     /// Where lab work directories are created (`<state dir>/labs`).
     pub labs_dir: PathBuf,
+    /// Access tokens (`--token-file`); `None`: the API is open to everyone.
+    pub access: Option<Access>,
 }
 
 impl Shared {
@@ -107,6 +110,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             started_at: SystemTime::now(),
             labs_dir,
+            access: None,
         }
     }
 

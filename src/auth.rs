@@ -1,0 +1,477 @@
+//! Access tokens (`--token-file`): who may call the API, and under which name.
+//!
+//! The file holds lines `NAME:TOKEN[:admin]`. A request proves who it is with
+//! `Authorization: Bearer TOKEN` or `Authorization: Basic base64(NAME:TOKEN)` (what Python's
+//! `requests` sends by itself from a `~/.netrc` entry). Only SHA-256 digests of the tokens are
+//! kept, and a presented token is compared with every entry's digest without stopping early,
+//! so the time taken says nothing about how close a guess was.
+//!
+//! Addresses that fail too often are throttled: after [`MAX_FAILURES`] failures within
+//! [`WINDOW`], every request from that address that needs a token gets 429 for [`WINDOW`].
+//! A request with the right token from any other address is not touched by this, and the
+//! check costs one atomic load while no address is blocked.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+/// Failures from one address within [`WINDOW`] before it is blocked.
+pub const MAX_FAILURES: u32 = 20;
+/// The failure window, and how long a block lasts.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses whose failures are tracked at once; beyond, new addresses are not tracked.
+const MAX_TRACKED: usize = 4096;
+/// Shortest token accepted in the file.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+type Sha = [u8; 32];
+
+fn digest(bytes: &[u8]) -> Sha {
+    Sha256::digest(bytes).into()
+}
+
+/// Equal digests, compared without an early exit.
+fn same(a: &Sha, b: &Sha) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Who a request is, once its token was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub name: Arc<str>,
+    pub admin: bool,
+}
+
+struct Entry {
+    name: Arc<str>,
+    digest: Sha,
+    admin: bool,
+}
+
+/// The tokens of one reading of the file.
+pub struct Tokens {
+    entries: Vec<Entry>,
+}
+
+/// Why the token file cannot be used. Never holds a token.
+#[derive(Debug)]
+pub enum TokenFileError {
+    Unreadable {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Exposed {
+        path: PathBuf,
+        mode: u32,
+    },
+    Line {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+    NoTokens {
+        path: PathBuf,
+    },
+}
+
+impl fmt::Display for TokenFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenFileError::Unreadable { path, source } => {
+                write!(f, "cannot read token file {}: {source}", path.display())
+            }
+            TokenFileError::Exposed { path, mode } => write!(
+                f,
+                "token file {} is readable by every user (mode {:o}); run: chmod 600 {}",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            ),
+            TokenFileError::Line { path, line, why } => {
+                write!(f, "token file {} line {line}: {why}", path.display())
+            }
+            TokenFileError::NoTokens { path } => write!(
+                f,
+                "token file {} holds no token (lines NAME:TOKEN or NAME:TOKEN:admin)",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TokenFileError {}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Tokens {
+    /// Reads and checks the token file.
+    pub fn load(path: &Path) -> Result<Tokens, TokenFileError> {
+        let unreadable = |source| TokenFileError::Unreadable {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(unreadable)?;
+        if meta.mode() & 0o004 != 0 {
+            return Err(TokenFileError::Exposed {
+                path: path.to_owned(),
+                mode: meta.mode(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(unreadable)?;
+        Self::parse(&text)
+            .map_err(|(line, why)| TokenFileError::Line {
+                path: path.to_owned(),
+                line,
+                why,
+            })?
+            .ok_or_else(|| TokenFileError::NoTokens {
+                path: path.to_owned(),
+            })
+    }
+
+    /// Parses the file's text; `Ok(None)` when it holds no token. Errors name the line and
+    /// what is wrong with it, never the token.
+    fn parse(text: &str) -> Result<Option<Tokens>, (usize, String)> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |why: &str| Err((n + 1, why.to_owned()));
+            let mut fields = line.split(':');
+            let (name, token) = (fields.next().unwrap_or(""), fields.next());
+            let Some(token) = token else {
+                return bad("expected NAME:TOKEN or NAME:TOKEN:admin");
+            };
+            let admin = match fields.next() {
+                None => false,
+                Some("admin") => true,
+                Some(_) => return bad("the third field can only be `admin`"),
+            };
+            if fields.next().is_some() {
+                return bad("too many `:` (expected NAME:TOKEN or NAME:TOKEN:admin)");
+            }
+            if !valid_name(name) {
+                return bad("the name must be 1 to 64 of A-Z a-z 0-9 . _ -");
+            }
+            if token.chars().count() < MIN_TOKEN_LEN {
+                return bad("the token is shorter than 16 characters");
+            }
+            if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return bad("the token holds a space or a control character");
+            }
+            let entry = Entry {
+                name: Arc::from(name),
+                digest: digest(token.as_bytes()),
+                admin,
+            };
+            if entries.iter().any(|e| e.name == entry.name) {
+                return bad("this name is given twice");
+            }
+            if entries.iter().any(|e| same(&e.digest, &entry.digest)) {
+                return bad("this token is also given to another name");
+            }
+            entries.push(entry);
+        }
+        Ok((!entries.is_empty()).then_some(Tokens { entries }))
+    }
+
+    /// Who an `Authorization` header value is, if anyone.
+    pub fn identify(&self, authorization: Option<&str>) -> Option<Identity> {
+        let value = authorization?.trim();
+        let (scheme, credentials) = value.split_once(' ')?;
+        let credentials = credentials.trim();
+        let (name, token) = if scheme.eq_ignore_ascii_case("bearer") {
+            (None, credentials.as_bytes().to_vec())
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(credentials)
+                .ok()?;
+            let colon = decoded.iter().position(|&b| b == b':')?;
+            let name = String::from_utf8(decoded[..colon].to_vec()).ok()?;
+            (Some(name), decoded[colon + 1..].to_vec())
+        } else {
+            return None;
+        };
+        let presented = digest(&token);
+        // Every entry is compared; the match is picked without an early exit.
+        let mut found = None;
+        for entry in &self.entries {
+            let token_matches = same(&entry.digest, &presented);
+            let name_matches = name.as_deref().is_none_or(|n| n == &*entry.name);
+            if token_matches & name_matches {
+                found = Some(entry);
+            }
+        }
+        found.map(|e| Identity {
+            name: Arc::clone(&e.name),
+            admin: e.admin,
+        })
+    }
+
+    /// How many tokens (never zero: a file without any is refused).
+    pub fn count(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Failures of one address.
+struct Failures {
+    window_start: Duration,
+    count: u32,
+    blocked_until: Option<Duration>,
+}
+
+/// Tracks failed authentications by address (times are the server clock's).
+#[derive(Default)]
+pub struct Throttle {
+    table: Mutex<HashMap<IpAddr, Failures>>,
+    /// The latest end of any block, in milliseconds of the clock; 0 when none was set. While
+    /// `now` is past it, nobody is blocked and the table is not looked at.
+    blocks_end_ms: AtomicU64,
+}
+
+fn millis(t: Duration) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Throttle {
+    /// Seconds until `addr` may try again, if it is blocked now.
+    pub fn blocked(&self, addr: IpAddr, now: Duration) -> Option<u64> {
+        if millis(now) >= self.blocks_end_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = table.get(&addr)?.blocked_until?;
+        (until > now).then(|| (until - now).as_secs().max(1))
+    }
+
+    /// Records a failure; returns true when it makes `addr` blocked.
+    pub fn fail(&self, addr: IpAddr, now: Duration) -> bool {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if table.len() >= MAX_TRACKED && !table.contains_key(&addr) {
+            table.retain(|_, f| {
+                f.blocked_until.is_some_and(|u| u > now) || now - f.window_start < WINDOW
+            });
+            if table.len() >= MAX_TRACKED {
+                return false;
+            }
+        }
+        let f = table.entry(addr).or_insert(Failures {
+            window_start: now,
+            count: 0,
+            blocked_until: None,
+        });
+        if f.blocked_until.is_some_and(|u| u <= now) {
+            f.blocked_until = None;
+            f.count = 0;
+            f.window_start = now;
+        }
+        if now.saturating_sub(f.window_start) >= WINDOW {
+            f.window_start = now;
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        if f.count >= MAX_FAILURES && f.blocked_until.is_none() {
+            let until = now + WINDOW;
+            f.blocked_until = Some(until);
+            self.blocks_end_ms
+                .fetch_max(millis(until), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// Access control as configured: the tokens (re-read on SIGHUP), the public-read switch and
+/// the throttle.
+pub struct Access {
+    path: PathBuf,
+    tokens: RwLock<Arc<Tokens>>,
+    pub public_read: bool,
+    pub throttle: Throttle,
+}
+
+impl Access {
+    pub fn load(path: &Path, public_read: bool) -> Result<Access, TokenFileError> {
+        Ok(Access {
+            path: path.to_owned(),
+            tokens: RwLock::new(Arc::new(Tokens::load(path)?)),
+            public_read,
+            throttle: Throttle::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn identify(&self, authorization: Option<&str>) -> Option<Identity> {
+        let tokens = Arc::clone(&self.tokens.read().unwrap_or_else(PoisonError::into_inner));
+        tokens.identify(authorization)
+    }
+
+    /// Re-reads the file; a bad file keeps the tokens in force. Returns how many tokens
+    /// are in force now, or why the file was not taken.
+    pub fn reload(&self) -> Result<usize, TokenFileError> {
+        let fresh = Tokens::load(&self.path)?;
+        let count = fresh.count();
+        *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+
+    const FILE: &str = "# CI jobs\n\nci:abcdefghijklmnop0123\n  ops:ZYXWVUTSRQPONMLK9876:admin  \n";
+
+    fn tokens() -> Tokens {
+        Tokens::parse(FILE).unwrap().unwrap()
+    }
+
+    fn basic(user_pass: &str) -> String {
+        format!("Basic {}", STANDARD.encode(user_pass))
+    }
+
+    #[test]
+    fn bearer_and_basic_name_the_caller() {
+        let t = tokens();
+        let ci = t.identify(Some("Bearer abcdefghijklmnop0123")).unwrap();
+        assert_eq!((&*ci.name, ci.admin), ("ci", false));
+        let ops = t.identify(Some("bearer ZYXWVUTSRQPONMLK9876")).unwrap();
+        assert_eq!((&*ops.name, ops.admin), ("ops", true));
+        let ci = t.identify(Some(&basic("ci:abcdefghijklmnop0123"))).unwrap();
+        assert_eq!(&*ci.name, "ci");
+    }
+
+    #[test]
+    fn wrong_or_malformed_credentials_are_nobody() {
+        let t = tokens();
+        let long = format!("Bearer {}", "x".repeat(10_000));
+        let cases = [
+            None,
+            Some(""),
+            Some("Bearer"),
+            Some("Bearer "),
+            Some("Bearer abcdefghijklmnop012"),
+            Some("Token abcdefghijklmnop0123"),
+            Some("Basic !!!not-base64!!!"),
+            Some("Basic "),
+            Some(long.as_str()),
+        ];
+        for case in cases {
+            assert_eq!(t.identify(case), None, "{case:?}");
+        }
+        // No colon; the other name's token; a name that does not exist.
+        for pair in [
+            "ciabcdefghijklmnop0123",
+            "ci:ZYXWVUTSRQPONMLK9876",
+            "x:abcdefghijklmnop0123",
+        ] {
+            assert_eq!(t.identify(Some(&basic(pair))), None, "{pair}");
+        }
+        // Non-UTF-8 name in Basic.
+        let raw = format!("Basic {}", STANDARD.encode(b"\xff:abcdefghijklmnop0123"));
+        assert_eq!(t.identify(Some(&raw)), None);
+    }
+
+    #[test]
+    fn bad_lines_are_named_without_their_token() {
+        let cases = [
+            ("ci", 1, "expected NAME:TOKEN"),
+            ("ci:short", 1, "shorter than 16"),
+            ("# c\nbad name:abcdefghijklmnop0123", 2, "the name must be"),
+            (":abcdefghijklmnop0123", 1, "the name must be"),
+            ("ci:abcdefghijklmnop0123:root", 1, "third field"),
+            ("ci:abcdefghijklmnop0123:admin:x", 1, "too many"),
+            (
+                "ci:abcdefghijklmnop0123\nci:abcdefghijklmnop0124",
+                2,
+                "given twice",
+            ),
+            (
+                "a:abcdefghijklmnop0123\nb:abcdefghijklmnop0123",
+                2,
+                "another name",
+            ),
+            ("ci:abcdefgh\tijklmnop0123", 1, "space or a control"),
+        ];
+        for (text, line, why) in cases {
+            let (n, message) = Tokens::parse(text).err().unwrap();
+            assert_eq!(n, line, "{text:?}");
+            assert!(message.contains(why), "{text:?}: {message}");
+            assert!(!message.contains("abcdefgh"), "{message}");
+        }
+        assert!(Tokens::parse("# nothing\n\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_file_must_not_be_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, FILE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Tokens::load(&path).err().unwrap().to_string();
+        assert!(err.contains("readable by every user (mode 644)"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(Tokens::load(&path).unwrap().count(), 2);
+        let missing = Tokens::load(&dir.path().join("nope")).err().unwrap();
+        assert!(missing.to_string().starts_with("cannot read token file"));
+    }
+
+    #[test]
+    fn the_throttle_blocks_an_address_after_repeated_failures() {
+        let throttle = Throttle::default();
+        let bad: IpAddr = "192.0.2.1".parse().unwrap();
+        let good: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Duration::from_secs(1000);
+        for n in 1..MAX_FAILURES {
+            assert!(!throttle.fail(bad, t0), "failure {n}");
+            assert_eq!(throttle.blocked(bad, t0), None);
+        }
+        assert!(throttle.fail(bad, t0));
+        assert_eq!(throttle.blocked(bad, t0), Some(60));
+        assert_eq!(throttle.blocked(good, t0), None);
+        let later = t0 + Duration::from_secs(45);
+        assert_eq!(throttle.blocked(bad, later), Some(15));
+        assert_eq!(throttle.blocked(bad, t0 + WINDOW), None);
+        // Failures spread wider than the window never block.
+        let throttle = Throttle::default();
+        for n in 0..3 * MAX_FAILURES {
+            let at = t0 + Duration::from_secs(u64::from(n) * 4);
+            assert!(!throttle.fail(bad, at));
+        }
+    }
+
+    #[test]
+    fn the_throttle_table_is_bounded() {
+        let throttle = Throttle::default();
+        let t0 = Duration::from_secs(5);
+        for n in 0..(MAX_TRACKED as u32 + 100) {
+            throttle.fail(IpAddr::from(n.to_be_bytes()), t0);
+        }
+        assert_eq!(throttle.table.lock().unwrap().len(), MAX_TRACKED);
+        // Once the window is over, old entries make room.
+        throttle.fail("198.51.100.7".parse().unwrap(), t0 + WINDOW);
+        assert_eq!(throttle.table.lock().unwrap().len(), 1);
+    }
+}
