@@ -7,14 +7,15 @@
 //! The first target is "ours"; ratios are given against it. PID is read for resident
 //! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
 //! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
-//! tiny_http example, driven like the others for the throughput rows.
+//! tiny_http example, driven like the others for the throughput rows. `--auth NAME VALUE`
+//! sends `Authorization: VALUE` with every request to target NAME (a server with tokens).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,15 @@ struct Target {
     fake_dir: Option<PathBuf>,
 }
 
+/// `Authorization` values by target address (`--auth`), set once before any load.
+static AUTH: OnceLock<BTreeMap<SocketAddr, String>> = OnceLock::new();
+
 /// One keep-alive connection.
 struct Conn {
     writer: TcpStream,
     reader: BufReader<TcpStream>,
     addr: SocketAddr,
+    auth: Option<&'static str>,
 }
 
 impl Conn {
@@ -41,6 +46,7 @@ impl Conn {
             reader: BufReader::new(stream.try_clone().expect("clone")),
             writer: stream,
             addr,
+            auth: AUTH.get().and_then(|a| a.get(&addr)).map(String::as_str),
         }
     }
 
@@ -78,6 +84,11 @@ impl Conn {
             head.push_str(k);
             head.push_str(": ");
             head.push_str(v);
+            head.push_str("\r\n");
+        }
+        if let Some(auth) = self.auth {
+            head.push_str("Authorization: ");
+            head.push_str(auth);
             head.push_str("\r\n");
         }
         head.push_str("\r\n");
@@ -278,6 +289,7 @@ fn main() {
     let mut duration = Duration::from_secs(5);
     let mut only: Option<Vec<String>> = None;
     let mut mix_duration: Option<Duration> = None;
+    let mut auth: Vec<(String, String)> = Vec::new();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     let addr_of = |url: &str| -> SocketAddr {
@@ -317,9 +329,24 @@ fn main() {
                 only = Some(args[i + 1].split(',').map(str::to_owned).collect());
                 i += 2;
             }
+            "--auth" => {
+                auth.push((args[i + 1].clone(), args[i + 2].clone()));
+                i += 3;
+            }
             other => panic!("unknown argument {other}"),
         }
     }
+    let by_addr = auth
+        .iter()
+        .map(|(name, value)| {
+            let target = targets
+                .iter()
+                .find(|t| &t.name == name)
+                .expect("--auth names a target");
+            (target.addr, value.clone())
+        })
+        .collect();
+    AUTH.set(by_addr).expect("set once");
     assert!(!targets.is_empty(), "give at least one --target");
     let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
     let mut table = Table { rows: Vec::new() };

@@ -136,15 +136,15 @@ pub enum Caller {
     Open,
     /// A read-only view opened to everyone by `--public-read`, or `/healthz`.
     Public,
-    /// A request with a valid token.
-    Token(Identity),
+    /// A request with a valid token, and the address it came from.
+    Token(Identity, String),
 }
 
 impl Caller {
     /// The name a session created by this caller belongs to.
     fn owner(&self) -> Option<Arc<str>> {
         match self {
-            Caller::Token(id) => Some(Arc::clone(&id.name)),
+            Caller::Token(id, _) => Some(Arc::clone(&id.name)),
             Caller::Open | Caller::Public => None,
         }
     }
@@ -156,19 +156,19 @@ impl Caller {
         match self {
             Caller::Open => true,
             Caller::Public => false,
-            Caller::Token(id) => owner.is_none_or(|o| *o == id.name),
+            Caller::Token(id, _) => owner.is_none_or(|o| *o == id.name),
         }
     }
 
     fn is_admin(&self) -> bool {
-        matches!(self, Caller::Token(id) if id.admin)
+        matches!(self, Caller::Token(id, _) if id.admin)
     }
 
     /// The name to put in a log line about an action of this caller.
     fn describe(&self) -> String {
         match self {
-            Caller::Token(id) if id.admin => format!(" by admin {:?}", &*id.name),
-            Caller::Token(id) => format!(" by {:?}", &*id.name),
+            Caller::Token(id, from) if id.admin => format!(" by admin {:?} from {from}", &*id.name),
+            Caller::Token(id, _) => format!(" by {:?}", &*id.name),
             Caller::Open | Caller::Public => String::new(),
         }
     }
@@ -210,10 +210,10 @@ fn authorize(
                 .with_header("Retry-After", retry.to_string()),
         );
     }
-    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
-        return Ok(Caller::Token(identity));
-    }
     let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
+        return Ok(Caller::Token(identity, from));
+    }
     log::warn!(
         "authentication failed: {} {:?} from {from}",
         request.method(),

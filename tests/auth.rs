@@ -287,8 +287,14 @@ fn every_route_with_every_kind_of_credential() {
     call(&s, Who::Other, "DELETE", &format!("/session/{id}"), None).expect_empty(204);
 
     let log = s.log_text();
-    assert!(log.contains("ended by admin \"ops\""), "{log}");
-    assert!(log.contains("(force=true) by admin \"ops\""), "{log}");
+    assert!(
+        log.contains(r#"of "ci" ended by admin "ops" from 127.0.0.1"#),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"(force=true) by admin "ops" from 127.0.0.1"#),
+        "{log}"
+    );
     for token in [CI, OTHER, ADMIN, "not-a-token-of-anybody"] {
         assert!(!log.contains(token), "a token reached the log");
     }

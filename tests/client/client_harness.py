@@ -25,10 +25,17 @@ class Lab:
     api: Client
     python: Path
     runs: list[Path] = field(default_factory=list)
+    # With NEOPS_TEST_TOKENS=1: the netrc file the unchanged client reads its token from.
+    netrc: Path | None = None
 
-    def user_pytest(self, *args: str, name: str) -> Job:
-        """Start `pytest ARGS` in user_project/ as a user's CI job would run it."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "REMOTE_LAB_"))}
+    def user_pytest(self, *args: str, name: str, netrc: bool = True) -> Job:
+        """Start `pytest ARGS` in user_project/ as a user's CI job would run it (with the
+        token in $NETRC when the server wants one, unless `netrc` is false)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "REMOTE_LAB_", "NETRC"))}
+        if self.netrc is not None and netrc:
+            env["NETRC"] = str(self.netrc)
+        elif self.netrc is not None:
+            env["NETRC"] = os.devnull
         env.update(
             REMOTE_LAB_URL=self.server.url,
             REMOTE_LAB_REQUEST_TIMEOUT="30",

@@ -8,6 +8,8 @@ package would write, and runs in pytest processes of its own.
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +25,15 @@ from labserver import Client, HarnessError, Sandbox, ServerProcess, find_netlab,
 collect_ignore = ["user_project"]
 
 
+def tokens_mode() -> bool:
+    """NEOPS_TEST_TOKENS=1: the server runs with --token-file and the unchanged client finds
+    its token in a netrc file (NETRC), as requests does by itself."""
+    return os.environ.get("NEOPS_TEST_TOKENS") == "1"
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"neops-remote-lab client suite: server kind = {server_kind()}"
+    mode = "with access tokens (netrc)" if tokens_mode() else "open"
+    return f"neops-remote-lab client suite: server kind = {server_kind()}, {mode}"
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +44,33 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             rust_binary()
         python = find_venv_python()
         sandbox = Sandbox(tmp_path_factory.mktemp("client") / "sb", netlab)
-        server = ServerProcess(sandbox).start()
+        extra_args: list[str] = []
+        netrc = None
+        authorization = None
+        if tokens_mode():
+            token = secrets.token_urlsafe(32)
+            tokens = sandbox.root / "tokens"
+            tokens.write_text(f"ci:{token}\nops:{secrets.token_urlsafe(32)}:admin\n")
+            tokens.chmod(0o600)
+            netrc = sandbox.root / "netrc"
+            netrc.write_text(f"machine 127.0.0.1\nlogin ci\npassword {token}\n")
+            netrc.chmod(0o600)
+            extra_args = ["--token-file", str(tokens)]
+            authorization = f"Bearer {token}"
+        server = ServerProcess(sandbox, extra_args=extra_args).start()
     except HarnessError as exc:
         problem = str(exc)
     else:
         problem = ""
     if problem:
         pytest.fail(problem, pytrace=False)
-    lab = Lab(server=server, sandbox=sandbox, api=Client(server.url), python=python)
+    lab = Lab(
+        server=server,
+        sandbox=sandbox,
+        api=Client(server.url, authorization=authorization),
+        python=python,
+        netrc=netrc,
+    )
     try:
         yield lab
     finally:

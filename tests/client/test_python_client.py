@@ -12,7 +12,7 @@ import time
 import pytest
 
 from client_harness import HealthWatcher, Lab
-from labserver import wait_until
+from labserver import Client, wait_until
 
 pytestmark = pytest.mark.usefixtures("dump_on_failure")
 
@@ -73,6 +73,20 @@ def test_remote_lab_client_directly(lab: Lab) -> None:
     wait_until(lambda: not lab.sandbox.default_registered(), timeout=30, what="the destroyed lab to be gone")
     assert lab.api.get("/active-session").status == 404
     assert "Failed to" not in out, out  # the client logs, never raises, on release/destroy errors
+
+
+def test_tokens_come_from_netrc_and_are_needed(lab: Lab) -> None:
+    """With --token-file (NEOPS_TEST_TOKENS=1): the sessions above were created under the
+    token's name, which the client sent from $NETRC by itself; without the netrc entry the
+    unchanged client is refused with 401 and its tests fail."""
+    if lab.netrc is None:
+        pytest.skip("the server runs without tokens (NEOPS_TEST_TOKENS is not 1)")
+    assert any('created by "ci"' in line for line in lab.server.lines), lab.server.tail()
+    anonymous = Client(lab.server.url)
+    assert anonymous.get("/active-session").status == 401
+    rc, out = lab.user_pytest("test_pair_lab.py", name="no-token", netrc=False).wait()
+    assert rc != 0, out
+    assert "401" in out, out
 
 
 def test_server_shutdown_leaves_no_lab(lab: Lab) -> None:

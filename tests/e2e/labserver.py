@@ -429,11 +429,13 @@ def multipart(parts: list[tuple[str, str | None, bytes, str | None]]) -> tuple[b
 class Client:
     """One request per connection; plain http.client so the tests depend on nothing."""
 
-    def __init__(self, base_url: str, *, timeout: float = 300) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 300, authorization: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         self.host = parsed.hostname or "127.0.0.1"
         self.port = parsed.port or 80
         self.timeout = timeout
+        # Sent with every request when the server wants a token (--token-file).
+        self.authorization = authorization
 
     def request(
         self,
@@ -445,6 +447,8 @@ class Client:
         session: str | None = None,
     ) -> Response:
         hdrs = dict(headers or {})
+        if self.authorization is not None:
+            hdrs.setdefault("Authorization", self.authorization)
         if session is not None:
             hdrs["X-Session-ID"] = session
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
