@@ -21,7 +21,7 @@ use tiny_http::Request;
 use uuid::Uuid;
 
 use crate::api::{Caller, Outcome, gate, header_value, session_not_found};
-use crate::http::{Reply, respond};
+use crate::http::{Reply, answer};
 use crate::lab::{self, Acquire};
 use crate::lab_thread::{LabJob, StartJob};
 use crate::persist::Starting;
@@ -196,14 +196,14 @@ fn run_upload(shared: &Arc<Shared>, mut request: Request, pending: Pending) {
     }));
     let _ = done_tx.send(());
     match outcome {
-        Ok(Outcome::Reply(reply)) => respond(request, reply),
+        Ok(Outcome::Reply(reply)) => answer(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
-        Ok(Outcome::Upload(_)) => respond(request, Reply::internal_error()),
+        Ok(Outcome::Upload(_)) => answer(request, Reply::internal_error()),
         Err(_) => {
             log::error!("the upload of POST /lab panicked; answered 500");
             upload::remove_dir(&pending.work_dir);
             finish(shared, &pending.ticket);
-            respond(request, Reply::internal_error());
+            answer(request, Reply::internal_error());
         }
     }
 }

@@ -42,8 +42,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "state-dir",
         value: Some("DIR"),
-        default: "<temp dir>/neops-remote-lab",
-        help: "lock file and lab work directories",
+        default: "/var/lib/neops-remote-lab as root, else ~/.local/state/neops-remote-lab",
+        help: "state file, lock file and lab work directories (0700, ours alone)",
     },
     OptionSpec {
         name: "active-timeout",
@@ -92,6 +92,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: Some("SECONDS"),
         default: "60",
         help: "give up on a POST /lab upload that takes longer",
+    },
+    OptionSpec {
+        name: "client-timeout",
+        value: Some("SECONDS"),
+        default: "30",
+        help: "close a connection that sends or takes nothing for this long",
+    },
+    OptionSpec {
+        name: "cleanup-foreign",
+        value: None,
+        default: "off",
+        help: "tear down netlab's `default` instance even when it is not in our state dir",
     },
     OptionSpec {
         name: "on-exit",
@@ -199,6 +211,10 @@ pub struct Config {
     pub netlab_timeout: Duration,
     pub max_upload_bytes: u64,
     pub upload_timeout: Duration,
+    /// Read and write timeout of every connection (`SO_RCVTIMEO`/`SO_SNDTIMEO`).
+    pub client_timeout: Duration,
+    /// Tear down a `default` netlab instance outside `<state dir>/labs` too.
+    pub cleanup_foreign: bool,
     pub on_exit: OnExit,
     pub idle_lab_timeout: Duration,
     pub log_level: LevelFilter,
@@ -229,6 +245,8 @@ impl Config {
             netlab_timeout: Duration::from_secs(1800),
             max_upload_bytes: 16 * 1024 * 1024,
             upload_timeout: Duration::from_secs(60),
+            client_timeout: Duration::from_secs(30),
+            cleanup_foreign: false,
             on_exit: OnExit::Teardown,
             idle_lab_timeout: Duration::from_secs(3600),
             log_level: LevelFilter::Info,
@@ -339,7 +357,7 @@ where
             )));
         }
         Some((v, _)) => PathBuf::from(v),
-        None => std::env::temp_dir().join("neops-remote-lab"),
+        None => default_state_dir(rustix::process::geteuid().is_root(), &env)?,
     };
     let mut config = Config::with_state_dir(state_dir);
 
@@ -382,6 +400,13 @@ where
     if let Some((v, e)) = lookup("upload-timeout") {
         config.upload_timeout = parse_seconds(&v, "upload-timeout", e)?;
     }
+    if let Some((v, e)) = lookup("client-timeout") {
+        config.client_timeout = parse_seconds(&v, "client-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("cleanup-foreign") {
+        config.cleanup_foreign =
+            parse_bool(&v).ok_or_else(|| bad("cleanup-foreign", e, &v, "a boolean"))?;
+    }
     if let Some((v, e)) = lookup("idle-lab-timeout") {
         config.idle_lab_timeout = parse_seconds(&v, "idle-lab-timeout", e)?;
     }
@@ -421,6 +446,33 @@ where
         Ok(Command::Cleanup(Box::new(config)))
     } else {
         Ok(Command::Serve(Box::new(config)))
+    }
+}
+
+/// Where the state lives when `--state-dir` is not given: never in a world-writable
+/// directory such as /tmp, where another local user could prepare it. Root (the packaged
+/// service) uses /var/lib/neops-remote-lab; anyone else `$XDG_STATE_HOME/neops-remote-lab`,
+/// by default `~/.local/state/neops-remote-lab`.
+pub fn default_state_dir<E>(root: bool, env: &E) -> Result<PathBuf, ConfigError>
+where
+    E: Fn(&str) -> Option<OsString>,
+{
+    if root {
+        return Ok(PathBuf::from("/var/lib/neops-remote-lab"));
+    }
+    let absolute = |v: OsString| {
+        let p = PathBuf::from(v);
+        p.is_absolute().then_some(p)
+    };
+    if let Some(base) = env("XDG_STATE_HOME").and_then(absolute) {
+        return Ok(base.join("neops-remote-lab"));
+    }
+    match env("HOME").and_then(absolute) {
+        Some(home) => Ok(home.join(".local/state/neops-remote-lab")),
+        None => Err(ConfigError(
+            "no --state-dir given and neither XDG_STATE_HOME nor HOME is set to an absolute path"
+                .into(),
+        )),
     }
 }
 
@@ -493,10 +545,11 @@ mod tests {
     }
 
     fn serve(list: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = env
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        env.push(("HOME".into(), "/home/test".into()));
         match parse(args(list), |k| {
             env.iter()
                 .find(|(n, _)| n == k)
@@ -519,7 +572,8 @@ mod tests {
         assert_eq!(c.max_sessions, 1000);
         assert_eq!(c.max_upload_bytes, 16 * 1024 * 1024);
         assert_eq!(c.log_level, LevelFilter::Info);
-        assert_eq!(c.state_dir, std::env::temp_dir().join("neops-remote-lab"));
+        assert_eq!(c.client_timeout, Duration::from_secs(30));
+        assert!(!c.cleanup_foreign);
     }
 
     #[test]
@@ -578,6 +632,49 @@ mod tests {
         let parsed = parse(args(&["cleanup", "--state-dir", "/x"]), |_| None).unwrap();
         assert!(matches!(parsed, Command::Cleanup(c) if c.state_dir == std::path::Path::new("/x")));
         assert!(serve(&["frobnicate"], &[]).is_err());
+    }
+
+    #[test]
+    fn the_default_state_dir_is_never_in_the_temp_dir() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        assert_eq!(
+            default_state_dir(true, &env(&[("HOME", "/home/u")])).unwrap(),
+            PathBuf::from("/var/lib/neops-remote-lab")
+        );
+        assert_eq!(
+            default_state_dir(false, &env(&[("HOME", "/home/u")])).unwrap(),
+            PathBuf::from("/home/u/.local/state/neops-remote-lab")
+        );
+        assert_eq!(
+            default_state_dir(
+                false,
+                &env(&[("HOME", "/home/u"), ("XDG_STATE_HOME", "/s")])
+            )
+            .unwrap(),
+            PathBuf::from("/s/neops-remote-lab")
+        );
+        // A relative XDG_STATE_HOME is ignored, as the XDG spec says.
+        assert_eq!(
+            default_state_dir(false, &env(&[("HOME", "/h"), ("XDG_STATE_HOME", "rel")])).unwrap(),
+            PathBuf::from("/h/.local/state/neops-remote-lab")
+        );
+        assert!(default_state_dir(false, &env(&[])).is_err());
+        let c = serve(&[], &[]).unwrap();
+        assert!(
+            !c.state_dir.starts_with(std::env::temp_dir()),
+            "{:?}",
+            c.state_dir
+        );
+        let c = serve(&["--client-timeout", "2.5", "--cleanup-foreign"], &[]).unwrap();
+        assert_eq!(c.client_timeout, Duration::from_millis(2500));
+        assert!(c.cleanup_foreign);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -304,18 +305,112 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
     }
     let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &request)));
     match outcome {
-        Ok(Outcome::Reply(reply)) => respond(request, reply),
+        Ok(Outcome::Reply(reply)) => answer(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
         Ok(Outcome::Upload(pending)) => acquire::spawn_upload(shared, request, pending),
         Err(_) => {
             log::error!(
                 "handler for {} {} panicked; answered 500",
                 request.method(),
-                request.url()
+                crate::logging::escape(request.url())
             );
-            respond(request, Reply::internal_error());
+            answer(request, Reply::internal_error());
         }
     }
+}
+
+/// Whether dropping `request` would make tiny_http read the rest of its body on the
+/// dropping thread: a declared body of more than 1 KiB (smaller ones were read with the
+/// head), any body behind `Expect: 100-continue`, or a chunked one. None of our handlers
+/// but the upload of `POST /lab` reads a body.
+pub fn has_unread_body(request: &Request) -> bool {
+    let continue_expected = || {
+        request.headers().iter().any(|h| {
+            h.field.equiv("Expect") && h.value.as_str().eq_ignore_ascii_case("100-continue")
+        })
+    };
+    match request.body_length() {
+        Some(0) => false,
+        Some(n) => n > 1024 || continue_expected(),
+        None => request
+            .headers()
+            .iter()
+            .any(|h| h.field.equiv("Transfer-Encoding")),
+    }
+}
+
+/// Answers on this thread when that cannot block on the client beyond one write, else on
+/// a dropper thread (see [`drop_elsewhere`]).
+pub fn answer(request: Request, reply: Reply) {
+    if has_unread_body(&request) {
+        drop_elsewhere(request, reply);
+    } else {
+        respond(request, reply);
+    }
+}
+
+/// Dropper threads alive now; see [`drop_elsewhere`].
+pub static DROPPERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Most dropper threads at once. Each waits at most `--client-timeout` per read for a
+/// silent client, so a burst of silent bodies is cleared within that time.
+pub const MAX_DROPPERS: usize = 1024;
+
+/// Answers `request` and drops it on a thread of its own: dropping a request whose body was
+/// not read makes tiny_http read the rest of the body first, on the dropping thread, for as
+/// long as the client takes (each read bounded by `--client-timeout`). A worker doing that
+/// would be lost to everyone else meanwhile. Past [`MAX_DROPPERS`] such requests at once
+/// (or when no thread can be started), the request is answered and its connection
+/// abandoned instead; see [`quarantine`].
+pub fn drop_elsewhere(request: Request, reply: Reply) {
+    if DROPPERS.fetch_add(1, Ordering::SeqCst) >= MAX_DROPPERS {
+        DROPPERS.fetch_sub(1, Ordering::SeqCst);
+        abandon(request, reply, "too many bodies are being drained at once");
+        return;
+    }
+    let (tx, rx) = bounded::<(Request, Reply)>(1);
+    let spawned = std::thread::Builder::new()
+        .name("dropper".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            if let Ok((request, reply)) = rx.recv() {
+                respond(request, reply);
+            }
+            DROPPERS.fetch_sub(1, Ordering::SeqCst);
+        });
+    match spawned {
+        Ok(_) => {
+            // The thread is waiting for it: this cannot block.
+            let _ = tx.send((request, reply));
+        }
+        Err(e) => {
+            DROPPERS.fetch_sub(1, Ordering::SeqCst);
+            abandon(request, reply, &format!("cannot start a thread ({e})"));
+        }
+    }
+}
+
+/// Answers a request through `upgrade()`, which writes the response and hands back the
+/// connection (body reader included) without dropping the reader, and leaks that
+/// connection: it costs one idle connection thread and two descriptors until the process
+/// ends. [`crate::listener`] counts them and restarts the server past
+/// [`crate::listener::MAX_ABANDONED`].
+fn abandon(request: Request, reply: Reply, why: &str) {
+    let count = crate::listener::ABANDONED.fetch_add(1, Ordering::SeqCst) + 1;
+    log::warn!(
+        "{} {} from {}: {why}; answered {} and abandoned the connection ({count} so far)",
+        request.method(),
+        crate::logging::escape(request.url()),
+        request
+            .remote_addr()
+            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        reply.status,
+    );
+    let stream = request.upgrade(
+        "none",
+        reply.with_header("Connection", "close").into_response(),
+    );
+    std::mem::forget(stream);
 }
 
 /// Answers a request that declares an absurd `Content-Length`, and never drops it.
@@ -323,26 +418,18 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
 /// When tiny_http drops a request whose body was not read to the end, it reads the rest and
 /// throws it away, allocating one buffer as large as the remaining declared length first. A
 /// request declaring a terabyte would make that allocation fail, and a failed allocation aborts
-/// the process. So such a request is answered through `upgrade()`, which writes the response
-/// and hands back the connection (body reader included) without dropping the reader, and that
-/// connection is deliberately leaked: it costs one idle connection thread and one socket,
-/// instead of the whole server. Only requests declaring more than the larger of
+/// the process; reading the body ourselves does not help either (at the client's end of
+/// stream tiny_http drops the reader the same way). So such a request is answered and its
+/// connection abandoned (see [`abandon`]). Only requests declaring more than the larger of
 /// `--max-upload-bytes` and 256 MiB go this way; no client of this API sends those.
 fn quarantine(request: Request, ceiling: u64) {
-    log::warn!(
-        "{} {} from {} declares a body of {} bytes (over {ceiling}): refused, connection abandoned",
-        request.method(),
-        request.url(),
-        request
-            .remote_addr()
-            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
-        request.body_length().unwrap_or(0),
-    );
     let reply = Reply::detail(
         413,
         format!("Request body too large: the limit is {ceiling} bytes"),
-    )
-    .with_header("Connection", "close");
-    let stream = request.upgrade("none", reply.into_response());
-    std::mem::forget(stream);
+    );
+    let why = format!(
+        "declares a body of {} bytes (over {ceiling})",
+        request.body_length().unwrap_or(0)
+    );
+    abandon(request, reply, &why);
 }

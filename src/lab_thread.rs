@@ -13,7 +13,7 @@ use tiny_http::Request;
 
 use crate::acquire::{self, Ticket};
 use crate::config::OnExit;
-use crate::http::{Reply, respond};
+use crate::http::{Reply, answer};
 use crate::lab::{self, Hash, LabRecord};
 use crate::netlab::{Netlab, NetlabError};
 use crate::queue::Status;
@@ -54,7 +54,7 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
         let result = catch_unwind(AssertUnwindSafe(|| match job {
             LabJob::Start(job, request) => {
                 let reply = start(shared, netlab, job);
-                respond(request, reply);
+                answer(request, reply);
             }
             LabJob::Teardown(lab) => {
                 teardown(netlab, &lab);
@@ -134,8 +134,13 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         job.ticket.session
     );
     // Whatever netlab still registers as `default` (a lab we lost track of) would make
-    // `up` fail: clear it first.
-    netlab.cleanup_default(&shared.config.state_dir);
+    // `up` fail: clear it first, if it is ours; another's is left alone and refused.
+    if let Err(why) = clear_default(netlab, &shared.config) {
+        log::warn!("lab {}: {why}", job.topology.display());
+        remove_dir(&job.work_dir);
+        finish_start(shared, &job.ticket, None);
+        return Reply::detail(409, why);
+    }
     let result = netlab
         .up(&job.topology, shared.shutdown_flag())
         .and_then(|()| netlab.devices(&job.work_dir));
@@ -180,6 +185,33 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         200,
         format!("{{\"reused\":false,\"devices\":{devices_json}}}"),
     )
+}
+
+/// Tears down netlab's `default` instance if it is in this server's `labs/` (a lab we lost
+/// track of), or anywhere with `--cleanup-foreign`. One in another directory belongs to
+/// someone else (another server, a person at the shell): it is left alone, and the reason
+/// is returned. A registration whose directory is gone is cleared either way.
+pub fn clear_default(netlab: &Netlab, config: &crate::config::Config) -> Result<(), String> {
+    let labs = config.state_dir.join("labs");
+    let dir = match netlab.default_instance_dir(&config.state_dir) {
+        Ok(Some(dir)) => dir,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            log::warn!("cannot tell where netlab's default instance is: {e}");
+            return Ok(());
+        }
+    };
+    let ours = crate::statedir::is_work_dir(&labs, &dir);
+    if ours || config.cleanup_foreign || !dir.exists() {
+        netlab.cleanup_default(&config.state_dir);
+        return Ok(());
+    }
+    Err(format!(
+        "netlab's instance 'default' is running in {}, outside this server's {}: \
+         not touching it (tear it down there, or start the server with --cleanup-foreign)",
+        crate::logging::escape(&dir.to_string_lossy()),
+        labs.display()
+    ))
 }
 
 /// Ends a start: the lab (if one came up and its session is still the active one, and the

@@ -9,7 +9,8 @@
 //! * [`queue`]: sessions and the FIFO queue (pure).
 //! * [`lab`]: the lab record and the acquire decisions (pure).
 //! * [`state`]: the shared state behind one mutex, and the operations that change it.
-//! * [`http`]: listener, worker pool, replies and routing.
+//! * [`http`]: listener thread, worker pool, replies and routing.
+//! * [`listener`]: the listening socket with connection timeouts, and the watch on it.
 //! * [`api`]: one handler per endpoint.
 //! * [`acquire`]: `POST /lab` from the gate to the lab thread, uploads on their own threads.
 //! * [`upload`]: the multipart upload of `POST /lab`.
@@ -18,6 +19,7 @@
 //! * [`procgroup`]: signals that reach only the process groups they are meant for.
 //! * [`timer`]: the stale-session sweep and the systemd watchdog.
 //! * [`persist`]: the state file that lets a restart lose nothing.
+//! * [`statedir`]: the state directory is ours alone; links are never followed.
 #![forbid(unsafe_code)]
 
 pub mod acquire;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod http;
 pub mod lab;
 pub mod lab_thread;
+pub mod listener;
 pub mod lockfile;
 pub mod logging;
 pub mod netlab;
@@ -38,5 +41,6 @@ pub mod procgroup;
 pub mod queue;
 pub mod server;
 pub mod state;
+pub mod statedir;
 pub mod timer;
 pub mod upload;

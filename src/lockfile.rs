@@ -2,7 +2,7 @@
 //! The kernel drops the lock when its holder dies, so a lock left by a crash never blocks a
 //! restart; the file keeps the holder's pid so a refused second instance can name it.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -16,12 +16,9 @@ pub struct StateDirLock {
 
 pub fn acquire(state_dir: &Path) -> Result<StateDirLock, String> {
     let path = state_dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    // Never through a symbolic link: a planted one would have us truncate and write our pid
+    // into whatever file it names.
+    let mut file = crate::statedir::open_rw(&path)
         .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}

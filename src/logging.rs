@@ -57,3 +57,47 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
     }
     CombinedLogger::init(loggers).map_err(|e| format!("logging: {e}"))
 }
+
+/// Client text as it may appear in a log line: control characters (line breaks, ESC, NUL)
+/// escaped, so that no client can start a line of its own or colour the terminal, and cut
+/// after 200 characters.
+pub fn escape(text: &str) -> String {
+    const LIMIT: usize = 200;
+    let mut out = String::with_capacity(text.len().min(LIMIT) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i == LIMIT {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                out.extend(c.escape_default());
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`escape`] for bytes that may not be UTF-8 (invalid sequences become U+FFFD).
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    escape(&String::from_utf8_lossy(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_cannot_make_lines_of_its_own() {
+        assert_eq!(escape("/a b"), "/a b");
+        assert_eq!(
+            escape("/x\n[ERROR] FORGED\r\u{1b}[31m\0"),
+            "/x\\n[ERROR] FORGED\\r\\u{1b}[31m\\u{0}"
+        );
+        assert_eq!(escape("a\\nb"), "a\\\\nb");
+        assert_eq!(escape(&"x".repeat(300)).len(), 203);
+        assert_eq!(escape_bytes(b"a\xffb\n"), "a\u{fffd}b\\n");
+    }
+}

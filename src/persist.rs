@@ -7,7 +7,7 @@
 //! (group commit): whoever finds no write in progress writes a snapshot that includes every
 //! change made so far, and everyone whose change it covers returns.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -217,7 +217,11 @@ pub fn parse(text: &str) -> Result<Saved, String> {
 /// aside (its new name is in the error) and the server starts clean.
 pub fn load(state_dir: &Path) -> Result<Option<Saved>, String> {
     let path = state_dir.join(STATE_FILE);
-    let text = match fs::read_to_string(&path) {
+    let read = crate::statedir::open_read(&path).and_then(|mut f| {
+        let mut text = String::new();
+        io::Read::read_to_string(&mut f, &mut text).map(|_| text)
+    });
+    let text = match read {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(set_aside(&path, &e.to_string())),
@@ -250,11 +254,8 @@ fn set_aside(path: &Path, why: &str) -> String {
 pub fn write_atomic(dir: &Path, text: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        // Unlinked and made afresh: a link planted there is never written through.
+        let mut file = crate::statedir::create_fresh(&tmp)?;
         file.write_all(text)?;
         file.sync_all()?;
     }

@@ -1,8 +1,9 @@
 //! Start-up, the threads, and shutdown.
 //!
-//! Start-up: lock the state dir, check netlab (`netlab version`), clear what a previous run
-//! left (netlab's `default` instance, old work directories), bind, print
-//! `listening on http://ADDR:PORT`, tell systemd `READY=1`.
+//! Start-up: check the state dir is ours alone, lock it, bind the port (a second server by
+//! mistake fails here, before it touches netlab), check netlab (`netlab version`), clear what
+//! a previous run left (netlab's `default` instance when it is in our `labs/`, old work
+//! directories), print `listening on http://ADDR:PORT`, tell systemd `READY=1`.
 //!
 //! Shutdown (SIGTERM/SIGINT): the listener stops taking requests (what tiny_http already
 //! parsed is still answered), the workers drain the channel, the lab thread finishes its job
@@ -12,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 
-use crossbeam_channel::unbounded;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tiny_http::Server;
@@ -25,7 +29,7 @@ use crate::lab_thread::{self, LabJob};
 use crate::netlab::Netlab;
 use crate::persist::{self, Saved};
 use crate::state::{Shared, State};
-use crate::{http, lockfile, logging, notify, timer, upload};
+use crate::{http, listener, lockfile, logging, notify, statedir, timer, upload};
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
 pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
@@ -91,15 +95,24 @@ fn serve(config: Config) -> i32 {
             None
         }
     };
-    if let Err(e) = std::fs::create_dir_all(config.state_dir.join("labs")) {
-        return fail(format!(
-            "cannot create state dir {}: {e}",
-            config.state_dir.display()
-        ));
+    if let Err(e) = statedir::prepare(&config.state_dir) {
+        return fail(e);
     }
     let _lock = match lockfile::acquire(&config.state_dir) {
         Ok(lock) => lock,
         Err(e) => return fail(e),
+    };
+    let nofile = listener::raise_nofile_limit();
+    // Bound before netlab is touched: a second server started by mistake on a port in use
+    // must fail without tearing down anything.
+    let socket = match listener::bind(&config.host, config.port, config.client_timeout) {
+        Ok(socket) => socket,
+        Err(e) => {
+            return fail(format!(
+                "cannot listen on {}:{}: {e}",
+                config.host, config.port
+            ));
+        }
     };
 
     let netlab = Netlab::new(
@@ -120,7 +133,7 @@ fn serve(config: Config) -> i32 {
     let clock = Arc::new(MonotonicClock::new());
     let state = restore(&config, &netlab, clock.now());
 
-    let server = match Server::http((config.host.as_str(), config.port)) {
+    let server = match Server::from_listener(socket, None) {
         Ok(server) => Arc::new(server),
         Err(e) => {
             return fail(format!(
@@ -200,12 +213,24 @@ fn serve(config: Config) -> i32 {
     let (work_tx, work_rx) = http::work_channel();
     let workers = http::start_workers(config.workers, &shared, &work_rx);
     drop(work_rx);
+    let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);
+    let watch = {
+        let shared = Arc::clone(&shared);
+        let every = listener::watch_interval(config.client_timeout);
+        let probe = timer::probe_address(bound);
+        thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || watch_listener(&shared, probe, every, &watch_rx))
+            .expect("cannot start the watch thread")
+    };
 
     eprintln!("listening on http://{bound}");
     log::info!(
-        "serving with {} workers; state dir {}",
+        "serving with {} workers; state dir {}; client timeout {:.1} s; open files limit {}",
         config.workers,
-        config.state_dir.display()
+        config.state_dir.display(),
+        config.client_timeout.as_secs_f64(),
+        nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
     );
     notify::notify("READY=1");
 
@@ -219,6 +244,14 @@ fn serve(config: Config) -> i32 {
     let listened = listener
         .join()
         .unwrap_or_else(|_| Err("the listener thread panicked".into()));
+    if let Err(e) = &listened
+        && !shared.is_shutting_down()
+    {
+        // tiny_http's accept loop is gone: no orderly stop (it would tear the lab down).
+        listener::restart_now(e);
+    }
+    let _ = watch_stop.send(());
+    let _ = watch.join();
     if shared.begin_shutdown() {
         notify::notify("STOPPING=1");
     }
@@ -301,6 +334,30 @@ fn reload_tokens(shared: &Shared) {
     }
 }
 
+/// The watch on tiny_http's listener (see [`crate::listener`]): connects several times per
+/// socket timeout, and ends the process when the listener is gone, deaf for seconds, or too
+/// many connections were abandoned.
+fn watch_listener(shared: &Shared, probe: SocketAddr, every: Duration, stop: &Receiver<()>) {
+    let limit = every.max(Duration::from_millis(500));
+    let mut last_alive = Instant::now();
+    loop {
+        match stop.recv_timeout(every) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if shared.is_shutting_down() {
+            return;
+        }
+        let verdict = listener::probe(probe, limit);
+        if shared.is_shutting_down() {
+            return;
+        }
+        if let Some(why) = listener::judge(verdict, &mut last_alive, Instant::now()) {
+            listener::restart_now(&why);
+        }
+    }
+}
+
 /// Rebuilds the state from the state file, checked against reality:
 /// * sessions come back in the same order (their silence is counted from now);
 /// * the lab is re-adopted if its work dir exists, netlab still registers `default` there
@@ -318,6 +375,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
             Saved::default()
         }
     };
+    let saved = confine(saved, &config.state_dir.join("labs"));
     for session in &saved.sessions {
         state.queue.restore(session.id, now);
         state.queue.set_owner(&session.id, session.owner.clone());
@@ -361,11 +419,52 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         keep.push(lab.work_dir.clone());
         state.teardowns.push(lab);
     }
-    if state.lab.is_none() {
-        netlab.cleanup_default(&config.state_dir);
+    if state.lab.is_none()
+        && let Err(why) = lab_thread::clear_default(netlab, config)
+    {
+        log::warn!("{why}; a POST /lab gets 409 until it is gone");
     }
     remove_leftover_work_dirs(config, &keep);
     state
+}
+
+/// Drops every record of the state file that names a directory outside `labs` (or a
+/// topology outside its work dir): nothing is removed, nor is netlab run, anywhere else,
+/// whoever wrote the file.
+fn confine(mut saved: Saved, labs: &Path) -> Saved {
+    let lab_ok = |lab: &LabRecord| {
+        statedir::is_work_dir(labs, &lab.work_dir)
+            && statedir::is_inside(&lab.work_dir, &lab.topology)
+    };
+    let refuse = |what: &str, path: &Path| {
+        log::error!(
+            "the state file names {what} {}, outside {}: ignoring it, touching nothing there",
+            logging::escape(&path.to_string_lossy()),
+            labs.display()
+        );
+    };
+    if let Some(lab) = saved.lab.take() {
+        if lab_ok(&lab) {
+            saved.lab = Some(lab);
+        } else {
+            refuse("the lab", &lab.work_dir);
+        }
+    }
+    if let Some(start) = saved.starting.take() {
+        if statedir::is_work_dir(labs, &start.work_dir) {
+            saved.starting = Some(start);
+        } else {
+            refuse("a start in", &start.work_dir);
+        }
+    }
+    saved.teardowns.retain(|lab| {
+        let ok = lab_ok(lab);
+        if !ok {
+            refuse("a teardown of", &lab.work_dir);
+        }
+        ok
+    });
+    saved
 }
 
 /// `netlab down --cleanup --force` in a work dir that may hold a half-made lab, then the
@@ -387,11 +486,8 @@ fn cleanup(config: Config) -> i32 {
         eprintln!("neops-remote-lab: {e}");
         return 1;
     }
-    if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
-        return fail(format!(
-            "cannot create state dir {}: {e}",
-            config.state_dir.display()
-        ));
+    if let Err(e) = statedir::prepare(&config.state_dir) {
+        return fail(e);
     }
     let _lock = match lockfile::acquire(&config.state_dir) {
         Ok(lock) => lock,
@@ -408,6 +504,7 @@ fn cleanup(config: Config) -> i32 {
             Saved::default()
         }
     };
+    let saved = confine(saved, &config.state_dir.join("labs"));
     let labs = saved
         .lab
         .iter()

@@ -82,7 +82,7 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
     assert_eq!(
         lines[..3],
         [
-            "down --instance default --cleanup".to_owned(),
+            "status --all --format json".to_owned(),
             "up lab.yml".to_owned(),
             "inspect -q --instance default --format json list(nodes.keys())".to_owned(),
         ]

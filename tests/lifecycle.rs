@@ -184,9 +184,14 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
         dir: Some(dir),
         ..Options::default()
     });
+    // The leftover is in our labs/: ours to tear down.
     assert_eq!(
         s.call_lines(),
-        ["version", "down --instance default --cleanup"]
+        [
+            "version",
+            "status --all --format json",
+            "down --instance default --cleanup"
+        ]
     );
     assert_eq!(s.registered(), None);
     assert!(s.work_dirs().is_empty());
@@ -210,6 +215,7 @@ fn start_up_resets_a_registration_whose_directory_is_gone() {
         s.call_lines(),
         [
             "version",
+            "status --all --format json",
             "down --instance default --cleanup",
             "status --reset"
         ]

@@ -1,0 +1,230 @@
+//! The listening socket, made by us so that every connection has timeouts, and the watch
+//! that notices when tiny_http stopped taking connections.
+//!
+//! tiny_http has no connection timeouts and a thread per connection. On Linux an accepted
+//! socket inherits `SO_RCVTIMEO`/`SO_SNDTIMEO` from the listening socket, so setting them
+//! here (`--client-timeout`) bounds every read and write tiny_http or we do on a connection:
+//! a silent client is dropped after that long. The same option bounds the listener's own
+//! `accept()`, and tiny_http ends its accept loop on that error; the watch below connects
+//! to the listener several times per timeout, so `accept()` never waits that long.
+//!
+//! Where tiny_http leaves no way out (its accept loop ended or panicked because descriptors
+//! or threads ran out, or too many connections had to be abandoned on purpose, see
+//! [`crate::http`]), the watch notices within seconds and the process exits with
+//! [`EXIT_RESTART`] and a log line saying why: the service manager starts it again, and the
+//! state file makes that restart invisible to clients.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+/// The exit status of a deliberate crash: the service manager should start us again.
+pub const EXIT_RESTART: i32 = 75;
+
+/// Pending connections the kernel keeps for us (std uses 128).
+pub const BACKLOG: i32 = 1024;
+
+/// Connections abandoned on purpose (see [`crate::http`]); each keeps a thread and two
+/// descriptors until the process ends.
+pub static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+
+/// More abandoned connections than this: restart to get their resources back.
+pub const MAX_ABANDONED: usize = 100;
+
+/// How long the listener may go without answering the watch before the process exits.
+pub const DEAF_LIMIT: Duration = Duration::from_secs(5);
+
+/// Binds `host:port` with the backlog and the connection timeouts.
+pub fn bind(host: &str, port: u16, client_timeout: Duration) -> io::Result<TcpListener> {
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(client_timeout))?;
+    sockopt::set_socket_timeout(&fd, Timeout::Send, Some(client_timeout))?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, BACKLOG)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Raises the soft limit on open descriptors to the hard one (a shell gives 1024, which
+/// tiny_http's two descriptors per connection use up at about 500 clients). Returns the
+/// limit in force.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            log::warn!("cannot raise the open-files limit: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// How often the watch connects: several times per `--client-timeout` (so `accept()` never
+/// times out), at least once a second.
+pub fn watch_interval(client_timeout: Duration) -> Duration {
+    (client_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
+/// Why the watch gives up on the listener, if it does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Alive,
+    /// Not answered yet; the listener may just be busy.
+    Silent(String),
+    /// Nothing listens any more, or descriptors are gone: no point in waiting.
+    Dead(String),
+}
+
+/// One look through the listener: connect and send `GET /healthz`; any HTTP answer means
+/// tiny_http still accepts and parses (the workers may be busy, or the state degraded).
+pub fn probe(addr: SocketAddr, limit: Duration) -> Verdict {
+    let mut stream = match TcpStream::connect_timeout(&addr, limit) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return Verdict::Dead(format!("nothing listens on {addr} any more"));
+        }
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
+            return Verdict::Dead(format!("out of file descriptors ({e})"));
+        }
+        Err(e) => return Verdict::Silent(format!("connect: {e}")),
+    };
+    let sent = stream
+        .set_read_timeout(Some(limit))
+        .and_then(|_| stream.set_write_timeout(Some(limit)))
+        .and_then(|_| {
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: watch\r\nConnection: close\r\n\r\n")
+        });
+    if let Err(e) = sent {
+        return Verdict::Silent(format!("send: {e}"));
+    }
+    let mut head = [0u8; 9];
+    match stream.read_exact(&mut head) {
+        Ok(()) if &head == b"HTTP/1.1 " => Verdict::Alive,
+        Ok(()) => Verdict::Silent(format!("odd answer {:?}", String::from_utf8_lossy(&head))),
+        Err(e) => Verdict::Silent(format!("no answer: {e}")),
+    }
+}
+
+/// Decides, from one probe, whether the process must go. `last_alive` is when the listener
+/// last answered.
+pub fn judge(verdict: Verdict, last_alive: &mut Instant, now: Instant) -> Option<String> {
+    let abandoned = ABANDONED.load(Ordering::SeqCst);
+    if abandoned > MAX_ABANDONED {
+        return Some(format!(
+            "{abandoned} connections were abandoned on purpose (bodies too large to drain, or \
+             too many to drain at once); each holds a thread and two descriptors"
+        ));
+    }
+    match verdict {
+        Verdict::Alive => {
+            *last_alive = now;
+            None
+        }
+        Verdict::Dead(why) => Some(format!("the HTTP listener is gone: {why}")),
+        Verdict::Silent(why) if now.duration_since(*last_alive) > DEAF_LIMIT => Some(format!(
+            "the HTTP listener has not answered for {:.0} s (last: {why})",
+            now.duration_since(*last_alive).as_secs_f64()
+        )),
+        Verdict::Silent(why) => {
+            log::warn!("the listener did not answer the self-check: {why}");
+            None
+        }
+    }
+}
+
+/// Ends the process at once for the service manager to restart it. Everything a client was
+/// told is already in the state file; a `netlab up` still running is killed by the next
+/// start (its process group is in the state file too).
+pub fn restart_now(why: &str) -> ! {
+    log::error!(
+        "{why}: exiting with status {EXIT_RESTART} so that the service manager restarts the server"
+    );
+    log::logger().flush();
+    std::process::exit(EXIT_RESTART)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_the_timeouts() {
+        let listener = bind("127.0.0.1", 0, Duration::from_millis(1500)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(
+            accepted.read_timeout().unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            accepted.write_timeout().unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn a_closed_listener_is_dead_and_a_silent_one_is_given_time() {
+        let listener = bind("127.0.0.1", 0, Duration::from_secs(5)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepted by the kernel, never answered.
+        assert!(matches!(
+            probe(addr, Duration::from_millis(100)),
+            Verdict::Silent(_)
+        ));
+        drop(listener);
+        assert!(matches!(
+            probe(addr, Duration::from_millis(100)),
+            Verdict::Dead(_)
+        ));
+
+        let start = Instant::now();
+        let mut last = start;
+        assert_eq!(
+            judge(
+                Verdict::Silent("x".into()),
+                &mut last,
+                start + Duration::from_secs(1)
+            ),
+            None
+        );
+        assert!(
+            judge(
+                Verdict::Silent("x".into()),
+                &mut last,
+                start + DEAF_LIMIT * 2
+            )
+            .is_some()
+        );
+        assert_eq!(
+            judge(Verdict::Alive, &mut last, start + DEAF_LIMIT * 2),
+            None
+        );
+        assert!(judge(Verdict::Dead("gone".into()), &mut last, start).is_some());
+    }
+
+    #[test]
+    fn the_watch_connects_several_times_per_timeout() {
+        assert_eq!(
+            watch_interval(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            watch_interval(Duration::from_secs(2)),
+            Duration::from_millis(500)
+        );
+    }
+}
