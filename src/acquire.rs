@@ -289,10 +289,13 @@ fn receive_and_decide(
             );
             let version = state.changed();
             drop(state);
-            shared.persist(version);
+            let persisted = shared.persist(version);
             upload::remove_dir(work_dir);
             drop(guard);
-            Reply::raw_json(200, body).into()
+            match persisted {
+                Ok(()) => Reply::raw_json(200, body).into(),
+                Err(e) => crate::api::not_persisted(&e).into(),
+            }
         }
         Acquire::Busy => {
             drop(state);
@@ -310,10 +313,16 @@ fn receive_and_decide(
             state.starting = Some(Starting {
                 session,
                 work_dir: work_dir.clone(),
+                pgid: None,
             });
             let version = state.changed();
             drop(state);
-            shared.persist(version);
+            if let Err(e) = shared.persist(version) {
+                // Rolled back (the old lab stays, no start is recorded); the guard frees
+                // the slot.
+                upload::remove_dir(work_dir);
+                return crate::api::not_persisted(&e).into();
+            }
             guard.hand_over();
             Outcome::Lab(StartJob {
                 ticket: *ticket,

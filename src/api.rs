@@ -16,6 +16,7 @@ use crate::config::parse_bool;
 use crate::http::Reply;
 use crate::lab::{self, Destroy};
 use crate::lab_thread::StartJob;
+use crate::persist::NotPersisted;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
 
@@ -115,7 +116,10 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id), caller),
         (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id), caller),
         (Route::ActiveSession, Some("GET")) => active_session(shared, caller),
-        (Route::Healthz, Some("GET")) => Reply::empty(204),
+        (Route::Healthz, Some("GET")) => match shared.degraded() {
+            None => Reply::empty(204),
+            Some(why) => Reply::detail(503, format!("degraded: {}", NotPersisted(why))),
+        },
         (Route::DebugHealth, Some("GET")) => debug_health(shared),
         (Route::OpenApi, Some("GET")) => Reply::raw_json(200, crate::openapi::document()),
         (Route::Lab, Some("POST")) => return acquire::begin(shared, request, caller),
@@ -252,7 +256,9 @@ fn create_session(shared: &Shared, caller: &Caller) -> Reply {
     };
     match created {
         Ok((position, version)) => {
-            shared.persist(version);
+            if let Err(e) = shared.persist(version) {
+                return not_persisted(&e);
+            }
             let by = caller.describe();
             if position == 0 {
                 log::info!("session {id} created{by} and active");
@@ -275,6 +281,11 @@ fn create_session(shared: &Shared, caller: &Caller) -> Reply {
             Reply::detail(503, full.to_string()).with_header("Retry-After", "5")
         }
     }
+}
+
+/// A change that could not be written to the state file (it was rolled back).
+pub fn not_persisted(e: &NotPersisted) -> Reply {
+    Reply::detail(503, e.to_string()).with_header("Retry-After", "5")
 }
 
 pub fn session_not_found() -> Reply {
@@ -313,18 +324,25 @@ fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
 }
 
 fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
-    let ended = parse_session_id(id).is_some_and(|id| {
-        let owner = shared.lock().queue.owner(&id).map(|o| o.cloned());
-        match owner {
-            Some(owner) if caller.may_use(owner.as_ref()) => shared.end_session(&id),
-            Some(owner) if caller.is_admin() => {
-                let owner = owner.as_deref().unwrap_or("nobody");
-                log::warn!("session {id} of {owner:?} ended{}", caller.describe());
-                shared.end_session(&id)
+    let ended = match parse_session_id(id) {
+        None => false,
+        Some(id) => {
+            let owner = shared.lock().queue.owner(&id).map(|o| o.cloned());
+            let ended = match owner {
+                Some(owner) if caller.may_use(owner.as_ref()) => shared.end_session(&id),
+                Some(owner) if caller.is_admin() => {
+                    let owner = owner.as_deref().unwrap_or("nobody");
+                    log::warn!("session {id} of {owner:?} ended{}", caller.describe());
+                    shared.end_session(&id)
+                }
+                _ => Ok(false),
+            };
+            match ended {
+                Ok(ended) => ended,
+                Err(e) => return not_persisted(&e),
             }
-            _ => false,
         }
-    });
+    };
     if ended || shared.is_shutting_down() {
         Reply::empty(204)
     } else {
@@ -395,6 +413,8 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     }
     let now = SystemTime::now();
     let timestamp = now
@@ -406,10 +426,12 @@ fn debug_health(shared: &Shared) -> Reply {
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
     let sessions = shared.lock().queue.len();
+    let degraded = shared.degraded();
     Reply::json(
         200,
         &Health {
-            status: "ok",
+            status: if degraded.is_some() { "degraded" } else { "ok" },
+            detail: degraded.map(|why| NotPersisted(why).to_string()),
             timestamp,
             uptime,
             sessions,
@@ -499,7 +521,9 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
             None => return no_lab(),
         }
     };
-    shared.persist(version);
+    if let Err(e) = shared.persist(version) {
+        return not_persisted(&e);
+    }
     Reply::empty(204)
 }
 
@@ -544,7 +568,9 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller)
             }
         }
     };
-    shared.persist(version);
+    if let Err(e) = shared.persist(version) {
+        return not_persisted(&e);
+    }
     Reply::empty(202)
 }
 

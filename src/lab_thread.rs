@@ -16,6 +16,7 @@ use crate::config::OnExit;
 use crate::http::{Reply, answer};
 use crate::lab::{self, Hash, LabRecord};
 use crate::netlab::{Netlab, NetlabError};
+use crate::persist::NotPersisted;
 use crate::queue::Status;
 use crate::state::Shared;
 use crate::upload::remove_dir;
@@ -93,7 +94,7 @@ fn shut_down(shared: &Shared, netlab: &Netlab) {
             state.lab = None;
             state.changed()
         };
-        shared.persist(version);
+        shared.persist_quietly(version);
     }
 }
 
@@ -123,7 +124,7 @@ fn discard(netlab: &Netlab, job: &StartJob) {
 fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     if shared.is_shutting_down() {
         remove_dir(&job.work_dir);
-        finish_start(shared, &job.ticket, None);
+        let _ = finish_start(shared, &job.ticket, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let started = Instant::now();
@@ -138,18 +139,31 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     if let Err(why) = clear_default(netlab, &shared.config) {
         log::warn!("lab {}: {why}", job.topology.display());
         remove_dir(&job.work_dir);
-        finish_start(shared, &job.ticket, None);
+        let _ = finish_start(shared, &job.ticket, None);
         return Reply::detail(409, why);
     }
+    // The up's process group goes into the start record, so that a restart after a crash
+    // can kill what is left of it before cleaning up.
+    let record_group = |pgid: u32| {
+        let version = {
+            let mut state = shared.lock();
+            match state.starting.as_mut() {
+                Some(start) if start.work_dir == job.work_dir => start.pgid = Some(pgid),
+                _ => return,
+            }
+            state.changed()
+        };
+        shared.persist_quietly(version);
+    };
     let result = netlab
-        .up(&job.topology, shared.shutdown_flag())
+        .up(&job.topology, shared.shutdown_flag(), &record_group)
         .and_then(|()| netlab.devices(&job.work_dir));
     let devices = match result {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(&job, &e);
             discard(netlab, &job);
-            finish_start(shared, &job.ticket, None);
+            let _ = finish_start(shared, &job.ticket, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -161,7 +175,24 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         ref_count: 1,
         devices_json: devices_json.clone(),
     };
-    let (active, stored) = finish_start(shared, &job.ticket, Some(record));
+    let (active, stored) = match finish_start(shared, &job.ticket, Some(record)) {
+        Ok(done) => done,
+        Err(e) => {
+            // Not recorded, so not kept: a lab nobody knows of would outlive a restart.
+            log::error!(
+                "lab {} came up but cannot be recorded: tearing it down again",
+                job.topology.display()
+            );
+            discard(netlab, &job);
+            let version = {
+                let mut state = shared.lock();
+                state.starting = None;
+                state.changed()
+            };
+            shared.persist_quietly(version);
+            return crate::api::not_persisted(&e);
+        }
+    };
     if !stored {
         discard(netlab, &job);
         return if active {
@@ -217,7 +248,11 @@ pub fn clear_default(netlab: &Netlab, config: &crate::config::Config) -> Result<
 /// Ends a start: the lab (if one came up and its session is still the active one, and the
 /// server is not shutting down) becomes the running lab; the start is no longer in
 /// progress. Durable when this returns. Returns (session still active, lab stored).
-fn finish_start(shared: &Shared, ticket: &Ticket, lab: Option<LabRecord>) -> (bool, bool) {
+fn finish_start(
+    shared: &Shared,
+    ticket: &Ticket,
+    lab: Option<LabRecord>,
+) -> Result<(bool, bool), NotPersisted> {
     let session = &ticket.session;
     let (active, stored, version) = {
         let mut state = shared.lock();
@@ -229,9 +264,9 @@ fn finish_start(shared: &Shared, ticket: &Ticket, lab: Option<LabRecord>) -> (bo
         state.starting = None;
         (active, stored, state.changed())
     };
-    shared.persist(version);
+    let persisted = shared.persist(version);
     acquire::finish(shared, ticket);
-    (active, stored)
+    persisted.map(|()| (active, stored))
 }
 
 fn log_failure(job: &StartJob, e: &NetlabError) {

@@ -254,6 +254,20 @@ impl Netlab {
         stdin: Option<&[u8]>,
         cancel: Option<&AtomicBool>,
     ) -> io::Result<Output> {
+        self.run_with(args, cwd, timeout, stdin, cancel, &|_| {})
+    }
+
+    /// [`Netlab::run`], calling `spawned` with the command's process group id as soon as it
+    /// runs.
+    pub fn run_with(
+        &self,
+        args: &[&str],
+        cwd: &Path,
+        timeout: Duration,
+        stdin: Option<&[u8]>,
+        cancel: Option<&AtomicBool>,
+        spawned: &dyn Fn(u32),
+    ) -> io::Result<Output> {
         let label = args.first().copied().unwrap_or("").to_owned();
         log::debug!("running netlab {} in {}", args.join(" "), cwd.display());
         let mut command = Command::new(&self.program);
@@ -269,6 +283,7 @@ impl Netlab {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = GroupChild::spawn(&mut command)?;
+        spawned(child.id());
         let (child_stdin, child_stdout, child_stderr) = child.take_pipes();
         if let (Some(input), Some(mut pipe)) = (stdin, child_stdin) {
             // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
@@ -455,10 +470,23 @@ impl Netlab {
     }
 
     /// `netlab up <topology>` in the topology's directory.
-    pub fn up(&self, topology: &Path, cancel: &AtomicBool) -> Result<(), NetlabError> {
+    /// `spawned` gets its process group id as soon as it runs.
+    pub fn up(
+        &self,
+        topology: &Path,
+        cancel: &AtomicBool,
+        spawned: &dyn Fn(u32),
+    ) -> Result<(), NetlabError> {
         let (dir, name) = split(topology);
         let out = self
-            .run(&["up", &name], &dir, self.up_timeout, None, Some(cancel))
+            .run_with(
+                &["up", &name],
+                &dir,
+                self.up_timeout,
+                None,
+                Some(cancel),
+                spawned,
+            )
             .map_err(|e| NetlabError::Spawn(format!("{}: {e}", self.program.display())))?;
         if out.cancelled {
             return Err(NetlabError::Cancelled);

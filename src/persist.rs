@@ -26,6 +26,9 @@ pub const FORMAT_VERSION: u64 = 1;
 pub struct Starting {
     pub session: SessionId,
     pub work_dir: PathBuf,
+    /// The process group of the running `netlab up`, once it is started: a restart after a
+    /// crash kills what is left of it.
+    pub pgid: Option<u32>,
 }
 
 /// One session as the state file keeps it.
@@ -87,6 +90,7 @@ impl Snapshot {
                 serde_json::json!({
                     "session": s.session.to_string(),
                     "work_dir": s.work_dir,
+                    "pgid": s.pgid,
                 })
                 .to_string()
                 .as_bytes(),
@@ -203,6 +207,10 @@ pub fn parse(text: &str) -> Result<Saved, String> {
                     .and_then(Value::as_str)
                     .ok_or("a start without a work dir")?,
             ),
+            pgid: s
+                .get("pgid")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok()),
         }),
     };
     if let Some(list) = v.get("teardowns").and_then(Value::as_array) {
@@ -271,12 +279,21 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Group commit of state versions.
+/// Group commit of state versions, with roll-back when a write fails.
+///
+/// A change is acknowledged to a client only once a snapshot containing it is on disk. When
+/// a write fails (full disk, I/O error), the in-memory state is rolled back to the last
+/// snapshot that was written, every change since then is reported as failed to whoever
+/// made it (they answer 503, so nothing they were told is lost), and the server counts as
+/// degraded until a write succeeds again.
 pub struct Persister {
     dir: PathBuf,
     inner: Mutex<Progress>,
     written: Condvar,
 }
+
+/// A range of versions `(after, upto]` whose changes were rolled back.
+type Failed = (u64, u64, String);
 
 struct Progress {
     durable: u64,
@@ -284,6 +301,26 @@ struct Progress {
     /// The writer's buffers, kept between writes.
     snapshot: Snapshot,
     text: Vec<u8>,
+    /// The last snapshot on disk: what a failed write rolls the state back to.
+    baseline: Snapshot,
+    /// Recent roll-backs (only the last few are kept: their committers are waiting now).
+    failed: Vec<Failed>,
+    /// Why the last write failed, until one succeeds.
+    error: Option<String>,
+}
+
+/// The error of a change that could not be made durable (and was rolled back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotPersisted(pub String);
+
+impl std::fmt::Display for NotPersisted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Change not made: the server cannot persist its state file ({}); try again later",
+            self.0
+        )
+    }
 }
 
 impl Persister {
@@ -295,18 +332,51 @@ impl Persister {
                 writing: false,
                 snapshot: Snapshot::default(),
                 text: Vec::new(),
+                baseline: Snapshot::default(),
+                failed: Vec::new(),
+                error: None,
             }),
             written: Condvar::new(),
         }
     }
 
-    /// Returns once state `version` (or a later one) is on disk. `fill` is called by the
-    /// writer to copy the current state into the snapshot (it takes the state lock briefly).
-    pub fn commit(&self, version: u64, fill: impl Fn(&mut Snapshot)) {
-        let mut progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets what a failed write rolls back to, before the first write (the state restored
+    /// from the file is what the file says).
+    pub fn set_baseline(&self, fill: impl Fn(&mut Snapshot)) {
+        fill(&mut self.progress().baseline);
+    }
+
+    /// Why the state is not durable, while the last write failed.
+    pub fn degraded(&self) -> Option<String> {
+        self.progress().error.clone()
+    }
+
+    /// Returns once state `version` (or a later one) is on disk, or fails when the write
+    /// that should have carried it failed (the change is rolled back then). `fill` is called
+    /// by the writer to copy the current state into the snapshot (it takes the state lock
+    /// briefly); `rollback` restores the state from the last written snapshot, under the
+    /// state lock, and returns the state's version before it did.
+    pub fn commit(
+        &self,
+        version: u64,
+        fill: impl Fn(&mut Snapshot),
+        rollback: impl Fn(&Snapshot) -> u64,
+    ) -> Result<u64, NotPersisted> {
+        let mut progress = self.progress();
         loop {
+            if let Some((_, _, why)) = progress
+                .failed
+                .iter()
+                .find(|(after, upto, _)| *after < version && version <= *upto)
+            {
+                return Err(NotPersisted(why.clone()));
+            }
             if progress.durable >= version {
-                return;
+                return Ok(progress.durable);
             }
             if progress.writing {
                 progress = self
@@ -321,13 +391,32 @@ impl Persister {
             drop(progress);
             fill(&mut snap);
             snap.write_json(&mut text);
-            if let Err(e) = write_atomic(&self.dir, &text) {
-                // The server goes on serving; a restart would lose this change.
-                log::error!("cannot write the state file in {}: {e}", self.dir.display());
+            let result = write_atomic(&self.dir, &text);
+            progress = self.progress();
+            match result {
+                Ok(()) => {
+                    progress.durable = progress.durable.max(snap.version);
+                    if progress.error.take().is_some() {
+                        log::warn!("the state file in {} is written again", self.dir.display());
+                    }
+                    std::mem::swap(&mut progress.baseline, &mut snap);
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    log::error!(
+                        "cannot write the state file in {}: {why}; changes since the last \
+                         write are rolled back and refused until a write succeeds",
+                        self.dir.display()
+                    );
+                    let upto = rollback(&progress.baseline);
+                    let after = progress.durable;
+                    progress.failed.push((after, upto, why.clone()));
+                    let excess = progress.failed.len().saturating_sub(64);
+                    progress.failed.drain(..excess);
+                    progress.error = Some(why);
+                }
             }
-            progress = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             progress.writing = false;
-            progress.durable = progress.durable.max(snap.version);
             progress.snapshot = snap;
             progress.text = text;
             self.written.notify_all();
@@ -370,6 +459,7 @@ mod tests {
             starting: Some(Starting {
                 session: ids[0],
                 work_dir: PathBuf::from("/s/labs/b"),
+                pgid: Some(4242),
             }),
             teardowns: vec![record("/s/labs/c", 0)],
         };
@@ -381,7 +471,9 @@ mod tests {
         assert_eq!(lab.hash, lab::sha256(b"/s/labs/a"));
         assert_eq!(lab.ref_count, 2);
         assert_eq!(&*lab.devices_json, r#"[{"name":"r1","raw":{"a":1}}]"#);
-        assert_eq!(saved.starting.unwrap().work_dir, PathBuf::from("/s/labs/b"));
+        let starting = saved.starting.unwrap();
+        assert_eq!(starting.work_dir, PathBuf::from("/s/labs/b"));
+        assert_eq!(starting.pgid, Some(4242));
         assert_eq!(saved.teardowns[0].work_dir, PathBuf::from("/s/labs/c"));
     }
 

@@ -136,6 +136,28 @@ impl Queue {
             .unwrap_or_else(|insert_at| insert_at)
     }
 
+    /// Makes the queue exactly `records`, in that order (a roll-back to the last state written):
+    /// sessions still tracked keep their activity; the others come back as seen `now`.
+    pub fn reset_to(&mut self, records: &[SessionRecord], now: Duration) {
+        let mut old = std::mem::take(&mut self.sessions);
+        self.order.clear();
+        for record in records {
+            let id = &record.id;
+            let (last_seen, busy) = old
+                .remove(id)
+                .map_or((now, false), |s| (s.last_seen, s.busy));
+            if self.sessions.contains_key(id) {
+                continue;
+            }
+            self.push(*id, now);
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.last_seen = last_seen;
+                s.busy = busy;
+                s.owner.clone_from(&record.owner);
+            }
+        }
+    }
+
     /// Status and position of a session, if it is tracked.
     pub fn lookup(&self, id: &SessionId) -> Option<(Status, usize)> {
         let session = self.sessions.get(id)?;

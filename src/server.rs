@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread;
 
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, unbounded};
@@ -29,7 +30,7 @@ use crate::lab_thread::{self, LabJob};
 use crate::netlab::Netlab;
 use crate::persist::{self, Saved};
 use crate::state::{Shared, State};
-use crate::{http, listener, lockfile, logging, notify, statedir, timer, upload};
+use crate::{http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
 pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
@@ -151,9 +152,11 @@ fn serve(config: Config) -> i32 {
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
     shared.access = access;
     let shared = Arc::new(shared);
-    // The restored state is the new truth: write it before anyone can see it.
+    // The restored state is the new truth: write it before anyone can see it. (If that
+    // fails, the server starts degraded and refuses changes until a write succeeds.)
+    shared.set_durable_baseline();
     let version = shared.lock().changed();
-    shared.persist(version);
+    shared.persist_quietly(version);
     for lab in pending {
         log::info!(
             "carrying out the teardown of {} left pending by the last run",
@@ -387,6 +390,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         );
     }
     if let Some(start) = &saved.starting {
+        if let Some(pgid) = start.pgid {
+            kill_orphaned_up(config, pgid);
+        }
         log::warn!(
             "the last run stopped during a netlab up for session {}: cleaning up {}",
             start.session,
@@ -465,6 +471,72 @@ fn confine(mut saved: Saved, labs: &Path) -> Saved {
         ok
     });
     saved
+}
+
+/// Kills what is left of the `netlab up` a crashed run started (process group `pgid`), if it
+/// still is a netlab of ours: its group leader exists, leads that group, runs the
+/// configured netlab program, in a work dir under our `labs/`. Then only the members of the
+/// group whose working directory is under `labs/` are killed (never group 0, 1 or ours; see
+/// [`crate::procgroup`]), and the function waits for them to be gone.
+fn kill_orphaned_up(config: &Config, pgid: u32) {
+    let Ok(labs) = std::fs::canonicalize(config.state_dir.join("labs")) else {
+        return;
+    };
+    let cwd_in_labs = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&labs))
+    };
+    let program = config.netlab.file_name().map(|n| n.to_os_string());
+    let runs_netlab = |pid: u32| {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        // The program itself, or the script an interpreter runs.
+        cmdline.split(|b| *b == 0).take(2).any(|arg| {
+            let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
+            arg.file_name().map(|n| n.to_os_string()) == program
+        })
+    };
+    let leader_ok =
+        procgroup::process_group_of(pgid) == Some(pgid) && runs_netlab(pgid) && cwd_in_labs(pgid);
+    if !leader_ok {
+        log::info!("the netlab up of the last run (process group {pgid}) is gone");
+        return;
+    }
+    match procgroup::signal_group_members(pgid, cwd_in_labs, rustix::process::Signal::KILL) {
+        Ok(killed) => log::warn!(
+            "killed {killed} processes left of the last run's netlab up (process group {pgid})"
+        ),
+        Err(e) => {
+            log::error!("cannot kill the last run's netlab up (process group {pgid}): {e}");
+            return;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_has_live_members(pgid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process of group `pgid` is still running (zombies do not count).
+fn group_has_live_members(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let group = fields.nth(2).and_then(|g| g.parse::<u32>().ok());
+        group == Some(pgid) && !matches!(state, Some("Z" | "X" | "x"))
+    })
 }
 
 /// `netlab down --cleanup --force` in a work dir that may hold a half-made lab, then the

@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::lab::LabRecord;
 use crate::lab_thread::LabJob;
-use crate::persist::{Persister, Snapshot, Starting};
+use crate::persist::{NotPersisted, Persister, Snapshot, Starting};
 use crate::queue::{Queue, Removed, SessionId};
 
 pub struct State {
@@ -32,6 +32,9 @@ pub struct State {
     pub starting: Option<Starting>,
     /// Teardowns queued on the lab thread and not done yet.
     pub teardowns: Vec<LabRecord>,
+    /// Teardowns decided but not sent to the lab thread yet, with the state version that
+    /// decided them: sent once that version is on disk (a roll-back drops them).
+    outbox: Vec<(u64, LabRecord)>,
     /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
     pub idle_since: Option<Duration>,
     version: u64,
@@ -45,6 +48,7 @@ impl State {
             acquiring: None,
             tickets: 0,
             starting: None,
+            outbox: Vec::new(),
             teardowns: Vec::new(),
             idle_since: None,
             version: 0,
@@ -61,6 +65,15 @@ impl State {
     pub fn changed(&mut self) -> u64 {
         self.version += 1;
         self.version
+    }
+
+    /// Puts the durable part of the state back as `snap` says (a failed write's roll-back).
+    pub fn reset_to(&mut self, snap: &Snapshot, now: Duration) {
+        self.queue.reset_to(&snap.sessions, now);
+        self.lab.clone_from(&snap.lab);
+        self.starting.clone_from(&snap.starting);
+        self.teardowns.clone_from(&snap.teardowns);
+        self.outbox.clear();
     }
 
     /// Copies the durable part of the state into `snap`, reusing its buffers.
@@ -120,10 +133,54 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until state `version` is in the state file.
-    pub fn persist(&self, version: u64) {
+    /// Waits until state `version` is in the state file. When the write fails, every change
+    /// since the last write is rolled back and this returns the error: the caller must not
+    /// acknowledge its change (503). Teardowns decided by changes now on disk are sent to
+    /// the lab thread.
+    pub fn persist(&self, version: u64) -> Result<(), NotPersisted> {
+        let durable = self.persister.commit(
+            version,
+            |snap| self.lock().snapshot_into(snap),
+            |baseline| {
+                let mut state = self.lock();
+                let upto = state.version;
+                state.reset_to(baseline, self.clock.now());
+                state.changed();
+                upto
+            },
+        )?;
+        let ready: Vec<LabRecord> = {
+            let mut state = self.lock();
+            if state.outbox.is_empty() {
+                return Ok(());
+            }
+            let (ready, later) = std::mem::take(&mut state.outbox)
+                .into_iter()
+                .partition(|(v, _)| *v <= durable);
+            state.outbox = later;
+            ready.into_iter().map(|(_, lab)| lab).collect()
+        };
+        for lab in ready {
+            self.send_lab_job(LabJob::Teardown(lab));
+        }
+        Ok(())
+    }
+
+    /// Like [`Shared::persist`] for changes nobody is told about; a failure is logged by
+    /// the writer already (and the change rolled back).
+    pub fn persist_quietly(&self, version: u64) {
+        let _ = self.persist(version);
+    }
+
+    /// The current state is what the state file says (just restored from it).
+    pub fn set_durable_baseline(&self) {
         self.persister
-            .commit(version, |snap| self.lock().snapshot_into(snap));
+            .set_baseline(|snap| self.lock().snapshot_into(snap));
+    }
+
+    /// Why the state file cannot be written, while that is so.
+    pub fn degraded(&self) -> Option<String> {
+        self.persister.degraded()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -150,8 +207,9 @@ impl Shared {
     /// pending until the lab thread has done it.
     pub fn queue_teardown(&self, state: &mut State, lab: LabRecord) {
         state.teardowns.push(lab.clone());
-        state.changed();
-        self.send_lab_job(LabJob::Teardown(lab));
+        let version = state.changed();
+        // Sent by `persist` once this is on disk: a roll-back keeps the lab instead.
+        state.outbox.push((version, lab));
     }
 
     /// The lab thread finished a teardown (whatever netlab said).
@@ -161,12 +219,12 @@ impl Shared {
             state.teardowns.retain(|t| t.work_dir != work_dir);
             state.changed()
         };
-        self.persist(version);
+        self.persist_quietly(version);
     }
 
     /// Ends a session (DELETE /session/{id}); false when it was not tracked. The change is
     /// in the state file when this returns.
-    pub fn end_session(&self, id: &SessionId) -> bool {
+    pub fn end_session(&self, id: &SessionId) -> Result<bool, NotPersisted> {
         let version = {
             let mut state = self.lock();
             match state.queue.remove(id) {
@@ -175,11 +233,11 @@ impl Shared {
                     self.after_removal(&mut state, &removed);
                     state.changed()
                 }
-                None => return false,
+                None => return Ok(false),
             }
         };
-        self.persist(version);
-        true
+        self.persist(version)?;
+        Ok(true)
     }
 
     /// The timer's round: reaps stale sessions and tears down a lab left idle with no session
@@ -228,7 +286,13 @@ impl Shared {
         if dirty {
             let version = state.changed();
             drop(state);
-            self.persist(version);
+            self.persist_quietly(version);
+        } else if self.degraded().is_some() {
+            // Nobody may be changing anything: try the write again, so that the server
+            // leaves the degraded state as soon as the disk takes writes again.
+            let version = state.changed();
+            drop(state);
+            self.persist_quietly(version);
         }
         removed.len()
     }

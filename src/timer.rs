@@ -56,14 +56,18 @@ pub fn self_check(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")
         .map_err(|e| e.to_string())?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).map_err(|e| e.to_string())?;
-    if &head == b"HTTP/1.1 204" {
+    let mut answer = Vec::new();
+    let _ = (&mut stream).take(4096).read_to_end(&mut answer);
+    // Degraded (the state file cannot be written) is no reason to restart: a restart cannot
+    // write it either, and the server refuses changes meanwhile.
+    let degraded = answer.starts_with(b"HTTP/1.1 503")
+        && answer.windows(20).any(|w| w == b"{\"detail\":\"degraded:");
+    if answer.starts_with(b"HTTP/1.1 204") || degraded {
         Ok(())
     } else {
         Err(format!(
             "unexpected answer {:?}",
-            String::from_utf8_lossy(&head)
+            String::from_utf8_lossy(&answer[..answer.len().min(12)])
         ))
     }
 }
@@ -114,6 +118,10 @@ mod tests {
         assert_eq!(self_check(ok, limit), Ok(()));
         let busy = peer(Some("HTTP/1.1 503 Service Unavailable\r\n\r\n"));
         assert!(self_check(busy, limit).is_err());
+        let degraded = peer(Some(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 30\r\n\r\n{\"detail\":\"degraded: no disk\"}",
+        ));
+        assert_eq!(self_check(degraded, limit), Ok(()));
         // A listener whose workers never answer: the check gives up within its limit.
         let stuck = peer(None);
         let started = Instant::now();
