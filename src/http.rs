@@ -411,6 +411,11 @@ fn abandon(request: Request, reply: Reply, why: &str) {
         reply.with_header("Connection", "close").into_response(),
     );
     std::mem::forget(stream);
+    if count > crate::listener::MAX_ABANDONED {
+        crate::listener::restart_now(&format!(
+            "{count} connections were abandoned on purpose; each holds a thread and two descriptors"
+        ));
+    }
 }
 
 /// Answers a request that declares an absurd `Content-Length`, and never drops it.

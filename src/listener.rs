@@ -38,8 +38,17 @@ pub const MAX_ABANDONED: usize = 100;
 /// How long the listener may go without answering the watch before the process exits.
 pub const DEAF_LIMIT: Duration = Duration::from_secs(5);
 
-/// Binds `host:port` with the backlog and the connection timeouts.
-pub fn bind(host: &str, port: u16, client_timeout: Duration) -> io::Result<TcpListener> {
+/// The read and write timeout of every connection: half of `--client-timeout`, because a
+/// request that is answered without its body being read waits for two reads in a row
+/// (tiny_http drains the body, then waits for the next request) before the connection is
+/// closed; so a silent client is disconnected within `--client-timeout`.
+pub fn socket_timeout(config: &crate::config::Config) -> Duration {
+    config.client_timeout / 2
+}
+
+/// Binds `host:port` with the backlog and `timeout` as every connection's read and write
+/// timeout.
+pub fn bind(host: &str, port: u16, timeout: Duration) -> io::Result<TcpListener> {
     let addr = (host, port)
         .to_socket_addrs()?
         .next()
@@ -50,8 +59,8 @@ pub fn bind(host: &str, port: u16, client_timeout: Duration) -> io::Result<TcpLi
     };
     let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
-    sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(client_timeout))?;
-    sockopt::set_socket_timeout(&fd, Timeout::Send, Some(client_timeout))?;
+    sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(timeout))?;
+    sockopt::set_socket_timeout(&fd, Timeout::Send, Some(timeout))?;
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, BACKLOG)?;
     Ok(TcpListener::from(fd))
@@ -72,10 +81,10 @@ pub fn raise_nofile_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// How often the watch connects: several times per `--client-timeout` (so `accept()` never
+/// How often the watch connects: several times per socket timeout (so `accept()` never
 /// times out), at least once a second.
-pub fn watch_interval(client_timeout: Duration) -> Duration {
-    (client_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+pub fn watch_interval(socket_timeout: Duration) -> Duration {
+    (socket_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
 }
 
 /// Why the watch gives up on the listener, if it does.

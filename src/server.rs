@@ -106,7 +106,8 @@ fn serve(config: Config) -> i32 {
     let nofile = listener::raise_nofile_limit();
     // Bound before netlab is touched: a second server started by mistake on a port in use
     // must fail without tearing down anything.
-    let socket = match listener::bind(&config.host, config.port, config.client_timeout) {
+    let socket = match listener::bind(&config.host, config.port, listener::socket_timeout(&config))
+    {
         Ok(socket) => socket,
         Err(e) => {
             return fail(format!(
@@ -219,7 +220,7 @@ fn serve(config: Config) -> i32 {
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);
     let watch = {
         let shared = Arc::clone(&shared);
-        let every = listener::watch_interval(config.client_timeout);
+        let every = listener::watch_interval(listener::socket_timeout(&config));
         let probe = timer::probe_address(bound);
         thread::Builder::new()
             .name("watch".into())
