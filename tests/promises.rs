@@ -1,0 +1,453 @@
+//! Issue 12: the promises hold against a local user and a careless operator. The state dir
+//! cannot be hijacked, a full disk loses nothing a client was told, a second server started
+//! by mistake destroys nothing, and a `netlab up` orphaned by `kill -9` does not survive
+//! the restart.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOPO: &str = "nodes: [r1]\n";
+
+/// Runs a server that is expected to refuse to start; returns its exit code and stderr.
+fn refused(dir: &Path, options: &Options) -> (Option<i32>, String) {
+    let mut child = TestServer::command(dir, options)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn prepared_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_state_dir_others_can_write_to_is_refused() {
+    let dir = prepared_dir();
+    let state = dir.path().join("state");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = refused(dir.path(), &Options::default());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "state dir {} is writable by group or others (mode 777)",
+            state.display()
+        )),
+        "{err}"
+    );
+    // Nothing was made in it.
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+}
+
+#[test]
+fn a_state_dir_owned_by_another_user_is_refused() {
+    if !is_root() {
+        eprintln!("SKIPPED a_state_dir_owned_by_another_user_is_refused: needs root to chown");
+        return;
+    }
+    let dir = prepared_dir();
+    let state = dir.path().join("state");
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let (code, err) = refused(dir.path(), &Options::default());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "state dir {} belongs to uid 65534, not to this server's uid 0",
+            state.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+}
+
+#[test]
+fn a_symlinked_lock_file_is_never_written_through() {
+    let dir = prepared_dir();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "root's file\n").unwrap();
+    std::os::unix::fs::symlink(&precious, dir.path().join("state/neops-remote-lab.lock")).unwrap();
+    let (code, err) = refused(dir.path(), &Options::default());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot open lock file"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's file\n");
+}
+
+#[test]
+fn a_symlinked_temporary_state_file_is_never_written_through() {
+    let dir = prepared_dir();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "root's file\n").unwrap();
+    let tmp = dir.path().join("state/state.json.tmp");
+    std::os::unix::fs::symlink(&precious, &tmp).unwrap();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    s.create_session();
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's file\n");
+    assert!(std::fs::symlink_metadata(&tmp).is_err(), "the link is gone");
+    assert!(
+        std::fs::read_to_string(s.state_dir().join("state.json"))
+            .unwrap()
+            .contains("\"status\":\"active\"")
+    );
+}
+
+#[test]
+fn records_outside_labs_are_never_acted_on() {
+    let dir = prepared_dir();
+    // A directory the state file has no business with, named as the lab, a start and a
+    // teardown.
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("t.yml"), TOPO).unwrap();
+    let lab = serde_json::json!({
+        "hash": "00".repeat(32),
+        "work_dir": victim,
+        "topology": victim.join("t.yml"),
+        "ref_count": 1,
+        "devices": [],
+    });
+    let id = "0b8e6f0e-4f3c-4d2a-9a57-8a7f1f6f2b11";
+    let state = serde_json::json!({
+        "version": 1,
+        "sessions": [{"id": id, "status": "active"}],
+        "lab": lab,
+        "starting": {"session": id, "work_dir": victim, "pgid": 1},
+        "teardowns": [lab],
+    });
+    std::fs::write(dir.path().join("state/state.json"), state.to_string()).unwrap();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    // The session is kept; nothing was done in or to the victim directory.
+    s.get(&format!("/session/{id}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    assert!(victim.join("t.yml").exists());
+    let victim_text = victim.display().to_string();
+    assert!(
+        s.calls()
+            .iter()
+            .all(|(_, cwd)| !cwd.starts_with(&victim_text)),
+        "{:?}",
+        s.calls()
+    );
+    assert!(
+        s.log_text().contains(&format!(
+            "the state file names the lab {victim_text}, outside"
+        )),
+        "{}",
+        s.log_text()
+    );
+    s.lab("GET", "/lab", id).expect(
+        200,
+        r#"{"running":false,"topology":null,"ref_count":0,"devices":[],"netlab_status":null}"#,
+    );
+}
+
+// ------------------------------------------------------------------ a full file system
+
+/// A small tmpfs mounted on a directory for the life of the value.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("neops-test")
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(Tmpfs(at.to_owned()))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system of `dir` to the last byte; returns the filler's path.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = [0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    while file.write_all(&[0]).is_ok() {}
+    path
+}
+
+const NOT_PERSISTED: &str = "Change not made: the server cannot persist its state file (No space left on device (os error 28)); try again later";
+
+#[test]
+fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
+    let dir = prepared_dir();
+    let state = dir.path().join("state");
+    let _mount = match Tmpfs::mount(&state, "512k") {
+        Ok(mount) => mount,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED a_full_disk_refuses_changes_and_loses_nothing_acknowledged: \
+                 cannot mount a tmpfs here ({why}); run the tests as root"
+            );
+            return;
+        }
+    };
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    let filler = fill(&state);
+
+    // Every change is refused, and none is made.
+    let detail = format!("{{\"detail\":\"{NOT_PERSISTED}\"}}");
+    let r = s.post("/session");
+    r.expect(503, &detail);
+    assert_eq!(r.header("Retry-After"), Some("5"));
+    s.delete(&format!("/session/{a}")).expect(503, &detail);
+    s.get(&format!("/session/{a}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.get("/healthz").expect(
+        503,
+        &format!("{{\"detail\":\"degraded: {NOT_PERSISTED}\"}}"),
+    );
+    let health = s.get("/debug/health").json();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["sessions"], 2);
+
+    // kill -9 and a restart on the full disk: what the clients were told is all there.
+    let dir = s.kill_keep_dir();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    s.get(&format!("/session/{a}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"waiting","position":1}"#);
+    assert_eq!(s.get("/debug/health").json()["sessions"], 2);
+    s.get("/healthz").expect(
+        503,
+        &format!("{{\"detail\":\"degraded: {NOT_PERSISTED}\"}}"),
+    );
+
+    // Space again: the server is healthy after its next write, and changes work.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until(Duration::from_secs(5), "the degraded state to end", || {
+        s.get("/healthz").status == 204
+    });
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    let dir = s.kill_keep_dir();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    s.get(&format!("/session/{a}"))
+        .expect(404, r#"{"detail":"Session not found"}"#);
+    s.get(&format!("/session/{b}"))
+        .expect(200, r#"{"status":"active","position":0}"#);
+}
+
+// ------------------------------------------------------------------ a second server
+
+/// Options for a second server on another state dir that shares the first one's netlab.
+fn sharing_netlab_of(first: &TestServer, args: &[&str]) -> Options {
+    let mut options = Options::default();
+    options.env.push((
+        "FAKE_NETLAB_DIR".into(),
+        first.fake_dir().display().to_string(),
+    ));
+    options.args.extend(args.iter().map(|a| (*a).to_owned()));
+    options
+}
+
+#[test]
+fn a_second_server_on_the_same_port_destroys_nothing() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let registered = s.registered().unwrap();
+    let calls = s.calls().len();
+
+    let other = prepared_dir();
+    let port = s.addr.port().to_string();
+    let (code, err) = refused(other.path(), &sharing_netlab_of(&s, &["--port", &port]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    // It never ran netlab: the first server's lab is untouched and still its own.
+    assert_eq!(s.calls().len(), calls, "{:?}", &s.calls()[calls..]);
+    assert_eq!(s.registered(), Some(registered));
+    assert_eq!(s.lab("GET", "/lab", &a).json()["running"], true);
+}
+
+#[test]
+fn a_foreign_default_instance_is_left_alone_unless_asked() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let registered = s.registered().unwrap();
+
+    // Another server (another state dir, the same netlab) leaves it alone...
+    let other = TestServer::start(Options {
+        dir: Some(prepared_dir()),
+        ..sharing_netlab_of(&s, &[])
+    });
+    assert_eq!(s.registered().as_deref(), Some(registered.as_str()));
+    assert!(
+        other.log_text().contains(&format!(
+            "netlab's instance 'default' is running in {registered}, outside this server's"
+        )),
+        "{}",
+        other.log_text()
+    );
+    // ...and refuses to start a lab over it.
+    let (b, _) = other.create_session();
+    let r = other.acquire(&b, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        r.json()["detail"],
+        format!(
+            "netlab's instance 'default' is running in {registered}, outside this server's {}: \
+             not touching it (tear it down there, or start the server with --cleanup-foreign)",
+            other.state_dir().join("labs").display()
+        )
+    );
+    assert_eq!(s.registered().as_deref(), Some(registered.as_str()));
+    assert!(other.work_dirs().is_empty());
+    drop(other);
+
+    // Asked to, a server tears it down.
+    let _third = TestServer::start(Options {
+        dir: Some(prepared_dir()),
+        ..sharing_netlab_of(&s, &["--cleanup-foreign"])
+    });
+    assert_eq!(s.registered(), None);
+}
+
+// ------------------------------------------------------------------ an orphaned netlab up
+
+/// Processes running the fake netlab with `up`, working under `labs`.
+fn fake_ups_under(labs: &Path) -> Vec<u32> {
+    let fake = fake_netlab().display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            args.iter().any(|a| *a == fake.as_bytes())
+                && args.iter().any(|a| *a == b"up")
+                && cwd.starts_with(labs)
+                && alive(*pid)
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !matches!(
+        stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next(),
+        Some("Z" | "X" | "x")
+    )
+}
+
+#[test]
+fn an_orphaned_netlab_up_is_killed_on_restart() {
+    let s = start();
+    let (a, _) = s.create_session();
+    s.set_control("up.hang", "");
+    s.set_control("hang.seconds", "120");
+    let _pending = s.acquire_during_up(&a, Form::topology("t.yml", TOPO));
+    let labs = std::fs::canonicalize(s.state_dir().join("labs")).unwrap();
+    let ups = fake_ups_under(&labs);
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    let up = ups[0];
+    // Its process group is in the start record.
+    wait_until(
+        Duration::from_secs(5),
+        "the group in the start record",
+        || {
+            std::fs::read_to_string(s.state_dir().join("state.json"))
+                .is_ok_and(|t| t.contains(&format!("\"pgid\":{up}")))
+        },
+    );
+
+    let dir = s.kill_keep_dir();
+    assert!(alive(up), "the up outlives the server killed with -9");
+    std::fs::remove_file(dir.path().join("fake/control/up.hang")).unwrap();
+    let s = TestServer::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    });
+    // Killed before the restart listens, with the child it started.
+    assert!(!alive(up), "the orphaned up survived the restart");
+    assert!(fake_ups_under(&labs).is_empty());
+    assert!(
+        s.log_text().contains(&format!(
+            "processes left of the last run's netlab up (process group {up})"
+        )),
+        "{}",
+        s.log_text()
+    );
+    // The session retries and gets a lab of its own, from one `up`.
+    s.clear_calls();
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        s.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("up "))
+            .count(),
+        1
+    );
+}
