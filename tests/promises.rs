@@ -381,8 +381,8 @@ fn fake_ups_under(labs: &Path) -> Vec<u32> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
-            args.iter().any(|a| *a == fake.as_bytes())
-                && args.iter().any(|a| *a == b"up")
+            args.contains(&fake.as_bytes())
+                && args.contains(&&b"up"[..])
                 && cwd.starts_with(labs)
                 && alive(*pid)
         })
