@@ -833,3 +833,25 @@ fn stalled_uploads_end_and_never_block_a_legitimate_one() {
     assert_eq!(r.status, 200, "{}", r.text());
     drop(stalled);
 }
+
+#[test]
+fn unreadable_part_headers_get_clear_answers() {
+    let _serial = serial();
+    let s = start();
+    let (a, _) = s.create_session();
+    post_lab_raw(&s, &a, &[("topology", b"a\x00b.yml", b"nodes: [r1]")]).expect(
+        400,
+        r#"{"detail":"Malformed multipart body: a part header contains bytes not allowed in a header (such as NUL or other control characters)"}"#,
+    );
+    post_lab_raw(&s, &a, &[("topology", b"\xff\xfe.yml", b"nodes: [r1]")]).expect(
+        400,
+        r#"{"detail":"Malformed multipart body: a part header is not valid UTF-8 (file names must be UTF-8)"}"#,
+    );
+    // A 200 KB part header.
+    let long = format!("t.yml\"\r\nX-Pad: {}", "a".repeat(200_000));
+    post_lab_raw(&s, &a, &[("topology", long.as_bytes(), b"nodes: [r1]")]).expect(
+        400,
+        r#"{"detail":"Malformed multipart body: a part's headers are too long or not ended by an empty line"}"#,
+    );
+    assert!(s.work_dirs().is_empty());
+}
