@@ -7,7 +7,7 @@
 use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -303,6 +303,7 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
         quarantine(request, ceiling);
         return;
     }
+    let started = Instant::now();
     let outcome = catch_unwind(AssertUnwindSafe(|| api::handle(shared, &request)));
     match outcome {
         Ok(Outcome::Reply(reply)) => answer(request, reply),
@@ -317,7 +318,13 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
             answer(request, Reply::internal_error());
         }
     }
+    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    LONGEST_SERVE_US.fetch_max(took, Ordering::Relaxed);
 }
+
+/// The longest a worker spent on one request so far, in microseconds (logged at exit):
+/// how long a worker was kept from everyone else.
+pub static LONGEST_SERVE_US: AtomicU64 = AtomicU64::new(0);
 
 /// Whether dropping `request` would make tiny_http read the rest of its body on the
 /// dropping thread: a declared body of more than 1 KiB (smaller ones were read with the

@@ -268,7 +268,10 @@ fn serve(config: Config) -> i32 {
     let _ = lab_thread.join();
     match listened {
         Ok(()) => {
-            log::info!("stopped");
+            log::info!(
+                "stopped (the longest a worker spent on one request: {:.1} ms)",
+                http::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+            );
             0
         }
         Err(e) => fail(e),

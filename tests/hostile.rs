@@ -291,26 +291,50 @@ fn headers_byte_by_byte_and_ten_thousand_headers() {
     assert!(stray_files(&s).is_empty());
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn an_endless_header_line() {
     let _serial = serial();
     let s = start();
+    let pid = s.child.id();
+    let before = rss_kib(pid);
     let probe = Probe::start(&s);
-    // 8 MB without a line end: tiny_http keeps reading it (it has no header size limit, so
-    // this costs memory in proportion to what the client sends), and everyone else is served.
+    // 16 MB without a line end: tiny_http keeps reading it (it has no header size limit, so
+    // this costs memory in proportion to what the client sends; the unit's MemoryMax bounds
+    // it), and everyone else is served.
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nX-Endless: ")
         .unwrap();
     let chunk = vec![b'a'; 64 * 1024];
-    for _ in 0..128 {
+    let mut peak = before;
+    for _ in 0..256 {
         if stream.write_all(&chunk).is_err() {
             break;
         }
+        peak = peak.max(rss_kib(pid));
     }
     s.get("/healthz").expect_empty(204);
+    peak = peak.max(rss_kib(pid));
     drop(stream);
     probe.finish();
+    // Once the client is gone, the memory goes back (at least half of what it took).
+    wait_until(Duration::from_secs(10), "the memory to fall back", || {
+        rss_kib(pid) < before + (peak - before) / 2
+    });
+    eprintln!(
+        "endless header line: {before} KiB before, peak {peak} KiB, {} KiB after",
+        rss_kib(pid)
+    );
     assert!(stray_files(&s).is_empty());
 }
 
