@@ -59,6 +59,8 @@ pub enum UploadError {
     TooLarge(u64),
     TooManyParts(usize),
     Malformed(String),
+    /// A part's headers cannot be read; says why.
+    BadPartHeaders(&'static str),
     Io(io::Error),
 }
 
@@ -101,6 +103,7 @@ impl fmt::Display for UploadError {
                 write!(f, "Too many parts in the upload: the limit is {limit}")
             }
             UploadError::Malformed(why) => write!(f, "Malformed multipart body: {why}"),
+            UploadError::BadPartHeaders(why) => write!(f, "Malformed multipart body: {why}"),
             UploadError::Io(e) => write!(f, "cannot store the upload: {e}"),
         }
     }
@@ -199,6 +202,8 @@ struct Limited<'c, R> {
     inner: R,
     remaining: u64,
     over: Rc<Cell<bool>>,
+    /// The body ended (a read returned 0 bytes).
+    ended: Rc<Cell<bool>>,
     cancel: &'c AtomicBool,
 }
 
@@ -213,6 +218,9 @@ impl<R: Read> Read for Limited<'_, R> {
         // Ask for one byte more than allowed, to tell "exactly at the limit" from "over".
         let want = buf.len().min(self.remaining.saturating_add(1) as usize);
         let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            self.ended.set(true);
+        }
         if self.cancel.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "upload given up"));
         }
@@ -259,10 +267,12 @@ pub fn receive<R: Read>(
     cancel: &AtomicBool,
 ) -> Result<Upload, UploadError> {
     let over = Rc::new(Cell::new(false));
+    let ended = Rc::new(Cell::new(false));
     let limited = Limited {
         inner: body,
         remaining: limits.max_bytes,
         over: Rc::clone(&over),
+        ended: Rc::clone(&ended),
         cancel,
     };
     let mut multipart = Multipart::with_body(limited, boundary);
@@ -278,6 +288,8 @@ pub fn receive<R: Read>(
     let failed = |e: io::Error, topology_seen: bool| {
         if over.get() {
             UploadError::TooLarge(limits.max_bytes)
+        } else if let Some(problem) = part_header_problem(&e, ended.get()) {
+            UploadError::BadPartHeaders(problem)
         } else if !topology_seen {
             UploadError::MissingTopology
         } else {
@@ -392,6 +404,27 @@ pub fn receive<R: Read>(
 }
 
 /// An error while copying a part: the byte limit, a body cut short, or the disk.
+/// What is wrong with a part's headers, from the parser's error (its own message is no use
+/// to a client), if that is what failed. `ended`: the body was read to its end, so headers
+/// that never end were cut short (a missing topology, as the API has it), not too long.
+fn part_header_problem(e: &io::Error, ended: bool) -> Option<&'static str> {
+    if e.kind() != io::ErrorKind::InvalidData {
+        return None;
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    if text.contains("utf-8") || text.contains("utf8") {
+        Some("a part header is not valid UTF-8 (file names must be UTF-8)")
+    } else if text.contains("invalid header") || text.contains("invalid token") {
+        Some(
+            "a part header contains bytes not allowed in a header (such as NUL or other control characters)",
+        )
+    } else if !ended {
+        Some("a part's headers are too long or not ended by an empty line")
+    } else {
+        None
+    }
+}
+
 fn store_error(
     e: StoreError,
     over: &Cell<bool>,
@@ -521,5 +554,63 @@ mod tests {
             Err(UploadError::MissingTopology)
         ));
         assert!(matches!(boundary(None), Err(UploadError::MissingTopology)));
+    }
+}
+
+#[cfg(test)]
+mod part_header_tests {
+    use super::*;
+
+    fn upload(body: &[u8]) -> Result<Upload, UploadError> {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_bytes: 16 << 20,
+            max_parts: MAX_PARTS,
+        };
+        receive(
+            body,
+            "XyZ",
+            &limits,
+            &dir.path().join("w"),
+            &AtomicBool::new(false),
+        )
+    }
+
+    fn with_filename(name: &[u8]) -> Vec<u8> {
+        let mut body =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"".to_vec();
+        body.extend_from_slice(name);
+        body.extend_from_slice(b"\"\r\n\r\nnodes: [r1]\r\n--XyZ--\r\n");
+        body
+    }
+
+    #[test]
+    fn unreadable_part_headers_get_a_clear_message() {
+        let e = upload(&with_filename(b"a\0b.yml")).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(
+            e.to_string()
+                .starts_with("Malformed multipart body: a part header"),
+            "{e}"
+        );
+        let e = upload(&with_filename(b"\xff\xfe.yml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Malformed multipart body: a part header is not valid UTF-8 (file names must be UTF-8)"
+        );
+        let mut huge = b"--XyZ\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"t.yml\"\r\nX-Pad: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 200_000));
+        huge.extend_from_slice(b"\r\n\r\nnodes: [r1]\r\n--XyZ--\r\n");
+        let e = upload(&huge).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Malformed multipart body: a part's headers are too long or not ended by an empty line"
+        );
+        // A body cut short inside the headers is still a missing topology (422).
+        let cut = &with_filename(b"t.yml")[..40];
+        assert!(matches!(
+            upload(cut).unwrap_err(),
+            UploadError::MissingTopology
+        ));
     }
 }
