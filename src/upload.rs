@@ -5,8 +5,8 @@
 //! replaced. This module owns the limits (total bytes, number of parts) and the file-name
 //! rules, so that nothing a client sends is ever written outside the work directory.
 
-use std::cell::Cell;
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -204,6 +204,8 @@ struct Limited<'c, R> {
     over: Rc<Cell<bool>>,
     /// The body ended (a read returned 0 bytes).
     ended: Rc<Cell<bool>>,
+    /// Sees every byte, to read the parts' headers itself (see [`HeaderScanner`]).
+    scanner: Rc<RefCell<HeaderScanner>>,
     cancel: &'c AtomicBool,
 }
 
@@ -229,8 +231,166 @@ impl<R: Read> Read for Limited<'_, R> {
             return Err(io::Error::other("upload limit exceeded"));
         }
         self.remaining -= n as u64;
+        self.scanner.borrow_mut().feed(&buf[..n]);
         Ok(n)
     }
+}
+
+/// Longest header block of one part kept by [`HeaderScanner`].
+const MAX_HEADER_BLOCK: usize = 16 * 1024;
+
+/// Finds the header block of each part in the raw body as it streams by (the multipart
+/// crate parses them too, but cuts quoted parameters at the first ';'). Blocks come out in
+/// part order, one per part; `None` for a block too long to keep.
+struct HeaderScanner {
+    /// `\r\n--BOUNDARY`
+    delimiter: Vec<u8>,
+    window: Vec<u8>,
+    blocks: VecDeque<Option<Vec<u8>>>,
+    done: bool,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl HeaderScanner {
+    fn new(boundary: &str) -> Self {
+        let mut delimiter = b"\r\n--".to_vec();
+        delimiter.extend_from_slice(boundary.as_bytes());
+        HeaderScanner {
+            delimiter,
+            // The body's first delimiter has no line break before it.
+            window: b"\r\n".to_vec(),
+            blocks: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        if self.done {
+            return;
+        }
+        self.window.extend_from_slice(bytes);
+        loop {
+            let Some(at) = find(&self.window, &self.delimiter) else {
+                // Keep what may be the start of a delimiter.
+                let keep = self.delimiter.len() - 1;
+                let excess = self.window.len().saturating_sub(keep);
+                self.window.drain(..excess);
+                return;
+            };
+            let after = at + self.delimiter.len();
+            if self.window.len() < after + 2 {
+                self.window.drain(..at);
+                return;
+            }
+            if &self.window[after..after + 2] == b"--" {
+                self.done = true;
+                self.window = Vec::new();
+                return;
+            }
+            let Some(line_end) = find(&self.window[after..], b"\r\n") else {
+                self.window.drain(..at);
+                return;
+            };
+            let start = after + line_end + 2;
+            if self.window[start..].starts_with(b"\r\n") {
+                self.blocks.push_back(Some(Vec::new()));
+                self.window.drain(..start + 2);
+                continue;
+            }
+            match find(&self.window[start..], b"\r\n\r\n") {
+                Some(end) if end <= MAX_HEADER_BLOCK => {
+                    self.blocks
+                        .push_back(Some(self.window[start..start + end + 2].to_vec()));
+                    self.window.drain(..start + end + 4);
+                }
+                Some(end) => {
+                    self.blocks.push_back(None);
+                    self.window.drain(..start + end + 4);
+                }
+                None if self.window.len() - start > MAX_HEADER_BLOCK => {
+                    self.blocks.push_back(None);
+                    self.window.drain(..start);
+                }
+                None => {
+                    self.window.drain(..at);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The `name` and `filename` of a part's `Content-Disposition` header, with quoted values
+/// read as quoted strings (`;` inside quotes belongs to the value; `\"` and `\\` are escapes).
+fn disposition(block: &[u8]) -> Option<(String, Option<String>)> {
+    let text = std::str::from_utf8(block).ok()?;
+    let value = text.split("\r\n").find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case("content-disposition")
+            .then_some(value)
+    })?;
+    let mut params = Vec::new();
+    let mut chars = value.chars().peekable();
+    // The disposition type, up to the first ';'.
+    for c in chars.by_ref() {
+        if c == ';' {
+            break;
+        }
+    }
+    loop {
+        let mut key = String::new();
+        for c in chars.by_ref() {
+            if c == '=' {
+                break;
+            }
+            key.push(c);
+        }
+        let key = key.trim().to_ascii_lowercase();
+        if key.is_empty() {
+            break;
+        }
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let mut val = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' if matches!(chars.peek(), Some('"' | '\\')) => {
+                        val.extend(chars.next());
+                    }
+                    '"' => break,
+                    c => val.push(c),
+                }
+            }
+            for c in chars.by_ref() {
+                if c == ';' {
+                    break;
+                }
+            }
+        } else {
+            for c in chars.by_ref() {
+                if c == ';' {
+                    break;
+                }
+                val.push(c);
+            }
+            val = val.trim().to_owned();
+        }
+        params.push((key, val));
+    }
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    Some((get("name")?, get("filename")))
 }
 
 /// Which relative paths are taken in the work directory, as files or as directories.
@@ -268,11 +428,13 @@ pub fn receive<R: Read>(
 ) -> Result<Upload, UploadError> {
     let over = Rc::new(Cell::new(false));
     let ended = Rc::new(Cell::new(false));
+    let scanner = Rc::new(RefCell::new(HeaderScanner::new(boundary)));
     let limited = Limited {
         inner: body,
         remaining: limits.max_bytes,
         over: Rc::clone(&over),
         ended: Rc::clone(&ended),
+        scanner: Rc::clone(&scanner),
         cancel,
     };
     let mut multipart = Multipart::with_body(limited, boundary);
@@ -309,7 +471,16 @@ pub fn receive<R: Read>(
         }
         let mut field = entry;
         let name = field.headers.name.to_string();
-        let filename = field.headers.filename.clone();
+        let mut filename = field.headers.filename.clone();
+        // The crate cuts a quoted file name at its first ';' ("a;b.yml" becomes "a"): the
+        // name comes from our own reading of this part's headers when it has one.
+        let raw = scanner.borrow_mut().blocks.pop_front().flatten();
+        if filename.is_some()
+            && let Some((raw_name, Some(raw_filename))) = raw.as_deref().and_then(disposition)
+            && raw_name == name
+        {
+            filename = Some(raw_filename);
+        }
         match name.as_str() {
             "topology" => {
                 let Some(filename) = filename else {
@@ -560,6 +731,42 @@ mod tests {
 #[cfg(test)]
 mod part_header_tests {
     use super::*;
+
+    #[test]
+    fn quoted_names_keep_their_semicolons() {
+        let block = b"Content-Disposition: form-data; name=\"topology\"; filename=\"a;b.yml\"\r\nContent-Type: application/x-yaml\r\n";
+        assert_eq!(
+            disposition(block),
+            Some(("topology".into(), Some("a;b.yml".into())))
+        );
+        assert_eq!(
+            disposition(b"content-disposition: form-data;name=reuse\r\n"),
+            Some(("reuse".into(), None))
+        );
+        assert_eq!(
+            disposition(
+                b"Content-Disposition: form-data; name=\"x\"; filename=\"q\\\"u;o\\\\te.yml\"\r\n"
+            ),
+            Some(("x".into(), Some("q\"u;o\\te.yml".into())))
+        );
+        // Fed in small pieces, the scanner finds every part's headers.
+        let body = b"preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"b\"; filename=\"x;y.yml\"\r\n\r\n--XyZ--\r\n";
+        let mut scanner = HeaderScanner::new("XyZ");
+        for piece in body.chunks(3) {
+            scanner.feed(piece);
+        }
+        let names: Vec<_> = scanner
+            .blocks
+            .iter()
+            .map(|b| disposition(b.as_ref().unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [("a".into(), None), ("b".into(), Some("x;y.yml".into()))]
+        );
+        let upload = upload(&with_filename(b"a;b.yml")).unwrap();
+        assert_eq!(upload.topology.file_name().unwrap(), "a;b.yml");
+    }
 
     fn upload(body: &[u8]) -> Result<Upload, UploadError> {
         let dir = tempfile::tempdir().unwrap();

@@ -879,3 +879,22 @@ fn unreadable_part_headers_get_clear_answers() {
     );
     assert!(s.work_dirs().is_empty());
 }
+
+#[test]
+fn a_semicolon_in_a_quoted_file_name_is_part_of_the_name() {
+    let _serial = serial();
+    let s = start();
+    let (a, _) = s.create_session();
+    let r = post_lab_raw(&s, &a, &[("topology", b"a;b.yml", b"nodes: [r1]")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lab = s.lab("GET", "/lab", &a).json();
+    assert!(
+        lab["topology"].as_str().unwrap().ends_with("/a;b.yml"),
+        "{lab}"
+    );
+    assert!(
+        s.call_lines().contains(&"up a;b.yml".to_owned()),
+        "{:?}",
+        s.call_lines()
+    );
+}
