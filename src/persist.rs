@@ -403,11 +403,14 @@ impl Persister {
                 }
                 Err(e) => {
                     let why = e.to_string();
-                    log::error!(
-                        "cannot write the state file in {}: {why}; changes since the last \
-                         write are rolled back and refused until a write succeeds",
-                        self.dir.display()
-                    );
+                    // Once per reason: while degraded, every change and every sweep retries.
+                    if progress.error.as_deref() != Some(why.as_str()) {
+                        log::error!(
+                            "cannot write the state file in {}: {why}; changes since the last \
+                             write are rolled back and refused until a write succeeds",
+                            self.dir.display()
+                        );
+                    }
                     let upto = rollback(&progress.baseline);
                     let after = progress.durable;
                     progress.failed.push((after, upto, why.clone()));

@@ -324,7 +324,7 @@ impl HeaderScanner {
 }
 
 /// The `name` and `filename` of a part's `Content-Disposition` header, with quoted values
-/// read as quoted strings (`;` inside quotes belongs to the value; `\"` and `\\` are escapes).
+/// read as quoted strings: a `;` inside quotes belongs to the value.
 fn disposition(block: &[u8]) -> Option<(String, Option<String>)> {
     let text = std::str::from_utf8(block).ok()?;
     let value = text.split("\r\n").find_map(|line| {
@@ -359,14 +359,13 @@ fn disposition(block: &[u8]) -> Option<(String, Option<String>)> {
         let mut val = String::new();
         if chars.peek() == Some(&'"') {
             chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' if matches!(chars.peek(), Some('"' | '\\')) => {
-                        val.extend(chars.next());
-                    }
-                    '"' => break,
-                    c => val.push(c),
+            // Taken literally up to the closing quote, as the crate does (and as browsers
+            // send them: no backslash escapes), only not cut at a ';'.
+            for c in chars.by_ref() {
+                if c == '"' {
+                    break;
                 }
+                val.push(c);
             }
             for c in chars.by_ref() {
                 if c == ';' {
@@ -743,11 +742,12 @@ mod part_header_tests {
             disposition(b"content-disposition: form-data;name=reuse\r\n"),
             Some(("reuse".into(), None))
         );
+        // Backslashes are taken literally, as the crate takes them.
         assert_eq!(
             disposition(
-                b"Content-Disposition: form-data; name=\"x\"; filename=\"q\\\"u;o\\\\te.yml\"\r\n"
+                b"Content-Disposition: form-data; name=\"x\"; filename=\"c\\\\r1;.cfg\"\r\n"
             ),
-            Some(("x".into(), Some("q\"u;o\\te.yml".into())))
+            Some(("x".into(), Some("c\\\\r1;.cfg".into())))
         );
         // Fed in small pieces, the scanner finds every part's headers.
         let body = b"preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"b\"; filename=\"x;y.yml\"\r\n\r\n--XyZ--\r\n";
