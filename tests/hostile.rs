@@ -308,7 +308,7 @@ fn an_endless_header_line() {
     let pid = s.child.id();
     let before = rss_kib(pid);
     let probe = Probe::start(&s);
-    // 16 MB without a line end: tiny_http keeps reading it (it has no header size limit, so
+    // 8 MB without a line end: tiny_http keeps reading it (it has no header size limit, so
     // this costs memory in proportion to what the client sends; the unit's MemoryMax bounds
     // it), and everyone else is served.
     let mut stream = TcpStream::connect(s.addr).unwrap();
@@ -317,7 +317,7 @@ fn an_endless_header_line() {
         .unwrap();
     let chunk = vec![b'a'; 64 * 1024];
     let mut peak = before;
-    for _ in 0..256 {
+    for _ in 0..128 {
         if stream.write_all(&chunk).is_err() {
             break;
         }
