@@ -33,16 +33,29 @@ def test_stale_default_registration_is_cleared_at_startup(
     assert [d["name"] for d in r.json()["devices"]] == ["r1", "r2", "h1"]
 
 
-def test_running_lab_from_a_previous_server_is_torn_down_at_startup(
+def test_a_lab_outside_our_state_dir_is_left_alone_unless_asked(
     start_server: Callable[..., ServerProcess], sandbox: Sandbox, topo, tmp_path
 ) -> None:
+    # A lab running in a directory that is not this server's (another server's, or one a
+    # person started): the server leaves it alone and refuses to start a lab over it
+    # (issue 12); with --cleanup-foreign it tears it down at start, as it used to.
     left = tmp_path / "left-behind"
     left.mkdir()
     (left / "pair.yml").write_bytes(topo("pair.yml"))
     assert sandbox.run_netlab("up", "pair.yml", cwd=left).returncode == 0
     assert sandbox.registered().get("default") == str(left)
 
-    start_server()
+    server = start_server()
+    api = Client(server.url)
+    sid, _ = api.new_session()
+    r = api.post_lab(sid, "ospf.yml", topo("ospf.yml"))
+    assert r.status == 409, r
+    assert "running in " + str(left) in r.json()["detail"], r
+    assert sandbox.registered().get("default") == str(left)
+    assert sandbox.count_calls("containerlab destroy") == 0
+    server.terminate(timeout=60)
+
+    start_server(extra_args=["--cleanup-foreign"])
     wait_until(lambda: not sandbox.default_registered(), timeout=30, what="the left-over lab to be torn down")
     assert sandbox.count_calls("containerlab destroy") == 1
 
