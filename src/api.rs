@@ -385,6 +385,14 @@ fn active_session(shared: &Shared, caller: &Caller) -> Reply {
 }
 
 fn debug_health(shared: &Shared) -> Reply {
+    /// A teardown not done yet: queued, or failed and waiting for its next attempt.
+    #[derive(Serialize)]
+    struct PendingTeardown {
+        work_dir: String,
+        attempts: u32,
+        error: Option<String>,
+        retry_in: Option<f64>,
+    }
     #[derive(Serialize)]
     struct Health {
         status: &'static str,
@@ -392,6 +400,7 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
+        teardowns: Vec<PendingTeardown>,
     }
     let now = SystemTime::now();
     let timestamp = now
@@ -402,7 +411,21 @@ fn debug_health(shared: &Shared) -> Reply {
         .duration_since(shared.started_at)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
-    let sessions = shared.lock().queue.len();
+    let clock = shared.clock.now();
+    let (sessions, teardowns) = {
+        let state = shared.lock();
+        let teardowns = state
+            .teardowns
+            .iter()
+            .map(|t| PendingTeardown {
+                work_dir: t.work_dir().to_string_lossy().into_owned(),
+                attempts: t.attempts,
+                error: t.error.clone(),
+                retry_in: t.retry_at.map(|at| at.saturating_sub(clock).as_secs_f64()),
+            })
+            .collect();
+        (state.queue.len(), teardowns)
+    };
     Reply::json(
         200,
         &Health {
@@ -411,6 +434,7 @@ fn debug_health(shared: &Shared) -> Reply {
             uptime,
             sessions,
             queue_length: sessions,
+            teardowns,
         },
     )
 }

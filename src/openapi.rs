@@ -181,7 +181,11 @@ fn build() -> Value {
             }},
             "Health": {"type": "object", "properties": {
                 "status": {"type": "string"}, "timestamp": {"type": "number"}, "uptime": {"type": "number"},
-                "sessions": {"type": "integer"}, "queue_length": {"type": "integer"}
+                "sessions": {"type": "integer"}, "queue_length": {"type": "integer"},
+                "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
+                    "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
+                    "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
+                }}}
             }}
         }}
     })
