@@ -183,9 +183,10 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         };
     }
     log::info!(
-        "lab {} is up with {} devices after {:.1} s",
+        "lab {} is up with {} {} after {:.1} s",
         job.topology.display(),
         devices.len(),
+        crate::state::plural(devices.len(), "device", "devices"),
         started.elapsed().as_secs_f64()
     );
     Reply::raw_json(

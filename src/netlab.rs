@@ -321,16 +321,8 @@ impl Netlab {
             // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
             let _ = pipe.write_all(input);
         }
-        let stdout = capture(
-            child_stdout,
-            self.stream_output,
-            Keep::Head(STDOUT_LIMIT),
-        );
-        let stderr = capture(
-            child_stderr,
-            self.stream_output,
-            Keep::Tail(STDERR_TAIL),
-        );
+        let stdout = capture(child_stdout, self.stream_output, Keep::Head(STDOUT_LIMIT));
+        let stderr = capture(child_stderr, self.stream_output, Keep::Tail(STDERR_TAIL));
 
         let started = Instant::now();
         let group = child.handle();

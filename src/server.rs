@@ -206,8 +206,9 @@ fn serve(config: Config) -> i32 {
     eprintln!("listening on http://{bound}");
     log::info!("listening on http://{bound}");
     log::info!(
-        "serving with {} workers; state dir {}",
+        "serving with {} {}; state dir {}",
         config.workers,
+        plural(config.workers, "worker", "workers"),
         config.state_dir.display()
     );
     notify::notify("READY=1");
