@@ -623,6 +623,7 @@ fn a_failing_teardown_never_blocks_the_queue_and_is_retried() {
         s.get(&format!("/session/{b}")).text() == r#"{"status":"active","position":0}"#
     });
     wait_until(Duration::from_secs(5), "the teardown attempt", || {
+        s.get(&format!("/session/{b}"));
         s.log_text().contains("down broke")
     });
     s.lab("GET", "/lab", &b).expect(200, NOT_RUNNING);
