@@ -4,8 +4,9 @@
 //! README.md are extracted, joined per scenario in document order, and run with bash
 //! (`set -eu`) against a server with the fake netlab. Only three things are replaced: the
 //! address `127.0.0.1:8000` (by the test server's), `/var/lib/neops-remote-lab` (by a
-//! temporary state directory) and `/opt/netlab/bin` (by a directory holding a `netlab` that
-//! runs the fake). `systemctl`, `docker` and `containerlab` are small stand-ins first on
+//! temporary state directory), `/etc/neops-remote-lab/tokens` (by a token file of its own:
+//! the guide's scenarios run with tokens on, as the package sets the service up) and
+//! `/opt/netlab/bin` (by a directory holding a `netlab` that runs the fake). `systemctl`, `docker` and `containerlab` are small stand-ins first on
 //! `PATH`; `systemctl stop|start|status neops-remote-lab` really stops and starts the server.
 //!
 //! A command that fails fails the test; so does one whose output differs from what its
@@ -95,19 +96,37 @@ fn ellipses_match_anything() {
 struct Host {
     dir: tempfile::TempDir,
     port: u16,
+    /// The `ci` token, when the service runs with `--token-file` like the package's.
+    token: Option<String>,
 }
 
 impl Host {
-    fn new() -> Host {
+    /// A host whose service runs as the package sets it up: with a token file.
+    fn packaged() -> Host {
+        Host::new(true)
+    }
+
+    /// A server started by hand, as in the README: no tokens.
+    fn by_hand() -> Host {
+        Host::new(false)
+    }
+
+    fn new(tokens: bool) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let host = Host { dir, port };
+        let token = tokens.then(|| uuid::Uuid::new_v4().simple().to_string());
+        let host = Host { dir, port, token };
         for sub in ["bin", "netlab-bin", "fake/control", "home"] {
             std::fs::create_dir_all(host.path(sub)).unwrap();
+        }
+        if let Some(token) = &host.token {
+            std::fs::write(host.path("tokens"), format!("ci:{token}\n")).unwrap();
+            std::fs::set_permissions(host.path("tokens"), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
         }
         host.write_tools();
         host
@@ -152,6 +171,7 @@ PORT = {port}
 PIDFILE = {pidfile:?}
 LOG = {log:?}
 NETLAB_BIN = {netlab_bin:?}
+EXTRA = {extra}
 
 def running():
     try:
@@ -179,7 +199,7 @@ if action == "start":
         with open(LOG, "a") as log:
             child = subprocess.Popen(
                 [BIN, "--host", "127.0.0.1", "--port", str(PORT), "--state-dir", STATE,
-                 "--on-exit", "keep", "--sweep-interval", "0.1"],
+                 "--on-exit", "keep", "--sweep-interval", "0.1"] + EXTRA,
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         open(PIDFILE, "w").write(str(child.pid))
@@ -211,6 +231,13 @@ else:
                 pidfile = self.path("service.pid").display().to_string(),
                 log = self.path("service.log").display().to_string(),
                 netlab_bin = self.path("netlab-bin").display().to_string(),
+                extra = match &self.token {
+                    Some(_) => format!(
+                        "[\"--token-file\", {:?}]",
+                        self.path("tokens").display().to_string()
+                    ),
+                    None => "[]".to_owned(),
+                },
             ),
         );
         self.executable(
@@ -252,12 +279,11 @@ else:
 
     /// A CI job that opened a session, took the lab and vanished.
     fn vanished_client_holding_a_lab(&self) -> String {
-        let r = request(self.addr(), "POST", "/session", &[], b"");
+        let r = self.call("POST", "/session", &[], b"");
         assert_eq!(r.status, 201, "{}", r.text());
         let sid = r.json()["session_id"].as_str().unwrap().to_owned();
         let form = Form::topology("lab.yml", TOPO);
-        let r = request(
-            self.addr(),
+        let r = self.call(
             "POST",
             "/lab",
             &[
@@ -270,11 +296,25 @@ else:
         sid
     }
 
+    /// A request as a CI job sends it (with the `ci` token when tokens are on).
+    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(auth) = &auth {
+            all.push(("Authorization", auth));
+        }
+        request(self.addr(), method, path, &all, body)
+    }
+
     fn replace_paths(&self, text: &str) -> String {
         text.replace("127.0.0.1:8000", &format!("127.0.0.1:{}", self.port))
             .replace(
                 "/var/lib/neops-remote-lab",
                 &self.path("state").display().to_string(),
+            )
+            .replace(
+                "/etc/neops-remote-lab/tokens",
+                &self.path("tokens").display().to_string(),
             )
             .replace(
                 "/opt/netlab/bin",
@@ -396,7 +436,7 @@ impl Drop for Host {
 /// The runbook, steps 1 to 5, on a host where a vanished CI job holds the lab.
 #[test]
 fn the_runbook_runs_as_printed() {
-    let host = Host::new();
+    let host = Host::packaged();
     host.systemctl("start");
     let sid = host.vanished_client_holding_a_lab();
     let work = host.work_dirs().pop().unwrap();
@@ -409,9 +449,9 @@ fn the_runbook_runs_as_printed() {
     // The lab is gone, the queue is free, the service runs again with a clean state.
     assert!(host.work_dirs().is_empty(), "{}", host.service_log());
     assert!(!host.path("fake/instance.json").exists());
-    let r = request(host.addr(), "GET", &format!("/session/{sid}"), &[], b"");
+    let r = host.call("GET", &format!("/session/{sid}"), &[], b"");
     assert_eq!(r.status, 404);
-    let r = request(host.addr(), "GET", "/active-session", &[], b"");
+    let r = host.call("GET", "/active-session", &[], b"");
     r.expect(404, r#"{"detail":"No active session"}"#);
 }
 
@@ -419,20 +459,14 @@ fn the_runbook_runs_as_printed() {
 /// gets through); netlab by hand, then `cleanup`.
 #[test]
 fn runbook_step_6_netlab_by_hand_runs_as_printed() {
-    let host = Host::new();
+    let host = Host::packaged();
     host.systemctl("start");
     let sid = host.vanished_client_holding_a_lab();
     host.set_control(
         "down.fail",
         r#"{"code": 1, "stderr": "Error: containers of the lab could not be removed\n", "unless_force": true}"#,
     );
-    let r = request(
-        host.addr(),
-        "DELETE",
-        "/lab",
-        &[("X-Session-ID", &sid)],
-        b"",
-    );
+    let r = host.call("DELETE", "/lab", &[("X-Session-ID", &sid)], b"");
     assert_eq!(r.status, 202);
     wait_until(Duration::from_secs(10), "the failed teardown", || {
         host.service_log().contains("[ERROR] teardown of")
@@ -442,7 +476,7 @@ fn runbook_step_6_netlab_by_hand_runs_as_printed() {
     assert!(!dir.exists());
     assert!(host.work_dirs().is_empty());
     assert!(!host.path("fake/instance.json").exists());
-    let health = request(host.addr(), "GET", "/debug/health", &[], b"").json();
+    let health = host.call("GET", "/debug/health", &[], b"").json();
     assert_eq!(health["teardowns"], serde_json::json!([]));
 }
 
@@ -450,20 +484,14 @@ fn runbook_step_6_netlab_by_hand_runs_as_printed() {
 /// `clab.yml`, then netlab's registration and the directory go, and `cleanup` agrees.
 #[test]
 fn runbook_step_7_backend_by_hand_runs_as_printed() {
-    let host = Host::new();
+    let host = Host::packaged();
     host.systemctl("start");
     let sid = host.vanished_client_holding_a_lab();
     host.set_control(
         "down.fail",
         r#"{"code": 1, "stderr": "Fatal error in netlab: cannot reach the Docker daemon\n"}"#,
     );
-    let r = request(
-        host.addr(),
-        "DELETE",
-        "/lab",
-        &[("X-Session-ID", &sid)],
-        b"",
-    );
+    let r = host.call("DELETE", "/lab", &[("X-Session-ID", &sid)], b"");
     assert_eq!(r.status, 202);
     wait_until(Duration::from_secs(10), "the failed teardown", || {
         host.service_log().contains("[ERROR] teardown of")
@@ -480,17 +508,17 @@ fn runbook_step_7_backend_by_hand_runs_as_printed() {
     );
     assert!(!dir.exists());
     assert!(!host.path("fake/instance.json").exists());
-    let health = request(host.addr(), "GET", "/debug/health", &[], b"").json();
+    let health = host.call("GET", "/debug/health", &[], b"").json();
     assert_eq!(health["teardowns"], serde_json::json!([]));
 }
 
 /// The README's curl session.
 #[test]
 fn the_readme_runs_as_printed() {
-    let host = Host::new();
+    let host = Host::by_hand();
     host.systemctl("start");
     host.run("readme");
-    let r = request(host.addr(), "GET", "/debug/health", &[], b"");
+    let r = host.call("GET", "/debug/health", &[], b"");
     assert_eq!(r.json()["sessions"], 0);
     // The released lab stays up, idle, for the next session.
     assert_eq!(host.work_dirs().len(), 1);
