@@ -460,7 +460,19 @@ fn cleanup(config: Config) -> i32 {
             }
         }
     }
-    let default_error = netlab.cleanup_default(&config.state_dir).err();
+    // netlab's `default` instance, unless it is a lab that just failed: trying again would
+    // only fail again, and report the same lab twice.
+    let default_is_left = !left.is_empty()
+        && netlab
+            .default_instance_dir(&config.state_dir)
+            .ok()
+            .flatten()
+            .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
+    let default_error = if default_is_left {
+        None
+    } else {
+        netlab.cleanup_default(&config.state_dir).err()
+    };
     if let Some(e) = &default_error {
         log::error!(
             "cannot clear netlab's 'default' instance: {}",
@@ -514,27 +526,38 @@ fn unfinished_report(config: &Config, left: &[Teardown], default_error: Option<&
             e.replace('\n', "\n      ")
         ));
     }
-    out.push_str("Fix the cause netlab names (is Docker running? is containerlab installed?), then\nrun this command again. Or finish by hand:\n");
-    out.push_str(&format!("  {env} {netlab} status --all --format json\n"));
+    out.push_str(
+        "Fix the cause netlab names (is Docker running? is containerlab installed?) and run\n\
+         this command again. Or finish by hand, as the service's user:\n",
+    );
+    out.push_str(&format!(
+        "  1. netlab by hand (`--force` goes on where a plain `down` stops at an error):\n       {env} {netlab} status --all --format json\n"
+    ));
     for t in left {
         let dir = shell_quote(&t.work_dir().to_string_lossy());
         out.push_str(&format!(
-            "  cd {dir} && {env} {netlab} down --cleanup --force\n"
+            "       cd {dir} && {env} {netlab} down --cleanup --force\n"
         ));
-        if t.work_dir().join("clab.yml").exists() {
-            out.push_str(&format!(
-                "  containerlab destroy -t {dir}/clab.yml --cleanup\n"
-            ));
-        }
     }
     if default_error.is_some() {
         out.push_str(&format!(
-            "  {env} {netlab} down --instance default --cleanup --force\n"
+            "       {env} {netlab} down --instance default --cleanup --force\n"
         ));
     }
+    out.push_str("  2. if netlab cannot, the back end by hand, then drop netlab's registration:\n");
+    for t in left {
+        if t.work_dir().join("clab.yml").exists() {
+            let dir = shell_quote(&t.work_dir().to_string_lossy());
+            out.push_str(&format!(
+                "       containerlab destroy -t {dir}/clab.yml --cleanup\n"
+            ));
+        }
+    }
     out.push_str(&format!(
-        "  yes | {env} {netlab} status --reset\n  rm -rf {}/labs/* {}\n",
-        shell_quote(&config.state_dir.to_string_lossy()),
+        "       yes | {env} {netlab} status --reset\n  3. then run this command again (or: rm -rf{} {}).\n",
+        left.iter()
+            .map(|t| format!(" {}", shell_quote(&t.work_dir().to_string_lossy())))
+            .collect::<String>(),
         shell_quote(&config.state_dir.join(persist::STATE_FILE).to_string_lossy())
     ));
     out
