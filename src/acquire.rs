@@ -133,8 +133,16 @@ pub fn begin(shared: &Shared, request: &Request, caller: &Caller) -> Outcome {
     Outcome::Upload(Pending {
         ticket,
         boundary,
-        work_dir: shared.labs_dir.join(Uuid::new_v4().to_string()),
+        work_dir: shared.labs_dir.join(work_dir_name(Uuid::new_v4())),
     })
+}
+
+/// A fresh work directory's name. netlab names a lab without `name:` after its directory
+/// (alphanumerics only, at most 12) and refuses one that starts with a digit, which a bare
+/// UUID does whenever its first eight hex digits are all digits (about 2 % of starts); the
+/// `lab-` prefix always gives a letter first.
+fn work_dir_name(id: Uuid) -> String {
+    format!("lab-{id}")
 }
 
 const UPLOADING: u8 = 0;
@@ -331,5 +339,19 @@ fn receive_and_decide(
                 topology: upload.topology,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dir_names_start_with_a_letter_even_for_all_digit_uuids() {
+        let id = Uuid::parse_str("85690200-1234-4567-8901-234567890123").unwrap();
+        assert_eq!(
+            work_dir_name(id),
+            "lab-85690200-1234-4567-8901-234567890123"
+        );
     }
 }

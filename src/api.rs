@@ -381,16 +381,13 @@ fn active_session(shared: &Shared, caller: &Caller) -> Reply {
         position: usize,
         session_id: String,
     }
-    let now = shared.clock.now();
+    // A read: it names the session but does not keep it alive (an operator following the
+    // runbook must not keep a vanished client's session from being reaped).
     let active = {
-        let mut state = shared.lock();
-        let active = state.queue.active().filter(|id| {
+        let state = shared.lock();
+        state.queue.active().filter(|id| {
             caller.is_admin() || state.queue.owner(id).is_some_and(|o| caller.may_use(o))
-        });
-        if let Some(id) = &active {
-            state.queue.touch(id, now);
-        }
-        active
+        })
     };
     match active {
         Some(id) => Reply::json(
@@ -406,6 +403,14 @@ fn active_session(shared: &Shared, caller: &Caller) -> Reply {
 }
 
 fn debug_health(shared: &Shared) -> Reply {
+    /// A teardown not done yet: queued, or failed and waiting for its next attempt.
+    #[derive(Serialize)]
+    struct PendingTeardown {
+        work_dir: String,
+        attempts: u32,
+        error: Option<String>,
+        retry_in: Option<f64>,
+    }
     #[derive(Serialize)]
     struct Health {
         status: &'static str,
@@ -413,6 +418,7 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
+        teardowns: Vec<PendingTeardown>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     }
@@ -425,7 +431,21 @@ fn debug_health(shared: &Shared) -> Reply {
         .duration_since(shared.started_at)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
-    let sessions = shared.lock().queue.len();
+    let clock = shared.clock.now();
+    let (sessions, teardowns) = {
+        let state = shared.lock();
+        let teardowns = state
+            .teardowns
+            .iter()
+            .map(|t| PendingTeardown {
+                work_dir: t.work_dir().to_string_lossy().into_owned(),
+                attempts: t.attempts,
+                error: t.error.clone(),
+                retry_in: t.retry_at.map(|at| at.saturating_sub(clock).as_secs_f64()),
+            })
+            .collect();
+        (state.queue.len(), teardowns)
+    };
     let degraded = shared.degraded();
     Reply::json(
         200,
@@ -436,6 +456,7 @@ fn debug_health(shared: &Shared) -> Reply {
             uptime,
             sessions,
             queue_length: sessions,
+            teardowns,
         },
     )
 }
@@ -446,6 +467,22 @@ fn debug_health(shared: &Shared) -> Reply {
 /// 423 not the ACTIVE session. Passing it refreshes the session's `last_seen_at`. The body
 /// is not read before the gate is passed.
 pub fn gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<SessionId, Reply> {
+    check_gate(shared, request, caller, true)
+}
+
+/// The gate of the read-only routes (`GET /lab`, `GET /lab/devices`): the same answers, but
+/// a look does not count as the session's activity, so polling them never keeps a silent
+/// session alive. Only the session's own polls, heartbeats and lab operations do.
+fn read_gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<SessionId, Reply> {
+    check_gate(shared, request, caller, false)
+}
+
+fn check_gate(
+    shared: &Shared,
+    request: &Request,
+    caller: &Caller,
+    touch: bool,
+) -> Result<SessionId, Reply> {
     let Some(value) = header_value(request, SESSION_HEADER) else {
         return Err(Reply::missing(["header", SESSION_HEADER]));
     };
@@ -459,7 +496,9 @@ pub fn gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<Sessi
         None => Err(session_not_found()),
         Some((Status::Waiting, _)) => Err(Reply::detail(423, "Session is not active")),
         Some((Status::Active, _)) => {
-            state.queue.touch(&id, now);
+            if touch {
+                state.queue.touch(&id, now);
+            }
             Ok(id)
         }
     }
@@ -472,7 +511,7 @@ fn no_lab() -> Reply {
 // ------------------------------------------------------------------------------- lab routes
 
 fn lab_status(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
-    if let Err(reply) = gate(shared, request, caller) {
+    if let Err(reply) = read_gate(shared, request, caller) {
         return reply;
     }
     let state = shared.lock();
@@ -492,7 +531,7 @@ fn lab_status(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
 }
 
 fn lab_devices(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
-    if let Err(reply) = gate(shared, request, caller) {
+    if let Err(reply) = read_gate(shared, request, caller) {
         return reply;
     }
     let devices = shared.lock().lab.as_ref().map(|l| l.devices_json.clone());

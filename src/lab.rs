@@ -1,8 +1,9 @@
 //! The lab record and the decisions of `POST /lab`, `POST /lab/release` and `DELETE /lab`.
 //! Pure: no I/O. A lab's identity is the SHA-256 of its topology file's bytes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -94,6 +95,62 @@ impl LabRecord {
     pub fn torn_down_with_its_session(&self) -> bool {
         self.ref_count > 0
     }
+}
+
+/// A lab to tear down: queued on the lab thread, or waiting for its next attempt after
+/// netlab failed to tear it down. Its work directory is kept until netlab succeeds.
+#[derive(Clone, Debug)]
+pub struct Teardown {
+    pub lab: LabRecord,
+    /// `netlab down --cleanup --force`: the remains of a start that failed, or of a lab in
+    /// an unknown state, where plain `down --cleanup` leaves netlab's registration behind.
+    /// A lab that ran is torn down without it.
+    pub force: bool,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// netlab's words from the last failed attempt.
+    pub error: Option<String>,
+    /// When the next attempt is due (clock time); `None` while one is queued.
+    pub retry_at: Option<Duration>,
+}
+
+impl Teardown {
+    pub fn new(lab: LabRecord, force: bool) -> Self {
+        Teardown {
+            lab,
+            force,
+            attempts: 0,
+            error: None,
+            retry_at: None,
+        }
+    }
+
+    /// The remains of a start in `work_dir` that never became the running lab.
+    pub fn of_failed_start(work_dir: &Path, topology: Option<&Path>, hash: Hash) -> Self {
+        Teardown::new(
+            LabRecord {
+                hash,
+                work_dir: work_dir.to_path_buf(),
+                topology: topology.unwrap_or(work_dir).to_path_buf(),
+                ref_count: 0,
+                devices_json: "[]".into(),
+            },
+            true,
+        )
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.lab.work_dir
+    }
+}
+
+/// How long to wait before attempt `attempts + 1` of a failing teardown: six sweep
+/// intervals (30 s by default), doubled after every failure, at most 10 minutes.
+pub fn retry_delay(sweep_interval: Duration, attempts: u32) -> Duration {
+    let factor = 6u32.saturating_mul(1 << attempts.saturating_sub(1).min(16));
+    sweep_interval
+        .saturating_mul(factor)
+        .min(Duration::from_secs(600))
 }
 
 /// Serializes devices as the API returns them.
@@ -188,6 +245,18 @@ mod tests {
     fn session_end_tears_down_only_a_held_lab() {
         assert!(lab(A, 1).torn_down_with_its_session());
         assert!(!lab(A, 0).torn_down_with_its_session());
+    }
+
+    #[test]
+    fn failing_teardowns_back_off_to_ten_minutes() {
+        let every = Duration::from_secs(5);
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(every, n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 600, 600]);
+        assert_eq!(retry_delay(every, 1000), Duration::from_secs(600));
+        assert_eq!(
+            retry_delay(Duration::from_millis(100), 1),
+            Duration::from_millis(600)
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tiny_http::Request;
 use crate::acquire::{self, Ticket};
 use crate::config::OnExit;
 use crate::http::{Reply, answer};
-use crate::lab::{self, Hash, LabRecord};
+use crate::lab::{self, Hash, LabRecord, Teardown};
 use crate::netlab::{Netlab, NetlabError};
 use crate::persist::NotPersisted;
 use crate::queue::Status;
@@ -33,7 +33,7 @@ pub struct StartJob {
 
 pub enum LabJob {
     Start(StartJob, Request),
-    Teardown(LabRecord),
+    Teardown(Teardown),
     /// Finish the queued jobs, tear the running lab down and stop.
     Shutdown,
 }
@@ -42,7 +42,7 @@ impl fmt::Debug for LabJob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LabJob::Start(job, _) => write!(f, "start of {}", job.topology.display()),
-            LabJob::Teardown(lab) => write!(f, "teardown of {}", lab.topology.display()),
+            LabJob::Teardown(t) => write!(f, "teardown of {}", t.lab.topology.display()),
             LabJob::Shutdown => f.write_str("shutdown"),
         }
     }
@@ -57,10 +57,10 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
                 let reply = start(shared, netlab, job);
                 answer(request, reply);
             }
-            LabJob::Teardown(lab) => {
-                teardown(netlab, &lab);
-                shared.teardown_done(&lab.work_dir);
-            }
+            LabJob::Teardown(t) => match teardown(netlab, &t) {
+                Ok(()) => shared.teardown_done(t.work_dir()),
+                Err(e) => shared.teardown_failed(&t, e),
+            },
             LabJob::Shutdown => shut_down(shared, netlab),
         }));
         if result.is_err() {
@@ -88,37 +88,44 @@ fn shut_down(shared: &Shared, netlab: &Netlab) {
     let running = shared.lock().lab.clone();
     if let Some(lab) = running {
         log::info!("shutting down: tearing down the running lab");
-        teardown(netlab, &lab);
+        let t = Teardown::new(lab, false);
+        let result = teardown(netlab, &t);
         let version = {
             let mut state = shared.lock();
             state.lab = None;
             state.changed()
         };
         shared.persist_quietly(version);
+        if let Err(e) = result {
+            // Recorded as a pending teardown: the next start (or `cleanup`) tries again.
+            shared.teardown_failed(&t, e);
+        }
     }
 }
 
-/// Tears a lab down in its work directory and removes the directory. A failing `netlab down`
-/// is logged, never returned: the lab no longer counts as running either way.
-pub fn teardown(netlab: &Netlab, lab: &LabRecord) {
+/// Tears a lab down in its work directory and removes the directory, once netlab says it
+/// is done. On failure the directory stays (the caller records the teardown as failed, to be
+/// retried): it holds what netlab and containerlab need to finish by hand.
+pub fn teardown(netlab: &Netlab, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
-    match netlab.down(&lab.work_dir, false) {
-        Ok(()) => log::info!(
-            "lab {} torn down in {:.1} s",
-            lab.topology.display(),
-            started.elapsed().as_secs_f64()
-        ),
-        Err(e) => log::warn!("teardown of {}: {e}", lab.topology.display()),
-    }
-    remove_dir(&lab.work_dir);
+    netlab.tear_down(t.work_dir(), t.force)?;
+    log::info!(
+        "lab {} torn down in {:.1} s",
+        t.lab.topology.display(),
+        started.elapsed().as_secs_f64()
+    );
+    remove_dir(t.work_dir());
+    Ok(())
 }
 
-/// Cleans up after a start that did not produce a lab we keep.
-fn discard(netlab: &Netlab, job: &StartJob) {
-    if let Err(e) = netlab.down(&job.work_dir, true) {
-        log::warn!("cleanup of the failed lab {}: {e}", job.topology.display());
+/// Cleans up after a start that did not produce a lab we keep. If netlab cannot, the
+/// remains become a failed teardown, retried like any other.
+fn discard(shared: &Shared, netlab: &Netlab, job: &StartJob) {
+    let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash);
+    match netlab.tear_down(&job.work_dir, true) {
+        Ok(()) => remove_dir(&job.work_dir),
+        Err(e) => shared.teardown_failed(&t, e),
     }
-    remove_dir(&job.work_dir);
 }
 
 fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
@@ -162,7 +169,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(&job, &e);
-            discard(netlab, &job);
+            discard(shared, netlab, &job);
             let _ = finish_start(shared, &job.ticket, None);
             return Reply::detail(e.status(), e.to_string());
         }
@@ -183,7 +190,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
                 "lab {} came up but cannot be recorded: tearing it down again",
                 job.topology.display()
             );
-            discard(netlab, &job);
+            discard(shared, netlab, &job);
             let version = {
                 let mut state = shared.lock();
                 state.starting = None;
@@ -194,7 +201,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         }
     };
     if !stored {
-        discard(netlab, &job);
+        discard(shared, netlab, &job);
         return if active {
             log::warn!("the server is shutting down: tearing the new lab down again");
             Reply::detail(503, "Server is shutting down")
@@ -207,9 +214,10 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         };
     }
     log::info!(
-        "lab {} is up with {} devices after {:.1} s",
+        "lab {} is up with {} {} after {:.1} s",
         job.topology.display(),
         devices.len(),
+        crate::state::plural(devices.len(), "device", "devices"),
         started.elapsed().as_secs_f64()
     );
     Reply::raw_json(
@@ -234,7 +242,12 @@ pub fn clear_default(netlab: &Netlab, config: &crate::config::Config) -> Result<
     };
     let ours = crate::statedir::is_work_dir(&labs, &dir);
     if ours || config.cleanup_foreign || !dir.exists() {
-        netlab.cleanup_default(&config.state_dir);
+        if let Err(e) = netlab.cleanup_default(&config.state_dir) {
+            log::error!(
+                "cannot clear netlab's 'default' instance: {}",
+                crate::netlab::for_log(&e)
+            );
+        }
         return Ok(());
     }
     Err(format!(
@@ -271,11 +284,19 @@ fn finish_start(
 
 fn log_failure(job: &StartJob, e: &NetlabError) {
     match e {
-        NetlabError::Rejected(_) => log::warn!("lab {}: {e}", job.topology.display()),
+        NetlabError::Rejected(_) => log::warn!(
+            "lab {}: {}",
+            job.topology.display(),
+            crate::netlab::for_log(&e.to_string())
+        ),
         NetlabError::Cancelled => log::warn!(
             "start of {} cut short by the shutdown",
             job.topology.display()
         ),
-        _ => log::error!("lab {}: {e}", job.topology.display()),
+        _ => log::error!(
+            "lab {}: {}",
+            job.topology.display(),
+            crate::netlab::for_log(&e.to_string())
+        ),
     }
 }

@@ -65,6 +65,42 @@ impl Output {
         }
     }
 
+    /// netlab prints `Fatal error in netlab: …` (or a `FatalError` traceback) when it gave
+    /// up, and some commands still exit 0 then (`down` without containerlab, for one).
+    pub fn says_fatal(&self) -> bool {
+        let stdout = String::from_utf8_lossy(&self.stdout);
+        [stdout.as_ref(), self.stderr.as_str()]
+            .iter()
+            .any(|text| text.contains("Fatal error") || text.contains("FatalError"))
+    }
+
+    /// Whether netlab did what it was asked: exit 0 and no fatal error in its output.
+    pub fn done(&self) -> bool {
+        self.success() && !self.says_fatal()
+    }
+
+    /// The last lines of both outputs, for error messages (netlab's fatal errors go to
+    /// either, depending on the command).
+    pub fn output_tail(&self) -> String {
+        tail(
+            &format!("{}\n{}", self.stdout_text().trim(), self.stderr.trim()),
+            DETAIL_TAIL,
+        )
+    }
+
+    /// Why a command that ran is not [`done`](Self::done).
+    fn failure(&self, command: &str) -> String {
+        if self.timed_out {
+            return format!("netlab {command} timed out");
+        }
+        let how = if self.success() {
+            "exited 0 but failed".to_owned()
+        } else {
+            self.exit()
+        };
+        format!("netlab {command} failed ({how}): {}", self.output_tail())
+    }
+
     pub fn stdout_text(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
@@ -91,6 +127,17 @@ pub fn tail(text: &str, limit: usize) -> String {
         _ => cut.trim().to_owned(),
     }
 }
+
+/// `text` for a log line: netlab's lines after the first are marked `netlab| `, so every
+/// line of the log says where it comes from.
+pub fn for_log(text: &str) -> String {
+    text.trim_end().replace('\n', "\nnetlab| ")
+}
+
+/// The file `netlab up` writes into a work directory before it deploys anything, and a
+/// successful `netlab down --cleanup` removes: where there is none, netlab has nothing to
+/// tear down (a topology it rejected, a directory already cleaned).
+pub const SNAPSHOT: &str = "netlab.snapshot.pickle";
 
 /// Why a lab could not be started; each maps to one HTTP answer.
 #[derive(Debug)]
@@ -289,18 +336,8 @@ impl Netlab {
             // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
             let _ = pipe.write_all(input);
         }
-        let stdout = capture(
-            child_stdout,
-            self.stream_output,
-            format!("netlab {label}"),
-            Keep::Head(STDOUT_LIMIT),
-        );
-        let stderr = capture(
-            child_stderr,
-            self.stream_output,
-            format!("netlab {label} (stderr)"),
-            Keep::Tail(STDERR_TAIL),
-        );
+        let stdout = capture(child_stdout, self.stream_output, Keep::Head(STDOUT_LIMIT));
+        let stderr = capture(child_stderr, self.stream_output, Keep::Tail(STDERR_TAIL));
 
         let started = Instant::now();
         let group = child.handle();
@@ -350,10 +387,22 @@ impl Netlab {
         })
     }
 
-    /// Pre-flight: `netlab version` must work.
+    /// Pre-flight: `netlab version` must work. Returns its first line (netlab 26.10 goes on
+    /// with a dozen lines about its modules, which are logged at debug level only).
     pub fn version(&self, cwd: &Path) -> Result<String, String> {
         match self.run(&["version"], cwd, SHORT_TIMEOUT, None, None) {
-            Ok(out) if out.success() => Ok(out.stdout_text().trim().to_owned()),
+            Ok(out) if out.success() => {
+                let text = out.stdout_text();
+                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+                let first = lines
+                    .next()
+                    .unwrap_or("netlab (no version printed)")
+                    .to_owned();
+                for line in lines {
+                    log::debug!("netlab| {line}");
+                }
+                Ok(first)
+            }
             Ok(out) => Err(format!(
                 "`{} version` failed ({}): {}",
                 self.program.display(),
@@ -366,55 +415,47 @@ impl Netlab {
 
     /// Tears down whatever netlab registers as the `default` instance, wherever it is. A
     /// registration pointing at a directory that no longer exists is dropped with
-    /// `netlab status --reset`. "Nothing running" is the normal answer.
-    pub fn cleanup_default(&self, cwd: &Path) {
-        let out = match self.run(
-            &["down", "--instance", "default", "--cleanup"],
-            cwd,
-            DOWN_TIMEOUT,
-            None,
-            None,
-        ) {
-            Ok(out) => out,
-            Err(e) => {
-                log::error!("cannot run netlab down: {e}");
-                return;
-            }
-        };
-        if out.success() {
+    /// `netlab status --reset`. "Nothing running" is the normal answer. Done only when
+    /// netlab says so; the error has netlab's words.
+    pub fn cleanup_default(&self, cwd: &Path) -> Result<(), String> {
+        const DOWN: &str = "down --instance default --cleanup";
+        let out = self
+            .run(
+                &["down", "--instance", "default", "--cleanup"],
+                cwd,
+                DOWN_TIMEOUT,
+                None,
+                None,
+            )
+            .map_err(|e| format!("cannot run netlab down: {e}"))?;
+        if out.done() {
             log::info!("tore down a leftover netlab instance 'default'");
-            return;
+            return Ok(());
         }
         let all = format!("{}\n{}", out.stdout_text(), out.stderr);
-        if all.contains("Unknown instance") {
-            return;
+        if !out.success() && all.contains("Unknown instance") {
+            return Ok(());
         }
-        if all.contains("Cannot change directory") {
+        if !out.success() && all.contains("Cannot change directory") {
             log::warn!(
                 "netlab's 'default' instance points at a directory that is gone; resetting its status"
             );
-            match self.run(
-                &["status", "--reset"],
-                cwd,
-                SHORT_TIMEOUT,
-                Some(b"y\n"),
-                None,
-            ) {
-                Ok(out) if out.success() => {}
-                Ok(out) => log::error!(
-                    "netlab status --reset failed ({}): {}",
-                    out.exit(),
-                    out.stderr_tail()
-                ),
-                Err(e) => log::error!("cannot run netlab status --reset: {e}"),
-            }
-            return;
+            let reset = self
+                .run(
+                    &["status", "--reset"],
+                    cwd,
+                    SHORT_TIMEOUT,
+                    Some(b"y\n"),
+                    None,
+                )
+                .map_err(|e| format!("cannot run netlab status --reset: {e}"))?;
+            return if reset.done() {
+                Ok(())
+            } else {
+                Err(reset.failure("status --reset"))
+            };
         }
-        log::error!(
-            "netlab down --instance default failed ({}): {}",
-            out.exit(),
-            tail(&all, DETAIL_TAIL)
-        );
+        Err(out.failure(DOWN))
     }
 
     /// The directory netlab registers its `default` instance in, if any
@@ -572,27 +613,35 @@ impl Netlab {
             .collect()
     }
 
-    /// `netlab down --cleanup [--force]` in a lab's work directory.
+    /// `netlab down --cleanup [--force]` in a lab's work directory. Done only when netlab
+    /// says so: exit 0 and no fatal error in its output.
     pub fn down(&self, dir: &Path, force: bool) -> Result<(), String> {
         let mut args = vec!["down", "--cleanup"];
         if force {
             args.push("--force");
         }
         match self.run(&args, dir, DOWN_TIMEOUT, None, None) {
-            Ok(out) if out.success() => Ok(()),
+            Ok(out) if out.done() => Ok(()),
             Ok(out) if out.timed_out => Err(format!(
                 "netlab {} timed out after {} s",
                 args.join(" "),
                 DOWN_TIMEOUT.as_secs()
             )),
-            Ok(out) => Err(format!(
-                "netlab {} failed ({}): {}",
-                args.join(" "),
-                out.exit(),
-                out.stderr_tail()
-            )),
+            Ok(out) => Err(out.failure(&args.join(" "))),
             Err(e) => Err(format!("cannot run netlab down: {e}")),
         }
+    }
+
+    /// Tears down the lab in `work_dir`, if netlab left anything there: one `netlab down
+    /// --cleanup` (with `--force` for the remains of a failed start), never a second pass
+    /// after one that succeeded. On success the caller removes the directory; on failure it
+    /// must keep it (it holds `clab.yml` and the snapshot, which netlab and containerlab
+    /// need to finish by hand).
+    pub fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String> {
+        if !work_dir.join(SNAPSHOT).exists() {
+            return Ok(());
+        }
+        self.down(work_dir, force)
     }
 }
 
@@ -630,12 +679,7 @@ impl Capture {
     }
 }
 
-fn capture<R: Read + Send + 'static>(
-    pipe: Option<R>,
-    stream: bool,
-    label: String,
-    keep: Keep,
-) -> Capture {
+fn capture<R: Read + Send + 'static>(pipe: Option<R>, stream: bool, keep: Keep) -> Capture {
     let Some(pipe) = pipe else {
         return Capture { done: None };
     };
@@ -654,7 +698,7 @@ fn capture<R: Read + Send + 'static>(
                     Ok(_) => {}
                 }
                 if stream {
-                    log::debug!("{label}: {}", String::from_utf8_lossy(&line).trim_end());
+                    log::debug!("netlab| {}", String::from_utf8_lossy(&line).trim_end());
                 }
                 match keep {
                     Keep::Head(limit) => {

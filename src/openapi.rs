@@ -89,7 +89,7 @@ fn build() -> Value {
             },
             "/active-session": {
                 "get": {
-                    "summary": "The active session",
+                    "summary": "The active session (a read: it does not keep that session alive)",
                     "responses": {
                         "200": body("The active session", "ActiveSession"),
                         "404": detail("No active session")
@@ -123,7 +123,7 @@ fn build() -> Value {
                     }))
                 },
                 "get": {
-                    "summary": "The lab's state",
+                    "summary": "The lab's state (a read: it does not keep the session alive)",
                     "parameters": [session_header()],
                     "responses": gated(json!({"200": body("Lab state", "LabStatus")}))
                 },
@@ -146,7 +146,7 @@ fn build() -> Value {
             },
             "/lab/devices": {
                 "get": {
-                    "summary": "The running lab's devices",
+                    "summary": "The running lab's devices (a read: it does not keep the session alive)",
                     "parameters": [session_header()],
                     "responses": gated(json!({"200": {"description": "Devices", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}}}}))
                 }
@@ -177,11 +177,15 @@ fn build() -> Value {
                 "topology": {"type": ["string", "null"]},
                 "ref_count": {"type": "integer"},
                 "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-                "netlab_status": {"type": "null"}
+                "netlab_status": {"type": "null", "description": "Always null. Kept for compatibility with the Python server's clients, which read the key; that server never filled it either. Ask netlab itself for its view: `netlab status --all` (see the operator guide)."}
             }},
             "Health": {"type": "object", "properties": {
                 "status": {"type": "string"}, "timestamp": {"type": "number"}, "uptime": {"type": "number"},
-                "sessions": {"type": "integer"}, "queue_length": {"type": "integer"}
+                "sessions": {"type": "integer"}, "queue_length": {"type": "integer"},
+                "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
+                    "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
+                    "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
+                }}}
             }}
         }}
     })

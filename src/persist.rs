@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::lab::{self, Hash, LabRecord};
+use crate::lab::{self, Hash, LabRecord, Teardown};
 use crate::queue::{SessionId, parse_session_id};
 
 pub const STATE_FILE: &str = "state.json";
@@ -46,7 +46,7 @@ pub struct Saved {
     pub sessions: Vec<SessionRecord>,
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
-    pub teardowns: Vec<LabRecord>,
+    pub teardowns: Vec<Teardown>,
 }
 
 /// A copy of the durable part of the state, taken under the state lock. The writer keeps
@@ -57,7 +57,7 @@ pub struct Snapshot {
     pub sessions: Vec<SessionRecord>,
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
-    pub teardowns: Vec<LabRecord>,
+    pub teardowns: Vec<Teardown>,
 }
 
 impl Snapshot {
@@ -102,7 +102,7 @@ impl Snapshot {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(lab_json(t).as_bytes());
+            out.extend_from_slice(teardown_json(t).as_bytes());
         }
         out.extend_from_slice(b"]\n}\n");
     }
@@ -124,6 +124,34 @@ fn lab_json(l: &LabRecord) -> String {
         l.ref_count,
         l.devices_json
     )
+}
+
+/// A teardown: its lab's fields, then how it is done and how it went so far.
+fn teardown_json(t: &Teardown) -> String {
+    let mut text = lab_json(&t.lab);
+    text.pop();
+    text.push_str(&format!(
+        ", \"force\": {}, \"attempts\": {}, \"error\": {}}}",
+        t.force,
+        t.attempts,
+        t.error
+            .as_ref()
+            .map_or(Value::Null, |e| Value::String(e.clone()))
+    ));
+    text
+}
+
+fn parse_teardown(v: &Value) -> Result<Teardown, String> {
+    let mut t = Teardown::new(
+        parse_lab(v)?,
+        v.get("force").and_then(Value::as_bool).unwrap_or(false),
+    );
+    t.attempts = v
+        .get("attempts")
+        .and_then(Value::as_u64)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    t.error = v.get("error").and_then(Value::as_str).map(str::to_owned);
+    Ok(t)
 }
 
 fn parse_hash(text: &str) -> Option<Hash> {
@@ -215,7 +243,7 @@ pub fn parse(text: &str) -> Result<Saved, String> {
     };
     if let Some(list) = v.get("teardowns").and_then(Value::as_array) {
         for t in list {
-            saved.teardowns.push(parse_lab(t)?);
+            saved.teardowns.push(parse_teardown(t)?);
         }
     }
     Ok(saved)
@@ -464,7 +492,11 @@ mod tests {
                 work_dir: PathBuf::from("/s/labs/b"),
                 pgid: Some(4242),
             }),
-            teardowns: vec![record("/s/labs/c", 0)],
+            teardowns: vec![Teardown {
+                attempts: 2,
+                error: Some("netlab down --cleanup failed".into()),
+                ..Teardown::new(record("/s/labs/c", 0), true)
+            }],
         };
         let text = snap.to_json();
         assert!(text.contains("\"status\":\"active\""));
@@ -477,7 +509,18 @@ mod tests {
         let starting = saved.starting.unwrap();
         assert_eq!(starting.work_dir, PathBuf::from("/s/labs/b"));
         assert_eq!(starting.pgid, Some(4242));
-        assert_eq!(saved.teardowns[0].work_dir, PathBuf::from("/s/labs/c"));
+        let t = &saved.teardowns[0];
+        assert_eq!(t.work_dir(), Path::new("/s/labs/c"));
+        assert!(t.force);
+        assert_eq!(t.attempts, 2);
+        assert_eq!(t.error.as_deref(), Some("netlab down --cleanup failed"));
+        // Files written before teardowns had these fields still load.
+        let old = parse(&text.replace(
+            ", \"force\": true, \"attempts\": 2, \"error\": \"netlab down --cleanup failed\"",
+            "",
+        ))
+        .unwrap();
+        assert!(!old.teardowns[0].force && old.teardowns[0].attempts == 0);
     }
 
     #[test]

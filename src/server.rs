@@ -25,11 +25,11 @@ use tiny_http::Server;
 use crate::auth::Access;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{self, Command, Config};
-use crate::lab::LabRecord;
+use crate::lab::{LabRecord, Teardown};
 use crate::lab_thread::{self, LabJob};
 use crate::netlab::Netlab;
-use crate::persist::{self, Saved};
-use crate::state::{Shared, State};
+use crate::persist::{self, Saved, Snapshot};
+use crate::state::{Shared, State, plural};
 use crate::{http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
@@ -123,7 +123,7 @@ fn serve(config: Config) -> i32 {
         config.stream_netlab_output,
     );
     match netlab.version(&config.state_dir) {
-        Ok(version) => log::info!("using {version}"),
+        Ok(version) => log::info!("using {version} ({})", config.netlab.display()),
         Err(e) => {
             return fail(format!(
                 "netlab is missing or broken: {e}\n\
@@ -149,7 +149,7 @@ fn serve(config: Config) -> i32 {
     };
 
     let (lab_tx, lab_rx) = unbounded();
-    let pending: Vec<LabRecord> = state.teardowns.clone();
+    let pending: Vec<Teardown> = state.teardowns.clone();
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
     shared.access = access;
     let shared = Arc::new(shared);
@@ -158,12 +158,12 @@ fn serve(config: Config) -> i32 {
     shared.set_durable_baseline();
     let version = shared.lock().changed();
     shared.persist_quietly(version);
-    for lab in pending {
+    for t in pending {
         log::info!(
             "carrying out the teardown of {} left pending by the last run",
-            lab.topology.display()
+            t.lab.topology.display()
         );
-        shared.send_lab_job(LabJob::Teardown(lab));
+        shared.send_lab_job(LabJob::Teardown(t));
     }
 
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
@@ -228,10 +228,14 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the watch thread")
     };
 
+    // The start-up contract (tests and scripts wait for this exact line), and the same
+    // event in the log's own format.
     eprintln!("listening on http://{bound}");
+    log::info!("listening on http://{bound}");
     log::info!(
-        "serving with {} workers; state dir {}; client timeout {:.1} s; open files limit {}",
+        "serving with {} {}; state dir {}; client timeout {:.1} s; open files limit {}",
         config.workers,
+        plural(config.workers, "worker", "workers"),
         config.state_dir.display(),
         config.client_timeout.as_secs_f64(),
         nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
@@ -388,11 +392,13 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         state.queue.set_owner(&session.id, session.owner.clone());
     }
     if let Some(active) = state.queue.active() {
+        let n = state.queue.len();
         log::info!(
-            "restored {} sessions from the state file; session {active} is active",
-            state.queue.len()
+            "restored {n} {} from the state file; session {active} is active",
+            plural(n, "session", "sessions")
         );
     }
+    let mut keep: Vec<PathBuf> = Vec::new();
     if let Some(start) = &saved.starting {
         if let Some(pgid) = start.pgid {
             kill_orphaned_up(config, pgid);
@@ -402,9 +408,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
             start.session,
             start.work_dir.display()
         );
-        discard_dir(netlab, &start.work_dir);
+        let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
+        discard_dir(netlab, t, &mut state, &mut keep);
     }
-    let mut keep: Vec<PathBuf> = Vec::new();
     if let Some(lab) = saved.lab {
         match netlab.check_running(&lab.work_dir) {
             Ok(()) => {
@@ -421,13 +427,13 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
                     "the lab {} of the last run is not running any more ({why}): forgetting it",
                     lab.topology.display()
                 );
-                discard_dir(netlab, &lab.work_dir);
+                discard_dir(netlab, Teardown::new(lab, true), &mut state, &mut keep);
             }
         }
     }
-    for lab in saved.teardowns {
-        keep.push(lab.work_dir.clone());
-        state.teardowns.push(lab);
+    for t in saved.teardowns {
+        keep.push(t.work_dir().to_path_buf());
+        state.teardowns.push(t);
     }
     if state.lab.is_none()
         && let Err(why) = lab_thread::clear_default(netlab, config)
@@ -467,10 +473,12 @@ fn confine(mut saved: Saved, labs: &Path) -> Saved {
             refuse("a start in", &start.work_dir);
         }
     }
-    saved.teardowns.retain(|lab| {
-        let ok = lab_ok(lab);
+    saved.teardowns.retain(|t| {
+        // The remains of a failed start name their work dir as their topology.
+        let ok = statedir::is_work_dir(labs, t.work_dir())
+            && (t.lab.topology == t.lab.work_dir || lab_ok(&t.lab));
         if !ok {
-            refuse("a teardown of", &lab.work_dir);
+            refuse("a teardown of", t.work_dir());
         }
         ok
     });
@@ -543,20 +551,34 @@ fn group_has_live_members(pgid: u32) -> bool {
     })
 }
 
-/// `netlab down --cleanup --force` in a work dir that may hold a half-made lab, then the
-/// directory goes.
-fn discard_dir(netlab: &Netlab, work_dir: &Path) {
-    if work_dir.is_dir()
-        && let Err(e) = netlab.down(work_dir, true)
-    {
-        log::warn!("cleanup of {}: {e}", work_dir.display());
+/// `netlab down --cleanup --force` in a work dir that may hold a half-made lab; the directory
+/// goes once netlab is done. When it fails, the directory is kept and the teardown stays
+/// pending in `state`, for the lab thread to retry.
+fn discard_dir(netlab: &Netlab, mut t: Teardown, state: &mut State, keep: &mut Vec<PathBuf>) {
+    match netlab.tear_down(t.work_dir(), t.force) {
+        Ok(()) => upload::remove_dir(t.work_dir()),
+        Err(e) => {
+            log::error!(
+                "cleanup of {} failed; kept for another attempt: {}",
+                t.work_dir().display(),
+                crate::netlab::for_log(&e)
+            );
+            t.attempts = 1;
+            t.error = Some(e);
+            keep.push(t.work_dir().to_path_buf());
+            state.teardowns.push(t);
+        }
     }
-    upload::remove_dir(work_dir);
 }
 
 /// `neops-remote-lab cleanup`: tears down whatever a stopped server left (its lab, pending
 /// teardowns, a half-made start, netlab's `default` instance), removes the work dirs and the
 /// state file. Refuses while a server holds the state dir.
+///
+/// Done only when netlab says so. Whatever netlab could not tear down is kept (its work
+/// directory, and its record in `state.json` as a pending teardown, for the next server or
+/// the next `cleanup` to retry), and the command exits 1 naming what is left and the
+/// commands that finish the job by hand.
 fn cleanup(config: Config) -> i32 {
     if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
         eprintln!("neops-remote-lab: {e}");
@@ -581,28 +603,147 @@ fn cleanup(config: Config) -> i32 {
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
-    let labs = saved
-        .lab
-        .iter()
-        .chain(saved.teardowns.iter())
-        .map(|l| l.work_dir.clone())
-        .chain(saved.starting.map(|s| s.work_dir));
-    for work_dir in labs {
-        log::info!("tearing down {}", work_dir.display());
-        if work_dir.is_dir()
-            && let Err(e) = netlab.down(&work_dir, false)
-        {
-            log::warn!("{e}");
+    // The running lab is torn down like the server would (one `down --cleanup`); pending
+    // teardowns as they were queued; a half-made start with `--force`.
+    let mut labs: Vec<Teardown> = Vec::new();
+    labs.extend(saved.lab.map(|lab| Teardown::new(lab, false)));
+    labs.extend(saved.teardowns);
+    labs.extend(
+        saved
+            .starting
+            .map(|s| Teardown::of_failed_start(&s.work_dir, None, [0; 32])),
+    );
+    let mut left: Vec<Teardown> = Vec::new();
+    for mut t in labs {
+        log::info!("tearing down {}", t.work_dir().display());
+        match lab_thread::teardown(&netlab, &t) {
+            Ok(()) => {}
+            Err(e) => {
+                log::error!(
+                    "teardown of {} failed: {}",
+                    t.work_dir().display(),
+                    crate::netlab::for_log(&e)
+                );
+                t.attempts = t.attempts.saturating_add(1);
+                t.error = Some(e);
+                left.push(t);
+            }
         }
-        discard_dir(&netlab, &work_dir);
     }
-    netlab.cleanup_default(&config.state_dir);
-    remove_leftover_work_dirs(&config, &[]);
-    if let Err(e) = persist::remove(&config.state_dir) {
-        return fail(format!("cannot remove the state file: {e}"));
+    // netlab's `default` instance, unless it is a lab that just failed: trying again would
+    // only fail again, and report the same lab twice.
+    let default_is_left = !left.is_empty()
+        && netlab
+            .default_instance_dir(&config.state_dir)
+            .ok()
+            .flatten()
+            .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
+    let default_error = if default_is_left {
+        None
+    } else {
+        netlab.cleanup_default(&config.state_dir).err()
+    };
+    if let Some(e) = &default_error {
+        log::error!(
+            "cannot clear netlab's 'default' instance: {}",
+            crate::netlab::for_log(e)
+        );
     }
-    log::info!("cleanup done");
-    0
+    let keep: Vec<PathBuf> = left.iter().map(|t| t.work_dir().to_path_buf()).collect();
+    remove_leftover_work_dirs(&config, &keep);
+    if left.is_empty() && default_error.is_none() {
+        if let Err(e) = persist::remove(&config.state_dir) {
+            return fail(format!("cannot remove the state file: {e}"));
+        }
+        log::info!("cleanup done");
+        return 0;
+    }
+    // What is left stays on record: the sessions are gone, the labs are pending teardowns.
+    let snapshot = Snapshot {
+        teardowns: left.clone(),
+        ..Snapshot::default()
+    };
+    let mut text = Vec::new();
+    snapshot.write_json(&mut text);
+    if let Err(e) = persist::write_atomic(&config.state_dir, &text) {
+        log::error!("cannot write the state file: {e}");
+    }
+    eprint!(
+        "{}",
+        unfinished_report(&config, &left, default_error.as_deref())
+    );
+    1
+}
+
+/// What `cleanup` could not finish, and the commands that finish it by hand.
+fn unfinished_report(config: &Config, left: &[Teardown], default_error: Option<&str>) -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "~".into());
+    let netlab = shell_quote(&config.netlab.to_string_lossy());
+    let env = format!("HOME={}", shell_quote(&home));
+    let mut out =
+        String::from("\nneops-remote-lab cleanup: NOT DONE. netlab could not tear down:\n");
+    for t in left {
+        let dir = t.work_dir().display().to_string();
+        out.push_str(&format!(
+            "  * the lab in {dir} (kept, with its record in {}):\n      {}\n",
+            config.state_dir.join(persist::STATE_FILE).display(),
+            t.error.as_deref().unwrap_or("").replace('\n', "\n      ")
+        ));
+    }
+    if let Some(e) = default_error {
+        out.push_str(&format!(
+            "  * netlab's 'default' instance:\n      {}\n",
+            e.replace('\n', "\n      ")
+        ));
+    }
+    out.push_str(
+        "Fix the cause netlab names (is Docker running? is containerlab installed?) and run\n\
+         this command again. Or finish by hand, as the service's user:\n",
+    );
+    out.push_str(&format!(
+        "  1. netlab by hand (`--force` goes on where a plain `down` stops at an error):\n       {env} {netlab} status --all --format json\n"
+    ));
+    for t in left {
+        let dir = shell_quote(&t.work_dir().to_string_lossy());
+        out.push_str(&format!(
+            "       cd {dir} && {env} {netlab} down --cleanup --force\n"
+        ));
+    }
+    if default_error.is_some() {
+        out.push_str(&format!(
+            "       {env} {netlab} down --instance default --cleanup --force\n"
+        ));
+    }
+    out.push_str("  2. if netlab cannot, the back end by hand, then drop netlab's registration:\n");
+    for t in left {
+        if t.work_dir().join("clab.yml").exists() {
+            let dir = shell_quote(&t.work_dir().to_string_lossy());
+            out.push_str(&format!(
+                "       containerlab destroy -t {dir}/clab.yml --cleanup\n"
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "       yes | {env} {netlab} status --reset\n  3. then run this command again (or: rm -rf{} {}).\n",
+        left.iter()
+            .map(|t| format!(" {}", shell_quote(&t.work_dir().to_string_lossy())))
+            .collect::<String>(),
+        shell_quote(&config.state_dir.join(persist::STATE_FILE).to_string_lossy())
+    ));
+    out
+}
+
+/// `text` as one shell word.
+fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:=@,".contains(&b));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// Work directories nobody refers to: their labs are gone (netlab's `default` was dealt

@@ -16,7 +16,7 @@ use crate::acquire::Ticket;
 use crate::auth::Access;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::lab::LabRecord;
+use crate::lab::{self, LabRecord, Teardown};
 use crate::lab_thread::LabJob;
 use crate::persist::{NotPersisted, Persister, Snapshot, Starting};
 use crate::queue::{Queue, Removed, SessionId};
@@ -30,11 +30,11 @@ pub struct State {
     tickets: u64,
     /// The start the lab thread is running, once the upload is stored.
     pub starting: Option<Starting>,
-    /// Teardowns queued on the lab thread and not done yet.
-    pub teardowns: Vec<LabRecord>,
+    /// Teardowns queued on the lab thread, or failed and waiting for their next attempt.
+    pub teardowns: Vec<Teardown>,
     /// Teardowns decided but not sent to the lab thread yet, with the state version that
     /// decided them: sent once that version is on disk (a roll-back drops them).
-    outbox: Vec<(u64, LabRecord)>,
+    outbox: Vec<(u64, Teardown)>,
     /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
     pub idle_since: Option<Duration>,
     version: u64,
@@ -149,7 +149,7 @@ impl Shared {
                 upto
             },
         )?;
-        let ready: Vec<LabRecord> = {
+        let ready: Vec<Teardown> = {
             let mut state = self.lock();
             if state.outbox.is_empty() {
                 return Ok(());
@@ -158,10 +158,10 @@ impl Shared {
                 .into_iter()
                 .partition(|(v, _)| *v <= durable);
             state.outbox = later;
-            ready.into_iter().map(|(_, lab)| lab).collect()
+            ready.into_iter().map(|(_, t)| t).collect()
         };
-        for lab in ready {
-            self.send_lab_job(LabJob::Teardown(lab));
+        for t in ready {
+            self.send_lab_job(LabJob::Teardown(t));
         }
         Ok(())
     }
@@ -206,20 +206,89 @@ impl Shared {
     /// Queues the teardown of a lab that no longer counts as running, and records it as
     /// pending until the lab thread has done it.
     pub fn queue_teardown(&self, state: &mut State, lab: LabRecord) {
-        state.teardowns.push(lab.clone());
+        let teardown = Teardown::new(lab, false);
+        state.teardowns.push(teardown.clone());
         let version = state.changed();
         // Sent by `persist` once this is on disk: a roll-back keeps the lab instead.
-        state.outbox.push((version, lab));
+        state.outbox.push((version, teardown));
     }
 
-    /// The lab thread finished a teardown (whatever netlab said).
+    /// The lab thread finished a teardown: netlab said it was done.
     pub fn teardown_done(&self, work_dir: &Path) {
         let version = {
             let mut state = self.lock();
-            state.teardowns.retain(|t| t.work_dir != work_dir);
+            if let Some(t) = state.teardowns.iter().find(|t| t.work_dir() == work_dir)
+                && t.attempts > 0
+            {
+                log::info!(
+                    "teardown of {} succeeded after {} failed {}",
+                    t.lab.topology.display(),
+                    t.attempts,
+                    plural(t.attempts as usize, "attempt", "attempts")
+                );
+            }
+            state.teardowns.retain(|t| t.work_dir() != work_dir);
             state.changed()
         };
         self.persist_quietly(version);
+    }
+
+    /// netlab failed to tear a lab down: its record and work directory stay, and the timer
+    /// queues another attempt after a back-off. The first failure is an ERROR (a human has
+    /// to look: the lab is still there); the retries that fail again are warnings.
+    pub fn teardown_failed(&self, failed: &Teardown, error: String) {
+        let now = self.clock.now();
+        let version = {
+            let mut state = self.lock();
+            let index = match state
+                .teardowns
+                .iter()
+                .position(|t| t.work_dir() == failed.work_dir())
+            {
+                Some(i) => i,
+                None => {
+                    state.teardowns.push(failed.clone());
+                    state.teardowns.len() - 1
+                }
+            };
+            let t = &mut state.teardowns[index];
+            t.attempts = t.attempts.saturating_add(1);
+            let delay = lab::retry_delay(self.config.sweep_interval, t.attempts);
+            t.retry_at = Some(now + delay);
+            let what = format!(
+                "teardown of {} failed; its work dir {} is kept and the teardown retried in {:.1} s",
+                t.lab.topology.display(),
+                t.work_dir().display(),
+                delay.as_secs_f64()
+            );
+            if t.attempts == 1 {
+                log::error!("{what}: {}", crate::netlab::for_log(&error));
+            } else {
+                log::warn!(
+                    "{what} (attempt {}): {}",
+                    t.attempts,
+                    crate::netlab::for_log(&error)
+                );
+            }
+            t.error = Some(error);
+            state.changed()
+        };
+        self.persist_quietly(version);
+    }
+
+    /// Queues the failed teardowns whose next attempt is due (the timer's round).
+    fn retry_teardowns(&self, state: &mut State, now: Duration) {
+        for t in &mut state.teardowns {
+            if t.retry_at.is_some_and(|at| at <= now) {
+                t.retry_at = None;
+                log::info!(
+                    "retrying the teardown of {} (attempt {})",
+                    t.lab.topology.display(),
+                    t.attempts + 1
+                );
+                self.send_lab_job(LabJob::Teardown(t.clone()));
+            }
+        }
     }
 
     /// Ends a session (DELETE /session/{id}); false when it was not tracked. The change is
@@ -262,6 +331,7 @@ impl Shared {
             );
             self.after_removal(&mut state, r);
         }
+        self.retry_teardowns(&mut state, now);
         let mut dirty = !removed.is_empty();
         let unattended = state.queue.is_empty()
             && state.acquiring.is_none()
@@ -320,6 +390,11 @@ impl Shared {
             log::info!("session {next} is now active");
         }
     }
+}
+
+/// `1 session`, `2 sessions`.
+pub fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
 }
 
 #[cfg(test)]

@@ -344,7 +344,7 @@ fn extra_files_land_in_the_work_dir_and_bad_names_are_refused() {
     assert_eq!(
         files_under(&work)
             .into_iter()
-            .filter(|f| f != "netlab.snapshot.pickle")
+            .filter(|f| f != "netlab.snapshot.pickle" && f != "clab.yml")
             .collect::<Vec<_>>(),
         ["configs/r1.cfg", "r2.cfg", "t.yml", "templates/deep/x.j2"]
     );
@@ -423,9 +423,11 @@ fn too_many_parts() {
     assert!(s.work_dirs().is_empty());
 }
 
-/// After a failed start: no lab recorded, `down --cleanup --force` in the failed work dir,
-/// the dir gone, the session still active, and the next acquire works.
-fn assert_failed_start_cleaned(s: &TestServer, a: &str) {
+/// After a failed start: no lab recorded, the dir gone, the session still active, and the
+/// next acquire works. Where netlab made something (`up` got as far as its snapshot),
+/// exactly one `down --cleanup --force` ran in the failed work dir; where it did not, netlab
+/// was not asked to tear anything down there (it would only fail: no snapshot).
+fn assert_failed_start_cleaned(s: &TestServer, a: &str, netlab_made_something: bool) {
     s.lab("GET", "/lab", a).expect(200, NOT_RUNNING);
     assert!(s.work_dirs().is_empty());
     let calls = s.calls();
@@ -436,10 +438,16 @@ fn assert_failed_start_cleaned(s: &TestServer, a: &str) {
         .unwrap()
         .1
         .clone();
-    let forced = calls
+    let downs: Vec<String> = calls
         .iter()
-        .any(|(argv, cwd)| argv.join(" ") == "down --cleanup --force" && *cwd == up_dir);
-    assert!(forced, "{calls:?}");
+        .filter(|(argv, cwd)| argv[0] == "down" && *cwd == up_dir)
+        .map(|(argv, _)| argv.join(" "))
+        .collect();
+    if netlab_made_something {
+        assert_eq!(downs, ["down --cleanup --force"], "{calls:?}");
+    } else {
+        assert!(downs.is_empty(), "{calls:?}");
+    }
     s.get(&format!("/session/{a}"))
         .expect(200, r#"{"status":"active","position":0}"#);
     for control in [
@@ -468,7 +476,7 @@ fn netlab_failures_are_clear_answers() {
         422,
         r#"{"detail":"netlab rejected the topology: [ERRORS]   Errors encountered while processing topology\n[TOPOLOGY] Unknown node attribute 'fake' in bad.yml"}"#,
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, false);
 
     s.set_control(
         "up.fail",
@@ -478,7 +486,7 @@ fn netlab_failures_are_clear_answers() {
         409,
         r#"{"detail":"lab instance 'default' is already running in directory /srv/other"}"#,
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, false);
 
     s.set_control(
         "up.fail",
@@ -488,7 +496,7 @@ fn netlab_failures_are_clear_answers() {
         500,
         r#"{"detail":"netlab up failed (exit code 3): something\nbroke badly"}"#,
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, false);
 
     s.set_control(
         "inspect.fail",
@@ -498,7 +506,7 @@ fn netlab_failures_are_clear_answers() {
         500,
         r#"{"detail":"netlab inspect failed (exit code 2): inspect exploded"}"#,
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, true);
 
     s.set_control(
         "list.output",
@@ -514,13 +522,13 @@ fn netlab_failures_are_clear_answers() {
         "{}",
         r.text()
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, true);
 
     s.set_control("node.output", "{not json");
     let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
     assert_eq!(r.status, 500);
     assert!(r.text().contains("not JSON"), "{}", r.text());
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, true);
 }
 
 #[test]
@@ -542,7 +550,7 @@ fn a_hanging_netlab_up_times_out_and_its_whole_group_is_killed() {
         "orphans left: {}",
         String::from_utf8_lossy(&pgrep.stdout)
     );
-    assert_failed_start_cleaned(&s, &a);
+    assert_failed_start_cleaned(&s, &a, false);
 }
 
 #[test]
@@ -603,23 +611,91 @@ fn ending_the_active_session_tears_down_a_held_lab_and_keeps_an_idle_one() {
 }
 
 #[test]
-fn a_failing_teardown_never_blocks_the_queue() {
+fn a_failing_teardown_never_blocks_the_queue_and_is_retried() {
     let s = start_with(&[("--active-timeout", "0.5")]);
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
     assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO_A)).status, 200);
+    let work = work_dir_of(&s, &a);
     s.set_control("down.fail", r#"{"code": 1, "stderr": "down broke"}"#);
     // a goes silent and is reaped while holding the lab.
     wait_until(Duration::from_secs(5), "b to be promoted", || {
         s.get(&format!("/session/{b}")).text() == r#"{"status":"active","position":0}"#
     });
     wait_until(Duration::from_secs(5), "the teardown attempt", || {
+        s.get(&format!("/session/{b}"));
         s.log_text().contains("down broke")
     });
     s.lab("GET", "/lab", &b).expect(200, NOT_RUNNING);
-    assert!(s.work_dirs().is_empty());
-    // The failed teardown left `default` registered; the next start clears it first.
+    // Not done: the work dir (clab.yml, snapshot) is kept, and the failure is visible.
+    assert_eq!(s.work_dirs(), std::slice::from_ref(&work));
+    assert!(work.join("clab.yml").exists());
+    s.get(&format!("/session/{b}"));
+    let health = s.get("/debug/health").json();
+    let t = &health["teardowns"][0];
+    assert_eq!(t["work_dir"], work.display().to_string());
+    assert_eq!(
+        t["error"],
+        "netlab down --cleanup failed (exit code 1): down broke"
+    );
+    assert!(t["attempts"].as_u64().unwrap() >= 1);
+    // It is retried (with back-off) while netlab keeps failing...
+    wait_until(Duration::from_secs(10), "a retry", || {
+        s.get(&format!("/session/{b}"));
+        s.log_text()
+            .contains("(attempt 2): netlab down --cleanup failed")
+    });
+    assert!(s.registered().is_some());
+    // ...and done once netlab works again.
     s.clear_control("down.fail");
+    wait_until(Duration::from_secs(10), "the retried teardown", || {
+        s.get(&format!("/session/{b}"));
+        s.work_dirs().is_empty()
+    });
+    assert_eq!(s.registered(), None);
+    assert_eq!(
+        s.get("/debug/health").json()["teardowns"],
+        serde_json::json!([])
+    );
+    let log = s.log_text();
+    assert_eq!(log.matches("[ERROR]").count(), 1, "{log}");
+    assert!(log.contains("failed attempts"), "{log}");
     let r = s.acquire(&b, &Form::topology("t.yml", TOPO_B));
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// netlab 26.10 without containerlab: `down` prints a fatal error and exits 0. That is a
+/// failure: nothing is deleted and no `--force` pass destroys `clab.yml`.
+#[test]
+fn a_teardown_that_exits_0_with_a_fatal_error_is_a_failure() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO_A)).status, 200);
+    for control in ["down.fatal", "containerlab.missing"] {
+        let work = work_dir_of(&s, &a);
+        s.set_control(control, "");
+        s.clear_calls();
+        s.lab("DELETE", "/lab", &a).expect_empty(202);
+        wait_until(Duration::from_secs(5), "the failed teardown", || {
+            s.get("/debug/health").json()["teardowns"][0]["attempts"] == 1
+        });
+        assert_eq!(
+            s.get("/debug/health").json()["teardowns"][0]["error"],
+            "netlab down --cleanup failed (exited 0 but failed): Fatal error in netlab: Containerlab is not installed"
+        );
+        assert_eq!(s.call_lines(), ["down --cleanup"], "{control}");
+        assert!(work.join("clab.yml").exists(), "{control}");
+        assert!(work.join("netlab.snapshot.pickle").exists(), "{control}");
+        assert!(s.registered().is_some());
+        s.clear_control(control);
+        wait_torn_down(&s);
+        assert_eq!(
+            s.get("/debug/health").json()["teardowns"],
+            serde_json::json!([])
+        );
+        let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    s.lab("DELETE", "/lab", &a).expect_empty(202);
+    wait_torn_down(&s);
 }

@@ -257,9 +257,14 @@ fn sigterm_during_netlab_up_cuts_it_short_and_cleans_up() {
         .expect(503, r#"{"detail":"Server is shutting down"}"#);
     let status = s.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
+    // `up` was cut short before netlab made anything: nothing to tear down, and no
+    // `down --force` that could only fail.
     assert!(
+        !s.call_lines()
+            .iter()
+            .any(|l| l.starts_with("down --cleanup")),
+        "{:?}",
         s.call_lines()
-            .contains(&"down --cleanup --force".to_owned())
     );
     assert!(s.work_dirs().is_empty());
     assert!(s.log_text().contains("cut short"), "{}", s.log_text());
@@ -297,4 +302,51 @@ fn log_file_gets_the_events_with_timestamps() {
         !s.log_text().contains('\u{1b}'),
         "no colour escapes on a pipe"
     );
+}
+
+/// Every line of the log is an event with time and level, a `netlab| ` line quoting
+/// netlab, or the start-up contract line `listening on http://…` (which is also logged as
+/// an event). netlab's chatter is debug-level; counts are spelled right.
+#[test]
+fn the_log_is_one_event_per_line_and_netlab_output_is_marked() {
+    for level in ["info", "debug"] {
+        let mut s = start_with(&[("--log-level", level), ("--workers", "1")]);
+        let (a, _) = s.create_session();
+        s.set_control(
+            "up.fail",
+            r#"{"code": 1, "stderr": "first line\nsecond line\n"}"#,
+        );
+        assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 500);
+        s.signal(Signal::TERM);
+        assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+        let log = s.log_text();
+        let listening = format!("listening on http://{}", s.addr);
+        for line in log.lines() {
+            let event = line.len() > 9
+                && line.as_bytes()[2] == b':'
+                && ["[ERROR] ", "[WARN] ", "[INFO] ", "[DEBUG] ", "[TRACE] "]
+                    .iter()
+                    .any(|l| line[9..].starts_with(l));
+            assert!(
+                event || line.starts_with("netlab| ") || line == listening,
+                "{level}: unmarked line {line:?} in\n{log}"
+            );
+        }
+        assert!(log.contains(&format!("[INFO] {listening}\n")), "{log}");
+        assert!(
+            log.contains("[INFO] using netlab version 26.10 (fake) ("),
+            "{log}"
+        );
+        assert!(log.contains("serving with 1 worker;"), "{log}");
+        assert!(
+            log.contains("first line\nnetlab| second line\n"),
+            "{level}: {log}"
+        );
+        assert_eq!(
+            log.contains("[DEBUG] netlab| networklab 26.10 (fake)"),
+            level == "debug",
+            "{log}"
+        );
+        assert!(!log.contains("[INFO] netlab|"), "{log}");
+    }
 }

@@ -140,6 +140,8 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     let _ = acquire.join();
     std::fs::remove_file(dir.path().join("fake/control/up.sleep")).unwrap();
     std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
+    // As if netlab had got as far as its snapshot (the real one writes it before it deploys).
+    std::fs::write(work.join("netlab.snapshot.pickle"), "fake").unwrap();
     let s = restart(dir, &[]);
     assert!(
         s.calls()
@@ -294,21 +296,144 @@ fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     assert!(s.registered().is_some());
     s.clear_calls();
     let out = cleanup_command(&s);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(s.registered(), None);
     assert!(!work.exists());
     assert!(!s.state_dir().join("state.json").exists());
-    assert!(
-        s.calls()
+    // One `down --cleanup` in the work dir and no `--force` pass after it (it would fail
+    // with "snapshot does not exist" and warn about a cleanup that went fine).
+    let calls: Vec<(String, String)> = s
+        .calls()
+        .into_iter()
+        .map(|(argv, cwd)| (argv.join(" "), cwd))
+        .collect();
+    let work_text = work.display().to_string();
+    assert_eq!(
+        calls
             .iter()
-            .any(|(argv, cwd)| argv.join(" ") == "down --cleanup"
-                && std::path::Path::new(cwd) == work)
+            .filter(|(argv, _)| argv != "version")
+            .map(|(argv, cwd)| (argv.as_str(), cwd == &work_text))
+            .collect::<Vec<_>>(),
+        [
+            ("down --cleanup", true),
+            ("down --instance default --cleanup", false)
+        ]
     );
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    assert!(stderr.contains("cleanup done"), "{stderr}");
+}
+
+/// `cleanup` when netlab cannot tear the lab down: exit 1, the work dir and the record kept,
+/// what is left named with the commands to finish by hand; the next `cleanup`, once netlab
+/// works, finishes the job.
+#[test]
+fn a_cleanup_that_netlab_cannot_finish_says_so_and_keeps_what_is_left() {
+    for (control, content, error) in [
+        (
+            "down.fail",
+            r#"{"code": 1, "stderr": "Error response from daemon: Docker is not running\n"}"#,
+            "netlab down --cleanup failed (exit code 1): Error response from daemon: Docker is not running",
+        ),
+        (
+            "down.fatal",
+            "Fatal error in netlab: Containerlab is not installed
+",
+            "netlab down --cleanup failed (exited 0 but failed): Fatal error in netlab: Containerlab is not installed",
+        ),
+        (
+            "containerlab.missing",
+            "",
+            "netlab down --cleanup failed (exited 0 but failed): Fatal error in netlab: Containerlab is not installed",
+        ),
+    ] {
+        let mut s = start_with(&[("--on-exit", "keep")]);
+        let (a, _) = s.create_session();
+        assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+        let work = s.work_dirs().pop().unwrap();
+        s.signal(Signal::TERM);
+        assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+        s.set_control(control, content);
+        s.clear_calls();
+        let out = cleanup_command(&s);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{control}: {stderr}");
+        assert!(!stderr.contains("cleanup done"), "{stderr}");
+        // Kept: the work dir with clab.yml and the snapshot, netlab's registration, and the
+        // record in state.json (as a pending teardown; the sessions are gone).
+        assert!(work.join("clab.yml").exists(), "{control}");
+        assert!(work.join("netlab.snapshot.pickle").exists(), "{control}");
+        assert!(s.registered().is_some());
+        let state = state_file(&s);
+        assert_eq!(state["sessions"], serde_json::json!([]));
+        assert_eq!(
+            state["teardowns"][0]["work_dir"],
+            work.display().to_string()
+        );
+        assert_eq!(state["teardowns"][0]["attempts"], 1);
+        assert_eq!(state["teardowns"][0]["error"], error);
+        // No --force pass that would delete clab.yml.
+        assert!(
+            !s.call_lines().iter().any(|l| l.contains("--force")),
+            "{:?}",
+            s.call_lines()
+        );
+        // The report names what is left and the commands that finish it.
+        assert!(stderr.contains("NOT DONE"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("the lab in {}", work.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains(error), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cd {} && HOME=", work.display())),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "containerlab destroy -t {}/clab.yml --cleanup",
+                work.display()
+            )),
+            "{stderr}"
+        );
+        // Once netlab works again, the next cleanup finishes the job.
+        s.clear_control(control);
+        let out = cleanup_command(&s);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{control}: {stderr}");
+        assert!(!work.exists());
+        assert_eq!(s.registered(), None);
+        assert!(!s.state_dir().join("state.json").exists());
+    }
+}
+
+/// A server whose own teardown fails at shutdown keeps the lab on record; the next server
+/// retries it.
+#[test]
+fn a_teardown_that_fails_at_shutdown_is_retried_by_the_next_start() {
+    let mut s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs().pop().unwrap();
+    s.set_control("down.fatal", "");
+    s.signal(Signal::TERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(work.join("clab.yml").exists());
+    assert_eq!(state_file(&s)["teardowns"][0]["attempts"], 1);
+    assert_eq!(state_file(&s)["lab"], serde_json::Value::Null);
+    assert!(
+        s.log_text().contains("[ERROR] teardown of"),
+        "{}",
+        s.log_text()
+    );
+    s.clear_control("down.fatal");
+    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let s = restart(dir, &[]);
+    wait_until(Duration::from_secs(10), "the retried teardown", || {
+        !work.exists() && state_file(&s)["teardowns"] == serde_json::json!([])
+    });
+    assert_eq!(s.registered(), None);
 }
 
 #[test]

@@ -179,7 +179,12 @@ fn health_endpoints() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     let v = r.json();
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    assert_eq!(keys.len(), 5);
+    assert_eq!(keys.len(), 6);
+    assert!(
+        r.text()
+            .ends_with(r#","sessions":2,"queue_length":2,"teardowns":[]}"#)
+    );
+    assert_eq!(v["teardowns"], serde_json::json!([]));
     assert_eq!(v["status"], "ok");
     assert_eq!(v["sessions"], 2);
     assert_eq!(v["queue_length"], 2);
@@ -307,4 +312,47 @@ fn openapi_document_lists_every_route() {
             assert_ne!(r.status, 405, "{method} {path}");
         }
     }
+}
+
+/// The runbook's reads (`GET /lab`, `GET /lab/devices`, `GET /active-session`,
+/// `GET /debug/health`) look at the active session without keeping it alive: a client that
+/// went silent is reaped after `--active-timeout` however often an operator looks.
+#[test]
+fn reads_do_not_keep_a_silent_session_alive() {
+    let s = start_with(&[("--active-timeout", "0.5")]);
+    let (a, _) = s.create_session();
+    let (b, _) = s.create_session();
+    let mut looks = 0;
+    wait_until(
+        Duration::from_secs(10),
+        "the silent session to be reaped",
+        || {
+            looks += 1;
+            let r = s.lab("GET", "/lab", &a);
+            if r.status == 404 {
+                return true;
+            }
+            r.expect(200, NOT_RUNNING);
+            s.lab("GET", "/lab/devices", &a).expect(404, NO_LAB);
+            s.get("/active-session").expect(
+                200,
+                &format!(r#"{{"status":"active","position":0,"session_id":"{a}"}}"#),
+            );
+            assert_eq!(s.get("/debug/health").status, 200);
+            // b keeps itself alive the way clients do.
+            s.get(&format!("/session/{b}"));
+            false
+        },
+    );
+    assert!(looks > 1, "the session was reaped before anyone looked");
+    s.lab("GET", "/lab", &a).expect(404, SESSION_NOT_FOUND);
+    s.get("/active-session").expect(
+        200,
+        &format!(r#"{{"status":"active","position":0,"session_id":"{b}"}}"#),
+    );
+    assert!(
+        s.log_text().contains(&format!("session {a} reaped")),
+        "{}",
+        s.log_text()
+    );
 }
