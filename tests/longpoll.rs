@@ -1,0 +1,178 @@
+//! `GET /session/{id}?wait=S`: parked without a worker, answered by whichever thread changes
+//! the queue, by the timer, or at shutdown.
+
+mod common;
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Sends a long-poll without reading its answer yet.
+fn send_wait(addr: SocketAddr, id: &str, wait: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(70)))
+        .unwrap();
+    let head =
+        format!("GET /session/{id}?wait={wait} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+}
+
+fn read(stream: TcpStream) -> Resp {
+    read_response(&mut BufReader::new(stream), false)
+}
+
+/// With one worker, a request answered after the long-poll was sent means the long-poll
+/// was handled (and parked) before it.
+fn settle(server: &TestServer) {
+    server.get("/healthz").expect_empty(204);
+}
+
+#[test]
+fn bad_wait_values_are_422() {
+    let server = start();
+    let (id, _) = server.create_session();
+    for (wait, kind, msg) in [
+        ("0", "greater_than", "Input should be greater than 0"),
+        ("-1", "greater_than", "Input should be greater than 0"),
+        (
+            "61",
+            "less_than_equal",
+            "Input should be less than or equal to 60",
+        ),
+        (
+            "abc",
+            "float_parsing",
+            "Input should be a valid number, unable to parse string as a number",
+        ),
+    ] {
+        server.get(&format!("/session/{id}?wait={wait}")).expect(
+            422,
+            &format!(
+                "{{\"detail\":[{{\"type\":\"{kind}\",\"loc\":[\"query\",\"wait\"],\"msg\":\"{msg}\",\"input\":\"{wait}\"}}]}}"
+            ),
+        );
+    }
+    // An active session is answered at once; an unknown one is 404.
+    let started = Instant::now();
+    server
+        .get(&format!("/session/{id}?wait=30"))
+        .expect(200, "{\"status\":\"active\",\"position\":0}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    server
+        .get("/session/00000000-0000-4000-8000-000000000000?wait=30")
+        .expect(404, "{\"detail\":\"Session not found\"}");
+}
+
+#[test]
+fn a_parked_wait_is_answered_at_the_promotion() {
+    let server = start_with(&[("--workers", "1")]);
+    let (first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let parked = send_wait(server.addr, &second, "30");
+    std::thread::sleep(Duration::from_millis(200));
+    settle(&server);
+    let ended = Instant::now();
+    server
+        .delete(&format!("/session/{first}"))
+        .expect_empty(204);
+    let answer = read(parked);
+    let latency = ended.elapsed();
+    answer.expect(200, "{\"status\":\"active\",\"position\":0}");
+    println!("promotion answered after {latency:?} (from the start of the DELETE)");
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+}
+
+#[test]
+fn a_position_change_or_a_removal_answers_and_the_wait_runs_out() {
+    let server = start();
+    let (_first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let (third, _) = server.create_session();
+    // The session ahead of it leaves: position 2 → 1.
+    let parked = send_wait(server.addr, &third, "30");
+    std::thread::sleep(Duration::from_millis(200));
+    server
+        .delete(&format!("/session/{second}"))
+        .expect_empty(204);
+    read(parked).expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    // Its own session is ended: 404.
+    let parked = send_wait(server.addr, &third, "30");
+    std::thread::sleep(Duration::from_millis(200));
+    server
+        .delete(&format!("/session/{third}"))
+        .expect_empty(204);
+    read(parked).expect(404, "{\"detail\":\"Session not found\"}");
+    // Nothing changes: answered with the state as it is when S runs out.
+    let (fourth, _) = server.create_session();
+    let started = Instant::now();
+    server
+        .get(&format!("/session/{fourth}?wait=0.5"))
+        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn parking_keeps_the_session_alive_at_park_and_at_answer() {
+    // The waiting timeout is shorter than the wait: the park and the answer refresh it.
+    let server = start_with(&[("--waiting-timeout", "1.5")]);
+    let (_first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    for _ in 0..3 {
+        server
+            .get(&format!("/session/{second}?wait=1"))
+            .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    }
+}
+
+#[test]
+fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
+    let mut server = start_with(&[("--workers", "2")]);
+    let (first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let parked: Vec<TcpStream> = (0..1000)
+        .map(|_| send_wait(server.addr, &second, "60"))
+        .collect();
+    // Every one of them reached the server and was parked: a new poll still comes back at
+    // once, and so does a heartbeat, through a pool of two workers.
+    wait_until(Duration::from_secs(20), "1000 parked", || {
+        server.get("/debug/health").json()["long_polls"] == 1000
+    });
+    let (rss, threads, fds) = process_figures(server.child.id());
+    println!(
+        "server with 1000 parked long-polls: {rss} KiB resident, {threads} threads, {fds} fds"
+    );
+    let started = Instant::now();
+    server
+        .request(
+            "POST",
+            "/session/heartbeat",
+            &[("X-Session-ID", &second)],
+            b"",
+        )
+        .expect_empty(204);
+    let heartbeat = started.elapsed();
+    println!("heartbeat with 1000 parked long-polls: {heartbeat:?}");
+    assert!(heartbeat < Duration::from_secs(1), "{heartbeat:?}");
+    server
+        .get(&format!("/session/{first}"))
+        .expect(200, "{\"status\":\"active\",\"position\":0}");
+    // SIGTERM: every parked request gets its answer before the server exits.
+    server.signal(Signal::TERM);
+    let started = Instant::now();
+    for stream in parked {
+        read(stream).expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    }
+    println!(
+        "1000 parked answered at shutdown within {:?}",
+        started.elapsed()
+    );
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+}
