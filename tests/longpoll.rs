@@ -121,15 +121,23 @@ fn a_position_change_or_a_removal_answers_and_the_wait_runs_out() {
 
 #[test]
 fn parking_keeps_the_session_alive_at_park_and_at_answer() {
-    // The waiting timeout is shorter than the wait: the park and the answer refresh it.
+    // Waiting timeout 1.5 s. Parked at t=0 (refreshed), answered at t=1 (refreshed), then
+    // silent until t=2: alive only because the answer refreshed it.
     let server = start_with(&[("--waiting-timeout", "1.5")]);
     let (_first, _) = server.create_session();
     let (second, _) = server.create_session();
-    for _ in 0..3 {
-        server
-            .get(&format!("/session/{second}?wait=1"))
-            .expect(200, "{\"status\":\"waiting\",\"position\":1}");
-    }
+    server
+        .get(&format!("/session/{second}?wait=1"))
+        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    std::thread::sleep(Duration::from_millis(1000));
+    server
+        .get(&format!("/session/{second}"))
+        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    // And without polls it is reaped: the timeout is real.
+    std::thread::sleep(Duration::from_millis(2000));
+    server
+        .get(&format!("/session/{second}"))
+        .expect(404, "{\"detail\":\"Session not found\"}");
 }
 
 #[test]
@@ -175,4 +183,52 @@ fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
         started.elapsed()
     );
     assert!(server.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn the_sweep_answers_a_parked_wait_when_it_reaps_the_session_ahead() {
+    let server = start_with(&[("--active-timeout", "0.5")]);
+    let (_silent, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let started = Instant::now();
+    // The session ahead never polls: reaped after 0.5 s, and the sweep answers.
+    server
+        .get(&format!("/session/{second}?wait=30"))
+        .expect(200, "{\"status\":\"active\",\"position\":0}");
+    let took = started.elapsed();
+    println!("answered by the sweep after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(server.log_text().contains("reaped: active"));
+}
+
+#[test]
+fn a_wait_on_a_session_of_another_token_is_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "ci:ci-token-0123456789abcdef\nother:other-token-0123456789ab\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let server = start_with(&[("--token-file", tokens.to_str().unwrap())]);
+    let ci = [("Authorization", "Bearer ci-token-0123456789abcdef")];
+    let other = [("Authorization", "Bearer other-token-0123456789ab")];
+    server.request("POST", "/session", &ci, b"").json();
+    let second = server.request("POST", "/session", &ci, b"").json()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/session/{second}?wait=30");
+    let started = Instant::now();
+    server
+        .request("GET", &path, &other, b"")
+        .expect(404, "{\"detail\":\"Session not found\"}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    server
+        .request("GET", &format!("/session/{second}?wait=0.2"), &ci, b"")
+        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    server
+        .request("GET", &path, &[], b"")
+        .expect(401, "{\"detail\":\"Not authenticated\"}");
 }
