@@ -555,3 +555,160 @@ fn help_and_version() {
         format!("remote-lab {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn on_lost_warn_lets_the_command_finish_and_still_exits_75() {
+    let server = start_with(&[("--active-timeout", "0.6")]);
+    let dir = tempfile::tempdir().unwrap();
+    let id_file = dir.path().join("id");
+    let done = dir.path().join("done");
+    let script = format!(
+        "echo \"$REMOTE_LAB_SESSION_ID\" > {}; sleep 1; echo finished > {}",
+        id_file.display(),
+        done.display()
+    );
+    let run = Run::start(
+        &[
+            "run",
+            "--url",
+            &server.url(),
+            "--on-lost",
+            "warn",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        dir.path(),
+    );
+    wait_until(Duration::from_secs(10), "the command started", || {
+        read(&id_file).trim().len() == 36
+    });
+    let id = read(&id_file).trim().to_owned();
+    server.delete(&format!("/session/{id}")).expect_empty(204);
+    let (code, stderr) = run.finish(Duration::from_secs(10));
+    assert_eq!(code, 75, "{stderr}");
+    assert!(stderr.contains("SESSION LOST"), "{stderr}");
+    assert_eq!(read(&done), "finished\n");
+}
+
+#[test]
+fn a_signal_while_waiting_ends_the_session() {
+    let server = start();
+    server.create_session();
+    let dir = tempfile::tempdir().unwrap();
+    let run = Run::start(&["run", "--url", &server.url(), "--", "true"], dir.path());
+    wait_until(Duration::from_secs(10), "queued", || sessions(&server) == 2);
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Instant::now();
+    run.signal(Signal::TERM);
+    let (code, stderr) = run.finish(Duration::from_secs(5));
+    assert_eq!(code, 128 + 15, "{stderr}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(sessions(&server), 1);
+}
+
+/// A server of the Python kind for the parts the client uses: no long-poll (it answers
+/// `GET /session/{id}` at once, whatever `wait` says), no `GET /queue`. The session is
+/// waiting for its first `waiting_polls` polls. Returns the URL and the poll times.
+fn server_without_long_poll(waiting_polls: usize) -> (String, Arc<Mutex<Vec<Instant>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let polls = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&polls);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let (method, path) = {
+                        let mut parts = line.split_whitespace();
+                        (
+                            parts.next().unwrap_or("").to_owned(),
+                            parts.next().unwrap_or("").to_owned(),
+                        )
+                    };
+                    let mut length = 0usize;
+                    loop {
+                        let mut header = String::new();
+                        reader.read_line(&mut header).unwrap();
+                        if header.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    std::io::Read::read_exact(&mut reader, &mut vec![0; length]).unwrap();
+                    let (status, body) = match (method.as_str(), path.as_str()) {
+                        ("GET", "/debug/health") => {
+                            (200, r#"{"status":"ok","queue_length":1}"#.to_owned())
+                        }
+                        ("POST", "/session") => (
+                            201,
+                            r#"{"session_id":"00000000-0000-4000-8000-000000000001","position":1}"#
+                                .to_owned(),
+                        ),
+                        ("GET", p) if p.starts_with("/session/00000000") => {
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(Instant::now());
+                            if seen.len() <= waiting_polls {
+                                (200, r#"{"status":"waiting","position":1}"#.to_owned())
+                            } else {
+                                (200, r#"{"status":"active","position":0}"#.to_owned())
+                            }
+                        }
+                        ("POST", "/session/heartbeat") | ("DELETE", _) => (204, String::new()),
+                        _ => (404, r#"{"detail":"Not Found"}"#.to_owned()),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n",
+                        body.len()
+                    );
+                    if writer.write_all(head.as_bytes()).is_err()
+                        || writer.write_all(body.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, polls)
+}
+
+#[test]
+fn against_a_server_without_long_poll_it_polls_every_two_seconds_and_prints_once() {
+    let (url, polls) = server_without_long_poll(2);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = run(&["run", "--url", &url, "--", "true"], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    let polls = polls.lock().unwrap().clone();
+    assert_eq!(polls.len(), 3, "{stderr}");
+    for pair in polls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(1900) && gap < Duration::from_millis(3000),
+            "{gap:?}"
+        );
+    }
+    // One line for the position, not one per poll.
+    assert_eq!(
+        stderr.matches("waiting at position 1").count(),
+        1,
+        "{stderr}"
+    );
+}

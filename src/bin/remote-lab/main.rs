@@ -747,7 +747,9 @@ fn wait_turn(
     }
     let mut progress = Progress::new();
     show_waiting(&mut progress, host, position);
-    let mut last: Option<(String, u64)> = None;
+    // What the session's creation said: a quick answer saying the same means the server
+    // ignored `wait`.
+    let mut last: Option<(String, u64)> = Some(("waiting".to_owned(), position));
     let mut long_poll = true;
     let mut failures = 0u32;
     loop {
