@@ -26,10 +26,23 @@ struct Waiter {
     request: Request,
 }
 
+/// Which parked requests [`Parked::take_ready`] takes out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Those whose session changed: status, position, or gone.
+    Changed,
+    /// Those whose wait ran out (and those whose session changed).
+    Expired,
+    /// Every one (shutdown).
+    All,
+}
+
 /// The parked requests.
 #[derive(Default)]
 pub struct Parked {
     waiters: Vec<Waiter>,
+    /// The earliest deadline among `waiters`.
+    earliest: Option<Duration>,
 }
 
 /// A parked request ready to be answered, and its answer.
@@ -48,41 +61,50 @@ impl Parked {
         self.waiters.len() >= MAX_PARKED
     }
 
+    /// Parks a request; true when its deadline is the earliest now (the timer must wake
+    /// for it; otherwise it wakes in time already).
     pub fn park(
         &mut self,
         id: SessionId,
         seen: (Status, usize),
         deadline: Duration,
         request: Request,
-    ) {
+    ) -> bool {
+        let earliest = self.earliest.is_none_or(|d| deadline < d);
+        if earliest {
+            self.earliest = Some(deadline);
+        }
         self.waiters.push(Waiter {
             id,
             seen,
             deadline,
             request,
         });
+        earliest
     }
 
     /// The earliest deadline of a parked request.
     pub fn next_deadline(&self) -> Option<Duration> {
-        self.waiters.iter().map(|w| w.deadline).min()
+        self.earliest
     }
 
-    /// Takes out the requests whose session changed (status, position, or gone) and, when
-    /// `now` is given, those whose wait ran out, or every one when `all`. Answered sessions
-    /// are refreshed (an answer counts as a poll).
-    pub fn take_ready(
-        &mut self,
-        queue: &mut Queue,
-        now: Duration,
-        expire: bool,
-        all: bool,
-    ) -> Ready {
+    /// Takes out the requests that are due, with their answers (the state as it is now).
+    /// Answered sessions are refreshed (an answer counts as a poll).
+    pub fn take_ready(&mut self, queue: &mut Queue, now: Duration, which: Due) -> Ready {
+        if self.waiters.is_empty()
+            || (which == Due::Expired && self.earliest.is_some_and(|e| now < e))
+        {
+            return Vec::new();
+        }
         let mut ready = Vec::new();
         let mut kept = Vec::with_capacity(self.waiters.len());
         for waiter in self.waiters.drain(..) {
             let current = queue.lookup(&waiter.id);
-            let due = all || (expire && now >= waiter.deadline) || current != Some(waiter.seen);
+            let due = match which {
+                Due::Changed => current != Some(waiter.seen),
+                Due::Expired => now >= waiter.deadline || current != Some(waiter.seen),
+                Due::All => true,
+            };
             if !due {
                 kept.push(waiter);
                 continue;
@@ -96,6 +118,7 @@ impl Parked {
             };
             ready.push((waiter.request, reply));
         }
+        self.earliest = kept.iter().map(|w| w.deadline).min();
         self.waiters = kept;
         ready
     }
@@ -164,6 +187,58 @@ pub fn answer(ready: Ready) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request() -> Request {
+        tiny_http::TestRequest::new().into()
+    }
+
+    #[test]
+    fn what_is_due_and_when() {
+        let mut queue = Queue::new(10);
+        let ids: Vec<SessionId> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+        for id in &ids {
+            queue.create(*id, Duration::ZERO).unwrap();
+        }
+        let mut parked = Parked::default();
+        let s = Duration::from_secs;
+        // The first park has the earliest deadline; a later one does not.
+        assert!(parked.park(ids[1], (Status::Waiting, 1), s(30), request()));
+        assert!(!parked.park(ids[2], (Status::Waiting, 2), s(40), request()));
+        assert!(parked.park(ids[2], (Status::Waiting, 2), s(10), request()));
+        assert_eq!(parked.next_deadline(), Some(s(10)));
+        // Nothing changed, nothing expired.
+        assert!(parked.take_ready(&mut queue, s(1), Due::Changed).is_empty());
+        assert!(parked.take_ready(&mut queue, s(9), Due::Expired).is_empty());
+        // The wait of 10 s ran out: that one only, and the next deadline moves on.
+        let ready = parked.take_ready(&mut queue, s(10), Due::Expired);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].1, status_reply((Status::Waiting, 2)));
+        assert_eq!(parked.next_deadline(), Some(s(30)));
+        // The head leaves: both left are due, with their new state, and refreshed.
+        queue.remove(&ids[0]);
+        let ready = parked.take_ready(&mut queue, s(12), Due::Changed);
+        let replies: Vec<Reply> = ready.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(
+            replies,
+            [
+                status_reply((Status::Active, 0)),
+                status_reply((Status::Waiting, 1))
+            ]
+        );
+        assert!(parked.is_empty());
+        assert_eq!(parked.next_deadline(), None);
+        let stale = queue.sweep(s(12) + s(1), s(1), s(1));
+        assert!(stale.is_empty(), "answered sessions were refreshed at 12 s");
+        // A session that is gone is 404; at shutdown everything goes.
+        parked.park(ids[2], (Status::Waiting, 1), s(60), request());
+        parked.park(ids[1], (Status::Active, 0), s(60), request());
+        queue.remove(&ids[2]);
+        let ready = parked.take_ready(&mut queue, s(13), Due::Changed);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].1, not_found());
+        assert_eq!(parked.take_ready(&mut queue, s(13), Due::All).len(), 1);
+        assert!(parked.is_empty());
+    }
 
     #[test]
     fn wait_values() {

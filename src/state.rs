@@ -264,15 +264,18 @@ impl Shared {
             let mut state = self.lock();
             let current = state.queue.lookup(&id);
             if current == Some(seen) && !state.parked.is_full() && !self.is_shutting_down() {
-                state.parked.park(id, seen, deadline, request);
-                None
+                let earliest = state.parked.park(id, seen, deadline, request);
+                Some(None).filter(|_| earliest)
             } else {
-                Some((request, current))
+                Some(Some((request, current)))
             }
         };
         match at_once {
-            None => self.parked_one(),
-            Some((request, current)) => crate::http::respond(
+            // Parked, with the earliest deadline: the timer must wake for it.
+            Some(None) => self.parked_one(),
+            // Parked behind an earlier deadline.
+            None => {}
+            Some(Some((request, current))) => crate::http::respond(
                 request,
                 current.map_or_else(longpoll::not_found, longpoll::status_reply),
             ),
@@ -288,7 +291,7 @@ impl Shared {
             }
             let now = self.clock.now();
             let State { parked, queue, .. } = &mut *state;
-            parked.take_ready(queue, now, false, false)
+            parked.take_ready(queue, now, longpoll::Due::Changed)
         };
         longpoll::answer(ready);
     }
@@ -300,7 +303,12 @@ impl Shared {
             let mut state = self.lock();
             let now = self.clock.now();
             let State { parked, queue, .. } = &mut *state;
-            let ready = parked.take_ready(queue, now, true, all);
+            let which = if all {
+                longpoll::Due::All
+            } else {
+                longpoll::Due::Expired
+            };
+            let ready = parked.take_ready(queue, now, which);
             (ready, parked.next_deadline())
         };
         longpoll::answer(ready);
