@@ -438,6 +438,23 @@ fn exit_statuses() {
     assert_eq!(run(&["run", "--url", &url], dir.path()).0, 64);
     assert_eq!(run(&["run", "--", "true"], dir.path()).0, 64);
     assert_eq!(run(&["frobnicate"], dir.path()).0, 64);
+    // A topology that cannot be read costs no session.
+    let created = server.log_text().matches(" created").count();
+    let (code, stderr) = run(
+        &[
+            "run",
+            "--url",
+            &url,
+            "--topology",
+            "missing.yml",
+            "--",
+            "true",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("missing.yml"), "{stderr}");
+    assert_eq!(server.log_text().matches(" created").count(), created);
 }
 
 #[test]

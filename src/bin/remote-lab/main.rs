@@ -87,7 +87,7 @@ forwarded to COMMAND.
 
 Exit status (run):
   COMMAND's own status, or 128+N when it died of signal N
-  64   bad command line
+  64   bad command line, or a file it names cannot be read
   65   netlab rejected the topology (422)
   69   no lab host reachable, or every one refused a session
   70   any other failure to start the lab (409, 500, 504, ...)
@@ -550,6 +550,17 @@ fn run(args: RunArgs) -> i32 {
         say(e);
         return EX_SOFTWARE;
     }
+    // The files are read before anything else: a typo costs no session.
+    let upload = match &args.topology {
+        Some(topology) => match form(topology, &args.extra_files, args.reuse) {
+            Ok(form) => Some(form),
+            Err(e) => {
+                say(e);
+                return EX_USAGE;
+            }
+        },
+        None => None,
+    };
     let hosts: Vec<Host> = args
         .common
         .urls
@@ -646,7 +657,7 @@ fn run(args: RunArgs) -> i32 {
 
     let deadline = Instant::now() + args.wait_timeout;
     let prepared = wait_turn(&host, &id, position, deadline, &events)
-        .and_then(|()| start_lab(&host, &id, &args, deadline, &events));
+        .and_then(|()| start_lab(&host, &id, &args, upload, deadline, &events));
     let lab = match prepared {
         Ok(lab) => lab,
         Err(end) => {
@@ -878,18 +889,12 @@ fn start_lab(
     host: &Arc<Host>,
     id: &str,
     args: &RunArgs,
+    upload: Option<(String, Vec<u8>)>,
     deadline: Instant,
     events: &Receiver<Event>,
 ) -> Result<Option<Lab>, Abort> {
-    let Some(topology) = &args.topology else {
+    let Some((content_type, body)) = upload else {
         return Ok(None);
-    };
-    let (content_type, body) = match form(topology, &args.extra_files, args.reuse) {
-        Ok(form) => form,
-        Err(e) => {
-            say(e);
-            return Err(abort(EX_DATAERR));
-        }
     };
     loop {
         let following = Arc::new(AtomicBool::new(true));
