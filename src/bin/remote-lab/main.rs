@@ -70,7 +70,8 @@ Options (run):
   --no-reuse          start a fresh lab even if the same topology runs
   --name TEXT         who is asking (X-Client-Name). Default: the CI job URL
                       ($CI_JOB_URL, $BUILD_URL, GitHub's run URL), else user@host
-  --wait-timeout S    give up waiting for the lab after S seconds (default 3600)
+  --wait-timeout S    give up waiting for the turn (or a busy lab) after S
+                      seconds (default 3600)
   --devices-file PATH where to write the devices JSON (default: a temporary
                       file, removed at the end)
   --on-lost MODE      when the session is lost while COMMAND runs: terminate
