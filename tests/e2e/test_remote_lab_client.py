@@ -66,6 +66,11 @@ def test_remote_lab_run_gives_the_command_the_labs_devices(
     # Released and ended: no session left, the lab idle and up for the next run.
     health = Client(server.url).get("/debug/health").json()
     assert health["sessions"] == 0, health
+    if server.kind == "python":
+        # The Python server tears the lab down with every session (api.md FIX): no reuse
+        # to check. That the client ran at all there shows its fallbacks (no long-poll, no
+        # queue view) work.
+        return
     assert sandbox.default_registered()
 
     second = run_client(sandbox, server.url, tmp_path, "true")
