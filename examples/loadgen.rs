@@ -788,6 +788,10 @@ fn main() {
 /// Resident memory of the server with 1 000 long-polls parked (`GET ?wait=60`).
 fn parked_memory(target: &Target, table: &mut Table) {
     eprintln!("== 1000 parked long-polls ({})", target.addr);
+    // 1 000 connections of ours: the soft descriptor limit up to the hard one.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
     let mut conn = Conn::open(target.addr);
     let holder = create_session(&mut conn);
     let waiter = create_session(&mut conn);

@@ -140,8 +140,23 @@ fn parking_keeps_the_session_alive_at_park_and_at_answer() {
         .expect(404, "{\"detail\":\"Session not found\"}");
 }
 
+/// 1 000 connections on each side: raise the soft descriptor limit to the hard one, for
+/// this process and the server it starts (limits are inherited).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).unwrap();
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(
+        soft >= 2100,
+        "the descriptor limit is {soft}: too low for this test"
+    );
+}
+
 #[test]
 fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
+    raise_fd_limit();
     let mut server = start_with(&[("--workers", "2")]);
     let (first, _) = server.create_session();
     let (second, _) = server.create_session();
