@@ -729,3 +729,53 @@ fn against_a_server_without_long_poll_it_polls_every_two_seconds_and_prints_once
         "{stderr}"
     );
 }
+
+#[test]
+fn on_a_terminal_the_progress_line_is_updated_in_place() {
+    // util-linux `script` gives remote-lab a terminal; its output is the terminal's.
+    if Command::new("script").arg("--version").output().is_err() {
+        panic!("this test needs util-linux's `script` (apt-get install bsdutils)");
+    }
+    let server = start();
+    let (holder, _) = server.create_session();
+    let dir = tempfile::tempdir().unwrap();
+    let typescript = dir.path().join("typescript");
+    let inner = format!("{CLIENT} run --url {} --name tty-job -- true", server.url());
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &inner])
+        .arg(&typescript)
+        .current_dir(dir.path())
+        .env_remove("REMOTE_LAB_URL")
+        .env("NETRC", dir.path().join("no-netrc"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "queued", || sessions(&server) == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    server
+        .delete(&format!("/session/{holder}"))
+        .expect_empty(204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "remote-lab under script did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let text = read(&typescript);
+    // The waiting line and the "active" line share one terminal line: rewritten with
+    // carriage return and erase-line, then ended by one newline.
+    let waiting = text
+        .find("\r\x1b[Kremote-lab: waiting at position 1")
+        .expect(&text);
+    let active = text.find("\r\x1b[Kremote-lab: session ").expect(&text);
+    assert!(waiting < active, "{text:?}");
+    assert!(!text[waiting..active].contains('\n'), "{text:?}");
+}
