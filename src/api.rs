@@ -435,12 +435,12 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
-        teardowns: Vec<PendingTeardown>,
         /// Seconds; so that a client can choose its heartbeat interval.
         active_timeout: f64,
         waiting_timeout: f64,
         /// Long-polls parked right now.
         long_polls: usize,
+        teardowns: Vec<PendingTeardown>,
     }
     let now = SystemTime::now();
     let timestamp = now
@@ -474,10 +474,10 @@ fn debug_health(shared: &Shared) -> Reply {
             uptime,
             sessions,
             queue_length: sessions,
-            teardowns,
             active_timeout: shared.config.active_timeout.as_secs_f64(),
             waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
             long_polls,
+            teardowns,
         },
     )
 }
