@@ -206,7 +206,7 @@ fn run_upload(shared: &Arc<Shared>, mut request: Request, pending: Pending) {
     match outcome {
         Ok(Outcome::Reply(reply)) => respond(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
-        Ok(Outcome::Upload(_)) => respond(request, Reply::internal_error()),
+        Ok(Outcome::Upload(_) | Outcome::Park(..)) => respond(request, Reply::internal_error()),
         Err(_) => {
             log::error!("the upload of POST /lab panicked; answered 500");
             upload::remove_dir(&pending.work_dir);

@@ -16,6 +16,7 @@ use crate::config::parse_bool;
 use crate::http::Reply;
 use crate::lab::{self, Destroy};
 use crate::lab_thread::StartJob;
+use crate::longpoll;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
 
@@ -27,6 +28,9 @@ pub enum Outcome {
     Lab(StartJob),
     /// Read the `POST /lab` body on an upload thread (see [`crate::acquire`]).
     Upload(Pending),
+    /// Park a long-poll: session, the state it was seen in, and the deadline (see
+    /// [`crate::longpoll`]).
+    Park(SessionId, (Status, usize), Duration),
 }
 
 impl From<Reply> for Outcome {
@@ -112,6 +116,9 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         (Route::Heartbeat, Some("POST")) => heartbeat(shared, request, caller),
         (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat", caller),
         (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat", caller),
+        (Route::Session(id), Some("GET")) if query_param(query, "wait").is_some() => {
+            return session_poll(shared, &percent_decode(id), query, caller);
+        }
         (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id), caller),
         (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id), caller),
         (Route::ActiveSession, Some("GET")) => active_session(shared, caller),
@@ -312,6 +319,34 @@ fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
     }
 }
 
+/// `GET /session/{id}?wait=S`: a WAITING session's request is parked until its status or
+/// position changes, or S seconds pass.
+fn session_poll(shared: &Shared, id: &str, query: &str, caller: &Caller) -> Outcome {
+    let wait = match query_param(query, "wait").map(|text| longpoll::parse_wait(&text)) {
+        Some(Ok(wait)) => wait,
+        Some(Err(reply)) => return reply.into(),
+        None => return session_status(shared, id, caller).into(),
+    };
+    let Some(id) = parse_session_id(id) else {
+        return session_not_found().into();
+    };
+    let now = shared.clock.now();
+    let found = {
+        let mut state = shared.lock();
+        if state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
+            state.queue.touch(&id, now);
+            state.queue.lookup(&id)
+        } else {
+            None
+        }
+    };
+    match found {
+        Some(seen @ (Status::Waiting, _)) => Outcome::Park(id, seen, now + wait),
+        Some(current) => longpoll::status_reply(current).into(),
+        None => session_not_found().into(),
+    }
+}
+
 fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
     let ended = parse_session_id(id).is_some_and(|id| {
         let owner = shared.lock().queue.owner(&id).map(|o| o.cloned());
@@ -400,6 +435,11 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
+        /// Seconds; so that a client can choose its heartbeat interval.
+        active_timeout: f64,
+        waiting_timeout: f64,
+        /// Long-polls parked right now.
+        long_polls: usize,
         teardowns: Vec<PendingTeardown>,
     }
     let now = SystemTime::now();
@@ -412,7 +452,7 @@ fn debug_health(shared: &Shared) -> Reply {
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
     let clock = shared.clock.now();
-    let (sessions, teardowns) = {
+    let (sessions, teardowns, long_polls) = {
         let state = shared.lock();
         let teardowns = state
             .teardowns
@@ -424,7 +464,7 @@ fn debug_health(shared: &Shared) -> Reply {
                 retry_in: t.retry_at.map(|at| at.saturating_sub(clock).as_secs_f64()),
             })
             .collect();
-        (state.queue.len(), teardowns)
+        (state.queue.len(), teardowns, state.parked.len())
     };
     Reply::json(
         200,
@@ -434,6 +474,9 @@ fn debug_health(shared: &Shared) -> Reply {
             uptime,
             sessions,
             queue_length: sessions,
+            active_timeout: shared.config.active_timeout.as_secs_f64(),
+            waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
+            long_polls,
             teardowns,
         },
     )

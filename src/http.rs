@@ -307,6 +307,7 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
         Ok(Outcome::Reply(reply)) => respond(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
         Ok(Outcome::Upload(pending)) => acquire::spawn_upload(shared, request, pending),
+        Ok(Outcome::Park(id, seen, deadline)) => shared.park(request, id, seen, deadline),
         Err(_) => {
             log::error!(
                 "handler for {} {} panicked; answered 500",

@@ -16,6 +16,7 @@
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
 //! * [`procgroup`]: signals that reach only the process groups they are meant for.
+//! * [`longpoll`]: `GET /session/{id}?wait=S`, parked without a worker.
 //! * [`timer`]: the stale-session sweep and the systemd watchdog.
 //! * [`persist`]: the state file that lets a restart lose nothing.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod lab;
 pub mod lab_thread;
 pub mod lockfile;
 pub mod logging;
+pub mod longpoll;
 pub mod netlab;
 pub mod notify;
 pub mod openapi;

@@ -72,10 +72,12 @@ fn build() -> Value {
             "/session/{session_id}": {
                 "get": {
                     "summary": "Status and queue position of a session",
-                    "parameters": [session_id_param.clone()],
+                    "description": "With `wait=S` (0 < S <= 60) a WAITING session's request is answered when its status or position changes, or after S seconds with the current state (long-poll).",
+                    "parameters": [session_id_param.clone(), {"name": "wait", "in": "query", "required": false, "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60}}],
                     "responses": {
                         "200": body("Status", "SessionStatus"),
-                        "404": detail("Session not found")
+                        "404": detail("Session not found"),
+                        "422": {"description": "Bad wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ValidationError"}}}}
                     }
                 },
                 "delete": {
@@ -185,7 +187,9 @@ fn build() -> Value {
                 "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
                     "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
                     "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
-                }}}
+                }}},
+                "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
+                "long_polls": {"type": "integer"}
             }}
         }}
     })

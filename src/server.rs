@@ -229,6 +229,8 @@ fn serve(config: Config) -> i32 {
     for worker in workers {
         let _ = worker.join();
     }
+    // Nobody parks any more: every long-poll gets its answer now.
+    shared.expire_parked(true);
     let _ = timer_stop.send(());
     let _ = timer.join();
     shared.send_lab_job(LabJob::Shutdown);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::acquire::Ticket;
 use crate::auth::Access;
@@ -18,6 +18,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::lab::{self, LabRecord, Teardown};
 use crate::lab_thread::LabJob;
+use crate::longpoll::{self, Parked};
 use crate::persist::{Persister, Snapshot, Starting};
 use crate::queue::{Queue, Removed, SessionId};
 
@@ -34,6 +35,8 @@ pub struct State {
     pub teardowns: Vec<Teardown>,
     /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
     pub idle_since: Option<Duration>,
+    /// Long-polls (`GET /session/{id}?wait=S`) waiting for their session to change.
+    pub parked: Parked,
     version: u64,
 }
 
@@ -47,6 +50,7 @@ impl State {
             starting: None,
             teardowns: Vec::new(),
             idle_since: None,
+            parked: Parked::default(),
             version: 0,
         }
     }
@@ -86,6 +90,8 @@ pub struct Shared {
     pub labs_dir: PathBuf,
     /// Access tokens (`--token-file`); `None`: the API is open to everyone.
     pub access: Option<Access>,
+    /// Wakes the timer when a long-poll is parked (its deadline may be the next one).
+    park_wake: (Sender<()>, Receiver<()>),
 }
 
 impl Shared {
@@ -111,6 +117,7 @@ impl Shared {
             started_at: SystemTime::now(),
             labs_dir,
             access: None,
+            park_wake: crossbeam_channel::bounded(1),
         }
     }
 
@@ -233,6 +240,81 @@ impl Shared {
         }
     }
 
+    /// Tells the timer that a long-poll was parked.
+    pub fn parked_one(&self) {
+        let _ = self.park_wake.0.try_send(());
+    }
+
+    /// What the timer waits on besides its stop channel.
+    pub fn park_wakes(&self) -> &Receiver<()> {
+        &self.park_wake.1
+    }
+
+    /// Parks a long-poll of session `id`, which was `seen` in that state; it is answered at
+    /// once instead when the state changed meanwhile, when [`longpoll::MAX_PARKED`] requests
+    /// are parked already, or during a shutdown.
+    pub fn park(
+        &self,
+        request: tiny_http::Request,
+        id: SessionId,
+        seen: (crate::queue::Status, usize),
+        deadline: Duration,
+    ) {
+        let at_once = {
+            let mut state = self.lock();
+            let current = state.queue.lookup(&id);
+            if current == Some(seen) && !state.parked.is_full() && !self.is_shutting_down() {
+                let earliest = state.parked.park(id, seen, deadline, request);
+                Some(None).filter(|_| earliest)
+            } else {
+                Some(Some((request, current)))
+            }
+        };
+        match at_once {
+            // Parked, with the earliest deadline: the timer must wake for it.
+            Some(None) => self.parked_one(),
+            // Parked behind an earlier deadline.
+            None => {}
+            Some(Some((request, current))) => crate::http::respond(
+                request,
+                current.map_or_else(longpoll::not_found, longpoll::status_reply),
+            ),
+        }
+    }
+
+    /// Answers the long-polls whose session changed (after a removal from the queue).
+    pub fn wake_parked(&self) {
+        let ready = {
+            let mut state = self.lock();
+            if state.parked.is_empty() {
+                return;
+            }
+            let now = self.clock.now();
+            let State { parked, queue, .. } = &mut *state;
+            parked.take_ready(queue, now, longpoll::Due::Changed)
+        };
+        longpoll::answer(ready);
+    }
+
+    /// Answers the long-polls whose wait ran out (every one when `all`, at shutdown);
+    /// returns the next deadline of those left.
+    pub fn expire_parked(&self, all: bool) -> Option<Duration> {
+        let (ready, next) = {
+            let mut state = self.lock();
+            let now = self.clock.now();
+            let State { parked, queue, .. } = &mut *state;
+            let which = if all {
+                longpoll::Due::All
+            } else {
+                longpoll::Due::Expired
+            };
+            let ready = parked.take_ready(queue, now, which);
+            (ready, parked.next_deadline())
+        };
+        longpoll::answer(ready);
+        next
+    }
+
     /// Ends a session (DELETE /session/{id}); false when it was not tracked. The change is
     /// in the state file when this returns.
     pub fn end_session(&self, id: &SessionId) -> bool {
@@ -248,6 +330,7 @@ impl Shared {
             }
         };
         self.persist(version);
+        self.wake_parked();
         true
     }
 
@@ -299,6 +382,11 @@ impl Shared {
             let version = state.changed();
             drop(state);
             self.persist(version);
+        } else {
+            drop(state);
+        }
+        if !removed.is_empty() {
+            self.wake_parked();
         }
         removed.len()
     }
