@@ -12,14 +12,19 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 
+use serde_json::json;
+
 use crate::acquire::Ticket;
 use crate::auth::Access;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::events::{self, EventLog, now_ms, who};
 use crate::lab::{self, LabRecord, Teardown};
 use crate::lab_thread::LabJob;
+use crate::lablog::LabLog;
+use crate::metrics::{Ended, METRICS};
 use crate::persist::{Persister, Snapshot, Starting};
-use crate::queue::{Queue, Removed, SessionId};
+use crate::queue::{ClientInfo, Gone, Queue, Removed, SessionId};
 
 pub struct State {
     pub queue: Queue,
@@ -34,6 +39,8 @@ pub struct State {
     pub teardowns: Vec<Teardown>,
     /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
     pub idle_since: Option<Duration>,
+    /// Unix ms the running lab came up (or was re-adopted).
+    pub lab_started_ms: Option<u64>,
     version: u64,
 }
 
@@ -47,6 +54,7 @@ impl State {
             starting: None,
             teardowns: Vec::new(),
             idle_since: None,
+            lab_started_ms: None,
             version: 0,
         }
     }
@@ -68,6 +76,9 @@ impl State {
         snap.version = self.version;
         snap.sessions.clear();
         snap.sessions.extend(self.queue.records());
+        snap.infos.clear();
+        snap.infos.extend(self.queue.infos());
+        snap.lab_started_ms = self.lab_started_ms;
         snap.lab.clone_from(&self.lab);
         snap.starting.clone_from(&self.starting);
         snap.teardowns.clone_from(&self.teardowns);
@@ -86,6 +97,10 @@ pub struct Shared {
     pub labs_dir: PathBuf,
     /// Access tokens (`--token-file`); `None`: the API is open to everyone.
     pub access: Option<Access>,
+    /// The event history.
+    pub events: EventLog,
+    /// netlab's live output.
+    pub lab_log: Arc<LabLog>,
 }
 
 impl Shared {
@@ -101,7 +116,10 @@ impl Shared {
         state: Option<State>,
     ) -> Self {
         let labs_dir = config.state_dir.join("labs");
+        let events = EventLog::open(&config.state_dir);
         Shared {
+            events,
+            lab_log: Arc::new(LabLog::new()),
             state: Mutex::new(state.unwrap_or_else(|| State::new(config.max_sessions))),
             persister: Persister::new(config.state_dir.clone()),
             config,
@@ -238,9 +256,10 @@ impl Shared {
     pub fn end_session(&self, id: &SessionId) -> bool {
         let version = {
             let mut state = self.lock();
-            match state.queue.remove(id) {
-                Some(removed) => {
+            match state.queue.remove_full(id) {
+                Some((removed, gone)) => {
                     log::info!("session {id} ended");
+                    self.note_end(&removed, &gone, Ended::Deleted);
                     self.after_removal(&mut state, &removed);
                     state.changed()
                 }
@@ -259,8 +278,8 @@ impl Shared {
         let removed =
             state
                 .queue
-                .sweep(now, self.config.waiting_timeout, self.config.active_timeout);
-        for r in &removed {
+                .sweep_full(now, self.config.waiting_timeout, self.config.active_timeout);
+        for (r, gone) in &removed {
             let (status, timeout) = if r.was_active {
                 ("active", self.config.active_timeout)
             } else {
@@ -271,6 +290,12 @@ impl Shared {
                 r.id,
                 timeout.as_secs_f64()
             );
+            let why = if r.was_active {
+                Ended::ReapedActive
+            } else {
+                Ended::ReapedWaiting
+            };
+            self.note_end(r, gone, why);
             self.after_removal(&mut state, r);
         }
         self.retry_teardowns(&mut state, now);
@@ -288,6 +313,13 @@ impl Shared {
                         "lab {} idle with no session for more than {:.0} s: tearing it down",
                         lab.topology.display(),
                         self.config.idle_lab_timeout.as_secs_f64()
+                    );
+                    self.events.emit(
+                        "lab_idle_teardown",
+                        json!({
+                            "topology": file_name(&lab.topology),
+                            "idle_s": now.saturating_sub(since).as_secs_f64(),
+                        }),
                     );
                     self.queue_teardown(&mut state, lab);
                     dirty = true;
@@ -324,8 +356,62 @@ impl Shared {
         }
         if let Some(next) = removed.promoted {
             log::info!("session {next} is now active");
+            self.note_promoted(state, &next);
         }
     }
+
+    /// A session became ACTIVE (not at its creation): since when, how long it waited.
+    pub fn note_promoted(&self, state: &mut State, id: &SessionId) {
+        let now = now_ms();
+        state.queue.set_active_since(id, now);
+        if let Some((info, _)) = state.queue.info(id) {
+            let waited = now.saturating_sub(info.created_ms);
+            METRICS.queue_wait.observe(Duration::from_millis(waited));
+            self.events.emit(
+                "session_promoted",
+                events::with(who(id, &info), json!({ "waited_s": events::secs(waited) })),
+            );
+        }
+    }
+
+    /// A session ended: counted, its hold time measured, an event recorded.
+    fn note_end(&self, removed: &Removed, gone: &Gone, why: Ended) {
+        METRICS.session_ended(why);
+        let held = gone
+            .active_since_ms
+            .filter(|_| removed.was_active)
+            .map(|since| now_ms().saturating_sub(since));
+        if let Some(held) = held {
+            METRICS.lab_hold.observe(Duration::from_millis(held));
+        }
+        self.events.emit(
+            "session_ended",
+            events::with(
+                who(&removed.id, &gone.info),
+                json!({
+                    "reason": why.as_str(),
+                    "was_active": removed.was_active,
+                    "held_s": held.map(events::secs),
+                }),
+            ),
+        );
+    }
+
+    /// The client name of a session, for events (`None` when unnamed or gone).
+    pub fn client_info(&self, id: &SessionId) -> Arc<ClientInfo> {
+        self.lock()
+            .queue
+            .info(id)
+            .map(|(info, _)| info)
+            .unwrap_or_default()
+    }
+}
+
+/// The file name of a path (never its directory: work dirs are not for the public).
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// `1 session`, `2 sessions`.
