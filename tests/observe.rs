@@ -611,3 +611,44 @@ fn metrics_count_requests_by_route_without_a_session() {
     let q = s.get("/queue").json();
     assert!(q["sessions"][0]["last_seen_ago"].as_f64().unwrap() >= 0.0);
 }
+
+#[test]
+fn with_tokens_the_views_name_the_owner_and_it_survives_a_restart() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ci:ci-token-0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tokens = tokens.display().to_string();
+    let auth = ("Authorization", "Bearer ci-token-0123456789abcdef");
+    let mut s = TestServer::start(
+        Options {
+            dir: Some(dir),
+            ..Options::default()
+        }
+        .arg("--token-file", &tokens),
+    );
+    let r = s.request("POST", "/session", &[auth, ("X-Client-Name", "job-7")], b"");
+    assert_eq!(r.status, 201);
+    let q = s.request("GET", "/queue", &[auth], b"").json();
+    assert_eq!(q["sessions"][0]["owner"], "ci");
+    assert_eq!(q["sessions"][0]["client_name"], "job-7");
+    let e = s.request("GET", "/events?limit=1", &[auth], b"").json();
+    assert_eq!(e["events"][0]["owner"], "ci");
+    // Without a token the views are closed (no --public-read).
+    s.get("/queue")
+        .expect(401, r#"{"detail":"Not authenticated"}"#);
+    s.signal(Signal::TERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let s = TestServer::start(
+        Options {
+            dir: Some(dir),
+            ..Options::default()
+        }
+        .arg("--token-file", &tokens),
+    );
+    let q = s.request("GET", "/queue", &[auth], b"").json();
+    assert_eq!(q["sessions"][0]["owner"], "ci");
+    assert_eq!(q["sessions"][0]["client_name"], "job-7");
+}
