@@ -245,6 +245,12 @@ pub struct Gauges {
     pub start_in_progress: bool,
     pub teardowns_pending: usize,
     pub events: u64,
+    /// Seconds the ACTIVE session has been active (0 without one).
+    pub active_for: f64,
+    /// Seconds the first WAITING session has waited (0 without one).
+    pub oldest_wait: f64,
+    pub active_timeout: f64,
+    pub waiting_timeout: f64,
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -311,6 +317,42 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         gauges.teardowns_pending
     );
 
+    header(
+        &mut out,
+        "active_session_seconds",
+        "gauge",
+        "How long the ACTIVE session has held the lab so far (0 without one).",
+    );
+    let _ = writeln!(out, "{PREFIX}active_session_seconds {}", gauges.active_for);
+    header(
+        &mut out,
+        "oldest_waiting_seconds",
+        "gauge",
+        "How long the first WAITING session has waited so far (0 without one).",
+    );
+    let _ = writeln!(out, "{PREFIX}oldest_waiting_seconds {}", gauges.oldest_wait);
+    header(
+        &mut out,
+        "active_timeout_seconds",
+        "gauge",
+        "The server's --active-timeout.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}active_timeout_seconds {}",
+        gauges.active_timeout
+    );
+    header(
+        &mut out,
+        "waiting_timeout_seconds",
+        "gauge",
+        "The server's --waiting-timeout.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}waiting_timeout_seconds {}",
+        gauges.waiting_timeout
+    );
     header(
         &mut out,
         "sessions_created_total",

@@ -418,9 +418,19 @@ pub fn lab_log(shared: &Shared, query: &str) -> Reply {
 // ------------------------------------------------------------------------------- GET /metrics
 
 pub fn metrics(shared: &Shared) -> Reply {
+    let now = now_ms();
     let gauges = {
         let state = shared.lock();
+        let head = state.queue.rows(Duration::ZERO, 2);
+        let since = |ms: u64| secs(now.saturating_sub(ms));
         metrics::Gauges {
+            active_for: head
+                .first()
+                .and_then(|r| r.active_since_ms)
+                .map_or(0.0, since),
+            oldest_wait: head.get(1).map_or(0.0, |r| since(r.info.created_ms)),
+            active_timeout: shared.config.active_timeout.as_secs_f64(),
+            waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
             active: usize::from(!state.queue.is_empty()),
             waiting: state.queue.waiting(),
             lab_up: state.lab.is_some(),

@@ -52,6 +52,12 @@ def test_metrics_after_a_scripted_scenario(server_factory):
     assert value(f, p + "lab_up") == 0
     assert value(f, p + "lab_references") == 0
     assert value(f, p + "lab_start_in_progress") == 0
+    assert value(f, p + "active_timeout_seconds") == 2
+    assert value(f, p + "waiting_timeout_seconds") == 600
+    q = s.json("/queue")
+    # b is active since a was reaped; c has waited since its creation.
+    assert 0 <= value(f, p + "active_session_seconds") <= q["time"] - q["sessions"][0]["active_since"] + 1
+    assert value(f, p + "oldest_waiting_seconds") >= 2  # c waited out a's active timeout
     assert f[p + "sessions_created"].type == "counter"
     assert value(f, p + "sessions_created", p + "sessions_created_total") == 3
     ended = {r: value(f, p + "sessions_ended", p + "sessions_ended_total", reason=r)
