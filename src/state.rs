@@ -363,8 +363,9 @@ impl Shared {
     /// A session became ACTIVE (not at its creation): since when, how long it waited.
     pub fn note_promoted(&self, state: &mut State, id: &SessionId) {
         let now = now_ms();
-        state.queue.set_active_since(id, now);
-        if let Some((info, _)) = state.queue.info(id) {
+        // A sweep that reaps several heads names the final head for each: count it once.
+        if let Some((info, None)) = state.queue.info(id) {
+            state.queue.set_active_since(id, now);
             let waited = now.saturating_sub(info.created_ms);
             METRICS.queue_wait.observe(Duration::from_millis(waited));
             self.events.emit(
@@ -479,5 +480,40 @@ mod tests {
         }
         assert!(shared.lock().lab.is_some());
         assert!(jobs.try_recv().is_err());
+    }
+
+    #[test]
+    fn reaping_several_heads_at_once_promotes_the_last_one_once() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, _jobs) = shared(clock.clone());
+        let ids: Vec<SessionId> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+        for id in &ids {
+            let info = Arc::new(ClientInfo {
+                created_ms: now_ms(),
+                ..ClientInfo::default()
+            });
+            shared
+                .lock()
+                .queue
+                .create_with(*id, clock.now(), info)
+                .unwrap();
+        }
+        clock.advance(Duration::from_secs(700));
+        shared.lock().queue.touch(&ids[2], clock.now());
+        assert_eq!(shared.sweep(), 2);
+        let kinds: Vec<String> = shared
+            .events
+            .newest(10, 0)
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+                v["kind"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["session_ended", "session_promoted", "session_ended"]
+        );
+        assert!(shared.lock().queue.info(&ids[2]).unwrap().1.is_some());
     }
 }
