@@ -204,16 +204,17 @@ fn parse_lab(v: &Value) -> Result<LabRecord, String> {
 /// The optional client fields of a session entry.
 fn write_info(out: &mut Vec<u8>, info: &ClientInfo, active_since: Option<u64>) {
     use std::io::Write as _;
-    let text = |v: &Option<String>| serde_json::to_string(v).unwrap_or_else(|_| "null".into());
-    let _ = write!(
-        out,
-        ",\"name\":{},\"addr\":{},\"user_agent\":{},\"created_ms\":{}",
-        text(&info.name),
-        text(&info.addr),
-        text(&info.user_agent),
-        info.created_ms
-    );
-    // The owner is written (and read back into both) by the session record's own field.
+    // Absent fields are left out: the file of a deep queue stays small.
+    for (key, value) in [
+        ("name", &info.name),
+        ("addr", &info.addr),
+        ("user_agent", &info.user_agent),
+    ] {
+        if let Some(text) = value {
+            let _ = write!(out, ",\"{key}\":{}", Value::String(text.clone()));
+        }
+    }
+    let _ = write!(out, ",\"created_ms\":{}", info.created_ms);
     if let Some(ms) = active_since {
         let _ = write!(out, ",\"active_since_ms\":{ms}");
     }
