@@ -147,6 +147,19 @@ pub fn respond(request: Request, reply: Reply) {
     }
 }
 
+/// Binds the listening socket with `TCP_NODELAY`, which accepted connections inherit.
+///
+/// tiny_http writes a response's head through a 1 KiB buffer and its body after it, so any
+/// answer of more than about 1 KiB (the queue view, metrics, the status page) is two writes;
+/// with Nagle's algorithm the second one waits for the client's delayed ACK, 40 ms on Linux.
+pub fn bind(host: &str, port: u16) -> Result<Server, String> {
+    let listener = std::net::TcpListener::bind((host, port)).map_err(|e| e.to_string())?;
+    if let Err(e) = rustix::net::sockopt::set_tcp_nodelay(&listener, true) {
+        log::warn!("cannot set TCP_NODELAY on the listener: {e}");
+    }
+    Server::from_listener(listener, None).map_err(|e| e.to_string())
+}
+
 /// Capacity of the channel between the listener and the workers.
 pub const QUEUE_CAPACITY: usize = 1024;
 

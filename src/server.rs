@@ -15,7 +15,6 @@ use std::thread;
 use crossbeam_channel::unbounded;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tiny_http::Server;
 
 use crate::auth::Access;
 use crate::clock::{Clock, MonotonicClock};
@@ -120,7 +119,7 @@ fn serve(config: Config) -> i32 {
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
-    let server = match Server::http((config.host.as_str(), config.port)) {
+    let server = match http::bind(&config.host, config.port) {
         Ok(server) => Arc::new(server),
         Err(e) => {
             return fail(format!(
