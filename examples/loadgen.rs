@@ -4,6 +4,8 @@
 //! Usage (`scripts/bench` starts the servers and calls this):
 //!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
 //!           [--only SCENARIO,...] [--mix-duration S]
+//! Scenarios: throughput, observe (GET /metrics and /queue, memory with a full event
+//! history; skipped on servers without GET /queue), queue, handover, mix.
 //! The first target is "ours"; ratios are given against it. PID is read for resident
 //! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
 //! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
@@ -434,6 +436,62 @@ fn main() {
                 }
             }
             end_sessions(&mut conn, &[id]);
+        }
+
+        // The read-only views of issue 14, on servers that have them: GET /metrics and
+        // GET /queue at 10, 1000 and 10 000 sessions (one client, as a scraper or a status
+        // page is), and resident memory with 10 000 sessions and a full event history.
+        let has_views = conn.call("GET", "/queue?limit=0", &[], b"").0 == 200;
+        if wants("observe") && has_views {
+            let mut ids: Vec<String> = Vec::new();
+            for depth in [10usize, 1000, 10_000] {
+                while ids.len() < depth {
+                    ids.push(create_session(&mut conn));
+                }
+                for path in ["/metrics", "/queue"] {
+                    eprintln!("   GET {path} with {depth} sessions");
+                    let s = hammer(
+                        target.addr,
+                        1,
+                        duration / 2,
+                        "GET",
+                        path.to_owned(),
+                        vec![],
+                        200,
+                    );
+                    for (what, v) in [("p50", s.p50_us), ("p99", s.p99_us)] {
+                        table.put(
+                            &format!("GET {path}, {depth} sessions: {what}"),
+                            "ms",
+                            true,
+                            t,
+                            v / 1000.0,
+                        );
+                    }
+                    table.put(
+                        &format!("GET {path}, {depth} sessions: errors"),
+                        "",
+                        true,
+                        t,
+                        s.errors as f64,
+                    );
+                }
+            }
+            // One event per session created so far, plus the server's own: the in-memory
+            // history (10 000 events) is full.
+            let (_, body) = conn.call("GET", "/events?limit=1", &[], b"");
+            let events = json(&body)["last_id"].as_u64().unwrap_or(0);
+            eprintln!("   {events} events recorded");
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put(
+                    "resident memory, 10 000 sessions, full event history",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
+            }
+            end_sessions(&mut conn, &ids);
         }
 
         if wants("queue") {

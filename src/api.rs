@@ -17,6 +17,7 @@ use crate::http::Reply;
 use crate::lab::{self, Destroy};
 use crate::lab_thread::StartJob;
 use crate::longpoll;
+use crate::observe;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
 
@@ -53,6 +54,11 @@ enum Route<'a> {
     Lab,
     LabRelease,
     LabDevices,
+    LabLog,
+    QueueView,
+    Events,
+    Metrics,
+    StatusPage,
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -66,6 +72,11 @@ fn route(path: &str) -> Option<Route<'_>> {
         "/lab" => Route::Lab,
         "/lab/release" => Route::LabRelease,
         "/lab/devices" => Route::LabDevices,
+        "/lab/log" => Route::LabLog,
+        "/queue" => Route::QueueView,
+        "/events" => Route::Events,
+        "/metrics" => Route::Metrics,
+        "/" => Route::StatusPage,
         _ => match path.strip_prefix("/session/") {
             Some(id) if !id.contains('/') => Route::Session(id),
             _ => return None,
@@ -84,7 +95,12 @@ fn allow(route: &Route<'_>) -> &'static str {
         | Route::Healthz
         | Route::DebugHealth
         | Route::OpenApi
-        | Route::LabDevices => "GET, HEAD",
+        | Route::LabDevices
+        | Route::LabLog
+        | Route::QueueView
+        | Route::Events
+        | Route::Metrics
+        | Route::StatusPage => "GET, HEAD",
     }
 }
 
@@ -112,7 +128,7 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         return Reply::detail(404, "Not Found").into();
     };
     let reply = match (&route, method) {
-        (Route::Sessions, Some("POST")) => create_session(shared, caller),
+        (Route::Sessions, Some("POST")) => create_session(shared, request, caller),
         (Route::Heartbeat, Some("POST")) => heartbeat(shared, request, caller),
         (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat", caller),
         (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat", caller),
@@ -130,6 +146,11 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query, caller),
         (Route::LabRelease, Some("POST")) => release_lab(shared, request, caller),
         (Route::LabDevices, Some("GET")) => lab_devices(shared, request, caller),
+        (Route::LabLog, Some("GET")) => observe::lab_log(shared, query),
+        (Route::QueueView, Some("GET")) => observe::queue(shared, query),
+        (Route::Events, Some("GET")) => observe::events(shared, query),
+        (Route::Metrics, Some("GET")) => observe::metrics(shared),
+        (Route::StatusPage, Some("GET")) => observe::status_page(shared),
         _ => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(&route)),
     };
     Outcome::Reply(reply)
@@ -241,21 +262,34 @@ fn authorize(
 
 // ------------------------------------------------------------------------------- sessions
 
-fn create_session(shared: &Shared, caller: &Caller) -> Reply {
+fn create_session(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
     #[derive(Serialize)]
     struct Created {
         session_id: String,
         position: usize,
     }
+    let info = match observe::client_info(request) {
+        Ok(mut info) => {
+            info.owner = caller.owner().map(|o| o.to_string());
+            Arc::new(info)
+        }
+        Err(reply) => return reply,
+    };
     let id = Uuid::new_v4();
     let now = shared.clock.now();
     let created = {
         let mut state = shared.lock();
-        let created = state.queue.create(id, now);
-        created.map(|position| {
-            state.queue.set_owner(&id, caller.owner());
-            (position, state.changed())
-        })
+        let created = state
+            .queue
+            .create_with(id, now, Arc::clone(&info))
+            .map(|position| {
+                state.queue.set_owner(&id, caller.owner());
+                (position, state.changed())
+            });
+        if let Ok((position, _)) = &created {
+            observe::note_created(shared, &id, &info, *position);
+        }
+        created
     };
     match created {
         Ok((position, version)) => {
@@ -275,6 +309,7 @@ fn create_session(shared: &Shared, caller: &Caller) -> Reply {
             )
         }
         Err(full) => {
+            observe::note_refused(shared, &info);
             log::warn!(
                 "session refused: {full} ({} sessions)",
                 shared.config.max_sessions
@@ -576,6 +611,8 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
                     "session {session} released the lab (ref_count {})",
                     lab.ref_count
                 );
+                let refs = lab.ref_count;
+                observe::note_released(shared, &state, &session, refs);
                 state.changed()
             }
             None => return no_lab(),
@@ -586,7 +623,7 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
 }
 
 /// The value of a query parameter, percent-decoded (`+` is a space).
-fn query_param(query: &str, name: &str) -> Option<String> {
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(&key.replace('+', " ")) == name)

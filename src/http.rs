@@ -17,6 +17,7 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::acquire;
 use crate::api::{self, Outcome};
 use crate::lab_thread::LabJob;
+use crate::metrics::METRICS;
 use crate::state::Shared;
 
 /// A response the server produces, before it becomes a tiny_http response.
@@ -101,8 +102,18 @@ impl Reply {
         self
     }
 
+    /// A body of another type than JSON.
+    pub fn typed(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        Reply::raw_json(status, body).with_header("Content-Type", content_type)
+    }
+
     pub fn into_response(self) -> Response<Cursor<Vec<u8>>> {
+        let typed = self
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
         let mut response = match self.body {
+            Some(body) if typed => Response::from_data(body),
             Some(body) => {
                 Response::from_data(body).with_header(header("Content-Type", "application/json"))
             }
@@ -130,9 +141,23 @@ fn header(name: &str, value: &str) -> Header {
 /// Sends a reply; a client that went away is not an error worth more than a debug line.
 pub fn respond(request: Request, reply: Reply) {
     let status = reply.status;
+    METRICS.request(request.url(), status);
     if let Err(e) = request.respond(reply.into_response()) {
         log::debug!("could not send a {status} response: {e}");
     }
+}
+
+/// Binds the listening socket with `TCP_NODELAY`, which accepted connections inherit.
+///
+/// tiny_http writes a response's head through a 1 KiB buffer and its body after it, so any
+/// answer of more than about 1 KiB (the queue view, metrics, the status page) is two writes;
+/// with Nagle's algorithm the second one waits for the client's delayed ACK, 40 ms on Linux.
+pub fn bind(host: &str, port: u16) -> Result<Server, String> {
+    let listener = std::net::TcpListener::bind((host, port)).map_err(|e| e.to_string())?;
+    if let Err(e) = rustix::net::sockopt::set_tcp_nodelay(&listener, true) {
+        log::warn!("cannot set TCP_NODELAY on the listener: {e}");
+    }
+    Server::from_listener(listener, None).map_err(|e| e.to_string())
 }
 
 /// Capacity of the channel between the listener and the workers.
@@ -339,6 +364,7 @@ fn quarantine(request: Request, ceiling: u64) {
             .map_or_else(|| "?".to_owned(), |a| a.to_string()),
         request.body_length().unwrap_or(0),
     );
+    METRICS.request(request.url(), 413);
     let reply = Reply::detail(
         413,
         format!("Request body too large: the limit is {ceiling} bytes"),

@@ -15,7 +15,6 @@ use std::thread;
 use crossbeam_channel::unbounded;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tiny_http::Server;
 
 use crate::auth::Access;
 use crate::clock::{Clock, MonotonicClock};
@@ -118,9 +117,9 @@ fn serve(config: Config) -> i32 {
         }
     }
     let clock = Arc::new(MonotonicClock::new());
-    let state = restore(&config, &netlab, clock.now());
+    let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
-    let server = match Server::http((config.host.as_str(), config.port)) {
+    let server = match http::bind(&config.host, config.port) {
         Ok(server) => Arc::new(server),
         Err(e) => {
             return fail(format!(
@@ -141,6 +140,15 @@ fn serve(config: Config) -> i32 {
     // The restored state is the new truth: write it before anyone can see it.
     let version = shared.lock().changed();
     shared.persist(version);
+    let restored = shared.lock().queue.len();
+    shared.events.emit(
+        "server_started",
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "restored_sessions": restored,
+            "lab": lab_outcome,
+        }),
+    );
     for t in pending {
         log::info!(
             "carrying out the teardown of {} left pending by the last run",
@@ -182,6 +190,7 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the signal thread");
     }
 
+    let netlab = netlab.with_live_log(Arc::clone(&shared.lab_log));
     let lab_thread = {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
@@ -226,6 +235,7 @@ fn serve(config: Config) -> i32 {
     if shared.begin_shutdown() {
         notify::notify("STOPPING=1");
     }
+    shared.events.emit("server_stopping", serde_json::json!({}));
     for worker in workers {
         let _ = worker.join();
     }
@@ -235,6 +245,7 @@ fn serve(config: Config) -> i32 {
     let _ = timer.join();
     shared.send_lab_job(LabJob::Shutdown);
     let _ = lab_thread.join();
+    shared.events.close();
     match listened {
         Ok(()) => {
             log::info!("stopped");
@@ -315,7 +326,9 @@ fn reload_tokens(shared: &Shared) {
 /// * pending teardowns stay pending (the lab thread carries them out first);
 /// * without a lab to adopt, netlab's `default` instance is torn down;
 /// * work directories nobody refers to are removed.
-fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State {
+///
+/// Also returns what became of the lab: `readopted`, `dropped` or `none`.
+fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State, &'static str) {
     let mut state = State::new(config.max_sessions);
     let saved = match persist::load(&config.state_dir) {
         Ok(saved) => saved.unwrap_or_default(),
@@ -324,8 +337,14 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
             Saved::default()
         }
     };
-    for session in &saved.sessions {
-        state.queue.restore(session.id, now);
+    for (i, session) in saved.sessions.iter().enumerate() {
+        let (info, active_since) = saved.infos.get(i).cloned().unwrap_or_default();
+        // The head was ACTIVE before the restart; if the file does not say since when, it
+        // is since now.
+        let active_since = active_since.or_else(|| (i == 0).then(crate::events::now_ms));
+        state
+            .queue
+            .restore_with(session.id, now, Arc::new(info), active_since);
         state.queue.set_owner(&session.id, session.owner.clone());
     }
     if let Some(active) = state.queue.active() {
@@ -345,7 +364,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
         discard_dir(netlab, t, &mut state, &mut keep);
     }
+    let mut lab_outcome = "none";
     if let Some(lab) = saved.lab {
+        lab_outcome = "dropped";
         match netlab.check_running(&lab.work_dir) {
             Ok(()) => {
                 log::info!(
@@ -355,6 +376,10 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
                 );
                 keep.push(lab.work_dir.clone());
                 state.lab = Some(lab);
+                state.lab_started_ms = saved
+                    .lab_started_ms
+                    .or_else(|| Some(crate::events::now_ms()));
+                lab_outcome = "readopted";
             }
             Err(why) => {
                 log::warn!(
@@ -378,7 +403,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         );
     }
     remove_leftover_work_dirs(config, &keep);
-    state
+    (state, lab_outcome)
 }
 
 /// `netlab down --cleanup --force` in a work dir that may hold a half-made lab; the directory

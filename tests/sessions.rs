@@ -292,6 +292,11 @@ fn openapi_document_lists_every_route() {
         ("/healthz", vec!["get"]),
         ("/debug/health", vec!["get"]),
         ("/openapi.json", vec!["get"]),
+        ("/queue", vec!["get"]),
+        ("/events", vec!["get"]),
+        ("/lab/log", vec!["get"]),
+        ("/metrics", vec!["get"]),
+        ("/", vec!["get"]),
     ];
     assert_eq!(paths.len(), expected.len());
     for (path, methods) in expected {
