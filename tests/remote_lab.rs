@@ -227,10 +227,43 @@ fn two_runs_queue_and_the_second_starts_after_the_first() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(read(&log), "start1\nend1\nstart2\n");
     assert!(stderr.contains("waiting at position 1"), "{stderr}");
-    if server.get("/queue").status == 200 {
-        assert!(stderr.contains("held by first-job"), "{stderr}");
-    }
+    // The server's queue view names the holder (from its X-Client-Name) and for how long.
+    assert!(stderr.contains("held by first-job for "), "{stderr}");
     assert_eq!(sessions(&server), 0);
+}
+
+#[test]
+fn netlab_output_is_followed_while_the_lab_starts() {
+    let server = start();
+    server.set_control("up.say", "deploying r1\ndeploying r2\n");
+    server.set_control("up.sleep", "1.5");
+    let dir = tempfile::tempdir().unwrap();
+    let topo = dir.path().join("lab.yml");
+    std::fs::write(&topo, "nodes: [r1, r2]\n").unwrap();
+    let (code, stderr) = run(
+        &[
+            "run",
+            "--url",
+            &server.url(),
+            "--topology",
+            topo.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    // netlab's own lines, prefixed, each once, in order, before the command ran.
+    let first = stderr.find("netlab| deploying r1\n").expect(&stderr);
+    let second = stderr.find("netlab| deploying r2\n").expect(&stderr);
+    assert!(first < second, "{stderr}");
+    assert_eq!(
+        stderr.matches("netlab| deploying r1").count(),
+        1,
+        "{stderr}"
+    );
+    // The topology itself never shows.
+    assert!(!stderr.contains("nodes: [r1, r2]"), "{stderr}");
 }
 
 #[test]
@@ -486,6 +519,11 @@ fn a_session_ended_by_someone_else_terminates_the_command_and_exits_75() {
 #[test]
 fn status_shows_each_host() {
     let server = start();
+    let r = server.request("POST", "/session", &[("X-Client-Name", "nightly-42")], b"");
+    assert_eq!(r.status, 201);
+    let holder = r.json()["session_id"].as_str().unwrap().to_owned();
+    let r = server.acquire(&holder, &Form::topology("ospf.yml", "nodes: [r1]\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
     server.create_session();
     let dir = tempfile::tempdir().unwrap();
     let output = client(
@@ -506,6 +544,11 @@ fn status_shows_each_host() {
     let hosts: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(hosts[0]["url"], server.url());
     assert_eq!(hosts[0]["reachable"], true);
+    assert_eq!(hosts[0]["queue"]["total"], 2);
+    assert_eq!(
+        hosts[0]["queue"]["sessions"][0]["client_name"],
+        "nightly-42"
+    );
     assert_eq!(hosts[1]["reachable"], false);
     let output = client(&["status", "--url", &server.url()], dir.path())
         .stdout(Stdio::piped())
@@ -515,7 +558,9 @@ fn status_shows_each_host() {
     let text = String::from_utf8(output.stdout).unwrap();
     let row = text.lines().nth(1).unwrap();
     assert!(row.starts_with(&server.url()), "{text}");
-    assert_eq!(row.split_whitespace().nth(2), Some("1"), "{text}");
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[1..5], ["ok", "2", "1", "nightly-42"], "{text}");
+    assert!(row.ends_with("up (ospf.yml, 1 ref)"), "{text}");
 }
 
 #[test]

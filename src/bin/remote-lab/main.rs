@@ -322,7 +322,7 @@ fn probe(host: &Host) -> Result<Probe, String> {
         && let Some(view) = queue.json()
     {
         let ahead = view
-            .get("sessions_total")
+            .get("total")
             .and_then(Value::as_u64)
             .map_or_else(|| queue_sessions(&view).len(), |n| n as usize);
         return Ok(Probe {
@@ -372,7 +372,7 @@ fn probe_all(hosts: &[Host]) -> Vec<Result<Probe, String>> {
 /// The holder of the lab and since how long, from a `/queue` answer.
 fn holder(queue: &Value) -> Option<String> {
     let head = queue_sessions(queue).first()?;
-    let name = ["client_name", "name"]
+    let name = ["client_name", "owner"]
         .iter()
         .find_map(|k| head.get(*k).and_then(Value::as_str))
         .filter(|n| !n.is_empty())
@@ -383,14 +383,11 @@ fn holder(queue: &Value) -> Option<String> {
             },
             str::to_owned,
         );
-    let held = ["active_for", "held_for"]
-        .iter()
-        .find_map(|k| head.get(*k).and_then(Value::as_f64))
-        .or_else(|| {
-            let now = queue.get("now").and_then(Value::as_f64)?;
-            let since = head.get("active_since").and_then(Value::as_f64)?;
-            Some(now - since)
-        });
+    let held = {
+        let now = queue.get("time").and_then(Value::as_f64);
+        let since = head.get("active_since").and_then(Value::as_f64);
+        now.zip(since).map(|(now, since)| now - since)
+    };
     Some(match held {
         Some(secs) => format!("{name} for {}", duration_text(secs)),
         None => name,
@@ -1233,7 +1230,10 @@ fn status(common: &Common, json: bool) -> i32 {
         for (host, view) in hosts.iter().zip(&views) {
             match view {
                 Ok((Some(queue), _)) => {
-                    let sessions = queue_sessions(queue).len();
+                    let sessions = queue
+                        .get("total")
+                        .and_then(Value::as_u64)
+                        .map_or_else(|| queue_sessions(queue).len(), |n| n as usize);
                     let lab = queue.get("lab").map_or_else(|| "-".to_owned(), lab_text);
                     println!(
                         "{:<32} {:<12} {:>8} {:>7}  {:<40} {}",
