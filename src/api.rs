@@ -192,6 +192,16 @@ impl Caller {
         matches!(self, Caller::Token(id, _) if id.admin)
     }
 
+    /// Records an admin's action on what is not its own, as an event naming the address.
+    fn admin_event(&self, shared: &Shared, action: &str, mut fields: serde_json::Value) {
+        if let (Caller::Token(id, from), Some(map)) = (self, fields.as_object_mut()) {
+            map.insert("action".into(), action.into());
+            map.insert("admin".into(), (*id.name).into());
+            map.insert("addr".into(), from.as_str().into());
+            shared.events.emit("admin_action", fields);
+        }
+    }
+
     /// The name to put in a log line about an action of this caller.
     fn describe(&self) -> String {
         match self {
@@ -247,6 +257,10 @@ fn authorize(
         request.method(),
         path
     );
+    shared.events.emit(
+        "auth_failed",
+        serde_json::json!({ "addr": from, "method": request.method().as_str(), "path": path }),
+    );
     if let Some(addr) = addr
         && access.throttle.fail(addr, now)
     {
@@ -255,6 +269,10 @@ fn authorize(
             crate::auth::MAX_FAILURES,
             crate::auth::WINDOW.as_secs(),
             crate::auth::WINDOW.as_secs()
+        );
+        shared.events.emit(
+            "auth_blocked",
+            serde_json::json!({ "addr": from, "seconds": crate::auth::WINDOW.as_secs() }),
         );
     }
     Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
@@ -390,6 +408,11 @@ fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
             Some(owner) if caller.is_admin() => {
                 let owner = owner.as_deref().unwrap_or("nobody");
                 log::warn!("session {id} of {owner:?} ended{}", caller.describe());
+                caller.admin_event(
+                    shared,
+                    "end_session",
+                    serde_json::json!({ "session": crate::events::prefix(&id), "owner": owner }),
+                );
                 shared.end_session(&id)
             }
             _ => false,
@@ -641,7 +664,10 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller)
     // holding the active session (the operator's rescue).
     let (session, force) = match (gated, force) {
         (Ok(id), Ok(force)) => (id.to_string(), force),
-        (Err(_), Ok(true)) if caller.is_admin() => ("none".to_owned(), true),
+        (Err(_), Ok(true)) if caller.is_admin() => {
+            caller.admin_event(shared, "destroy_lab", serde_json::json!({ "force": true }));
+            ("none".to_owned(), true)
+        }
         (Err(reply), _) => return reply,
         (Ok(_), Err(text)) => return bool_error("query", "force", &text),
     };
