@@ -4,11 +4,18 @@
 //! Usage (`scripts/bench` starts the servers and calls this):
 //!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
 //!           [--only SCENARIO,...] [--mix-duration S]
+//! Scenarios: throughput, observe (GET /metrics and /queue, memory with a full event
+//! history; skipped on servers without GET /queue), queue, handover, mix.
 //! The first target is "ours"; ratios are given against it. PID is read for resident
 //! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
 //! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
 //! tiny_http example, driven like the others for the throughput rows. `--auth NAME VALUE`
 //! sends `Authorization: VALUE` with every request to target NAME (a server with tokens).
+//! `--client PATH` (the `remote-lab` binary) and `--python-client PYTHON` (a Python with the
+//! neops-remote-lab 1.4.0 client) add, for the first target, the hand-over as a waiting
+//! client sees it: from the holder's `DELETE /session` to the waiter's command starting on
+//! the reused lab (scenario `client`), and the memory of 1 000 parked long-polls
+//! (scenario `longpoll`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -290,6 +297,8 @@ fn main() {
     let mut only: Option<Vec<String>> = None;
     let mut mix_duration: Option<Duration> = None;
     let mut auth: Vec<(String, String)> = Vec::new();
+    let mut client: Option<PathBuf> = None;
+    let mut python_client: Option<PathBuf> = None;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     let addr_of = |url: &str| -> SocketAddr {
@@ -332,6 +341,14 @@ fn main() {
             "--auth" => {
                 auth.push((args[i + 1].clone(), args[i + 2].clone()));
                 i += 3;
+            }
+            "--client" => {
+                client = Some(PathBuf::from(&args[i + 1]));
+                i += 2;
+            }
+            "--python-client" => {
+                python_client = Some(PathBuf::from(&args[i + 1]));
+                i += 2;
             }
             other => panic!("unknown argument {other}"),
         }
@@ -419,6 +436,62 @@ fn main() {
                 }
             }
             end_sessions(&mut conn, &[id]);
+        }
+
+        // The read-only views of issue 14, on servers that have them: GET /metrics and
+        // GET /queue at 10, 1000 and 10 000 sessions (one client, as a scraper or a status
+        // page is), and resident memory with 10 000 sessions and a full event history.
+        let has_views = conn.call("GET", "/queue?limit=0", &[], b"").0 == 200;
+        if wants("observe") && has_views {
+            let mut ids: Vec<String> = Vec::new();
+            for depth in [10usize, 1000, 10_000] {
+                while ids.len() < depth {
+                    ids.push(create_session(&mut conn));
+                }
+                for path in ["/metrics", "/queue"] {
+                    eprintln!("   GET {path} with {depth} sessions");
+                    let s = hammer(
+                        target.addr,
+                        1,
+                        duration / 2,
+                        "GET",
+                        path.to_owned(),
+                        vec![],
+                        200,
+                    );
+                    for (what, v) in [("p50", s.p50_us), ("p99", s.p99_us)] {
+                        table.put(
+                            &format!("GET {path}, {depth} sessions: {what}"),
+                            "ms",
+                            true,
+                            t,
+                            v / 1000.0,
+                        );
+                    }
+                    table.put(
+                        &format!("GET {path}, {depth} sessions: errors"),
+                        "",
+                        true,
+                        t,
+                        s.errors as f64,
+                    );
+                }
+            }
+            // One event per session created so far, plus the server's own: the in-memory
+            // history (10 000 events) is full.
+            let (_, body) = conn.call("GET", "/events?limit=1", &[], b"");
+            let events = json(&body)["last_id"].as_u64().unwrap_or(0);
+            eprintln!("   {events} events recorded");
+            if let Some(kib) = rss_kib(target.pid) {
+                table.put(
+                    "resident memory, 10 000 sessions, full event history",
+                    "MiB",
+                    true,
+                    t,
+                    kib as f64 / 1024.0,
+                );
+            }
+            end_sessions(&mut conn, &ids);
         }
 
         if wants("queue") {
@@ -640,6 +713,20 @@ fn main() {
         }
     }
 
+    if wants("longpoll") {
+        parked_memory(&targets[0], &mut table);
+    }
+    if wants("client") {
+        if let Some(client) = &client {
+            let times = client_handover(&targets[0], Waiter::RemoteLab(client), 20);
+            put_handover(&mut table, "remote-lab run", &times);
+        }
+        if let Some(python) = &python_client {
+            let times = client_handover(&targets[0], Waiter::Python(python), 8);
+            put_handover(&mut table, "Python client", &times);
+        }
+    }
+
     if let Some(addr) = ceiling.filter(|_| wants("throughput")) {
         eprintln!("== bare tiny_http ceiling ({addr})");
         for clients in [1, 32, 128] {
@@ -754,4 +841,240 @@ fn main() {
         }
         println!("{line}");
     }
+}
+
+/// Resident memory of the server with 1 000 long-polls parked (`GET ?wait=60`).
+fn parked_memory(target: &Target, table: &mut Table) {
+    eprintln!("== 1000 parked long-polls ({})", target.addr);
+    // 1 000 connections of ours: the soft descriptor limit up to the hard one.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+    let mut conn = Conn::open(target.addr);
+    let holder = create_session(&mut conn);
+    let waiter = create_session(&mut conn);
+    let before = rss_kib(target.pid);
+    let streams: Vec<TcpStream> = (0..1000)
+        .map(|_| {
+            let mut s = TcpStream::connect(target.addr).expect("connect");
+            let head = format!(
+                "GET /session/{waiter}?wait=60 HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).expect("send");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    loop {
+        let (_, body) = conn.call("GET", "/debug/health", &[], b"");
+        let parked = json(&body)["long_polls"].as_u64();
+        if parked == Some(1000) || started.elapsed() > Duration::from_secs(30) {
+            if parked != Some(1000) {
+                eprintln!("   only {parked:?} parked after 30 s (a server without long-poll?)");
+                return;
+            }
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let with = rss_kib(target.pid);
+    let t = Instant::now();
+    let (status, _) = conn.call(
+        "POST",
+        "/session/heartbeat",
+        &[("X-Session-ID", &waiter)],
+        b"",
+    );
+    let heartbeat = t.elapsed();
+    assert_eq!(status, 204);
+    table.put(
+        "heartbeat with 1000 parked long-polls",
+        "ms",
+        true,
+        0,
+        heartbeat.as_secs_f64() * 1000.0,
+    );
+    if let (Some(before), Some(with)) = (before, with) {
+        table.put(
+            "resident memory, 1000 long-polls parked",
+            "MiB",
+            true,
+            0,
+            with as f64 / 1024.0,
+        );
+        table.put(
+            "memory per parked long-poll",
+            "KiB",
+            true,
+            0,
+            (with as f64 - before as f64) / 1000.0,
+        );
+    }
+    // Ending the holder promotes the waiter: every parked request is answered at once.
+    let t = Instant::now();
+    end_sessions(&mut conn, &[holder]);
+    for mut s in streams {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    table.put(
+        "1000 parked answered at a promotion",
+        "ms",
+        true,
+        0,
+        t.elapsed().as_secs_f64() * 1000.0,
+    );
+    end_sessions(&mut conn, &[waiter]);
+}
+
+enum Waiter<'a> {
+    RemoteLab(&'a PathBuf),
+    Python(&'a PathBuf),
+}
+
+const PYTHON_WAITER: &str = r#"
+import pathlib, sys, time
+from neops_remote_lab.client import RemoteLabClient
+client = RemoteLabClient(sys.argv[1])
+client.acquire(pathlib.Path(sys.argv[2]), reuse=True)
+pathlib.Path(sys.argv[3]).write_text(str(time.time_ns()))
+client.release()
+client.close()
+"#;
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The hand-over as the waiting client sees it, `rounds` times: a holder with the lab up
+/// (released, so the waiter reuses it) ends its session; the time until the waiter's command
+/// starts on the reused lab, in ms.
+fn client_handover(target: &Target, waiter: Waiter<'_>, rounds: usize) -> Vec<f64> {
+    let dir = std::env::temp_dir().join(format!("loadgen-client-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let topology = dir.join("handover.yml");
+    std::fs::write(&topology, "name: clienthand\nnodes: [r1]\n").expect("topology");
+    let marker = dir.join("started");
+    let url = format!("http://{}", target.addr);
+    let mut conn = Conn::open(target.addr);
+    let mut times = Vec::new();
+    let name = match waiter {
+        Waiter::RemoteLab(_) => "remote-lab run",
+        Waiter::Python(_) => "Python client",
+    };
+    eprintln!("== hand-over seen by {name} ({})", target.addr);
+    for round in 0..rounds {
+        let holder = create_session(&mut conn);
+        let (ct, body) = multipart("name: clienthand\nnodes: [r1]\n", true);
+        let (status, text) = conn.call(
+            "POST",
+            "/lab",
+            &[("X-Session-ID", &holder), ("Content-Type", &ct)],
+            &body,
+        );
+        if status != 200 {
+            eprintln!(
+                "   skipped: POST /lab answered {status}: {}",
+                String::from_utf8_lossy(&text)
+            );
+            end_sessions(&mut conn, &[holder]);
+            break;
+        }
+        conn.call("POST", "/lab/release", &[("X-Session-ID", &holder)], b"");
+        let _ = std::fs::remove_file(&marker);
+        let mut command = match waiter {
+            Waiter::RemoteLab(bin) => {
+                let mut c = std::process::Command::new(bin);
+                c.args(["run", "--url", &url, "--topology"])
+                    .arg(&topology)
+                    .args(["--", "sh", "-c", "date +%s%N > \"$0\""])
+                    .arg(&marker);
+                c
+            }
+            Waiter::Python(python) => {
+                let mut c = std::process::Command::new(python);
+                c.args(["-c", PYTHON_WAITER, &url])
+                    .arg(&topology)
+                    .arg(&marker);
+                c
+            }
+        };
+        command
+            .env_remove("REMOTE_LAB_TOKEN")
+            .env("NETRC", dir.join("no-netrc"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = command.spawn().expect("start the waiting client");
+        // Queued behind the holder (and, for remote-lab, parked in its long-poll).
+        let queued = Instant::now();
+        loop {
+            let (_, body) = conn.call("GET", "/debug/health", &[], b"");
+            let v = json(&body);
+            let ready = match waiter {
+                Waiter::RemoteLab(_) => v["long_polls"].as_u64() == Some(1),
+                Waiter::Python(_) => v["sessions"].as_u64() == Some(2),
+            };
+            if ready || queued.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        // The Python client polls every 5 s: end the holder at a different point of its
+        // cycle each round, as a real hand-over would.
+        if matches!(waiter, Waiter::Python(_)) {
+            thread::sleep(Duration::from_millis(500 + (round as u64 * 613) % 5000));
+        }
+        let t0 = now_ns();
+        end_sessions(&mut conn, &[holder]);
+        let started = Instant::now();
+        let t1 = loop {
+            if let Some(t1) = std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|t| t.trim().parse::<u128>().ok())
+            {
+                break Some(t1);
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                break None;
+            }
+            thread::sleep(Duration::from_micros(500));
+        };
+        let _ = child.wait();
+        match t1 {
+            Some(t1) => times.push(t1.saturating_sub(t0) as f64 / 1e6),
+            None => eprintln!("   round {round}: the waiter's command never started"),
+        }
+    }
+    // Leave no lab behind.
+    let id = create_session(&mut conn);
+    conn.call("DELETE", "/lab", &[("X-Session-ID", &id)], b"");
+    end_sessions(&mut conn, &[id]);
+    let _ = std::fs::remove_dir_all(&dir);
+    times
+}
+
+fn put_handover(table: &mut Table, who: &str, times: &[f64]) {
+    if times.is_empty() {
+        return;
+    }
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    table.put(
+        &format!("hand-over seen by {who}: p50"),
+        "ms",
+        true,
+        0,
+        at(0.5),
+    );
+    table.put(
+        &format!("hand-over seen by {who}: max"),
+        "ms",
+        true,
+        0,
+        at(1.0),
+    );
 }

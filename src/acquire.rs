@@ -15,15 +15,18 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use crossbeam_channel::{RecvTimeoutError, bounded};
 use tiny_http::Request;
 use uuid::Uuid;
 
 use crate::api::{Caller, Outcome, gate, header_value, session_not_found};
+use crate::events::{self, who};
 use crate::http::{Reply, answer};
 use crate::lab::{self, Acquire};
 use crate::lab_thread::{LabJob, StartJob};
+use crate::metrics::{METRICS, OUTCOME_BUSY, OUTCOME_REUSED};
 use crate::persist::Starting;
 use crate::queue::{SessionId, Status};
 use crate::state::Shared;
@@ -49,6 +52,7 @@ pub struct Pending {
     ticket: Ticket,
     boundary: String,
     work_dir: PathBuf,
+    began: Instant,
 }
 
 /// Ends a `POST /lab` in progress: the next one may come, and the session may be reaped again
@@ -120,6 +124,7 @@ pub fn begin(shared: &Shared, request: &Request, caller: &Caller) -> Outcome {
     let ticket = {
         let mut state = shared.lock();
         if state.acquiring.is_some() {
+            METRICS.acquisition(OUTCOME_BUSY, None);
             return Reply::detail(423, "Lab currently busy").into();
         }
         let ticket = Ticket {
@@ -134,6 +139,7 @@ pub fn begin(shared: &Shared, request: &Request, caller: &Caller) -> Outcome {
         ticket,
         boundary,
         work_dir: shared.labs_dir.join(work_dir_name(Uuid::new_v4())),
+        began: Instant::now(),
     })
 }
 
@@ -206,7 +212,7 @@ fn run_upload(shared: &Arc<Shared>, mut request: Request, pending: Pending) {
     match outcome {
         Ok(Outcome::Reply(reply)) => answer(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
-        Ok(Outcome::Upload(_)) => answer(request, Reply::internal_error()),
+        Ok(Outcome::Upload(_) | Outcome::Park(..)) => answer(request, Reply::internal_error()),
         Err(_) => {
             log::error!("the upload of POST /lab panicked; answered 500");
             upload::remove_dir(&pending.work_dir);
@@ -237,6 +243,7 @@ fn receive_and_decide(
         ticket,
         boundary,
         work_dir,
+        began,
     } = pending;
     let guard = Guard {
         shared,
@@ -295,18 +302,35 @@ fn receive_and_decide(
                 lab.topology.display(),
                 lab.ref_count
             );
+            let refs = lab.ref_count;
+            let info = state
+                .queue
+                .info(&session)
+                .map(|(i, _)| i)
+                .unwrap_or_default();
+            shared.events.emit(
+                "lab_reused",
+                events::with(
+                    who(&session, &info),
+                    serde_json::json!({ "ref_count": refs }),
+                ),
+            );
             let version = state.changed();
             drop(state);
             let persisted = shared.persist(version);
             upload::remove_dir(work_dir);
             drop(guard);
             match persisted {
-                Ok(()) => Reply::raw_json(200, body).into(),
+                Ok(()) => {
+                    METRICS.acquisition(OUTCOME_REUSED, Some(began.elapsed()));
+                    Reply::raw_json(200, body).into()
+                }
                 Err(e) => crate::api::not_persisted(&e).into(),
             }
         }
         Acquire::Busy => {
             drop(state);
+            METRICS.acquisition(OUTCOME_BUSY, Some(began.elapsed()));
             upload::remove_dir(work_dir);
             Reply::detail(423, "Lab currently busy").into()
         }
@@ -337,6 +361,7 @@ fn receive_and_decide(
                 hash: upload.hash,
                 work_dir: work_dir.clone(),
                 topology: upload.topology,
+                began: *began,
             })
         }
     }

@@ -16,6 +16,8 @@ use crate::config::parse_bool;
 use crate::http::Reply;
 use crate::lab::{self, Destroy};
 use crate::lab_thread::StartJob;
+use crate::longpoll;
+use crate::observe;
 use crate::persist::NotPersisted;
 use crate::queue::{SessionId, Status, parse_session_id};
 use crate::state::Shared;
@@ -28,6 +30,9 @@ pub enum Outcome {
     Lab(StartJob),
     /// Read the `POST /lab` body on an upload thread (see [`crate::acquire`]).
     Upload(Pending),
+    /// Park a long-poll: session, the state it was seen in, and the deadline (see
+    /// [`crate::longpoll`]).
+    Park(SessionId, (Status, usize), Duration),
 }
 
 impl From<Reply> for Outcome {
@@ -50,6 +55,11 @@ enum Route<'a> {
     Lab,
     LabRelease,
     LabDevices,
+    LabLog,
+    QueueView,
+    Events,
+    Metrics,
+    StatusPage,
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -63,6 +73,11 @@ fn route(path: &str) -> Option<Route<'_>> {
         "/lab" => Route::Lab,
         "/lab/release" => Route::LabRelease,
         "/lab/devices" => Route::LabDevices,
+        "/lab/log" => Route::LabLog,
+        "/queue" => Route::QueueView,
+        "/events" => Route::Events,
+        "/metrics" => Route::Metrics,
+        "/" => Route::StatusPage,
         _ => match path.strip_prefix("/session/") {
             Some(id) if !id.contains('/') => Route::Session(id),
             _ => return None,
@@ -81,7 +96,12 @@ fn allow(route: &Route<'_>) -> &'static str {
         | Route::Healthz
         | Route::DebugHealth
         | Route::OpenApi
-        | Route::LabDevices => "GET, HEAD",
+        | Route::LabDevices
+        | Route::LabLog
+        | Route::QueueView
+        | Route::Events
+        | Route::Metrics
+        | Route::StatusPage => "GET, HEAD",
     }
 }
 
@@ -109,10 +129,13 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         return Reply::detail(404, "Not Found").into();
     };
     let reply = match (&route, method) {
-        (Route::Sessions, Some("POST")) => create_session(shared, caller),
+        (Route::Sessions, Some("POST")) => create_session(shared, request, caller),
         (Route::Heartbeat, Some("POST")) => heartbeat(shared, request, caller),
         (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat", caller),
         (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat", caller),
+        (Route::Session(id), Some("GET")) if query_param(query, "wait").is_some() => {
+            return session_poll(shared, &percent_decode(id), query, caller);
+        }
         (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id), caller),
         (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id), caller),
         (Route::ActiveSession, Some("GET")) => active_session(shared, caller),
@@ -127,6 +150,11 @@ pub fn handle(shared: &Shared, request: &Request) -> Outcome {
         (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query, caller),
         (Route::LabRelease, Some("POST")) => release_lab(shared, request, caller),
         (Route::LabDevices, Some("GET")) => lab_devices(shared, request, caller),
+        (Route::LabLog, Some("GET")) => observe::lab_log(shared, query),
+        (Route::QueueView, Some("GET")) => observe::queue(shared, query),
+        (Route::Events, Some("GET")) => observe::events(shared, query),
+        (Route::Metrics, Some("GET")) => observe::metrics(shared),
+        (Route::StatusPage, Some("GET")) => observe::status_page(shared),
         _ => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(&route)),
     };
     Outcome::Reply(reply)
@@ -166,6 +194,16 @@ impl Caller {
 
     fn is_admin(&self) -> bool {
         matches!(self, Caller::Token(id, _) if id.admin)
+    }
+
+    /// Records an admin's action on what is not its own, as an event naming the address.
+    fn admin_event(&self, shared: &Shared, action: &str, mut fields: serde_json::Value) {
+        if let (Caller::Token(id, from), Some(map)) = (self, fields.as_object_mut()) {
+            map.insert("action".into(), action.into());
+            map.insert("admin".into(), (*id.name).into());
+            map.insert("addr".into(), from.as_str().into());
+            shared.events.emit("admin_action", fields);
+        }
     }
 
     /// The name to put in a log line about an action of this caller.
@@ -223,6 +261,10 @@ fn authorize(
         request.method(),
         path
     );
+    shared.events.emit(
+        "auth_failed",
+        serde_json::json!({ "addr": from, "method": request.method().as_str(), "path": path }),
+    );
     if let Some(addr) = addr
         && access.throttle.fail(addr, now)
     {
@@ -232,27 +274,44 @@ fn authorize(
             crate::auth::WINDOW.as_secs(),
             crate::auth::WINDOW.as_secs()
         );
+        shared.events.emit(
+            "auth_blocked",
+            serde_json::json!({ "addr": from, "seconds": crate::auth::WINDOW.as_secs() }),
+        );
     }
     Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
 }
 
 // ------------------------------------------------------------------------------- sessions
 
-fn create_session(shared: &Shared, caller: &Caller) -> Reply {
+fn create_session(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
     #[derive(Serialize)]
     struct Created {
         session_id: String,
         position: usize,
     }
+    let info = match observe::client_info(request) {
+        Ok(mut info) => {
+            info.owner = caller.owner().map(|o| o.to_string());
+            Arc::new(info)
+        }
+        Err(reply) => return reply,
+    };
     let id = Uuid::new_v4();
     let now = shared.clock.now();
     let created = {
         let mut state = shared.lock();
-        let created = state.queue.create(id, now);
-        created.map(|position| {
-            state.queue.set_owner(&id, caller.owner());
-            (position, state.changed())
-        })
+        let created = state
+            .queue
+            .create_with(id, now, Arc::clone(&info))
+            .map(|position| {
+                state.queue.set_owner(&id, caller.owner());
+                (position, state.changed())
+            });
+        if let Ok((position, _)) = &created {
+            observe::note_created(shared, &id, &info, *position);
+        }
+        created
     };
     match created {
         Ok((position, version)) => {
@@ -274,6 +333,7 @@ fn create_session(shared: &Shared, caller: &Caller) -> Reply {
             )
         }
         Err(full) => {
+            observe::note_refused(shared, &info);
             log::warn!(
                 "session refused: {full} ({} sessions)",
                 shared.config.max_sessions
@@ -323,6 +383,34 @@ fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
     }
 }
 
+/// `GET /session/{id}?wait=S`: a WAITING session's request is parked until its status or
+/// position changes, or S seconds pass.
+fn session_poll(shared: &Shared, id: &str, query: &str, caller: &Caller) -> Outcome {
+    let wait = match query_param(query, "wait").map(|text| longpoll::parse_wait(&text)) {
+        Some(Ok(wait)) => wait,
+        Some(Err(reply)) => return reply.into(),
+        None => return session_status(shared, id, caller).into(),
+    };
+    let Some(id) = parse_session_id(id) else {
+        return session_not_found().into();
+    };
+    let now = shared.clock.now();
+    let found = {
+        let mut state = shared.lock();
+        if state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
+            state.queue.touch(&id, now);
+            state.queue.lookup(&id)
+        } else {
+            None
+        }
+    };
+    match found {
+        Some(seen @ (Status::Waiting, _)) => Outcome::Park(id, seen, now + wait),
+        Some(current) => longpoll::status_reply(current).into(),
+        None => session_not_found().into(),
+    }
+}
+
 fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
     let ended = match parse_session_id(id) {
         None => false,
@@ -333,6 +421,11 @@ fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
                 Some(owner) if caller.is_admin() => {
                     let owner = owner.as_deref().unwrap_or("nobody");
                     log::warn!("session {id} of {owner:?} ended{}", caller.describe());
+                    caller.admin_event(
+                        shared,
+                        "end_session",
+                        serde_json::json!({ "session": crate::events::prefix(&id), "owner": owner }),
+                    );
                     shared.end_session(&id)
                 }
                 _ => Ok(false),
@@ -418,6 +511,11 @@ fn debug_health(shared: &Shared) -> Reply {
         uptime: f64,
         sessions: usize,
         queue_length: usize,
+        /// Seconds; so that a client can choose its heartbeat interval.
+        active_timeout: f64,
+        waiting_timeout: f64,
+        /// Long-polls parked right now.
+        long_polls: usize,
         teardowns: Vec<PendingTeardown>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
@@ -432,7 +530,7 @@ fn debug_health(shared: &Shared) -> Reply {
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
     let clock = shared.clock.now();
-    let (sessions, teardowns) = {
+    let (sessions, teardowns, long_polls) = {
         let state = shared.lock();
         let teardowns = state
             .teardowns
@@ -444,7 +542,7 @@ fn debug_health(shared: &Shared) -> Reply {
                 retry_in: t.retry_at.map(|at| at.saturating_sub(clock).as_secs_f64()),
             })
             .collect();
-        (state.queue.len(), teardowns)
+        (state.queue.len(), teardowns, state.parked.len())
     };
     let degraded = shared.degraded();
     Reply::json(
@@ -456,6 +554,9 @@ fn debug_health(shared: &Shared) -> Reply {
             uptime,
             sessions,
             queue_length: sessions,
+            active_timeout: shared.config.active_timeout.as_secs_f64(),
+            waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
+            long_polls,
             teardowns,
         },
     )
@@ -555,6 +656,8 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
                     "session {session} released the lab (ref_count {})",
                     lab.ref_count
                 );
+                let refs = lab.ref_count;
+                observe::note_released(shared, &state, &session, refs);
                 state.changed()
             }
             None => return no_lab(),
@@ -567,7 +670,7 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
 }
 
 /// The value of a query parameter, percent-decoded (`+` is a space).
-fn query_param(query: &str, name: &str) -> Option<String> {
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(&key.replace('+', " ")) == name)
@@ -585,7 +688,10 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller)
     // holding the active session (the operator's rescue).
     let (session, force) = match (gated, force) {
         (Ok(id), Ok(force)) => (id.to_string(), force),
-        (Err(_), Ok(true)) if caller.is_admin() => ("none".to_owned(), true),
+        (Err(_), Ok(true)) if caller.is_admin() => {
+            caller.admin_event(shared, "destroy_lab", serde_json::json!({ "force": true }));
+            ("none".to_owned(), true)
+        }
         (Err(reply), _) => return reply,
         (Ok(_), Err(text)) => return bool_error("query", "force", &text),
     };

@@ -18,6 +18,7 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::acquire;
 use crate::api::{self, Outcome};
 use crate::lab_thread::LabJob;
+use crate::metrics::METRICS;
 use crate::state::Shared;
 
 /// A response the server produces, before it becomes a tiny_http response.
@@ -102,8 +103,18 @@ impl Reply {
         self
     }
 
+    /// A body of another type than JSON.
+    pub fn typed(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        Reply::raw_json(status, body).with_header("Content-Type", content_type)
+    }
+
     pub fn into_response(self) -> Response<Cursor<Vec<u8>>> {
+        let typed = self
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
         let mut response = match self.body {
+            Some(body) if typed => Response::from_data(body),
             Some(body) => {
                 Response::from_data(body).with_header(header("Content-Type", "application/json"))
             }
@@ -131,6 +142,7 @@ fn header(name: &str, value: &str) -> Header {
 /// Sends a reply; a client that went away is not an error worth more than a debug line.
 pub fn respond(request: Request, reply: Reply) {
     let status = reply.status;
+    METRICS.request(request.url(), status);
     if let Err(e) = request.respond(reply.into_response()) {
         log::debug!("could not send a {status} response: {e}");
     }
@@ -309,6 +321,7 @@ pub fn serve_one(shared: &Arc<Shared>, request: Request) {
         Ok(Outcome::Reply(reply)) => answer(request, reply),
         Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
         Ok(Outcome::Upload(pending)) => acquire::spawn_upload(shared, request, pending),
+        Ok(Outcome::Park(id, seen, deadline)) => shared.park(request, id, seen, deadline),
         Err(_) => {
             log::error!(
                 "handler for {} {} panicked; answered 500",
@@ -435,6 +448,7 @@ fn abandon(request: Request, reply: Reply, why: &str) {
 /// connection abandoned (see [`abandon`]). Only requests declaring more than the larger of
 /// `--max-upload-bytes` and 256 MiB go this way; no client of this API sends those.
 fn quarantine(request: Request, ceiling: u64) {
+    METRICS.request(request.url(), 413);
     let reply = Reply::detail(
         413,
         format!("Request body too large: the limit is {ceiling} bytes"),

@@ -11,14 +11,20 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use tiny_http::Request;
 
+use serde_json::json;
+
 use crate::acquire::{self, Ticket};
 use crate::config::OnExit;
+use crate::events::{self, now_ms, who};
 use crate::http::{Reply, answer};
 use crate::lab::{self, Hash, LabRecord, Teardown};
+use crate::lablog::Job;
+use crate::metrics::{METRICS, start_outcome};
 use crate::netlab::{Netlab, NetlabError};
 use crate::persist::NotPersisted;
 use crate::queue::Status;
 use crate::state::Shared;
+use crate::state::file_name;
 use crate::upload::remove_dir;
 
 /// A validated, stored upload waiting for `netlab up`.
@@ -29,6 +35,8 @@ pub struct StartJob {
     pub work_dir: PathBuf,
     /// The topology file inside `work_dir`.
     pub topology: PathBuf,
+    /// When the `POST /lab` passed the gate.
+    pub began: Instant,
 }
 
 pub enum LabJob {
@@ -54,10 +62,14 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
         let description = format!("{job:?}");
         let result = catch_unwind(AssertUnwindSafe(|| match job {
             LabJob::Start(job, request) => {
+                let began = job.began;
+                shared.lab_log.begin(Job::Up);
                 let reply = start(shared, netlab, job);
+                shared.lab_log.end();
+                METRICS.acquisition(start_outcome(reply.status), Some(began.elapsed()));
                 answer(request, reply);
             }
-            LabJob::Teardown(t) => match teardown(netlab, &t) {
+            LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t) {
                 Ok(()) => shared.teardown_done(t.work_dir()),
                 Err(e) => shared.teardown_failed(&t, e),
             },
@@ -89,7 +101,7 @@ fn shut_down(shared: &Shared, netlab: &Netlab) {
     if let Some(lab) = running {
         log::info!("shutting down: tearing down the running lab");
         let t = Teardown::new(lab, false);
-        let result = teardown(netlab, &t);
+        let result = observed_teardown(shared, netlab, &t);
         let version = {
             let mut state = shared.lock();
             state.lab = None;
@@ -118,6 +130,28 @@ pub fn teardown(netlab: &Netlab, t: &Teardown) -> Result<(), String> {
     Ok(())
 }
 
+/// [`teardown`], with its output in the live log and its start and end as events.
+fn observed_teardown(shared: &Shared, netlab: &Netlab, t: &Teardown) -> Result<(), String> {
+    let started = Instant::now();
+    let topology = file_name(&t.lab.topology);
+    shared.lab_log.begin(Job::Down);
+    shared
+        .events
+        .emit("teardown_begun", json!({ "topology": topology }));
+    let result = teardown(netlab, t);
+    shared.lab_log.end();
+    shared.events.emit(
+        "teardown_done",
+        json!({
+            "topology": topology,
+            "duration_s": started.elapsed().as_secs_f64(),
+            "success": result.is_ok(),
+            "error": result.as_ref().err(),
+        }),
+    );
+    result
+}
+
 /// Cleans up after a start that did not produce a lab we keep. If netlab cannot, the
 /// remains become a failed teardown, retried like any other.
 fn discard(shared: &Shared, netlab: &Netlab, job: &StartJob) {
@@ -140,6 +174,16 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         job.topology.display(),
         &lab::hex(&job.hash)[..12],
         job.ticket.session
+    );
+    let info = shared.client_info(&job.ticket.session);
+    let topology = file_name(&job.topology);
+    let hash = lab::hex(&job.hash)[..12].to_owned();
+    shared.events.emit(
+        "lab_start_begun",
+        events::with(
+            who(&job.ticket.session, &info),
+            json!({ "topology": topology, "hash": hash }),
+        ),
     );
     // Whatever netlab still registers as `default` (a lab we lost track of) would make
     // `up` fail: clear it first, if it is ours; another's is left alone and refused.
@@ -169,6 +213,19 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(&job, &e);
+            shared.events.emit(
+                "lab_start_failed",
+                events::with(
+                    who(&job.ticket.session, &info),
+                    json!({
+                        "topology": topology,
+                        "hash": hash,
+                        "status": e.status(),
+                        "duration_s": started.elapsed().as_secs_f64(),
+                        "error": e.to_string(),
+                    }),
+                ),
+            );
             discard(shared, netlab, &job);
             let _ = finish_start(shared, &job.ticket, None);
             return Reply::detail(e.status(), e.to_string());
@@ -201,6 +258,19 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         }
     };
     if !stored {
+        shared.events.emit(
+            "lab_start_failed",
+            events::with(
+                who(&job.ticket.session, &info),
+                json!({
+                    "topology": topology,
+                    "hash": hash,
+                    "status": if active { 503 } else { 404 },
+                    "duration_s": started.elapsed().as_secs_f64(),
+                    "error": if active { "the server is shutting down" } else { "the session ended while its lab was starting" },
+                }),
+            ),
+        );
         discard(shared, netlab, &job);
         return if active {
             log::warn!("the server is shutting down: tearing the new lab down again");
@@ -219,6 +289,18 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         devices.len(),
         crate::state::plural(devices.len(), "device", "devices"),
         started.elapsed().as_secs_f64()
+    );
+    shared.events.emit(
+        "lab_started",
+        events::with(
+            who(&job.ticket.session, &info),
+            json!({
+                "topology": topology,
+                "hash": hash,
+                "duration_s": started.elapsed().as_secs_f64(),
+                "devices": devices.len(),
+            }),
+        ),
     );
     Reply::raw_json(
         200,
@@ -273,6 +355,7 @@ fn finish_start(
         let stored = lab.is_some() && active && !shared.is_shutting_down();
         if stored {
             state.lab = lab;
+            state.lab_started_ms = Some(now_ms());
         }
         state.starting = None;
         (active, stored, state.changed())

@@ -17,8 +17,14 @@
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
 //! * [`procgroup`]: signals that reach only the process groups they are meant for.
+//! * [`longpoll`]: `GET /session/{id}?wait=S`, parked without a worker.
 //! * [`timer`]: the stale-session sweep and the systemd watchdog.
 //! * [`persist`]: the state file that lets a restart lose nothing.
+//! * [`observe`]: the read-only views (`/queue`, `/events`, `/lab/log`, `/metrics`, `/`).
+//! * [`events`]: the event history (`GET /events`, `events.jsonl`).
+//! * [`lablog`]: netlab's live output (`GET /lab/log`).
+//! * [`metrics`]: counters and histograms for `GET /metrics`.
+//! * [`status_page`]: the HTML status page at `GET /`.
 //! * [`statedir`]: the state directory is ours alone; links are never followed.
 #![forbid(unsafe_code)]
 
@@ -27,14 +33,19 @@ pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod lab;
 pub mod lab_thread;
+pub mod lablog;
 pub mod listener;
 pub mod lockfile;
 pub mod logging;
+pub mod longpoll;
+pub mod metrics;
 pub mod netlab;
 pub mod notify;
+pub mod observe;
 pub mod openapi;
 pub mod persist;
 pub mod procgroup;
@@ -42,5 +53,6 @@ pub mod queue;
 pub mod server;
 pub mod state;
 pub mod statedir;
+pub mod status_page;
 pub mod timer;
 pub mod upload;

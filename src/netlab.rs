@@ -9,14 +9,16 @@ use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 
 use crate::lab::Device;
+use crate::lablog::LabLog;
+use crate::metrics::METRICS;
 use crate::procgroup::GroupChild;
 use rustix::process::Signal;
 
@@ -279,6 +281,9 @@ pub struct Netlab {
     pub stream_output: bool,
     /// Most `inspect --node` calls running at once.
     pub parallelism: usize,
+    /// Where the output of the lab thread's commands goes, line by line, for `GET /lab/log`
+    /// (not that of `inspect`, which is node data, nor of `version`).
+    pub live: Option<Arc<LabLog>>,
 }
 
 impl Netlab {
@@ -288,7 +293,14 @@ impl Netlab {
             up_timeout,
             stream_output,
             parallelism: thread::available_parallelism().map_or(2, |n| n.get()),
+            live: None,
         }
+    }
+
+    /// Feeds the output of the commands to `log` as it comes.
+    pub fn with_live_log(mut self, log: Arc<LabLog>) -> Self {
+        self.live = Some(log);
+        self
     }
 
     /// Runs `netlab <args>` in `cwd`. `stdin` is fed to it (else /dev/null); `cancel`, when it
@@ -329,6 +341,13 @@ impl Netlab {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let live = self
+            .live
+            .clone()
+            .filter(|_| !matches!(label.as_str(), "inspect" | "version"));
+        if let Some(live) = &live {
+            live.append(format!("$ netlab {}\n", args.join(" ")).as_bytes());
+        }
         let mut child = GroupChild::spawn(&mut command)?;
         spawned(child.id());
         let (child_stdin, child_stdout, child_stderr) = child.take_pipes();
@@ -336,8 +355,18 @@ impl Netlab {
             // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
             let _ = pipe.write_all(input);
         }
-        let stdout = capture(child_stdout, self.stream_output, Keep::Head(STDOUT_LIMIT));
-        let stderr = capture(child_stderr, self.stream_output, Keep::Tail(STDERR_TAIL));
+        let stdout = capture(
+            child_stdout,
+            self.stream_output,
+            Keep::Head(STDOUT_LIMIT),
+            live.clone(),
+        );
+        let stderr = capture(
+            child_stderr,
+            self.stream_output,
+            Keep::Tail(STDERR_TAIL),
+            live,
+        );
 
         let started = Instant::now();
         let group = child.handle();
@@ -378,6 +407,12 @@ impl Netlab {
             "netlab {label} finished in {:.2} s: {status:?}",
             started.elapsed().as_secs_f64()
         );
+        let result = if timed_out {
+            2
+        } else {
+            usize::from(!status.is_some_and(|s| s.success()))
+        };
+        METRICS.netlab_command(&label, result, started.elapsed());
         Ok(Output {
             status,
             stdout,
@@ -679,7 +714,12 @@ impl Capture {
     }
 }
 
-fn capture<R: Read + Send + 'static>(pipe: Option<R>, stream: bool, keep: Keep) -> Capture {
+fn capture<R: Read + Send + 'static>(
+    pipe: Option<R>,
+    stream: bool,
+    keep: Keep,
+    live: Option<Arc<LabLog>>,
+) -> Capture {
     let Some(pipe) = pipe else {
         return Capture { done: None };
     };
@@ -699,6 +739,9 @@ fn capture<R: Read + Send + 'static>(pipe: Option<R>, stream: bool, keep: Keep) 
                 }
                 if stream {
                     log::debug!("netlab| {}", String::from_utf8_lossy(&line).trim_end());
+                }
+                if let Some(live) = &live {
+                    live.append(&line);
                 }
                 match keep {
                     Keep::Head(limit) => {

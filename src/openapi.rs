@@ -38,7 +38,127 @@ fn gated(mut responses: Value) -> Value {
     responses
 }
 
+/// The read-only views of issue 14 (kept apart: one `json!` this size hits the macro
+/// recursion limit).
+fn observe_paths() -> Value {
+    json!({
+            "/queue": {
+                "get": {
+                    "summary": "The lab and the queue, for people and dashboards (no session needed; ids are 8-character prefixes)",
+                    "parameters": [{"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 1000}}],
+                    "responses": {"200": body("The queue view", "QueueView"), "422": validation()}
+                }
+            },
+            "/events": {
+                "get": {
+                    "summary": "The event history, newest first",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}},
+                        {"name": "since", "in": "query", "required": false, "description": "Only events with a greater id", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}}
+                    ],
+                    "responses": {"200": body("Events", "Events"), "422": validation()}
+                }
+            },
+            "/lab/log": {
+                "get": {
+                    "summary": "netlab's live output (the job running now, or the last one)",
+                    "parameters": [
+                        {"name": "offset", "in": "query", "required": false, "description": "Byte offset to continue from (the X-Log-Offset of the previous answer)", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}},
+                        {"name": "command", "in": "query", "required": false, "description": "The last start (up) or teardown (down) instead of the latest job", "schema": {"enum": ["up", "down"]}}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The output after offset",
+                            "headers": {
+                                "X-Log-Offset": {"description": "Where to continue", "schema": {"type": "integer"}},
+                                "X-Log-Command": {"description": "up, down, or none", "schema": {"type": "string"}},
+                                "X-Log-Done": {"description": "true once the command ended", "schema": {"type": "boolean"}}
+                            },
+                            "content": {"text/plain": {"schema": {"type": "string"}}}
+                        },
+                        "422": validation()
+                    }
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text format 0.0.4)",
+                    "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The status page (HTML)",
+                    "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}}
+                }
+            }
+    })
+}
+
+fn observe_schemas() -> Value {
+    json!({
+            "QueueView": {"type": "object", "required": ["time", "version", "active_timeout", "waiting_timeout", "lab", "operation", "teardowns_pending", "total", "truncated", "sessions"], "properties": {
+                "time": {"type": "number", "description": "Server time, unix seconds"},
+                "version": {"type": "string"},
+                "active_timeout": {"type": "number", "description": "Seconds of silence after which the ACTIVE session is reaped"},
+                "waiting_timeout": {"type": "number", "description": "Seconds of silence after which a WAITING session is reaped"},
+                "lab": {"type": "object", "properties": {
+                    "running": {"type": "boolean"},
+                    "topology": {"type": ["string", "null"], "description": "File name of the topology"},
+                    "hash": {"type": ["string", "null"], "description": "First 12 hex digits of the topology's SHA-256"},
+                    "devices": {"type": "integer"},
+                    "device_names": {"type": "array", "items": {"type": "string"}},
+                    "started_at": {"type": ["number", "null"]},
+                    "ref_count": {"type": "integer"},
+                    "idle_since": {"type": ["number", "null"], "description": "Since when the lab is unreferenced with no session (idle-lab-timeout counts from here)"}
+                }},
+                "operation": {"type": ["object", "null"], "description": "A start (up), teardown (down) or upload in progress", "properties": {
+                    "command": {"enum": ["up", "down", "upload"]}, "since": {"type": "number"}, "session": {"type": ["string", "null"]}
+                }},
+                "teardowns_pending": {"type": "integer"},
+                "total": {"type": "integer", "description": "Sessions in the queue"},
+                "truncated": {"type": "boolean", "description": "The list was cut at limit"},
+                "sessions": {"type": "array", "items": {"type": "object", "properties": {
+                    "position": {"type": "integer"},
+                    "status": {"enum": ["active", "waiting"]},
+                    "id": {"type": "string", "description": "The first 8 characters of the session id"},
+                    "client_name": {"type": ["string", "null"]},
+                    "owner": {"type": ["string", "null"]},
+                    "address": {"type": ["string", "null"]},
+                    "user_agent": {"type": ["string", "null"]},
+                    "created_at": {"type": "number"},
+                    "active_since": {"type": ["number", "null"]},
+                    "last_seen_ago": {"type": "number", "description": "Seconds since the session was last seen"},
+                    "holds_lab": {"type": "boolean", "description": "Holds references on the running lab"},
+                    "acquiring": {"type": "boolean", "description": "Its POST /lab is in progress"}
+                }}}
+            }},
+            "Events": {"type": "object", "required": ["last_id", "events"], "properties": {
+                "last_id": {"type": "integer"},
+                "events": {"type": "array", "items": {"type": "object", "required": ["id", "time", "kind"], "properties": {
+                    "id": {"type": "integer"}, "time": {"type": "number"},
+                    "kind": {"enum": ["server_started", "server_stopping", "session_created", "session_promoted", "session_ended", "lab_start_begun", "lab_started", "lab_reused", "lab_start_failed", "lab_released", "teardown_begun", "teardown_done", "lab_idle_teardown"]},
+                    "session": {"type": ["string", "null"]}, "client": {"type": ["string", "null"]}
+                }}}
+            }}
+    })
+}
+
 fn build() -> Value {
+    let mut doc = build_core();
+    if let (Some(map), Value::Object(extra)) = (doc["paths"].as_object_mut(), observe_paths()) {
+        map.extend(extra);
+    }
+    if let (Some(map), Value::Object(extra)) = (
+        doc["components"]["schemas"].as_object_mut(),
+        observe_schemas(),
+    ) {
+        map.extend(extra);
+    }
+    doc
+}
+
+fn build_core() -> Value {
     let session_id_param =
         json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}});
     json!({
@@ -52,8 +172,12 @@ fn build() -> Value {
             "/session": {
                 "post": {
                     "summary": "Open a session and join the queue",
+                    "parameters": [{"name": "X-Client-Name", "in": "header", "required": false,
+                        "description": "Who is asking (a CI job URL, a host name, a person): at most 200 printable characters; characters beyond ASCII percent-encoded as UTF-8. Shown in the queue view, the events and the status page.",
+                        "schema": {"type": "string", "maxLength": 200}}],
                     "responses": {
                         "201": body("Session created", "SessionCreated"),
+                        "422": validation(),
                         "503": detail("Session queue is full (see Retry-After)")
                     }
                 }
@@ -72,10 +196,12 @@ fn build() -> Value {
             "/session/{session_id}": {
                 "get": {
                     "summary": "Status and queue position of a session",
-                    "parameters": [session_id_param.clone()],
+                    "description": "With `wait=S` (0 < S <= 60) a WAITING session's request is answered when its status or position changes, or after S seconds with the current state (long-poll).",
+                    "parameters": [session_id_param.clone(), {"name": "wait", "in": "query", "required": false, "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60}}],
                     "responses": {
                         "200": body("Status", "SessionStatus"),
-                        "404": detail("Session not found")
+                        "404": detail("Session not found"),
+                        "422": {"description": "Bad wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ValidationError"}}}}
                     }
                 },
                 "delete": {
@@ -185,7 +311,9 @@ fn build() -> Value {
                 "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
                     "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
                     "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
-                }}}
+                }}},
+                "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
+                "long_polls": {"type": "integer"}
             }}
         }}
     })

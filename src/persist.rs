@@ -16,7 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::lab::{self, Hash, LabRecord, Teardown};
-use crate::queue::{SessionId, parse_session_id};
+use crate::metrics::METRICS;
+use crate::queue::{ClientInfo, SessionId, parse_session_id};
 
 pub const STATE_FILE: &str = "state.json";
 pub const FORMAT_VERSION: u64 = 1;
@@ -47,6 +48,11 @@ pub struct Saved {
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
     pub teardowns: Vec<Teardown>,
+    /// Per session (same order): what is known of its client and since when it is ACTIVE.
+    /// Files written before these existed give defaults.
+    pub infos: Vec<(ClientInfo, Option<u64>)>,
+    /// Unix ms the lab came up, when the file says.
+    pub lab_started_ms: Option<u64>,
 }
 
 /// A copy of the durable part of the state, taken under the state lock. The writer keeps
@@ -58,6 +64,9 @@ pub struct Snapshot {
     pub lab: Option<LabRecord>,
     pub starting: Option<Starting>,
     pub teardowns: Vec<Teardown>,
+    /// Parallel to `sessions`.
+    pub infos: Vec<(Arc<ClientInfo>, Option<u64>)>,
+    pub lab_started_ms: Option<u64>,
 }
 
 impl Snapshot {
@@ -76,6 +85,9 @@ impl Snapshot {
             let _ = write!(out, "{sep}\n  {{\"id\":\"{id}\",\"status\":\"{status}\"");
             if let Some(owner) = &s.owner {
                 let _ = write!(out, ",\"owner\":{}", Value::String(owner.to_string()));
+            }
+            if let Some((info, active_since)) = self.infos.get(i) {
+                write_info(out, info, *active_since);
             }
             out.push(b'}');
         }
@@ -104,7 +116,11 @@ impl Snapshot {
             }
             out.extend_from_slice(teardown_json(t).as_bytes());
         }
-        out.extend_from_slice(b"]\n}\n");
+        out.extend_from_slice(b"]");
+        if let Some(ms) = self.lab_started_ms {
+            let _ = write!(out, ",\n\"lab_started_ms\": {ms}");
+        }
+        out.extend_from_slice(b"\n}\n");
     }
 
     /// The file's JSON as a string.
@@ -189,6 +205,40 @@ fn parse_lab(v: &Value) -> Result<LabRecord, String> {
     })
 }
 
+/// The optional client fields of a session entry.
+fn write_info(out: &mut Vec<u8>, info: &ClientInfo, active_since: Option<u64>) {
+    use std::io::Write as _;
+    // Absent fields are left out: the file of a deep queue stays small.
+    for (key, value) in [
+        ("name", &info.name),
+        ("addr", &info.addr),
+        ("user_agent", &info.user_agent),
+    ] {
+        if let Some(text) = value {
+            let _ = write!(out, ",\"{key}\":{}", Value::String(text.clone()));
+        }
+    }
+    let _ = write!(out, ",\"created_ms\":{}", info.created_ms);
+    if let Some(ms) = active_since {
+        let _ = write!(out, ",\"active_since_ms\":{ms}");
+    }
+}
+
+/// The client fields of a session entry; absent ones (older files) are defaults.
+fn parse_info(s: &Value) -> (ClientInfo, Option<u64>) {
+    let text = |k: &str| s.get(k).and_then(Value::as_str).map(str::to_owned);
+    (
+        ClientInfo {
+            name: text("name"),
+            addr: text("addr"),
+            user_agent: text("user_agent"),
+            created_ms: s.get("created_ms").and_then(Value::as_u64).unwrap_or(0),
+            owner: text("owner"),
+        },
+        s.get("active_since_ms").and_then(Value::as_u64),
+    )
+}
+
 /// Decodes the file's text.
 pub fn parse(text: &str) -> Result<Saved, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
@@ -217,7 +267,9 @@ pub fn parse(text: &str) -> Result<Saved, String> {
             Some(_) => return Err(format!("session {id} has an owner that is not a name")),
         };
         saved.sessions.push(SessionRecord { id, owner });
+        saved.infos.push(parse_info(s));
     }
+    saved.lab_started_ms = v.get("lab_started_ms").and_then(Value::as_u64);
     saved.lab = match v.get("lab") {
         None | Some(Value::Null) => None,
         Some(l) => Some(parse_lab(l)?),
@@ -419,7 +471,9 @@ impl Persister {
             drop(progress);
             fill(&mut snap);
             snap.write_json(&mut text);
+            let started = std::time::Instant::now();
             let result = write_atomic(&self.dir, &text);
+            METRICS.state_write(result.is_ok(), started.elapsed());
             progress = self.progress();
             match result {
                 Ok(()) => {
@@ -497,6 +551,21 @@ mod tests {
                 error: Some("netlab down --cleanup failed".into()),
                 ..Teardown::new(record("/s/labs/c", 0), true)
             }],
+            infos: vec![
+                (
+                    Arc::new(ClientInfo {
+                        name: Some("job \"1\" <x>".into()),
+                        addr: Some("10.0.0.1".into()),
+                        user_agent: Some("curl/8".into()),
+                        created_ms: 1_700_000_000_123,
+                        owner: None,
+                    }),
+                    Some(1_700_000_000_456),
+                ),
+                (Arc::default(), None),
+                (Arc::default(), None),
+            ],
+            lab_started_ms: Some(1_700_000_000_789),
         };
         let text = snap.to_json();
         assert!(text.contains("\"status\":\"active\""));
@@ -521,6 +590,26 @@ mod tests {
         ))
         .unwrap();
         assert!(!old.teardowns[0].force && old.teardowns[0].attempts == 0);
+        let (info, active) = &saved.infos[0];
+        assert_eq!(info.name.as_deref(), Some("job \"1\" <x>"));
+        assert_eq!(info.addr.as_deref(), Some("10.0.0.1"));
+        assert_eq!(info.user_agent.as_deref(), Some("curl/8"));
+        assert_eq!(info.created_ms, 1_700_000_000_123);
+        assert_eq!(*active, Some(1_700_000_000_456));
+        assert_eq!(saved.infos[1], (ClientInfo::default(), None));
+        assert_eq!(saved.lab_started_ms, Some(1_700_000_000_789));
+    }
+
+    #[test]
+    fn files_without_client_fields_still_load() {
+        let id = Uuid::new_v4();
+        let saved = parse(&format!(
+            r#"{{"version": 1, "sessions": [{{"id": "{id}", "status": "active"}}], "lab": null}}"#
+        ))
+        .unwrap();
+        assert_eq!(saved.sessions[0].id, id);
+        assert_eq!(saved.infos, vec![(ClientInfo::default(), None)]);
+        assert_eq!(saved.lab_started_ms, None);
     }
 
     #[test]

@@ -42,6 +42,39 @@ impl Status {
     }
 }
 
+/// Who a session is, as far as the server can tell: shown in the queue view, the events and
+/// the status page, kept in the state file. The name is client-supplied (never trusted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// `X-Client-Name` of `POST /session`.
+    pub name: Option<String>,
+    /// The peer address of `POST /session`.
+    pub addr: Option<String>,
+    pub user_agent: Option<String>,
+    /// Unix time of creation, in milliseconds.
+    pub created_ms: u64,
+    /// The creator's access-token name, once tokens exist (issue 13).
+    pub owner: Option<String>,
+}
+
+/// What the queue knew of a session it removed.
+#[derive(Clone, Debug)]
+pub struct Gone {
+    pub info: Arc<ClientInfo>,
+    /// Unix time (ms) it became ACTIVE, if it did.
+    pub active_since_ms: Option<u64>,
+}
+
+/// One row of the queue view.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: SessionId,
+    pub info: Arc<ClientInfo>,
+    pub active_since_ms: Option<u64>,
+    pub silent: Duration,
+    pub busy: bool,
+}
+
 #[derive(Debug)]
 struct Session {
     seq: u64,
@@ -50,6 +83,8 @@ struct Session {
     busy: bool,
     /// The token name that created it (with `--token-file`); only that name may use it.
     owner: Option<Arc<str>>,
+    info: Arc<ClientInfo>,
+    active_since_ms: Option<u64>,
 }
 
 /// `POST /session` when `--max-sessions` sessions already exist.
@@ -99,14 +134,32 @@ impl Queue {
 
     /// Appends a new session; returns its position (0 = it is ACTIVE already).
     pub fn create(&mut self, id: SessionId, now: Duration) -> Result<usize, QueueFull> {
+        self.create_with(id, now, Arc::default())
+    }
+
+    /// [`Queue::create`] with what is known of the client. A session that is ACTIVE at once
+    /// is active since its creation.
+    pub fn create_with(
+        &mut self,
+        id: SessionId,
+        now: Duration,
+        info: Arc<ClientInfo>,
+    ) -> Result<usize, QueueFull> {
         if self.sessions.len() >= self.max_sessions {
             return Err(QueueFull);
         }
-        self.push(id, now);
+        let active_since = self.order.is_empty().then_some(info.created_ms);
+        self.push(id, now, info, active_since);
         Ok(self.order.len() - 1)
     }
 
-    fn push(&mut self, id: SessionId, now: Duration) {
+    fn push(
+        &mut self,
+        id: SessionId,
+        now: Duration,
+        info: Arc<ClientInfo>,
+        active_since_ms: Option<u64>,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sessions.insert(
@@ -116,6 +169,8 @@ impl Queue {
                 last_seen: now,
                 busy: false,
                 owner: None,
+                info,
+                active_since_ms,
             },
         );
         self.order.push_back((seq, id));
@@ -124,9 +179,65 @@ impl Queue {
     /// Appends a session restored from the state file (the limit does not apply: nobody who
     /// was queued before a restart is turned away after it).
     pub fn restore(&mut self, id: SessionId, now: Duration) {
+        self.restore_with(id, now, Arc::default(), None);
+    }
+
+    /// [`Queue::restore`] with what the state file kept of the client.
+    pub fn restore_with(
+        &mut self,
+        id: SessionId,
+        now: Duration,
+        info: Arc<ClientInfo>,
+        active_since_ms: Option<u64>,
+    ) {
         if !self.sessions.contains_key(&id) {
-            self.push(id, now);
+            self.push(id, now, info, active_since_ms);
         }
+    }
+
+    /// What is known of a session's client, and since when it is ACTIVE.
+    pub fn info(&self, id: &SessionId) -> Option<(Arc<ClientInfo>, Option<u64>)> {
+        self.sessions
+            .get(id)
+            .map(|s| (Arc::clone(&s.info), s.active_since_ms))
+    }
+
+    /// Records when a session became ACTIVE (unless it is known already).
+    pub fn set_active_since(&mut self, id: &SessionId, unix_ms: u64) {
+        if let Some(session) = self.sessions.get_mut(id) {
+            session.active_since_ms.get_or_insert(unix_ms);
+        }
+    }
+
+    /// Client infos and ACTIVE times in queue order (for the state file).
+    pub fn infos(&self) -> impl Iterator<Item = (Arc<ClientInfo>, Option<u64>)> + '_ {
+        self.order.iter().map(|(_, id)| {
+            let s = &self.sessions[id];
+            (Arc::clone(&s.info), s.active_since_ms)
+        })
+    }
+
+    /// The first `limit` sessions in queue order, for the queue view.
+    pub fn rows(&self, now: Duration, limit: usize) -> Vec<Row> {
+        self.order
+            .iter()
+            .take(limit)
+            .map(|(_, id)| {
+                let s = &self.sessions[id];
+                Row {
+                    id: *id,
+                    info: Arc::clone(&s.info),
+                    active_since_ms: s.active_since_ms,
+                    silent: now.saturating_sub(s.last_seen),
+                    busy: s.busy,
+                }
+            })
+            .collect()
+    }
+
+    /// How many sessions are WAITING.
+    pub fn waiting(&self) -> usize {
+        self.order.len().saturating_sub(1)
     }
 
     fn position_of(&self, seq: u64) -> usize {
@@ -143,16 +254,19 @@ impl Queue {
         self.order.clear();
         for record in records {
             let id = &record.id;
-            let (last_seen, busy) = old
-                .remove(id)
-                .map_or((now, false), |s| (s.last_seen, s.busy));
             if self.sessions.contains_key(id) {
                 continue;
             }
-            self.push(*id, now);
+            let before = old.remove(id);
+            let (info, active_since) = before.as_ref().map_or((Arc::default(), None), |s| {
+                (s.info.clone(), s.active_since_ms)
+            });
+            self.push(*id, now, info, active_since);
             if let Some(s) = self.sessions.get_mut(id) {
-                s.last_seen = last_seen;
-                s.busy = busy;
+                if let Some(before) = before {
+                    s.last_seen = before.last_seen;
+                    s.busy = before.busy;
+                }
                 s.owner.clone_from(&record.owner);
             }
         }
@@ -200,15 +314,26 @@ impl Queue {
     /// Removes a session wherever it stands; the next one is promoted at once when the
     /// removed one was the head.
     pub fn remove(&mut self, id: &SessionId) -> Option<Removed> {
+        self.remove_full(id).map(|(removed, _)| removed)
+    }
+
+    /// [`Queue::remove`], with what the queue knew of the removed session.
+    pub fn remove_full(&mut self, id: &SessionId) -> Option<(Removed, Gone)> {
         let session = self.sessions.remove(id)?;
         let position = self.position_of(session.seq);
         self.order.remove(position);
         let was_active = position == 0;
-        Some(Removed {
-            id: *id,
-            was_active,
-            promoted: if was_active { self.active() } else { None },
-        })
+        Some((
+            Removed {
+                id: *id,
+                was_active,
+                promoted: if was_active { self.active() } else { None },
+            },
+            Gone {
+                info: session.info,
+                active_since_ms: session.active_since_ms,
+            },
+        ))
     }
 
     /// Removes every session not seen for longer than its timeout (WAITING and ACTIVE have
@@ -220,6 +345,19 @@ impl Queue {
         waiting_timeout: Duration,
         active_timeout: Duration,
     ) -> Vec<Removed> {
+        self.sweep_full(now, waiting_timeout, active_timeout)
+            .into_iter()
+            .map(|(removed, _)| removed)
+            .collect()
+    }
+
+    /// [`Queue::sweep`], with what the queue knew of each removed session.
+    pub fn sweep_full(
+        &mut self,
+        now: Duration,
+        waiting_timeout: Duration,
+        active_timeout: Duration,
+    ) -> Vec<(Removed, Gone)> {
         let stale: Vec<SessionId> = self
             .order
             .iter()
@@ -235,11 +373,12 @@ impl Queue {
                 (!session.busy && silent > timeout).then_some(*id)
             })
             .collect();
-        let mut removed: Vec<Removed> = stale.iter().filter_map(|id| self.remove(id)).collect();
+        let mut removed: Vec<(Removed, Gone)> =
+            stale.iter().filter_map(|id| self.remove_full(id)).collect();
         // When several sessions at the head are reaped in one sweep, only the last promotion
         // stands: report the session that is ACTIVE now, not the ones reaped right after.
         let head = self.active();
-        for r in removed.iter_mut() {
+        for (r, _) in removed.iter_mut() {
             if r.promoted.is_some() {
                 r.promoted = head;
             }

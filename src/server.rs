@@ -133,7 +133,7 @@ fn serve(config: Config) -> i32 {
         }
     }
     let clock = Arc::new(MonotonicClock::new());
-    let state = restore(&config, &netlab, clock.now());
+    let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
     let server = match Server::from_listener(socket, None) {
         Ok(server) => Arc::new(server),
@@ -158,6 +158,15 @@ fn serve(config: Config) -> i32 {
     shared.set_durable_baseline();
     let version = shared.lock().changed();
     shared.persist_quietly(version);
+    let restored = shared.lock().queue.len();
+    shared.events.emit(
+        "server_started",
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "restored_sessions": restored,
+            "lab": lab_outcome,
+        }),
+    );
     for t in pending {
         log::info!(
             "carrying out the teardown of {} left pending by the last run",
@@ -199,6 +208,7 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the signal thread");
     }
 
+    let netlab = netlab.with_live_log(Arc::clone(&shared.lab_log));
     let lab_thread = {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
@@ -263,13 +273,17 @@ fn serve(config: Config) -> i32 {
     if shared.begin_shutdown() {
         notify::notify("STOPPING=1");
     }
+    shared.events.emit("server_stopping", serde_json::json!({}));
     for worker in workers {
         let _ = worker.join();
     }
+    // Nobody parks any more: every long-poll gets its answer now.
+    shared.expire_parked(true);
     let _ = timer_stop.send(());
     let _ = timer.join();
     shared.send_lab_job(LabJob::Shutdown);
     let _ = lab_thread.join();
+    shared.events.close();
     match listened {
         Ok(()) => {
             log::info!(
@@ -377,7 +391,9 @@ fn watch_listener(shared: &Shared, probe: SocketAddr, every: Duration, stop: &Re
 /// * pending teardowns stay pending (the lab thread carries them out first);
 /// * without a lab to adopt, netlab's `default` instance is torn down;
 /// * work directories nobody refers to are removed.
-fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State {
+///
+/// Also returns what became of the lab: `readopted`, `dropped` or `none`.
+fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State, &'static str) {
     let mut state = State::new(config.max_sessions);
     let saved = match persist::load(&config.state_dir) {
         Ok(saved) => saved.unwrap_or_default(),
@@ -387,8 +403,14 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
-    for session in &saved.sessions {
-        state.queue.restore(session.id, now);
+    for (i, session) in saved.sessions.iter().enumerate() {
+        let (info, active_since) = saved.infos.get(i).cloned().unwrap_or_default();
+        // The head was ACTIVE before the restart; if the file does not say since when, it
+        // is since now.
+        let active_since = active_since.or_else(|| (i == 0).then(crate::events::now_ms));
+        state
+            .queue
+            .restore_with(session.id, now, Arc::new(info), active_since);
         state.queue.set_owner(&session.id, session.owner.clone());
     }
     if let Some(active) = state.queue.active() {
@@ -411,7 +433,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
         discard_dir(netlab, t, &mut state, &mut keep);
     }
+    let mut lab_outcome = "none";
     if let Some(lab) = saved.lab {
+        lab_outcome = "dropped";
         match netlab.check_running(&lab.work_dir) {
             Ok(()) => {
                 log::info!(
@@ -421,6 +445,10 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
                 );
                 keep.push(lab.work_dir.clone());
                 state.lab = Some(lab);
+                state.lab_started_ms = saved
+                    .lab_started_ms
+                    .or_else(|| Some(crate::events::now_ms()));
+                lab_outcome = "readopted";
             }
             Err(why) => {
                 log::warn!(
@@ -441,7 +469,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> State 
         log::warn!("{why}; a POST /lab gets 409 until it is gone");
     }
     remove_leftover_work_dirs(config, &keep);
-    state
+    (state, lab_outcome)
 }
 
 /// Drops every record of the state file that names a directory outside `labs` (or a

@@ -10,16 +10,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
+
+use serde_json::json;
 
 use crate::acquire::Ticket;
 use crate::auth::Access;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::events::{self, EventLog, now_ms, who};
 use crate::lab::{self, LabRecord, Teardown};
 use crate::lab_thread::LabJob;
+use crate::lablog::LabLog;
+use crate::longpoll::{self, Parked};
+use crate::metrics::{Ended, METRICS};
 use crate::persist::{NotPersisted, Persister, Snapshot, Starting};
-use crate::queue::{Queue, Removed, SessionId};
+use crate::queue::{ClientInfo, Gone, Queue, Removed, SessionId};
 
 pub struct State {
     pub queue: Queue,
@@ -37,6 +43,10 @@ pub struct State {
     outbox: Vec<(u64, Teardown)>,
     /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
     pub idle_since: Option<Duration>,
+    /// Long-polls (`GET /session/{id}?wait=S`) waiting for their session to change.
+    pub parked: Parked,
+    /// Unix ms the running lab came up (or was re-adopted).
+    pub lab_started_ms: Option<u64>,
     version: u64,
 }
 
@@ -51,6 +61,8 @@ impl State {
             outbox: Vec::new(),
             teardowns: Vec::new(),
             idle_since: None,
+            parked: Parked::default(),
+            lab_started_ms: None,
             version: 0,
         }
     }
@@ -81,6 +93,9 @@ impl State {
         snap.version = self.version;
         snap.sessions.clear();
         snap.sessions.extend(self.queue.records());
+        snap.infos.clear();
+        snap.infos.extend(self.queue.infos());
+        snap.lab_started_ms = self.lab_started_ms;
         snap.lab.clone_from(&self.lab);
         snap.starting.clone_from(&self.starting);
         snap.teardowns.clone_from(&self.teardowns);
@@ -99,6 +114,12 @@ pub struct Shared {
     pub labs_dir: PathBuf,
     /// Access tokens (`--token-file`); `None`: the API is open to everyone.
     pub access: Option<Access>,
+    /// Wakes the timer when a long-poll is parked (its deadline may be the next one).
+    park_wake: (Sender<()>, Receiver<()>),
+    /// The event history.
+    pub events: EventLog,
+    /// netlab's live output.
+    pub lab_log: Arc<LabLog>,
 }
 
 impl Shared {
@@ -114,7 +135,10 @@ impl Shared {
         state: Option<State>,
     ) -> Self {
         let labs_dir = config.state_dir.join("labs");
+        let events = EventLog::open(&config.state_dir);
         Shared {
+            events,
+            lab_log: Arc::new(LabLog::new()),
             state: Mutex::new(state.unwrap_or_else(|| State::new(config.max_sessions))),
             persister: Persister::new(config.state_dir.clone()),
             config,
@@ -124,6 +148,7 @@ impl Shared {
             started_at: SystemTime::now(),
             labs_dir,
             access: None,
+            park_wake: crossbeam_channel::bounded(1),
         }
     }
 
@@ -291,14 +316,90 @@ impl Shared {
         }
     }
 
+    /// Tells the timer that a long-poll was parked.
+    pub fn parked_one(&self) {
+        let _ = self.park_wake.0.try_send(());
+    }
+
+    /// What the timer waits on besides its stop channel.
+    pub fn park_wakes(&self) -> &Receiver<()> {
+        &self.park_wake.1
+    }
+
+    /// Parks a long-poll of session `id`, which was `seen` in that state; it is answered at
+    /// once instead when the state changed meanwhile, when [`longpoll::MAX_PARKED`] requests
+    /// are parked already, or during a shutdown.
+    pub fn park(
+        &self,
+        request: tiny_http::Request,
+        id: SessionId,
+        seen: (crate::queue::Status, usize),
+        deadline: Duration,
+    ) {
+        let at_once = {
+            let mut state = self.lock();
+            let current = state.queue.lookup(&id);
+            if current == Some(seen) && !state.parked.is_full() && !self.is_shutting_down() {
+                let earliest = state.parked.park(id, seen, deadline, request);
+                Some(None).filter(|_| earliest)
+            } else {
+                Some(Some((request, current)))
+            }
+        };
+        match at_once {
+            // Parked, with the earliest deadline: the timer must wake for it.
+            Some(None) => self.parked_one(),
+            // Parked behind an earlier deadline.
+            None => {}
+            Some(Some((request, current))) => crate::http::respond(
+                request,
+                current.map_or_else(longpoll::not_found, longpoll::status_reply),
+            ),
+        }
+    }
+
+    /// Answers the long-polls whose session changed (after a removal from the queue).
+    pub fn wake_parked(&self) {
+        let ready = {
+            let mut state = self.lock();
+            if state.parked.is_empty() {
+                return;
+            }
+            let now = self.clock.now();
+            let State { parked, queue, .. } = &mut *state;
+            parked.take_ready(queue, now, longpoll::Due::Changed)
+        };
+        longpoll::answer(ready);
+    }
+
+    /// Answers the long-polls whose wait ran out (every one when `all`, at shutdown);
+    /// returns the next deadline of those left.
+    pub fn expire_parked(&self, all: bool) -> Option<Duration> {
+        let (ready, next) = {
+            let mut state = self.lock();
+            let now = self.clock.now();
+            let State { parked, queue, .. } = &mut *state;
+            let which = if all {
+                longpoll::Due::All
+            } else {
+                longpoll::Due::Expired
+            };
+            let ready = parked.take_ready(queue, now, which);
+            (ready, parked.next_deadline())
+        };
+        longpoll::answer(ready);
+        next
+    }
+
     /// Ends a session (DELETE /session/{id}); false when it was not tracked. The change is
     /// in the state file when this returns.
     pub fn end_session(&self, id: &SessionId) -> Result<bool, NotPersisted> {
         let version = {
             let mut state = self.lock();
-            match state.queue.remove(id) {
-                Some(removed) => {
+            match state.queue.remove_full(id) {
+                Some((removed, gone)) => {
                     log::info!("session {id} ended");
+                    self.note_end(&removed, &gone, Ended::Deleted);
                     self.after_removal(&mut state, &removed);
                     state.changed()
                 }
@@ -306,6 +407,7 @@ impl Shared {
             }
         };
         self.persist(version)?;
+        self.wake_parked();
         Ok(true)
     }
 
@@ -317,8 +419,8 @@ impl Shared {
         let removed =
             state
                 .queue
-                .sweep(now, self.config.waiting_timeout, self.config.active_timeout);
-        for r in &removed {
+                .sweep_full(now, self.config.waiting_timeout, self.config.active_timeout);
+        for (r, gone) in &removed {
             let (status, timeout) = if r.was_active {
                 ("active", self.config.active_timeout)
             } else {
@@ -329,6 +431,12 @@ impl Shared {
                 r.id,
                 timeout.as_secs_f64()
             );
+            let why = if r.was_active {
+                Ended::ReapedActive
+            } else {
+                Ended::ReapedWaiting
+            };
+            self.note_end(r, gone, why);
             self.after_removal(&mut state, r);
         }
         self.retry_teardowns(&mut state, now);
@@ -347,6 +455,13 @@ impl Shared {
                         lab.topology.display(),
                         self.config.idle_lab_timeout.as_secs_f64()
                     );
+                    self.events.emit(
+                        "lab_idle_teardown",
+                        json!({
+                            "topology": file_name(&lab.topology),
+                            "idle_s": now.saturating_sub(since).as_secs_f64(),
+                        }),
+                    );
                     self.queue_teardown(&mut state, lab);
                     dirty = true;
                 }
@@ -363,6 +478,11 @@ impl Shared {
             let version = state.changed();
             drop(state);
             self.persist_quietly(version);
+        } else {
+            drop(state);
+        }
+        if !removed.is_empty() {
+            self.wake_parked();
         }
         removed.len()
     }
@@ -388,8 +508,63 @@ impl Shared {
         }
         if let Some(next) = removed.promoted {
             log::info!("session {next} is now active");
+            self.note_promoted(state, &next);
         }
     }
+
+    /// A session became ACTIVE (not at its creation): since when, how long it waited.
+    pub fn note_promoted(&self, state: &mut State, id: &SessionId) {
+        let now = now_ms();
+        // A sweep that reaps several heads names the final head for each: count it once.
+        if let Some((info, None)) = state.queue.info(id) {
+            state.queue.set_active_since(id, now);
+            let waited = now.saturating_sub(info.created_ms);
+            METRICS.queue_wait.observe(Duration::from_millis(waited));
+            self.events.emit(
+                "session_promoted",
+                events::with(who(id, &info), json!({ "waited_s": events::secs(waited) })),
+            );
+        }
+    }
+
+    /// A session ended: counted, its hold time measured, an event recorded.
+    fn note_end(&self, removed: &Removed, gone: &Gone, why: Ended) {
+        METRICS.session_ended(why);
+        let held = gone
+            .active_since_ms
+            .filter(|_| removed.was_active)
+            .map(|since| now_ms().saturating_sub(since));
+        if let Some(held) = held {
+            METRICS.lab_hold.observe(Duration::from_millis(held));
+        }
+        self.events.emit(
+            "session_ended",
+            events::with(
+                who(&removed.id, &gone.info),
+                json!({
+                    "reason": why.as_str(),
+                    "was_active": removed.was_active,
+                    "held_s": held.map(events::secs),
+                }),
+            ),
+        );
+    }
+
+    /// The client name of a session, for events (`None` when unnamed or gone).
+    pub fn client_info(&self, id: &SessionId) -> Arc<ClientInfo> {
+        self.lock()
+            .queue
+            .info(id)
+            .map(|(info, _)| info)
+            .unwrap_or_default()
+    }
+}
+
+/// The file name of a path (never its directory: work dirs are not for the public).
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// `1 session`, `2 sessions`.
@@ -457,5 +632,40 @@ mod tests {
         }
         assert!(shared.lock().lab.is_some());
         assert!(jobs.try_recv().is_err());
+    }
+
+    #[test]
+    fn reaping_several_heads_at_once_promotes_the_last_one_once() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, _jobs) = shared(clock.clone());
+        let ids: Vec<SessionId> = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+        for id in &ids {
+            let info = Arc::new(ClientInfo {
+                created_ms: now_ms(),
+                ..ClientInfo::default()
+            });
+            shared
+                .lock()
+                .queue
+                .create_with(*id, clock.now(), info)
+                .unwrap();
+        }
+        clock.advance(Duration::from_secs(700));
+        shared.lock().queue.touch(&ids[2], clock.now());
+        assert_eq!(shared.sweep(), 2);
+        let kinds: Vec<String> = shared
+            .events
+            .newest(10, 0)
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+                v["kind"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["session_ended", "session_promoted", "session_ended"]
+        );
+        assert!(shared.lock().queue.info(&ids[2]).unwrap().1.is_some());
     }
 }

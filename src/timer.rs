@@ -1,4 +1,5 @@
-//! The timer thread: every `--sweep-interval` it reaps stale sessions. It only decides (under
+//! The timer thread: every `--sweep-interval` it reaps stale sessions; it answers the
+//! long-polls whose wait ran out. It only decides (under
 //! the state lock) and queues teardowns; it never runs netlab itself.
 //!
 //! Under systemd with `WatchdogSec=`, it also pets the watchdog, but only after asking the
@@ -9,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, select};
 
 use crate::notify;
 use crate::state::Shared;
@@ -39,9 +40,15 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
         if watchdog.is_some() {
             wake = wake.min(next_ping);
         }
-        match stop.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        // Long-polls whose wait ran out are answered with the state as it is.
+        if let Some(deadline) = shared.expire_parked(false) {
+            let left = deadline.saturating_sub(shared.clock.now());
+            wake = wake.min(Instant::now() + left);
+        }
+        select! {
+            recv(stop) -> _ => return,
+            recv(shared.park_wakes()) -> _ => {}
+            default(wake.saturating_duration_since(Instant::now())) => {}
         }
     }
 }

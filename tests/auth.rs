@@ -190,6 +190,7 @@ fn every_route_with_every_kind_of_credential() {
 
     // The owner's session: only its owner sees and uses it.
     let id = create_as(&s, Who::Owner);
+    let owned_prefix = id[..8].to_owned();
     let session_path = format!("/session/{id}");
     let active = format!(r#"{{"status":"active","position":0,"session_id":"{id}"}}"#);
     let no_active = (404, Some(r#"{"detail":"No active session"}"#));
@@ -285,6 +286,39 @@ fn every_route_with_every_kind_of_credential() {
     // And the owner ends its own.
     let id = create_as(&s, Who::Other);
     call(&s, Who::Other, "DELETE", &format!("/session/{id}"), None).expect_empty(204);
+
+    // Failures and admin actions are events too, naming the address and never a token.
+    let events = call(&s, Who::Admin, "GET", "/events?limit=1000", None).text();
+    for token in [CI, OTHER, ADMIN, "not-a-token-of-anybody"] {
+        assert!(!events.contains(token), "a token reached the events");
+    }
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let list = events["events"].as_array().expect("an event list");
+    let kinds = |kind: &str| {
+        list.iter()
+            .filter(|e| e["kind"] == kind)
+            .collect::<Vec<_>>()
+    };
+    let failed = kinds("auth_failed");
+    assert!(failed.len() >= 20, "{failed:?}");
+    assert!(
+        failed
+            .iter()
+            .all(|e| e["addr"].as_str().unwrap().starts_with("127.0."))
+    );
+    let admin = kinds("admin_action");
+    let actions: Vec<_> = admin
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["end_session", "destroy_lab"], "{admin:?}");
+    assert!(
+        admin
+            .iter()
+            .all(|e| e["admin"] == "ops" && e["addr"] == "127.0.0.1")
+    );
+    assert_eq!(admin[0]["owner"], "ci");
+    assert_eq!(admin[0]["session"], owned_prefix.as_str());
 
     let log = s.log_text();
     assert!(

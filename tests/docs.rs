@@ -11,10 +11,16 @@ fn read(path: &str) -> String {
 
 /// The long options `--help` lists (without -h/--help and -V/--version).
 fn help_flags() -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_neops-remote-lab"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    flags_of(env!("CARGO_BIN_EXE_neops-remote-lab"))
+}
+
+/// The long options of `remote-lab --help`.
+fn client_flags() -> BTreeSet<String> {
+    flags_of(env!("CARGO_BIN_EXE_remote-lab"))
+}
+
+fn flags_of(binary: &str) -> BTreeSet<String> {
+    let out = Command::new(binary).arg("--help").output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
     help.lines()
         .filter_map(|l| l.trim_start().strip_prefix("--"))
@@ -42,6 +48,12 @@ fn named_flags(text: &str) -> BTreeSet<String> {
         i = end.max(start);
     }
     out
+}
+
+/// Does a line name the client (`remote-lab ...`, not `neops-remote-lab ...`)?
+fn about_the_client(line: &str) -> bool {
+    line.match_indices("remote-lab ")
+        .any(|(at, _)| at == 0 || !line[..at].ends_with('-'))
 }
 
 /// Other tools' flags that the docs quote in their command lines (netlab's, cargo's).
@@ -121,10 +133,11 @@ fn the_default_file_and_the_readme_cover_every_flag() {
             "--{f} missing from README.md"
         );
     }
-    // Lines about the repository's own scripts name those scripts' flags.
+    // Lines about the repository's own scripts name those scripts' flags, lines about the
+    // client the client's.
     let about_the_server: String = readme
         .lines()
-        .filter(|l| !l.contains("scripts/"))
+        .filter(|l| !l.contains("scripts/") && !about_the_client(l))
         .map(|l| format!("{l}\n"))
         .collect();
     for f in named_flags(&about_the_server)
@@ -137,6 +150,65 @@ fn the_default_file_and_the_readme_cover_every_flag() {
                 || f == "version"
                 || NETLAB_FLAGS.contains(&f.as_str()),
             "--{f} is named in the docs but does not exist"
+        );
+    }
+}
+
+#[test]
+fn the_client_man_page_and_readme_document_exactly_its_flags() {
+    let flags = client_flags();
+    for f in [
+        "url",
+        "topology",
+        "extra-file",
+        "no-reuse",
+        "name",
+        "wait-timeout",
+        "token",
+        "json",
+    ] {
+        assert!(flags.contains(f), "--{f} missing from remote-lab --help");
+    }
+    let page: String = read("man/remote-lab.1")
+        .lines()
+        .filter(|l| !l.starts_with(".\\\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // Each option has its own entry: `.B \-\-flag` or `.BI \-\-flag " arg"`.
+    let entries: BTreeSet<String> = page
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(".B \\-\\-")
+                .or_else(|| l.strip_prefix(".BI \\-\\-"))
+        })
+        .map(|rest| rest.split_whitespace().next().unwrap().replace("\\-", "-"))
+        .collect();
+    for f in &flags {
+        assert!(entries.contains(f), "--{f} has no entry in remote-lab(1)");
+    }
+    for f in named_flags(&page) {
+        assert!(
+            flags.contains(&f) || f == "help" || f == "version",
+            "remote-lab(1) names --{f}, which does not exist"
+        );
+    }
+    // README lines about the client name only its flags, and every one of them.
+    let readme = read("README.md");
+    let about_the_client: String = readme
+        .lines()
+        .filter(|l| about_the_client(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for f in named_flags(&about_the_client) {
+        assert!(
+            flags.contains(&f),
+            "README names remote-lab --{f}, which does not exist"
+        );
+    }
+    for f in ["topology", "wait-timeout", "name", "token", "json"] {
+        assert!(
+            about_the_client.contains(&format!("--{f}")),
+            "README does not mention remote-lab --{f}"
         );
     }
 }

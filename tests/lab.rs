@@ -329,7 +329,10 @@ fn extra_files_land_in_the_work_dir_and_bad_names_are_refused() {
     let stray: Vec<String> = files_under(s.dir.path())
         .into_iter()
         .filter(|f| {
-            !f.starts_with("fake/") && f != "state/neops-remote-lab.lock" && f != "state/state.json"
+            !f.starts_with("fake/")
+                && f != "state/neops-remote-lab.lock"
+                && f != "state/state.json"
+                && f != "state/events.jsonl"
         })
         .collect();
     assert!(stray.is_empty(), "{stray:?}");

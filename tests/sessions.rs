@@ -179,13 +179,15 @@ fn health_endpoints() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     let v = r.json();
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    assert_eq!(keys.len(), 6);
-    assert!(
-        r.text()
-            .ends_with(r#","sessions":2,"queue_length":2,"teardowns":[]}"#)
-    );
+    assert_eq!(keys.len(), 9);
+    assert!(r.text().ends_with(
+        r#","sessions":2,"queue_length":2,"active_timeout":300.0,"waiting_timeout":600.0,"long_polls":0,"teardowns":[]}"#
+    ));
     assert_eq!(v["teardowns"], serde_json::json!([]));
     assert_eq!(v["status"], "ok");
+    assert_eq!(v["active_timeout"], 300.0);
+    assert_eq!(v["waiting_timeout"], 600.0);
+    assert_eq!(v["long_polls"], 0);
     assert_eq!(v["sessions"], 2);
     assert_eq!(v["queue_length"], 2);
     assert!(v["timestamp"].as_f64().unwrap() > 1.7e9);
@@ -290,6 +292,11 @@ fn openapi_document_lists_every_route() {
         ("/healthz", vec!["get"]),
         ("/debug/health", vec!["get"]),
         ("/openapi.json", vec!["get"]),
+        ("/queue", vec!["get"]),
+        ("/events", vec!["get"]),
+        ("/lab/log", vec!["get"]),
+        ("/metrics", vec!["get"]),
+        ("/", vec!["get"]),
     ];
     assert_eq!(paths.len(), expected.len());
     for (path, methods) in expected {

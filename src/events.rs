@@ -1,0 +1,331 @@
+//! The event history: every change that matters (sessions created, promoted, ended; lab
+//! starts, reuses, failures, releases, teardowns; server start and stop) as one JSON object
+//! with an increasing id and a timestamp.
+//!
+//! The newest [`MEMORY`] events are kept in memory for `GET /events` and the status page.
+//! Each is also appended to `<state dir>/events.jsonl` by a writer thread of its own, so that
+//! recording an event costs its caller a short lock and a channel send, never a disk write
+//! (events are recorded while the state lock is held). The file is not fsynced per event; at
+//! [`ROTATE_BYTES`] it is renamed to `events.jsonl.1` (replacing the older one) and a new one
+//! begins. At start-up the history is read back from both files.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use serde_json::{Map, Value, json};
+
+pub const EVENTS_FILE: &str = "events.jsonl";
+/// Events kept in memory.
+pub const MEMORY: usize = 10_000;
+/// Size at which the event file is rotated (the hidden `NEOPS_REMOTE_LAB_EVENTS_ROTATE_BYTES`
+/// overrides it, for tests).
+pub const ROTATE_BYTES: u64 = 8 * 1024 * 1024;
+/// Most events one `GET /events` returns.
+pub const MAX_LIMIT: usize = MEMORY;
+
+/// One recorded event: its id and its JSON text.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: u64,
+    pub json: Box<str>,
+}
+
+enum Write_ {
+    Line(Box<str>),
+    Stop,
+}
+
+struct Inner {
+    next_id: u64,
+    recent: VecDeque<Event>,
+}
+
+pub struct EventLog {
+    inner: Mutex<Inner>,
+    tx: Sender<Write_>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Unix time now, in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds as seconds, for JSON.
+pub fn secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// The 8-character prefix of a session id, the only form lists show.
+pub fn prefix(id: &uuid::Uuid) -> String {
+    let mut buf = [0u8; 36];
+    id.hyphenated().encode_lower(&mut buf)[..8].to_owned()
+}
+
+/// The fields that say which session an event is about: its id prefix and its client's name
+/// (and the owner's name, once sessions have owners).
+pub fn who(id: &uuid::Uuid, info: &crate::queue::ClientInfo) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert("session".into(), prefix(id).into());
+    map.insert("client".into(), info.name.clone().into());
+    if let Some(owner) = &info.owner {
+        map.insert("owner".into(), owner.clone().into());
+    }
+    map
+}
+
+/// `who` plus more fields.
+pub fn with(mut map: Map<String, Value>, more: Value) -> Value {
+    if let Value::Object(more) = more {
+        map.extend(more);
+    }
+    Value::Object(map)
+}
+
+impl EventLog {
+    /// Reads the history back from `dir` and starts the writer thread.
+    pub fn open(dir: &Path) -> EventLog {
+        let rotate = std::env::var("NEOPS_REMOTE_LAB_EVENTS_ROTATE_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(ROTATE_BYTES);
+        Self::open_with(dir, rotate)
+    }
+
+    pub fn open_with(dir: &Path, rotate_bytes: u64) -> EventLog {
+        let path = dir.join(EVENTS_FILE);
+        let mut recent = VecDeque::new();
+        let mut last = 0;
+        for file in [rotated(&path), path.clone()] {
+            read_into(&file, &mut recent, &mut last);
+        }
+        let (tx, rx) = unbounded();
+        let writer = std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || write_loop(&path, rotate_bytes, &rx))
+            .map_err(|e| log::error!("cannot start the event writer: {e}"))
+            .ok();
+        EventLog {
+            inner: Mutex::new(Inner {
+                next_id: last + 1,
+                recent,
+            }),
+            tx,
+            writer: Mutex::new(writer),
+        }
+    }
+
+    /// Records an event of `kind` with `fields` (an object; other values are ignored).
+    pub fn emit(&self, kind: &str, fields: Value) {
+        let time = secs(now_ms());
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let id = inner.next_id;
+        inner.next_id += 1;
+        // id, time and kind first, for people reading the file.
+        let mut line = serde_json::to_string(&json!({ "id": id, "time": time, "kind": kind }))
+            .unwrap_or_default();
+        if let Value::Object(fields) = &fields
+            && !fields.is_empty()
+        {
+            let rest = Value::Object(fields.clone()).to_string();
+            line.pop();
+            line.push(',');
+            line.push_str(&rest[1..]);
+        }
+        let json: Box<str> = line.into();
+        if inner.recent.len() >= MEMORY {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(Event {
+            id,
+            json: json.clone(),
+        });
+        drop(inner);
+        let _ = self.tx.send(Write_::Line(json));
+    }
+
+    /// The id of the newest event (0 when there is none).
+    pub fn last_id(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_id - 1
+    }
+
+    /// Up to `limit` events with an id above `since`, newest first.
+    pub fn newest(&self, limit: usize, since: u64) -> Vec<Event> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .recent
+            .iter()
+            .rev()
+            .take_while(|e| e.id > since)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Writes what is queued and stops the writer (at the end of a shutdown).
+    pub fn close(&self) {
+        let _ = self.tx.send(Write_::Stop);
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// Appends the events of `file` (one JSON object a line; bad lines are skipped).
+fn read_into(file: &Path, recent: &mut VecDeque<Event>, last: &mut u64) {
+    let Ok(f) = File::open(file) else { return };
+    for line in BufReader::new(f).lines() {
+        let Ok(line) = line else { break };
+        let Some(id) = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_u64))
+        else {
+            continue;
+        };
+        if id <= *last {
+            continue;
+        }
+        *last = id;
+        if recent.len() >= MEMORY {
+            recent.pop_front();
+        }
+        recent.push_back(Event {
+            id,
+            json: line.into(),
+        });
+    }
+}
+
+fn open_append(path: &Path) -> Option<(BufWriter<File>, u64)> {
+    match OpenOptions::new().create(true).append(true).open(path) {
+        Ok(f) => {
+            let size = f.metadata().map_or(0, |m| m.len());
+            Some((BufWriter::new(f), size))
+        }
+        Err(e) => {
+            log::error!("cannot open the event file {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
+    let mut file = open_append(path);
+    let mut batch: Vec<Box<str>> = Vec::new();
+    loop {
+        // Block for the first, then take whatever else is queued: one flush for a burst.
+        let mut stop = false;
+        match rx.recv() {
+            Ok(Write_::Line(line)) => batch.push(line),
+            Ok(Write_::Stop) | Err(_) => stop = true,
+        }
+        while !stop {
+            match rx.try_recv() {
+                Ok(Write_::Line(line)) => batch.push(line),
+                Ok(Write_::Stop) | Err(TryRecvError::Disconnected) => stop = true,
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        for line in batch.drain(..) {
+            if file.as_ref().is_some_and(|(_, size)| *size >= rotate_bytes) {
+                if let Some((mut f, _)) = file.take() {
+                    let _ = f.flush();
+                }
+                if let Err(e) = fs::rename(path, rotated(path)) {
+                    log::error!("cannot rotate the event file {}: {e}", path.display());
+                }
+            }
+            if file.is_none() {
+                file = open_append(path);
+            }
+            if let Some((f, size)) = file.as_mut() {
+                match f
+                    .write_all(line.as_bytes())
+                    .and_then(|()| f.write_all(b"\n"))
+                {
+                    Ok(()) => *size += line.len() as u64 + 1,
+                    Err(e) => log::error!("cannot append to {}: {e}", path.display()),
+                }
+            }
+        }
+        if let Some((f, _)) = file.as_mut()
+            && let Err(e) = f.flush()
+        {
+            log::error!("cannot append to {}: {e}", path.display());
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn newest_first_with_since_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        for n in 0..5 {
+            log.emit("x", json!({ "n": n }));
+        }
+        assert_eq!(ids(&log.newest(10, 0)), vec![5, 4, 3, 2, 1]);
+        assert_eq!(ids(&log.newest(2, 0)), vec![5, 4]);
+        assert_eq!(ids(&log.newest(10, 3)), vec![5, 4]);
+        assert_eq!(ids(&log.newest(10, 5)), Vec::<u64>::new());
+        let v: Value = serde_json::from_str(&log.newest(1, 0)[0].json).unwrap();
+        assert_eq!(v["kind"], "x");
+        assert_eq!(v["n"], 4);
+        log.close();
+    }
+
+    #[test]
+    fn history_survives_a_reopen_and_the_file_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), 300);
+        for n in 0..20 {
+            log.emit("filler", json!({ "n": n, "pad": "p".repeat(40) }));
+        }
+        log.close();
+        let main = dir.path().join(EVENTS_FILE);
+        let old = dir.path().join("events.jsonl.1");
+        assert!(old.exists(), "rotated file missing");
+        assert!(fs::metadata(&main).unwrap().len() < 300 + 200);
+        // Only one older file is kept.
+        assert!(!dir.path().join("events.jsonl.2").exists());
+        let log = EventLog::open_with(dir.path(), 300);
+        let back = log.newest(100, 0);
+        // Whatever both files still hold comes back, newest first, ids continuing.
+        assert_eq!(back[0].id, 20);
+        let got = ids(&back);
+        assert!(got.windows(2).all(|w| w[0] == w[1] + 1), "{got:?}");
+        assert!(
+            got.len() < 20,
+            "older events were dropped by the rotation: {got:?}"
+        );
+        log.emit("after", json!({}));
+        assert_eq!(log.last_id(), 21);
+        log.close();
+    }
+}

@@ -1,0 +1,630 @@
+//! `GET /metrics`: counters and histograms as plain atomics in one static, so that counting
+//! costs the hot paths one relaxed `fetch_add` and no lock; gauges are read from the state at
+//! scrape time. Rendered in the Prometheus text format 0.0.4.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const PREFIX: &str = "neops_remote_lab_";
+
+/// Route templates, as the `route` label of `http_requests_total`.
+pub const ROUTES: &[&str] = &[
+    "/session",
+    "/session/heartbeat",
+    "/session/{session_id}",
+    "/active-session",
+    "/healthz",
+    "/debug/health",
+    "/openapi.json",
+    "/lab",
+    "/lab/release",
+    "/lab/devices",
+    "/lab/log",
+    "/queue",
+    "/events",
+    "/metrics",
+    "/",
+    "other",
+];
+
+/// The route label of a path (`other` for unknown paths).
+pub fn route_index(path: &str) -> usize {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let found = ROUTES.iter().position(|r| *r == path);
+    match found {
+        Some(i) => i,
+        None if path
+            .strip_prefix("/session/")
+            .is_some_and(|id| !id.contains('/')) =>
+        {
+            2
+        }
+        None => ROUTES.len() - 1,
+    }
+}
+
+const CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Deleted = 0,
+    ReapedActive = 1,
+    ReapedWaiting = 2,
+    Refused = 3,
+}
+
+const ENDED: &[&str] = &["deleted", "reaped_active", "reaped_waiting", "refused"];
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        ENDED[self as usize]
+    }
+}
+
+/// How a `POST /lab` ended.
+pub const ACQUIRE_OUTCOMES: &[&str] = &[
+    "started",
+    "reused",
+    "rejected",
+    "conflict",
+    "failed",
+    "timeout",
+    "busy",
+    "cancelled",
+];
+
+/// The outcome label of a `POST /lab` answered with `status` after netlab ran.
+pub fn start_outcome(status: u16) -> usize {
+    match status {
+        200 => 0,
+        422 => 2,
+        409 => 3,
+        504 => 5,
+        423 => 6,
+        503 => 7,
+        _ => 4,
+    }
+}
+
+pub const OUTCOME_REUSED: usize = 1;
+pub const OUTCOME_BUSY: usize = 6;
+
+/// netlab commands counted; anything else is `other`.
+const COMMANDS: &[&str] = &["up", "down", "inspect", "status", "version", "other"];
+const RESULTS: &[&str] = &["success", "failure", "timeout"];
+
+fn command_index(command: &str) -> usize {
+    COMMANDS
+        .iter()
+        .position(|c| *c == command)
+        .unwrap_or(COMMANDS.len() - 1)
+}
+
+/// Bucket bounds of the time histograms, in seconds.
+const SHORT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+const LONG_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
+];
+
+const MAX_BUCKETS: usize = 13;
+
+/// A histogram of durations: counts per bucket (not cumulative), count, and the sum in µs.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: [AtomicU64; MAX_BUCKETS],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS],
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{PREFIX}{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let braces = |l: &str| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{l}}}")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{PREFIX}{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{PREFIX}{name}_sum{} {}",
+            braces(labels),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{PREFIX}{name}_count{} {count}", braces(labels));
+    }
+}
+
+pub struct Metrics {
+    http: [[AtomicU64; 5]; 16],
+    sessions_created: AtomicU64,
+    sessions_ended: [AtomicU64; 4],
+    acquisitions: [AtomicU64; 8],
+    netlab_commands: [[AtomicU64; 3]; 6],
+    state_writes: [AtomicU64; 2],
+    pub queue_wait: Histogram,
+    pub lab_hold: Histogram,
+    netlab_duration: [Histogram; 6],
+    acquire_duration: [Histogram; 8],
+    pub state_write_duration: Histogram,
+}
+
+pub static METRICS: Metrics = Metrics {
+    http: [const { [const { AtomicU64::new(0) }; 5] }; 16],
+    sessions_created: AtomicU64::new(0),
+    sessions_ended: [const { AtomicU64::new(0) }; 4],
+    acquisitions: [const { AtomicU64::new(0) }; 8],
+    netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
+    state_writes: [const { AtomicU64::new(0) }; 2],
+    queue_wait: Histogram::new(LONG_BUCKETS),
+    lab_hold: Histogram::new(LONG_BUCKETS),
+    netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
+    acquire_duration: [const { Histogram::new(LONG_BUCKETS) }; 8],
+    state_write_duration: Histogram::new(SHORT_BUCKETS),
+};
+
+impl Metrics {
+    /// One HTTP answer on `path` with `status`.
+    pub fn request(&self, path: &str, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.http[route_index(path)][class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_created(&self) {
+        self.sessions_created.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_ended(&self, why: Ended) {
+        self.sessions_ended[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A `POST /lab` ended with `outcome` (an index into [`ACQUIRE_OUTCOMES`]) after `took`.
+    pub fn acquisition(&self, outcome: usize, took: Option<Duration>) {
+        self.acquisitions[outcome].fetch_add(1, Ordering::Relaxed);
+        if let Some(took) = took {
+            self.acquire_duration[outcome].observe(took);
+        }
+    }
+
+    /// A netlab command ended: `result` 0 success, 1 failure, 2 timeout.
+    pub fn netlab_command(&self, command: &str, result: usize, took: Duration) {
+        let i = command_index(command);
+        self.netlab_commands[i][result.min(2)].fetch_add(1, Ordering::Relaxed);
+        self.netlab_duration[i].observe(took);
+    }
+
+    pub fn state_write(&self, ok: bool, took: Duration) {
+        self.state_writes[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+        self.state_write_duration.observe(took);
+    }
+}
+
+/// The gauges, read from the state at scrape time.
+pub struct Gauges {
+    pub active: usize,
+    pub waiting: usize,
+    pub lab_up: bool,
+    pub lab_references: u32,
+    pub start_in_progress: bool,
+    pub teardowns_pending: usize,
+    pub events: u64,
+    /// Seconds the ACTIVE session has been active (0 without one).
+    pub active_for: f64,
+    /// Seconds the first WAITING session has waited (0 without one).
+    pub oldest_wait: f64,
+    pub active_timeout: f64,
+    pub waiting_timeout: f64,
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
+    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+}
+
+fn process_header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The whole exposition.
+pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
+    let m = &METRICS;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(16 * 1024);
+
+    header(
+        &mut out,
+        "sessions",
+        "gauge",
+        "Sessions in the queue, by status.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}sessions{{status=\"active\"}} {}",
+        gauges.active
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}sessions{{status=\"waiting\"}} {}",
+        gauges.waiting
+    );
+    header(&mut out, "lab_up", "gauge", "1 while a lab is running.");
+    let _ = writeln!(out, "{PREFIX}lab_up {}", u8::from(gauges.lab_up));
+    header(
+        &mut out,
+        "lab_references",
+        "gauge",
+        "References held on the running lab.",
+    );
+    let _ = writeln!(out, "{PREFIX}lab_references {}", gauges.lab_references);
+    header(
+        &mut out,
+        "lab_start_in_progress",
+        "gauge",
+        "1 while a POST /lab is being processed.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}lab_start_in_progress {}",
+        u8::from(gauges.start_in_progress)
+    );
+    header(
+        &mut out,
+        "lab_teardowns_pending",
+        "gauge",
+        "Lab teardowns queued and not done yet.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}lab_teardowns_pending {}",
+        gauges.teardowns_pending
+    );
+
+    header(
+        &mut out,
+        "active_session_seconds",
+        "gauge",
+        "How long the ACTIVE session has held the lab so far (0 without one).",
+    );
+    let _ = writeln!(out, "{PREFIX}active_session_seconds {}", gauges.active_for);
+    header(
+        &mut out,
+        "oldest_waiting_seconds",
+        "gauge",
+        "How long the first WAITING session has waited so far (0 without one).",
+    );
+    let _ = writeln!(out, "{PREFIX}oldest_waiting_seconds {}", gauges.oldest_wait);
+    header(
+        &mut out,
+        "active_timeout_seconds",
+        "gauge",
+        "The server's --active-timeout.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}active_timeout_seconds {}",
+        gauges.active_timeout
+    );
+    header(
+        &mut out,
+        "waiting_timeout_seconds",
+        "gauge",
+        "The server's --waiting-timeout.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}waiting_timeout_seconds {}",
+        gauges.waiting_timeout
+    );
+    header(
+        &mut out,
+        "sessions_created_total",
+        "counter",
+        "Sessions created.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}sessions_created_total {}",
+        load(&m.sessions_created)
+    );
+    header(
+        &mut out,
+        "sessions_ended_total",
+        "counter",
+        "Sessions ended, by reason (refused: the queue was full).",
+    );
+    for (i, reason) in ENDED.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{PREFIX}sessions_ended_total{{reason=\"{reason}\"}} {}",
+            load(&m.sessions_ended[i])
+        );
+    }
+    header(
+        &mut out,
+        "lab_acquisitions_total",
+        "counter",
+        "POST /lab calls that passed the gate, by outcome.",
+    );
+    for (i, outcome) in ACQUIRE_OUTCOMES.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{PREFIX}lab_acquisitions_total{{outcome=\"{outcome}\"}} {}",
+            load(&m.acquisitions[i])
+        );
+    }
+    header(
+        &mut out,
+        "netlab_commands_total",
+        "counter",
+        "netlab commands run, by command and result.",
+    );
+    for (i, command) in COMMANDS.iter().enumerate() {
+        for (j, result) in RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{PREFIX}netlab_commands_total{{command=\"{command}\",result=\"{result}\"}} {}",
+                load(&m.netlab_commands[i][j])
+            );
+        }
+    }
+    header(
+        &mut out,
+        "http_requests_total",
+        "counter",
+        "HTTP requests answered, by route template and status class.",
+    );
+    for (i, route) in ROUTES.iter().enumerate() {
+        for (j, class) in CLASSES.iter().enumerate() {
+            let n = load(&m.http[i][j]);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{PREFIX}http_requests_total{{route=\"{route}\",code=\"{class}\"}} {n}"
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "state_file_writes_total",
+        "counter",
+        "State file writes, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}state_file_writes_total{{result=\"ok\"}} {}",
+        load(&m.state_writes[0])
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}state_file_writes_total{{result=\"error\"}} {}",
+        load(&m.state_writes[1])
+    );
+    header(
+        &mut out,
+        "events_total",
+        "counter",
+        "Events recorded since the event history began (the last event id).",
+    );
+    let _ = writeln!(out, "{PREFIX}events_total {}", gauges.events);
+
+    header(
+        &mut out,
+        "queue_wait_seconds",
+        "histogram",
+        "Time from session creation to ACTIVE.",
+    );
+    m.queue_wait.render(&mut out, "queue_wait_seconds", "");
+    header(
+        &mut out,
+        "lab_hold_seconds",
+        "histogram",
+        "Time a session stayed ACTIVE (held the lab), measured when it ended.",
+    );
+    m.lab_hold.render(&mut out, "lab_hold_seconds", "");
+    header(
+        &mut out,
+        "netlab_command_duration_seconds",
+        "histogram",
+        "Duration of netlab commands, by command.",
+    );
+    for (i, command) in COMMANDS.iter().enumerate() {
+        m.netlab_duration[i].render(
+            &mut out,
+            "netlab_command_duration_seconds",
+            &format!("command=\"{command}\""),
+        );
+    }
+    header(
+        &mut out,
+        "lab_acquire_duration_seconds",
+        "histogram",
+        "Duration of POST /lab after the upload, by outcome.",
+    );
+    for (i, outcome) in ACQUIRE_OUTCOMES.iter().enumerate() {
+        m.acquire_duration[i].render(
+            &mut out,
+            "lab_acquire_duration_seconds",
+            &format!("outcome=\"{outcome}\""),
+        );
+    }
+    header(
+        &mut out,
+        "state_file_write_duration_seconds",
+        "histogram",
+        "Duration of state file writes (write, fsync, rename, fsync).",
+    );
+    m.state_write_duration
+        .render(&mut out, "state_file_write_duration_seconds", "");
+
+    header(
+        &mut out,
+        "build_info",
+        "gauge",
+        "Always 1; the version is in the label.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    process_metrics(&mut out, started_at);
+    out
+}
+
+/// The standard `process_*` metrics, from /proc/self.
+fn process_metrics(out: &mut String, started_at: SystemTime) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    if let Some(rss) = field("VmRSS:") {
+        process_header(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+        );
+        let _ = writeln!(out, "process_resident_memory_bytes {}", rss * 1024);
+    }
+    if let Some(vsz) = field("VmSize:") {
+        process_header(
+            out,
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+        );
+        let _ = writeln!(out, "process_virtual_memory_bytes {}", vsz * 1024);
+    }
+    if let Some(threads) = field("Threads:") {
+        process_header(out, "process_threads", "gauge", "Number of OS threads.");
+        let _ = writeln!(out, "process_threads {threads}");
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        process_header(
+            out,
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+        );
+        // The directory handle itself is one of them.
+        let _ = writeln!(out, "process_open_fds {}", fds.count().saturating_sub(1));
+    }
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
+    if let (Some(u), Some(s)) = (
+        fields.get(11).and_then(|v| v.parse::<u64>().ok()),
+        fields.get(12).and_then(|v| v.parse::<u64>().ok()),
+    ) {
+        let ticks = rustix::param::clock_ticks_per_second().max(1) as f64;
+        process_header(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+        );
+        let _ = writeln!(out, "process_cpu_seconds_total {}", (u + s) as f64 / ticks);
+    }
+    let start = started_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    process_header(
+        out,
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+    );
+    let _ = writeln!(out, "process_start_time_seconds {start}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels() {
+        assert_eq!(ROUTES[route_index("/session/abc")], "/session/{session_id}");
+        assert_eq!(
+            ROUTES[route_index("/session/heartbeat")],
+            "/session/heartbeat"
+        );
+        assert_eq!(ROUTES[route_index("/queue?limit=3")], "/queue");
+        assert_eq!(ROUTES[route_index("/nope")], "other");
+        assert_eq!(ROUTES[route_index("/session/a/b")], "other");
+        assert_eq!(ROUTES[route_index("/")], "/");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        static H: Histogram = Histogram::new(SHORT_BUCKETS);
+        H.observe(Duration::from_micros(300));
+        H.observe(Duration::from_millis(3));
+        H.observe(Duration::from_secs(5));
+        let mut out = String::new();
+        H.render(&mut out, "x", "");
+        assert!(
+            out.contains("neops_remote_lab_x_bucket{le=\"0.0005\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("neops_remote_lab_x_bucket{le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("neops_remote_lab_x_bucket{le=\"1\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("neops_remote_lab_x_bucket{le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("neops_remote_lab_x_count 3\n"), "{out}");
+        assert!(out.contains("neops_remote_lab_x_sum 5.0033\n"), "{out}");
+    }
+}

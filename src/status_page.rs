@@ -1,0 +1,222 @@
+//! The status page, `GET /`: one HTML file embedded in the binary (no external scripts,
+//! fonts or styles), filled in on the server with the state at load time, so it says
+//! everything without JavaScript; its script then refreshes it from `/queue`, `/events` and
+//! `/lab/log` every 2 s. Everything a client supplied (names, user agents) is escaped here
+//! and set with `textContent` by the script: never markup.
+
+use std::fmt::Write as _;
+
+use crate::lablog::Chunk;
+use crate::observe::QueueView;
+
+const TEMPLATE: &str = include_str!("status.html");
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn dur(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s < 60 {
+        format!("{s} s")
+    } else if s < 3600 {
+        format!("{} min {} s", s / 60, s % 60)
+    } else {
+        format!("{} h {} min", s / 3600, (s % 3600) / 60)
+    }
+}
+
+fn who(name: Option<&str>, id: &str) -> String {
+    format!("{} ({id})", name.unwrap_or("(unnamed)"))
+}
+
+fn clock(unix: f64) -> String {
+    let s = unix.max(0.0) as u64 % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", s / 3600, (s % 3600) / 60, s % 60)
+}
+
+fn event_line(e: &serde_json::Value) -> (String, bool) {
+    let kind = e["kind"].as_str().unwrap_or("?");
+    let mut text = format!("{}  {kind}", clock(e["time"].as_f64().unwrap_or(0.0)));
+    if e.get("session").is_some() || e.get("client").is_some() {
+        text.push_str("  ");
+        text.push_str(&who(
+            e["client"].as_str(),
+            e["session"].as_str().unwrap_or("null"),
+        ));
+    }
+    if let Some(map) = e.as_object() {
+        for (k, v) in map {
+            if matches!(k.as_str(), "id" | "time" | "kind" | "session" | "client") || v.is_null() {
+                continue;
+            }
+            match v.as_str() {
+                Some(s) => {
+                    let _ = write!(text, "  {k}={s}");
+                }
+                None => {
+                    let _ = write!(text, "  {k}={v}");
+                }
+            }
+        }
+    }
+    let reason = e["reason"].as_str().unwrap_or("");
+    let bad = kind.contains("failed")
+        || e["success"] == serde_json::Value::Bool(false)
+        || matches!(reason, "reaped_active" | "reaped_waiting" | "refused");
+    (text, bad)
+}
+
+/// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
+pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
+    let lab = if view.lab.running {
+        let mut details = format!(
+            "{} · {} · {} devices · refs {}",
+            view.lab.topology.as_deref().unwrap_or("?"),
+            view.lab.hash.as_deref().unwrap_or("?"),
+            view.lab.devices,
+            view.lab.ref_count
+        );
+        if let Some(started) = view.lab.started_at {
+            let _ = write!(details, " · up {}", dur(view.time - started));
+        }
+        if let Some(idle) = view.lab.idle_since {
+            let _ = write!(details, " · idle {}", dur(view.time - idle));
+        }
+        format!(
+            "<div class=\"big up\">UP</div><div>{}</div>",
+            escape(&details)
+        )
+    } else {
+        "<div class=\"big down\">DOWN</div>".to_owned()
+    };
+    let holder = match view.sessions.first() {
+        Some(head) => format!(
+            "<span>Held by </span><strong class=\"holder-name\">{}</strong><span> for {}</span>",
+            escape(&who(head.client_name.as_deref(), &head.id)),
+            dur(view.time - head.active_since.unwrap_or(head.created_at))
+        ),
+        None => "<span class=\"muted\">Nobody holds the lab.</span>".to_owned(),
+    };
+    let operation = match &view.operation {
+        Some(op) => format!(
+            "<span class=\"warn\">netlab {} running for {}</span>",
+            escape(op.command),
+            dur(view.time - op.since)
+        ),
+        None => String::new(),
+    };
+    let mut queue = String::new();
+    for s in &view.sessions {
+        let _ = write!(
+            queue,
+            "<tr class=\"{}\"><td>{}</td><td class=\"client-name\">{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
+            s.status,
+            if s.position == 0 {
+                "active".to_owned()
+            } else {
+                s.position.to_string()
+            },
+            escape(s.client_name.as_deref().unwrap_or("(unnamed)")),
+            escape(&s.id),
+            if s.position == 0 {
+                "-".to_owned()
+            } else {
+                dur(view.time - s.created_at)
+            },
+            dur(s.last_seen_ago)
+        );
+    }
+    let queue_note = if view.total == 0 {
+        "No sessions.".to_owned()
+    } else {
+        format!(
+            "{} sessions{}",
+            view.total,
+            if view.truncated { " (list cut)" } else { "" }
+        )
+    };
+    let mut devices = String::new();
+    for d in &view.lab.device_names {
+        let _ = write!(devices, "<li class=\"device\">{}</li>", escape(d));
+    }
+    if !view.lab.running {
+        devices.push_str("<li class=\"muted\">no lab running</li>");
+    }
+    let mut events = String::new();
+    let parsed: serde_json::Value = serde_json::from_str(events_json).unwrap_or_default();
+    if let Some(list) = parsed["events"].as_array() {
+        for e in list {
+            let (text, bad) = event_line(e);
+            let _ = write!(
+                events,
+                "<li class=\"{}\">{}</li>",
+                if bad { "event bad" } else { "event" },
+                escape(&text)
+            );
+        }
+        if list.is_empty() {
+            events.push_str("<li class=\"muted\">no events yet</li>");
+        }
+    }
+    let log_text = String::from_utf8_lossy(&log.text);
+    let log_tail = {
+        let mut start = log_text.len().saturating_sub(65_536);
+        while !log_text.is_char_boundary(start) {
+            start += 1;
+        }
+        &log_text[start..]
+    };
+    let log_command = match log.command {
+        Some(c) => format!(
+            "netlab {c} ({})",
+            if log.done { "ended" } else { "running" }
+        ),
+        None => String::new(),
+    };
+    TEMPLATE
+        .replace("<!--VERSION-->", &escape(view.version))
+        .replace("<!--UPDATED-->", &clock(view.time))
+        .replace("<!--LAB-->", &lab)
+        .replace("<!--HOLDER-->", &holder)
+        .replace("<!--OPERATION-->", &operation)
+        .replace("<!--QUEUE-->", &queue)
+        .replace("<!--QUEUE_NOTE-->", &queue_note)
+        .replace("<!--DEVICES-->", &devices)
+        .replace("<!--EVENTS-->", &events)
+        .replace("<!--LOG_COMMAND-->", &escape(&log_command))
+        .replace("<!--LOG_OFFSET-->", &log.next.to_string())
+        .replace("<!--LOG-->", &escape(log_tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping() {
+        assert_eq!(
+            escape("<img src=x onerror=\"alert('1')\">&"),
+            "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;"
+        );
+    }
+
+    #[test]
+    fn the_template_has_no_external_resources() {
+        for needle in ["http://", "https://", "src=\"", "@import", "url("] {
+            assert!(!TEMPLATE.contains(needle), "{needle}");
+        }
+    }
+}
