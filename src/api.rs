@@ -353,34 +353,22 @@ pub fn session_not_found() -> Reply {
 }
 
 fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
-    #[derive(Serialize)]
-    struct StatusBody {
-        status: &'static str,
-        position: usize,
-    }
-    let Some(id) = parse_session_id(id) else {
-        return session_not_found();
-    };
-    let now = shared.clock.now();
-    let found = {
-        let mut state = shared.lock();
-        if state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
-            state.queue.touch(&id, now);
-            state.queue.lookup(&id)
-        } else {
-            None
-        }
-    };
-    match found {
-        Some((status, position)) => Reply::json(
-            200,
-            &StatusBody {
-                status: status.as_str(),
-                position,
-            },
-        ),
+    match parse_session_id(id).and_then(|id| poll_own(shared, &id, caller)) {
+        Some(current) => longpoll::status_reply(current),
         None => session_not_found(),
     }
+}
+
+/// A poll of the caller's own session: refreshes it and gives its status and position;
+/// `None` when it is not tracked or belongs to another name.
+fn poll_own(shared: &Shared, id: &SessionId, caller: &Caller) -> Option<(Status, usize)> {
+    let now = shared.clock.now();
+    let mut state = shared.lock();
+    if !state.queue.owner(id).is_some_and(|o| caller.may_use(o)) {
+        return None;
+    }
+    state.queue.touch(id, now);
+    state.queue.lookup(id)
 }
 
 /// `GET /session/{id}?wait=S`: a WAITING session's request is parked until its status or
@@ -395,16 +383,7 @@ fn session_poll(shared: &Shared, id: &str, query: &str, caller: &Caller) -> Outc
         return session_not_found().into();
     };
     let now = shared.clock.now();
-    let found = {
-        let mut state = shared.lock();
-        if state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
-            state.queue.touch(&id, now);
-            state.queue.lookup(&id)
-        } else {
-            None
-        }
-    };
-    match found {
+    match poll_own(shared, &id, caller) {
         Some(seen @ (Status::Waiting, _)) => Outcome::Park(id, seen, now + wait),
         Some(current) => longpoll::status_reply(current).into(),
         None => session_not_found().into(),
