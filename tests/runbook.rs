@@ -211,7 +211,16 @@ if action == "start":
 elif action == "stop":
     pid = running()
     if pid is not None and pid > 1:
-        os.kill(pid, signal.SIGTERM)
+        # Pinned by a pidfd, then checked to be our server, then signalled through the pidfd:
+        # a pid from the file that was reused meanwhile is never signalled.
+        fd = os.pidfd_open(pid)
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                ours = f.read().split(b"\0")[0] == BIN.encode()
+            if ours:
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+        finally:
+            os.close(fd)
         deadline = time.time() + 20
         while running() is not None:
             if time.time() > deadline:
