@@ -212,3 +212,19 @@ fn the_client_man_page_and_readme_document_exactly_its_flags() {
         );
     }
 }
+
+/// The README's first command is `cargo run ... -- <server flags>`: with two binaries in the
+/// crate, `cargo run` must still mean the server.
+#[test]
+fn cargo_run_in_the_quick_start_starts_the_server() {
+    let readme = read("README.md");
+    assert!(
+        readme.contains("cargo run --release -- --host 127.0.0.1"),
+        "the quick start no longer says `cargo run`; update this test"
+    );
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("\ndefault-run = \"neops-remote-lab\"\n"),
+        "Cargo.toml must set default-run to the server binary"
+    );
+}
