@@ -185,6 +185,21 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
             json!({ "topology": topology, "hash": hash }),
         ),
     );
+    let start_failed = |status: u16, error: &str| {
+        shared.events.emit(
+            "lab_start_failed",
+            events::with(
+                who(&job.ticket.session, &info),
+                json!({
+                    "topology": topology,
+                    "hash": hash,
+                    "status": status,
+                    "duration_s": started.elapsed().as_secs_f64(),
+                    "error": error,
+                }),
+            ),
+        );
+    };
     // Whatever netlab still registers as `default` (a lab we lost track of) would make
     // `up` fail: clear it first, if it is ours; another's is left alone and refused.
     if let Err(why) = clear_default(netlab, &shared.config) {
@@ -213,19 +228,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(&job, &e);
-            shared.events.emit(
-                "lab_start_failed",
-                events::with(
-                    who(&job.ticket.session, &info),
-                    json!({
-                        "topology": topology,
-                        "hash": hash,
-                        "status": e.status(),
-                        "duration_s": started.elapsed().as_secs_f64(),
-                        "error": e.to_string(),
-                    }),
-                ),
-            );
+            start_failed(e.status(), &e.to_string());
             discard(shared, netlab, &job);
             let _ = finish_start(shared, &job.ticket, None);
             return Reply::detail(e.status(), e.to_string());
@@ -258,19 +261,11 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         }
     };
     if !stored {
-        shared.events.emit(
-            "lab_start_failed",
-            events::with(
-                who(&job.ticket.session, &info),
-                json!({
-                    "topology": topology,
-                    "hash": hash,
-                    "status": if active { 503 } else { 404 },
-                    "duration_s": started.elapsed().as_secs_f64(),
-                    "error": if active { "the server is shutting down" } else { "the session ended while its lab was starting" },
-                }),
-            ),
-        );
+        if active {
+            start_failed(503, "the server is shutting down");
+        } else {
+            start_failed(404, "the session ended while its lab was starting");
+        }
         discard(shared, netlab, &job);
         return if active {
             log::warn!("the server is shutting down: tearing the new lab down again");

@@ -103,6 +103,19 @@ fn topology(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// Someone else ends the session of `run` once its command has written the session id to
+/// `id_file`; `remote-lab` must say so loudly and exit 75 within `limit`.
+fn lose_the_session(server: &TestServer, run: Run, id_file: &Path, limit: Duration) {
+    wait_until(Duration::from_secs(10), "the command started", || {
+        read(id_file).trim().len() == 36
+    });
+    let id = read(id_file).trim().to_owned();
+    server.delete(&format!("/session/{id}")).expect_empty(204);
+    let (code, stderr) = run.finish(limit);
+    assert_eq!(code, 75, "{stderr}");
+    assert!(stderr.contains("SESSION LOST"), "{stderr}");
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -507,14 +520,7 @@ fn a_session_ended_by_someone_else_terminates_the_command_and_exits_75() {
         &["run", "--url", &server.url(), "--", "sh", "-c", &script],
         dir.path(),
     );
-    wait_until(Duration::from_secs(10), "the command started", || {
-        read(&id_file).trim().len() == 36
-    });
-    let id = read(&id_file).trim().to_owned();
-    server.delete(&format!("/session/{id}")).expect_empty(204);
-    let (code, stderr) = run.finish(Duration::from_secs(5));
-    assert_eq!(code, 75, "{stderr}");
-    assert!(stderr.contains("SESSION LOST"), "{stderr}");
+    lose_the_session(&server, run, &id_file, Duration::from_secs(5));
     assert_eq!(read(&marker), "term\n");
 }
 
@@ -645,14 +651,7 @@ fn on_lost_warn_lets_the_command_finish_and_still_exits_75() {
         ],
         dir.path(),
     );
-    wait_until(Duration::from_secs(10), "the command started", || {
-        read(&id_file).trim().len() == 36
-    });
-    let id = read(&id_file).trim().to_owned();
-    server.delete(&format!("/session/{id}")).expect_empty(204);
-    let (code, stderr) = run.finish(Duration::from_secs(10));
-    assert_eq!(code, 75, "{stderr}");
-    assert!(stderr.contains("SESSION LOST"), "{stderr}");
+    lose_the_session(&server, run, &id_file, Duration::from_secs(10));
     assert_eq!(read(&done), "finished\n");
 }
 

@@ -87,22 +87,9 @@ impl Host {
                     .header("Content-Type", content_type)
                     .body(bytes)
                     .map_err(|e| e.to_string())?;
-                let request = self
-                    .agent
-                    .configure_request(request)
-                    .timeout_global(Some(timeout))
-                    .build();
-                self.agent.run(request)
+                self.send(request, timeout)
             }
-            None => {
-                let request = builder.body(()).map_err(|e| e.to_string())?;
-                let request = self
-                    .agent
-                    .configure_request(request)
-                    .timeout_global(Some(timeout))
-                    .build();
-                self.agent.run(request)
-            }
+            None => self.send(builder.body(()).map_err(|e| e.to_string())?, timeout),
         }
         .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
@@ -131,6 +118,20 @@ impl Host {
 
     pub fn get(&self, path: &str, timeout: Duration) -> Result<Answer, String> {
         self.call("GET", path, &[], None, timeout)
+    }
+
+    /// Sends a request with this host's agent, bounded by `timeout` as a whole.
+    fn send<B: ureq::AsSendBody>(
+        &self,
+        request: Request<B>,
+        timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(timeout))
+            .build();
+        self.agent.run(request)
     }
 }
 
