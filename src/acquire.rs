@@ -1,5 +1,9 @@
 //! `POST /lab`, from the gate to the hand-over to the lab thread.
 //!
+//! The request's [`Responder`] and the [`AcquireSlot`] travel together: worker, upload
+//! thread, lab thread. Whoever holds them last answers the client and frees the slot (by
+//! dropping it), whatever way it ends.
+//!
 //! A worker only does what needs no body: the gate, the one-acquire-at-a-time rule, the
 //! `Content-Length` and `Content-Type` checks. The body is then read on a thread of its own,
 //! because a client can send it as slowly as it likes and tiny_http has no socket timeouts:
@@ -18,125 +22,108 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{RecvTimeoutError, bounded};
-use tiny_http::Request;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::api::{Caller, Outcome, gate, header_value, session_not_found};
+use crate::auth::Caller;
 use crate::events::{self, who};
-use crate::http::{Reply, answer};
-use crate::lab::{self, Acquire};
-use crate::lab_thread::{LabJob, StartJob};
+use crate::lab::{self, Acquire, Hash};
 use crate::metrics::{METRICS, OUTCOME_BUSY, OUTCOME_REUSED};
 use crate::persist::Starting;
-use crate::queue::{SessionId, Status};
-use crate::state::Shared;
+use crate::queue::Status;
+use crate::reply::{Reply, Responder, header_value};
+use crate::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob};
 use crate::upload::{self, UploadError};
 
 /// Upload threads alive at once, the running one and those given up on but still blocked
 /// on a silent client.
-pub const MAX_UPLOAD_THREADS: usize = 16;
+const MAX_UPLOAD_THREADS: usize = 16;
 
 /// Upload threads alive now.
-pub static UPLOAD_THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// One `POST /lab` in progress: the session it is for and a number of its own, so that a
-/// late finish of an upload that was given up on cannot free a newer acquire's slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ticket {
-    pub session: SessionId,
-    pub id: u64,
-}
+static UPLOAD_THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// What the worker hands to the upload thread.
-pub struct Pending {
-    ticket: Ticket,
+struct Pending {
+    slot: AcquireSlot,
     boundary: String,
     work_dir: PathBuf,
     began: Instant,
 }
 
-/// Ends a `POST /lab` in progress: the next one may come, and the session may be reaped again
-/// (its clock restarts now: the completion of its lab operation counts as activity).
-pub fn finish(shared: &Shared, ticket: &Ticket) {
-    let now = shared.clock.now();
-    let mut state = shared.lock();
-    if state.acquiring != Some(*ticket) {
-        return;
-    }
-    state.acquiring = None;
-    state.queue.set_busy(&ticket.session, false);
-    state.queue.touch(&ticket.session, now);
+/// What the upload thread decided.
+enum Decision {
+    Reply(Reply),
+    /// Run `netlab up` on the lab thread.
+    Start {
+        slot: AcquireSlot,
+        hash: Hash,
+        topology: PathBuf,
+    },
 }
 
-/// Frees the acquire slot when dropped, unless the job was handed to the lab thread, which
-/// frees it when netlab is done.
-struct Guard<'a> {
-    shared: &'a Shared,
-    ticket: Ticket,
-    armed: bool,
-}
-
-impl Guard<'_> {
-    fn hand_over(mut self) {
-        self.armed = false;
+impl From<Reply> for Decision {
+    fn from(reply: Reply) -> Self {
+        Decision::Reply(reply)
     }
 }
 
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            finish(self.shared, &self.ticket);
-        }
-    }
+/// The devices of a lab record, to pass through untouched.
+pub fn raw_devices(json: &str) -> &RawValue {
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        log::error!("the lab record's devices are not JSON ({e}); serving none");
+        serde_json::from_str("[]").expect("valid JSON")
+    })
+}
+
+/// `{"reused": …, "devices": […]}`, the devices passed through as netlab's inspect gave them.
+#[derive(Serialize)]
+pub struct Acquired<'a> {
+    pub reused: bool,
+    pub devices: &'a RawValue,
 }
 
 fn upload_error_reply(e: &UploadError) -> Reply {
     match e {
         UploadError::MissingTopology => Reply::missing(["body", "topology"]),
-        UploadError::BadBool(input) => crate::api::bool_error("body", "reuse", input),
+        UploadError::BadBool(input) => Reply::bad_bool("body", "reuse", input),
         UploadError::Io(_) => Reply::detail(500, "Could not store the upload on the server"),
         other => Reply::detail(other.status(), other.to_string()),
     }
 }
 
-/// On the worker: everything that needs no body.
-pub fn begin(shared: &Shared, request: &Request, caller: &Caller) -> Outcome {
-    let session = match gate(shared, request, caller) {
-        Ok(id) => id,
-        Err(reply) => return reply.into(),
-    };
+/// On the worker: everything that needs no body; then the upload thread takes over.
+pub fn begin(shared: &Arc<Shared>, responder: Responder, caller: &Caller) {
+    match check(shared, &responder, caller) {
+        Ok(pending) => spawn_upload(shared, responder, pending),
+        Err(reply) => responder.respond(reply),
+    }
+}
+
+fn check(shared: &Arc<Shared>, responder: &Responder, caller: &Caller) -> Result<Pending, Reply> {
+    let request = responder.request();
+    let session = shared.gate(header_value(request, SESSION_HEADER), caller, true)?;
     let max_bytes = shared.config.max_upload_bytes;
     if let Some(length) = request.body_length()
         && length as u64 > max_bytes
     {
-        return upload_error_reply(&UploadError::TooLarge(max_bytes)).into();
+        return Err(upload_error_reply(&UploadError::TooLarge(max_bytes)));
     }
-    let boundary = match upload::boundary(header_value(request, "Content-Type")) {
-        Ok(boundary) => boundary,
-        Err(e) => return upload_error_reply(&e).into(),
-    };
+    let boundary = upload::boundary(header_value(request, "Content-Type"))
+        .map_err(|e| upload_error_reply(&e))?;
     if UPLOAD_THREADS.load(Ordering::SeqCst) >= MAX_UPLOAD_THREADS {
         log::warn!("{MAX_UPLOAD_THREADS} uploads are stalled: refusing a new one");
-        return Reply::detail(503, "Too many stalled uploads; try again later")
-            .with_header("Retry-After", "10")
-            .into();
+        return Err(
+            Reply::detail(503, "Too many stalled uploads; try again later")
+                .with_header("Retry-After", "10"),
+        );
     }
-    let ticket = {
-        let mut state = shared.lock();
-        if state.acquiring.is_some() {
-            METRICS.acquisition(OUTCOME_BUSY, None);
-            return Reply::detail(423, "Lab currently busy").into();
-        }
-        let ticket = Ticket {
-            session,
-            id: state.next_ticket(),
-        };
-        state.acquiring = Some(ticket);
-        state.queue.set_busy(&session, true);
-        ticket
-    };
-    Outcome::Upload(Pending {
-        ticket,
+    let slot = shared.take_slot(session).map_err(|SlotBusy| {
+        METRICS.acquisition(OUTCOME_BUSY, None);
+        Reply::detail(423, "Lab currently busy")
+    })?;
+    Ok(Pending {
+        slot,
         boundary,
         work_dir: shared.labs_dir.join(work_dir_name(Uuid::new_v4())),
         began: Instant::now(),
@@ -155,32 +142,33 @@ const UPLOADING: u8 = 0;
 const RECEIVED: u8 = 1;
 const GIVEN_UP: u8 = 2;
 
-/// Starts the upload thread for a `POST /lab` that passed [`begin`].
-pub fn spawn_upload(shared: &Arc<Shared>, request: Request, pending: Pending) {
+/// Starts the upload thread for a `POST /lab` that passed [`check`]. If no thread can be
+/// started, the responder and the slot go down with the closure: the client gets our 500
+/// and the slot is free.
+fn spawn_upload(shared: &Arc<Shared>, responder: Responder, pending: Pending) {
     UPLOAD_THREADS.fetch_add(1, Ordering::SeqCst);
     let shared = Arc::clone(shared);
     let spawned = std::thread::Builder::new()
         .name("upload".into())
         .spawn(move || {
-            run_upload(&shared, request, pending);
+            run_upload(&shared, responder, pending);
             UPLOAD_THREADS.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
-        // The request went down with the closure: tiny_http answers it with a bare 500.
         UPLOAD_THREADS.fetch_sub(1, Ordering::SeqCst);
         log::error!("cannot start an upload thread: {e}");
     }
 }
 
-fn run_upload(shared: &Arc<Shared>, mut request: Request, pending: Pending) {
+fn run_upload(shared: &Arc<Shared>, mut responder: Responder, pending: Pending) {
     let phase = Arc::new(AtomicU8::new(UPLOADING));
     let cancel = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = bounded::<()>(1);
     {
-        let shared = Arc::clone(shared);
         let phase = Arc::clone(&phase);
         let cancel = Arc::clone(&cancel);
-        let ticket = pending.ticket;
+        let release = pending.slot.early_release();
+        let session = pending.slot.ticket().session;
         let work_dir = pending.work_dir.clone();
         let timeout = shared.config.upload_timeout;
         let watchdog = std::thread::Builder::new()
@@ -193,31 +181,42 @@ fn run_upload(shared: &Arc<Shared>, mut request: Request, pending: Pending) {
                 {
                     cancel.store(true, Ordering::SeqCst);
                     log::warn!(
-                        "session {}: upload not received within {:.0} s: given up",
-                        ticket.session,
+                        "session {session}: upload not received within {:.0} s: given up",
                         timeout.as_secs_f64()
                     );
                     upload::remove_dir(&work_dir);
-                    finish(&shared, &ticket);
+                    release.release();
                 }
             });
         if let Err(e) = watchdog {
             log::error!("cannot start an upload watchdog: {e}");
         }
     }
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        receive_and_decide(shared, &mut request, &pending, &phase, &cancel)
+    let work_dir = pending.work_dir.clone();
+    let began = pending.began;
+    // A panic drops the slot (freed) and leaves the responder here, to answer 500.
+    let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        receive_and_decide(shared, &mut responder, pending, &phase, &cancel)
     }));
     let _ = done_tx.send(());
-    match outcome {
-        Ok(Outcome::Reply(reply)) => answer(request, reply),
-        Ok(Outcome::Lab(job)) => shared.send_lab_job(LabJob::Start(job, request)),
-        Ok(Outcome::Upload(_) | Outcome::Park(..)) => answer(request, Reply::internal_error()),
+    match decided {
+        Ok(Decision::Reply(reply)) => responder.respond(reply),
+        Ok(Decision::Start {
+            slot,
+            hash,
+            topology,
+        }) => shared.send_lab_job(LabJob::Start(StartJob {
+            slot,
+            responder,
+            hash,
+            work_dir,
+            topology,
+            began,
+        })),
         Err(_) => {
             log::error!("the upload of POST /lab panicked; answered 500");
-            upload::remove_dir(&pending.work_dir);
-            finish(shared, &pending.ticket);
-            answer(request, Reply::internal_error());
+            upload::remove_dir(&work_dir);
+            responder.respond(Reply::internal_error());
         }
     }
 }
@@ -232,58 +231,56 @@ fn timed_out(shared: &Shared) -> Reply {
     )
 }
 
+/// Reads the body, then decides under the state lock: attach to the running lab, refuse,
+/// or start a new one (the slot travels on to the lab thread). Every other way out drops
+/// the slot, which frees it.
 fn receive_and_decide(
     shared: &Shared,
-    request: &mut Request,
-    pending: &Pending,
+    responder: &mut Responder,
+    pending: Pending,
     phase: &AtomicU8,
     cancel: &AtomicBool,
-) -> Outcome {
+) -> Decision {
     let Pending {
-        ticket,
+        slot,
         boundary,
         work_dir,
         began,
     } = pending;
-    let guard = Guard {
-        shared,
-        ticket: *ticket,
-        armed: true,
-    };
     let limits = upload::Limits {
         max_bytes: shared.config.max_upload_bytes,
         max_parts: upload::MAX_PARTS,
     };
-    let received = upload::receive(request.as_reader(), boundary, &limits, work_dir, cancel);
+    let reader = responder.request_mut().as_reader();
+    let received = upload::receive(reader, &boundary, &limits, &work_dir, cancel);
     let received_in_time = phase
         .compare_exchange(UPLOADING, RECEIVED, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok();
     if !received_in_time {
-        // Given up by the watchdog, which freed the slot; the guard must not touch a newer one.
-        guard.hand_over();
-        upload::remove_dir(work_dir);
+        // Given up by the watchdog, which freed the slot (dropping it now changes nothing).
+        upload::remove_dir(&work_dir);
         return timed_out(shared).into();
     }
     let upload = match received {
         Ok(upload) => upload,
         Err(e) => {
-            upload::remove_dir(work_dir);
+            upload::remove_dir(&work_dir);
             if let UploadError::Io(err) = &e {
                 log::error!("upload to {} failed: {err}", work_dir.display());
             }
             return upload_error_reply(&e).into();
         }
     };
-    let session = ticket.session;
+    let session = slot.ticket().session;
 
     let mut state = shared.lock();
     match state.queue.lookup(&session) {
         Some((Status::Active, _)) => {}
         other => {
             drop(state);
-            upload::remove_dir(work_dir);
+            upload::remove_dir(&work_dir);
             return match other {
-                None => session_not_found(),
+                None => Reply::session_not_found(),
                 Some(_) => Reply::detail(423, "Session is not active"),
             }
             .into();
@@ -296,7 +293,13 @@ fn receive_and_decide(
                 .as_mut()
                 .expect("decide() attaches to a running lab");
             lab.ref_count += 1;
-            let body = format!("{{\"reused\":true,\"devices\":{}}}", lab.devices_json);
+            let reply = Reply::json(
+                200,
+                &Acquired {
+                    reused: true,
+                    devices: raw_devices(&lab.devices_json),
+                },
+            );
             log::info!(
                 "session {session} attached to the running lab {} (ref_count {})",
                 lab.topology.display(),
@@ -318,20 +321,20 @@ fn receive_and_decide(
             let version = state.changed();
             drop(state);
             let persisted = shared.persist(version);
-            upload::remove_dir(work_dir);
-            drop(guard);
+            upload::remove_dir(&work_dir);
+            drop(slot);
             match persisted {
                 Ok(()) => {
                     METRICS.acquisition(OUTCOME_REUSED, Some(began.elapsed()));
-                    Reply::raw_json(200, body).into()
+                    reply.into()
                 }
-                Err(e) => crate::api::not_persisted(&e).into(),
+                Err(e) => Reply::from(e).into(),
             }
         }
         Acquire::Busy => {
             drop(state);
             METRICS.acquisition(OUTCOME_BUSY, Some(began.elapsed()));
-            upload::remove_dir(work_dir);
+            upload::remove_dir(&work_dir);
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
@@ -350,19 +353,16 @@ fn receive_and_decide(
             let version = state.changed();
             drop(state);
             if let Err(e) = shared.persist(version) {
-                // Rolled back (the old lab stays, no start is recorded); the guard frees
-                // the slot.
-                upload::remove_dir(work_dir);
-                return crate::api::not_persisted(&e).into();
+                // Rolled back (the old lab stays, no start is recorded); dropping the slot
+                // frees it.
+                upload::remove_dir(&work_dir);
+                return Reply::from(e).into();
             }
-            guard.hand_over();
-            Outcome::Lab(StartJob {
-                ticket: *ticket,
+            Decision::Start {
+                slot,
                 hash: upload.hash,
-                work_dir: work_dir.clone(),
                 topology: upload.topology,
-                began: *began,
-            })
+            }
         }
     }
 }

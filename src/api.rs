@@ -1,231 +1,397 @@
-//! Routing and one handler per endpoint. Handlers run on the worker threads; they read the
-//! request, change the shared state under its lock, and return a [`Reply`], or, for a
-//! `POST /lab` that has to run netlab, a [`StartJob`] for the lab thread.
+//! The API: one route table and one handler per operation.
+//!
+//! [`ROUTES`] names every path, its operations (method, handler, OpenAPI summary and
+//! description) and who may read it without a token. Routing, the `Allow` header of a 405,
+//! the `--public-read` views and the OpenAPI paths all come from it. A handler either
+//! returns a [`Reply`] (the worker sends it) or takes the [`Responder`] to answer later
+//! elsewhere: `POST /lab` hands it to an upload thread and on to the lab thread, a
+//! long-poll parks it.
 
-use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tiny_http::{Method, Request};
 use uuid::Uuid;
 
-use crate::acquire::{self, Pending};
-use crate::auth::Identity;
+use crate::acquire::{self, raw_devices};
+use crate::auth::{self, Caller};
 use crate::config::parse_bool;
-use crate::http::Reply;
 use crate::lab::{self, Destroy};
-use crate::lab_thread::StartJob;
 use crate::longpoll;
 use crate::observe;
+use crate::openapi;
 use crate::persist::NotPersisted;
 use crate::queue::{SessionId, Status, parse_session_id};
-use crate::state::Shared;
+use crate::reply::{Reply, Responder, header_value, percent_decode, query_param};
+use crate::state::{SESSION_HEADER, Shared};
 
-pub const SESSION_HEADER: &str = "X-Session-ID";
+// ------------------------------------------------------------------------------- the table
 
-pub enum Outcome {
-    Reply(Reply),
-    /// Hand the request to the lab thread, which answers it when netlab is done.
-    Lab(StartJob),
-    /// Read the `POST /lab` body on an upload thread (see [`crate::acquire`]).
-    Upload(Pending),
-    /// Park a long-poll: session, the state it was seen in, and the deadline (see
-    /// [`crate::longpoll`]).
-    Park(SessionId, (Status, usize), Duration),
+/// An HTTP method the API serves (`HEAD` is served wherever `GET` is; tiny_http leaves the
+/// body out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verb {
+    Get,
+    Post,
+    Delete,
 }
 
-impl From<Reply> for Outcome {
-    fn from(reply: Reply) -> Self {
-        Outcome::Reply(reply)
+impl Verb {
+    fn of(method: &Method) -> Option<Verb> {
+        match method {
+            Method::Get | Method::Head => Some(Verb::Get),
+            Method::Post => Some(Verb::Post),
+            Method::Delete => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+
+    /// As the `Allow` header names it.
+    fn allow(self) -> &'static str {
+        match self {
+            Verb::Get => "GET, HEAD",
+            Verb::Post => "POST",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    /// As OpenAPI names it.
+    fn openapi(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Post => "post",
+            Verb::Delete => "delete",
+        }
     }
 }
 
-/// The routes, by path. A path can match two routes (`/session/heartbeat` is also a
-/// `/session/{id}`); the methods of both are allowed there.
-#[derive(Debug, PartialEq, Eq)]
-enum Route<'a> {
-    Sessions,
-    Heartbeat,
-    Session(&'a str),
-    ActiveSession,
-    Healthz,
-    DebugHealth,
-    OpenApi,
-    Lab,
-    LabRelease,
-    LabDevices,
-    LabLog,
-    QueueView,
-    Events,
-    Metrics,
-    StatusPage,
+/// A request to one operation: who asks, the path's `{session_id}` (percent-decoded) and
+/// the query string.
+struct Call<'a> {
+    shared: &'a Arc<Shared>,
+    caller: Caller,
+    param: String,
+    query: String,
 }
 
-fn route(path: &str) -> Option<Route<'_>> {
-    Some(match path {
-        "/session" => Route::Sessions,
-        "/session/heartbeat" => Route::Heartbeat,
-        "/active-session" => Route::ActiveSession,
-        "/healthz" => Route::Healthz,
-        "/debug/health" => Route::DebugHealth,
-        "/openapi.json" => Route::OpenApi,
-        "/lab" => Route::Lab,
-        "/lab/release" => Route::LabRelease,
-        "/lab/devices" => Route::LabDevices,
-        "/lab/log" => Route::LabLog,
-        "/queue" => Route::QueueView,
-        "/events" => Route::Events,
-        "/metrics" => Route::Metrics,
-        "/" => Route::StatusPage,
-        _ => match path.strip_prefix("/session/") {
-            Some(id) if !id.contains('/') => Route::Session(id),
-            _ => return None,
-        },
-    })
+#[derive(Clone, Copy)]
+enum Handler {
+    /// Builds the reply; the worker sends it.
+    Reply(fn(&Call<'_>, &Request) -> Reply),
+    /// Answers through the responder, now or later, on another thread.
+    Responder(fn(&Call<'_>, Responder)),
+}
+
+/// Who may `GET` a route without a token when `--token-file` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Open {
+    /// Nobody: a token is needed.
+    No,
+    /// Everybody with `--public-read` (the read-only views).
+    PublicRead,
+    /// Everybody (`/healthz`, for probes).
+    Always,
+}
+
+struct Operation {
+    verb: Verb,
+    handler: Handler,
+    summary: &'static str,
+    /// Parameters and responses, for OpenAPI.
+    doc: fn() -> serde_json::Value,
+}
+
+struct Route {
+    /// The path; a segment `{session_id}` matches any one segment.
+    path: &'static str,
+    open: Open,
+    operations: &'static [Operation],
+}
+
+const fn op(
+    verb: Verb,
+    handler: Handler,
+    summary: &'static str,
+    doc: fn() -> serde_json::Value,
+) -> Operation {
+    Operation {
+        verb,
+        handler,
+        summary,
+        doc,
+    }
+}
+
+use Handler::{Reply as R, Responder as Owning};
+use Verb::{Delete, Get, Post};
+
+/// Every route. A path can match two routes (`/session/heartbeat` is also a
+/// `/session/{session_id}`): a request goes to the first that has its method, and a 405
+/// names the methods of all of them.
+static ROUTES: &[Route] = &[
+    Route {
+        path: "/session",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(create_session),
+            "Open a session and join the queue",
+            openapi::create_session,
+        )],
+    },
+    Route {
+        path: "/session/{session_id}",
+        open: Open::No,
+        operations: &[
+            op(
+                Get,
+                Owning(session_status),
+                "Status and queue position of a session",
+                openapi::session_status,
+            ),
+            op(
+                Delete,
+                R(end_session),
+                "End a session",
+                openapi::end_session,
+            ),
+        ],
+    },
+    Route {
+        path: "/session/heartbeat",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(heartbeat),
+            "Keep a session alive",
+            openapi::heartbeat,
+        )],
+    },
+    Route {
+        path: "/active-session",
+        open: Open::No,
+        operations: &[op(
+            Get,
+            R(active_session),
+            "The active session (a read: it does not keep that session alive)",
+            openapi::active_session,
+        )],
+    },
+    Route {
+        path: "/lab",
+        open: Open::No,
+        operations: &[
+            op(
+                Get,
+                R(lab_status),
+                "The lab's state (a read: it does not keep the session alive)",
+                openapi::lab_status,
+            ),
+            op(
+                Post,
+                Owning(acquire),
+                "Upload a topology and acquire the lab",
+                openapi::acquire,
+            ),
+            op(
+                Delete,
+                R(destroy_lab),
+                "Tear the lab down",
+                openapi::destroy_lab,
+            ),
+        ],
+    },
+    Route {
+        path: "/lab/release",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(release_lab),
+            "Release one reference on the lab",
+            openapi::release_lab,
+        )],
+    },
+    Route {
+        path: "/lab/devices",
+        open: Open::No,
+        operations: &[op(
+            Get,
+            R(lab_devices),
+            "The running lab's devices (a read: it does not keep the session alive)",
+            openapi::lab_devices,
+        )],
+    },
+    Route {
+        path: "/lab/log",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|call, _| observe::lab_log(call.shared, &call.query)),
+            "netlab's live output (the job running now, or the last one)",
+            openapi::lab_log,
+        )],
+    },
+    Route {
+        path: "/healthz",
+        open: Open::Always,
+        operations: &[op(Get, R(healthz), "Liveness", openapi::healthz)],
+    },
+    Route {
+        path: "/debug/health",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(debug_health),
+            "Health and queue figures",
+            openapi::debug_health,
+        )],
+    },
+    Route {
+        path: "/openapi.json",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|_, _| Reply::raw_json(200, document())),
+            "This document",
+            openapi::openapi,
+        )],
+    },
+    Route {
+        path: "/queue",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|call, _| observe::queue(call.shared, &call.query)),
+            "The lab and the queue, for people and dashboards (no session needed; ids are 8-character prefixes)",
+            openapi::queue,
+        )],
+    },
+    Route {
+        path: "/events",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|call, _| observe::events(call.shared, &call.query)),
+            "The event history, newest first",
+            openapi::events,
+        )],
+    },
+    Route {
+        path: "/metrics",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|call, _| observe::metrics(call.shared)),
+            "Prometheus metrics (text format 0.0.4)",
+            openapi::metrics,
+        )],
+    },
+    Route {
+        path: "/",
+        open: Open::PublicRead,
+        operations: &[op(
+            Get,
+            R(|call, _| observe::status_page(call.shared)),
+            "The status page (HTML)",
+            openapi::status_page,
+        )],
+    },
+];
+
+/// Whether `path` matches the route's pattern; the value of its `{session_id}` segment.
+fn matches<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
+    match pattern.split_once("{session_id}") {
+        None => (pattern == path).then_some(""),
+        Some((before, after)) => {
+            let rest = path.strip_prefix(before)?;
+            let param = rest.strip_suffix(after)?;
+            (!param.contains('/')).then_some(param)
+        }
+    }
+}
+
+/// The routes that match a path, with the path's parameter.
+fn routes_for(path: &str) -> impl Iterator<Item = (&'static Route, &str)> + '_ {
+    ROUTES
+        .iter()
+        .filter_map(move |route| matches(route.path, path).map(|param| (route, param)))
 }
 
 /// The `Allow` header of a path: every method of every route that matches it.
-fn allow(route: &Route<'_>) -> &'static str {
-    match route {
-        Route::Sessions | Route::LabRelease => "POST",
-        Route::Heartbeat => "GET, HEAD, DELETE, POST",
-        Route::Session(_) => "GET, HEAD, DELETE",
-        Route::Lab => "GET, HEAD, POST, DELETE",
-        Route::ActiveSession
-        | Route::Healthz
-        | Route::DebugHealth
-        | Route::OpenApi
-        | Route::LabDevices
-        | Route::LabLog
-        | Route::QueueView
-        | Route::Events
-        | Route::Metrics
-        | Route::StatusPage => "GET, HEAD",
+fn allow(path: &str) -> String {
+    let mut verbs: Vec<Verb> = Vec::new();
+    for (route, _) in routes_for(path) {
+        for op in route.operations {
+            if !verbs.contains(&op.verb) {
+                verbs.push(op.verb);
+            }
+        }
     }
+    verbs
+        .iter()
+        .map(|v| v.allow())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// `HEAD` is served wherever `GET` is; tiny_http leaves the body out.
-fn effective_method(method: &Method) -> Option<&'static str> {
-    Some(match method {
-        Method::Get | Method::Head => "GET",
-        Method::Post => "POST",
-        Method::Delete => "DELETE",
-        _ => return None,
+/// The OpenAPI document, serialized once.
+fn document() -> &'static [u8] {
+    static DOC: OnceLock<Vec<u8>> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let operations = ROUTES.iter().flat_map(|route| {
+            route
+                .operations
+                .iter()
+                .map(|op| (route.path, op.verb.openapi(), op.summary, (op.doc)()))
+        });
+        serde_json::to_vec(&openapi::document(operations)).unwrap_or_default()
     })
 }
 
-pub fn handle(shared: &Shared, request: &Request) -> Outcome {
+/// Serves one request.
+pub fn handle(shared: &Arc<Shared>, responder: Responder) {
+    match resolve(shared, responder.request()) {
+        Err(reply) => responder.respond(reply),
+        Ok((Handler::Reply(f), call)) => {
+            let reply = f(&call, responder.request());
+            responder.respond(reply);
+        }
+        Ok((Handler::Responder(f), call)) => f(&call, responder),
+    }
+}
+
+/// Who asks for which operation, or the answer when it cannot be served: 401/429 (the
+/// caller first, before anything else), 404 no such path, 405 no such method there.
+fn resolve<'s>(shared: &'s Arc<Shared>, request: &Request) -> Result<(Handler, Call<'s>), Reply> {
     let url = request.url();
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    let method = effective_method(request.method());
-    // Before anything else, the body included: who is asking.
-    let caller = match authorize(shared, request, path, method) {
-        Ok(caller) => caller,
-        Err(reply) => return reply.into(),
+    let verb = Verb::of(request.method());
+    let open = routes_for(path)
+        .next()
+        .map_or(Open::No, |(route, _)| route.open);
+    let caller = authorize(shared, request, path, verb == Some(Get), open)?;
+    if routes_for(path).next().is_none() {
+        return Err(Reply::detail(404, "Not Found"));
+    }
+    let found = routes_for(path).find_map(|(route, param)| {
+        let op = route.operations.iter().find(|op| Some(op.verb) == verb)?;
+        Some((op.handler, param))
+    });
+    let Some((handler, param)) = found else {
+        return Err(Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(path)));
     };
-    let caller = &caller;
-    let Some(route) = route(path) else {
-        return Reply::detail(404, "Not Found").into();
+    let call = Call {
+        shared,
+        caller,
+        param: percent_decode(param).into_owned(),
+        query: query.to_owned(),
     };
-    let reply = match (&route, method) {
-        (Route::Sessions, Some("POST")) => create_session(shared, request, caller),
-        (Route::Heartbeat, Some("POST")) => heartbeat(shared, request, caller),
-        (Route::Heartbeat, Some("GET")) => session_status(shared, "heartbeat", caller),
-        (Route::Heartbeat, Some("DELETE")) => end_session(shared, "heartbeat", caller),
-        (Route::Session(id), Some("GET")) if query_param(query, "wait").is_some() => {
-            return session_poll(shared, &percent_decode(id), query, caller);
-        }
-        (Route::Session(id), Some("GET")) => session_status(shared, &percent_decode(id), caller),
-        (Route::Session(id), Some("DELETE")) => end_session(shared, &percent_decode(id), caller),
-        (Route::ActiveSession, Some("GET")) => active_session(shared, caller),
-        (Route::Healthz, Some("GET")) => match shared.degraded() {
-            None => Reply::empty(204),
-            Some(why) => Reply::detail(503, format!("degraded: {}", NotPersisted(why))),
-        },
-        (Route::DebugHealth, Some("GET")) => debug_health(shared),
-        (Route::OpenApi, Some("GET")) => Reply::raw_json(200, crate::openapi::document()),
-        (Route::Lab, Some("POST")) => return acquire::begin(shared, request, caller),
-        (Route::Lab, Some("GET")) => lab_status(shared, request, caller),
-        (Route::Lab, Some("DELETE")) => destroy_lab(shared, request, query, caller),
-        (Route::LabRelease, Some("POST")) => release_lab(shared, request, caller),
-        (Route::LabDevices, Some("GET")) => lab_devices(shared, request, caller),
-        (Route::LabLog, Some("GET")) => observe::lab_log(shared, query),
-        (Route::QueueView, Some("GET")) => observe::queue(shared, query),
-        (Route::Events, Some("GET")) => observe::events(shared, query),
-        (Route::Metrics, Some("GET")) => observe::metrics(shared),
-        (Route::StatusPage, Some("GET")) => observe::status_page(shared),
-        _ => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(&route)),
-    };
-    Outcome::Reply(reply)
+    Ok((handler, call))
 }
 
 // ------------------------------------------------------------------------------- access
-
-/// Who is asking.
-pub enum Caller {
-    /// No `--token-file`: everyone may do everything, as with the Python server.
-    Open,
-    /// A read-only view opened to everyone by `--public-read`, or `/healthz`.
-    Public,
-    /// A request with a valid token, and the address it came from.
-    Token(Identity, String),
-}
-
-impl Caller {
-    /// The name a session created by this caller belongs to.
-    fn owner(&self) -> Option<Arc<str>> {
-        match self {
-            Caller::Token(id, _) => Some(Arc::clone(&id.name)),
-            Caller::Open | Caller::Public => None,
-        }
-    }
-
-    /// May this caller see and use a session that belongs to `owner`? Without tokens,
-    /// everyone may; with them, only its owner (a session made while the server was open
-    /// belongs to nobody in particular: any valid token may use it).
-    pub fn may_use(&self, owner: Option<&Arc<str>>) -> bool {
-        match self {
-            Caller::Open => true,
-            Caller::Public => false,
-            Caller::Token(id, _) => owner.is_none_or(|o| *o == id.name),
-        }
-    }
-
-    fn is_admin(&self) -> bool {
-        matches!(self, Caller::Token(id, _) if id.admin)
-    }
-
-    /// Records an admin's action on what is not its own, as an event naming the address.
-    fn admin_event(&self, shared: &Shared, action: &str, mut fields: serde_json::Value) {
-        if let (Caller::Token(id, from), Some(map)) = (self, fields.as_object_mut()) {
-            map.insert("action".into(), action.into());
-            map.insert("admin".into(), (*id.name).into());
-            map.insert("addr".into(), from.as_str().into());
-            shared.events.emit("admin_action", fields);
-        }
-    }
-
-    /// The name to put in a log line about an action of this caller.
-    fn describe(&self) -> String {
-        match self {
-            Caller::Token(id, from) if id.admin => format!(" by admin {:?} from {from}", &*id.name),
-            Caller::Token(id, _) => format!(" by {:?}", &*id.name),
-            Caller::Open | Caller::Public => String::new(),
-        }
-    }
-}
-
-/// The read-only views `--public-read` opens to requests without a token.
-const PUBLIC_VIEWS: &[&str] = &[
-    "/",
-    "/queue",
-    "/events",
-    "/metrics",
-    "/debug/health",
-    "/openapi.json",
-    "/lab/log",
-];
 
 pub const WWW_AUTHENTICATE: &str = "Basic realm=\"neops-remote-lab\", Bearer";
 
@@ -235,13 +401,14 @@ fn authorize(
     shared: &Shared,
     request: &Request,
     path: &str,
-    method: Option<&str>,
+    reading: bool,
+    open: Open,
 ) -> Result<Caller, Reply> {
     let Some(access) = &shared.access else {
         return Ok(Caller::Open);
     };
-    let reading = method == Some("GET");
-    if reading && (path == "/healthz" || (access.public_read && PUBLIC_VIEWS.contains(&path))) {
+    let public = open == Open::Always || (open == Open::PublicRead && access.public_read);
+    if reading && public {
         return Ok(Caller::Public);
     }
     let addr = request.remote_addr().map(|a| a.ip());
@@ -270,13 +437,13 @@ fn authorize(
     {
         log::warn!(
             "{addr} failed to authenticate {} times within {} s: refused for {} s",
-            crate::auth::MAX_FAILURES,
-            crate::auth::WINDOW.as_secs(),
-            crate::auth::WINDOW.as_secs()
+            auth::MAX_FAILURES,
+            auth::WINDOW.as_secs(),
+            auth::WINDOW.as_secs()
         );
         shared.events.emit(
             "auth_blocked",
-            serde_json::json!({ "addr": from, "seconds": crate::auth::WINDOW.as_secs() }),
+            serde_json::json!({ "addr": from, "seconds": auth::WINDOW.as_secs() }),
         );
     }
     Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
@@ -284,7 +451,8 @@ fn authorize(
 
 // ------------------------------------------------------------------------------- sessions
 
-fn create_session(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
+fn create_session(call: &Call<'_>, request: &Request) -> Reply {
+    let (shared, caller) = (call.shared, &call.caller);
     #[derive(Serialize)]
     struct Created {
         session_id: String,
@@ -316,7 +484,7 @@ fn create_session(shared: &Shared, request: &Request, caller: &Caller) -> Reply 
     match created {
         Ok((position, version)) => {
             if let Err(e) = shared.persist(version) {
-                return not_persisted(&e);
+                return e.into();
             }
             let by = caller.describe();
             if position == 0 {
@@ -343,19 +511,24 @@ fn create_session(shared: &Shared, request: &Request, caller: &Caller) -> Reply 
     }
 }
 
-/// A change that could not be written to the state file (it was rolled back).
-pub fn not_persisted(e: &NotPersisted) -> Reply {
-    Reply::detail(503, e.to_string()).with_header("Retry-After", "5")
-}
-
-pub fn session_not_found() -> Reply {
-    Reply::detail(404, "Session not found")
-}
-
-fn session_status(shared: &Shared, id: &str, caller: &Caller) -> Reply {
-    match parse_session_id(id).and_then(|id| poll_own(shared, &id, caller)) {
-        Some(current) => longpoll::status_reply(current),
-        None => session_not_found(),
+/// `GET /session/{id}`; with `?wait=S` a WAITING session's request is parked until its
+/// status or position changes, or S seconds pass (see [`longpoll`]).
+fn session_status(call: &Call<'_>, responder: Responder) {
+    let (shared, caller) = (call.shared, &call.caller);
+    let wait = match query_param(&call.query, "wait").map(|text| longpoll::parse_wait(&text)) {
+        None => None,
+        Some(Ok(wait)) => Some(wait),
+        Some(Err(reply)) => return responder.respond(reply),
+    };
+    let current = parse_session_id(&call.param)
+        .and_then(|id| poll_own(shared, &id, caller).map(|seen| (id, seen)));
+    match (current, wait) {
+        (Some((id, seen @ (Status::Waiting, _))), Some(wait)) => {
+            let deadline = shared.clock.now() + wait;
+            shared.park(responder, id, seen, deadline);
+        }
+        (Some((_, seen)), _) => responder.respond(longpoll::status_reply(seen)),
+        (None, _) => responder.respond(Reply::session_not_found()),
     }
 }
 
@@ -371,27 +544,9 @@ fn poll_own(shared: &Shared, id: &SessionId, caller: &Caller) -> Option<(Status,
     state.queue.lookup(id)
 }
 
-/// `GET /session/{id}?wait=S`: a WAITING session's request is parked until its status or
-/// position changes, or S seconds pass.
-fn session_poll(shared: &Shared, id: &str, query: &str, caller: &Caller) -> Outcome {
-    let wait = match query_param(query, "wait").map(|text| longpoll::parse_wait(&text)) {
-        Some(Ok(wait)) => wait,
-        Some(Err(reply)) => return reply.into(),
-        None => return session_status(shared, id, caller).into(),
-    };
-    let Some(id) = parse_session_id(id) else {
-        return session_not_found().into();
-    };
-    let now = shared.clock.now();
-    match poll_own(shared, &id, caller) {
-        Some(seen @ (Status::Waiting, _)) => Outcome::Park(id, seen, now + wait),
-        Some(current) => longpoll::status_reply(current).into(),
-        None => session_not_found().into(),
-    }
-}
-
-fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
-    let ended = match parse_session_id(id) {
+fn end_session(call: &Call<'_>, _: &Request) -> Reply {
+    let (shared, caller) = (call.shared, &call.caller);
+    let ended = match parse_session_id(&call.param) {
         None => false,
         Some(id) => {
             let owner = shared.lock().queue.owner(&id).map(|o| o.cloned());
@@ -401,7 +556,7 @@ fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
                     let owner = owner.as_deref().unwrap_or("nobody");
                     log::warn!("session {id} of {owner:?} ended{}", caller.describe());
                     caller.admin_event(
-                        shared,
+                        &shared.events,
                         "end_session",
                         serde_json::json!({ "session": crate::events::prefix(&id), "owner": owner }),
                     );
@@ -411,26 +566,19 @@ fn end_session(shared: &Shared, id: &str, caller: &Caller) -> Reply {
             };
             match ended {
                 Ok(ended) => ended,
-                Err(e) => return not_persisted(&e),
+                Err(e) => return e.into(),
             }
         }
     };
     if ended || shared.is_shutting_down() {
         Reply::empty(204)
     } else {
-        session_not_found()
+        Reply::session_not_found()
     }
 }
 
-pub fn header_value<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
-}
-
-fn heartbeat(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
+fn heartbeat(call: &Call<'_>, request: &Request) -> Reply {
+    let (shared, caller) = (call.shared, &call.caller);
     let Some(value) = header_value(request, SESSION_HEADER) else {
         return Reply::missing(["header", SESSION_HEADER]);
     };
@@ -442,11 +590,12 @@ fn heartbeat(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
     if known {
         Reply::empty(204)
     } else {
-        session_not_found()
+        Reply::session_not_found()
     }
 }
 
-fn active_session(shared: &Shared, caller: &Caller) -> Reply {
+fn active_session(call: &Call<'_>, _: &Request) -> Reply {
+    let (shared, caller) = (call.shared, &call.caller);
     #[derive(Serialize)]
     struct ActiveBody {
         status: &'static str,
@@ -474,7 +623,15 @@ fn active_session(shared: &Shared, caller: &Caller) -> Reply {
     }
 }
 
-fn debug_health(shared: &Shared) -> Reply {
+fn healthz(call: &Call<'_>, _: &Request) -> Reply {
+    match call.shared.degraded() {
+        None => Reply::empty(204),
+        Some(why) => Reply::detail(503, format!("degraded: {}", NotPersisted(why))),
+    }
+}
+
+fn debug_health(call: &Call<'_>, _: &Request) -> Reply {
+    let shared = call.shared;
     /// A teardown not done yet: queued, or failed and waiting for its next attempt.
     #[derive(Serialize)]
     struct PendingTeardown {
@@ -541,46 +698,63 @@ fn debug_health(shared: &Shared) -> Reply {
     )
 }
 
-// ------------------------------------------------------------------------------- the gate
+// ------------------------------------------------------------------------------- lab routes
 
-/// The `X-Session-ID` gate of every `/lab*` route: 422 missing header, 404 unknown session,
-/// 423 not the ACTIVE session. Passing it refreshes the session's `last_seen_at`. The body
-/// is not read before the gate is passed.
-pub fn gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<SessionId, Reply> {
-    check_gate(shared, request, caller, true)
+/// `{"running", "topology", "ref_count", "devices", "netlab_status"}`; the devices are
+/// passed through as netlab's inspect gave them.
+#[derive(Serialize)]
+struct LabStatus<'a> {
+    running: bool,
+    topology: Option<std::borrow::Cow<'a, str>>,
+    ref_count: u32,
+    devices: &'a RawValue,
+    /// Always null, for the Python server's clients (see the OpenAPI schema).
+    netlab_status: Option<()>,
 }
 
-/// The gate of the read-only routes (`GET /lab`, `GET /lab/devices`): the same answers, but
-/// a look does not count as the session's activity, so polling them never keeps a silent
-/// session alive. Only the session's own polls, heartbeats and lab operations do.
-fn read_gate(shared: &Shared, request: &Request, caller: &Caller) -> Result<SessionId, Reply> {
-    check_gate(shared, request, caller, false)
+/// Passes the `X-Session-ID` gate (see [`Shared::gate`]); `touch`: counts as activity.
+fn gate(call: &Call<'_>, request: &Request, touch: bool) -> Result<SessionId, Reply> {
+    call.shared
+        .gate(header_value(request, SESSION_HEADER), &call.caller, touch)
 }
 
-fn check_gate(
-    shared: &Shared,
-    request: &Request,
-    caller: &Caller,
-    touch: bool,
-) -> Result<SessionId, Reply> {
-    let Some(value) = header_value(request, SESSION_HEADER) else {
-        return Err(Reply::missing(["header", SESSION_HEADER]));
-    };
-    let id = parse_session_id(value).ok_or_else(session_not_found)?;
-    let now = shared.clock.now();
-    let mut state = shared.lock();
-    if !state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
-        return Err(session_not_found());
+fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
+    if let Err(reply) = gate(call, request, false) {
+        return reply;
     }
-    match state.queue.lookup(&id) {
-        None => Err(session_not_found()),
-        Some((Status::Waiting, _)) => Err(Reply::detail(423, "Session is not active")),
-        Some((Status::Active, _)) => {
-            if touch {
-                state.queue.touch(&id, now);
-            }
-            Ok(id)
-        }
+    let state = call.shared.lock();
+    let status = match &state.lab {
+        Some(lab) => LabStatus {
+            running: true,
+            topology: Some(lab.topology.to_string_lossy()),
+            ref_count: lab.ref_count,
+            devices: raw_devices(&lab.devices_json),
+            netlab_status: None,
+        },
+        None => LabStatus {
+            running: false,
+            topology: None,
+            ref_count: 0,
+            devices: raw_devices("[]"),
+            netlab_status: None,
+        },
+    };
+    Reply::json(200, &status)
+}
+
+fn lab_devices(call: &Call<'_>, request: &Request) -> Reply {
+    if let Err(reply) = gate(call, request, false) {
+        return reply;
+    }
+    let devices = call
+        .shared
+        .lock()
+        .lab
+        .as_ref()
+        .map(|l| l.devices_json.clone());
+    match devices {
+        Some(devices) => Reply::raw_json(200, devices.as_bytes()),
+        None => no_lab(),
     }
 }
 
@@ -588,41 +762,13 @@ fn no_lab() -> Reply {
     Reply::detail(404, "No lab running")
 }
 
-// ------------------------------------------------------------------------------- lab routes
-
-fn lab_status(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
-    if let Err(reply) = read_gate(shared, request, caller) {
-        return reply;
-    }
-    let state = shared.lock();
-    let body = match &state.lab {
-        Some(lab) => format!(
-            "{{\"running\":true,\"topology\":{},\"ref_count\":{},\"devices\":{},\"netlab_status\":null}}",
-            serde_json::Value::String(lab.topology.to_string_lossy().into_owned()),
-            lab.ref_count,
-            lab.devices_json
-        ),
-        None => {
-            "{\"running\":false,\"topology\":null,\"ref_count\":0,\"devices\":[],\"netlab_status\":null}"
-                .to_owned()
-        }
-    };
-    Reply::raw_json(200, body)
+fn acquire(call: &Call<'_>, responder: Responder) {
+    acquire::begin(call.shared, responder, &call.caller);
 }
 
-fn lab_devices(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
-    if let Err(reply) = read_gate(shared, request, caller) {
-        return reply;
-    }
-    let devices = shared.lock().lab.as_ref().map(|l| l.devices_json.clone());
-    match devices {
-        Some(devices) => Reply::raw_json(200, devices.as_bytes()),
-        None => no_lab(),
-    }
-}
-
-fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
-    let session = match gate(shared, request, caller) {
+fn release_lab(call: &Call<'_>, request: &Request) -> Reply {
+    let shared = call.shared;
+    let session = match gate(call, request, true) {
         Ok(id) => id,
         Err(reply) => return reply,
     };
@@ -643,23 +789,15 @@ fn release_lab(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
         }
     };
     if let Err(e) = shared.persist(version) {
-        return not_persisted(&e);
+        return e.into();
     }
     Reply::empty(204)
 }
 
-/// The value of a query parameter, percent-decoded (`+` is a space).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(&key.replace('+', " ")) == name)
-            .then(|| percent_decode(&value.replace('+', " ")).into_owned())
-    })
-}
-
-fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller) -> Reply {
-    let gated = gate(shared, request, caller);
-    let force = match query_param(query, "force") {
+fn destroy_lab(call: &Call<'_>, request: &Request) -> Reply {
+    let (shared, caller) = (call.shared, &call.caller);
+    let gated = gate(call, request, true);
+    let force = match query_param(&call.query, "force") {
         None => Ok(true),
         Some(text) => parse_bool(&text).ok_or(text),
     };
@@ -668,11 +806,15 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller)
     let (session, force) = match (gated, force) {
         (Ok(id), Ok(force)) => (id.to_string(), force),
         (Err(_), Ok(true)) if caller.is_admin() => {
-            caller.admin_event(shared, "destroy_lab", serde_json::json!({ "force": true }));
+            caller.admin_event(
+                &shared.events,
+                "destroy_lab",
+                serde_json::json!({ "force": true }),
+            );
             ("none".to_owned(), true)
         }
         (Err(reply), _) => return reply,
-        (Ok(_), Err(text)) => return bool_error("query", "force", &text),
+        (Ok(_), Err(text)) => return Reply::bad_bool("query", "force", &text),
     };
     let version = {
         let mut state = shared.lock();
@@ -693,41 +835,9 @@ fn destroy_lab(shared: &Shared, request: &Request, query: &str, caller: &Caller)
         }
     };
     if let Err(e) = shared.persist(version) {
-        return not_persisted(&e);
+        return e.into();
     }
     Reply::empty(202)
-}
-
-pub fn bool_error(place: &str, name: &str, input: &str) -> Reply {
-    Reply::validation(
-        "bool_parsing",
-        [place, name],
-        "Input should be a valid boolean, unable to interpret input",
-        Some(input),
-    )
-}
-
-/// Decodes `%XX` escapes; invalid escapes are kept as they are.
-pub fn percent_decode(text: &str) -> Cow<'_, str> {
-    if !text.contains('%') {
-        return Cow::Borrowed(text);
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(value);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
@@ -735,30 +845,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes() {
-        assert_eq!(route("/session"), Some(Route::Sessions));
-        assert_eq!(route("/session/"), Some(Route::Session("")));
-        assert_eq!(route("/session/abc"), Some(Route::Session("abc")));
-        assert_eq!(route("/session/a/b"), None);
-        assert_eq!(route("/session/heartbeat"), Some(Route::Heartbeat));
-        assert_eq!(route("/lab/"), None);
-        assert_eq!(route("/nope"), None);
+    fn paths_match_their_routes() {
+        fn first(path: &str) -> Option<(&'static str, &str)> {
+            routes_for(path).next().map(|(r, p)| (r.path, p))
+        }
+        assert_eq!(first("/session"), Some(("/session", "")));
+        assert_eq!(first("/session/"), Some(("/session/{session_id}", "")));
+        assert_eq!(
+            first("/session/abc"),
+            Some(("/session/{session_id}", "abc"))
+        );
+        assert_eq!(first("/session/a/b"), None);
+        assert_eq!(
+            routes_for("/session/heartbeat")
+                .map(|(r, _)| r.path)
+                .collect::<Vec<_>>(),
+            ["/session/{session_id}", "/session/heartbeat"]
+        );
+        assert_eq!(first("/lab/"), None);
+        assert_eq!(first("/nope"), None);
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Db"), "a-b");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("x%41"), "xA");
+    fn allow_names_the_methods_of_every_matching_route() {
+        assert_eq!(allow("/session/heartbeat"), "GET, HEAD, DELETE, POST");
+        assert_eq!(allow("/lab"), "GET, HEAD, POST, DELETE");
+        assert_eq!(allow("/session"), "POST");
+        assert_eq!(allow("/queue"), "GET, HEAD");
     }
 
+    /// The document's paths and methods are the table's; every operation has a summary
+    /// and responses; every `$ref` names a schema the document has.
     #[test]
-    fn query_params() {
-        assert_eq!(query_param("force=false", "force"), Some("false".into()));
-        assert_eq!(query_param("a=1&force=no", "force"), Some("no".into()));
-        assert_eq!(query_param("", "force"), None);
-        assert_eq!(query_param("force", "force"), Some(String::new()));
+    fn the_openapi_document_is_the_route_table() {
+        let doc: serde_json::Value = serde_json::from_slice(document()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), ROUTES.len());
+        for route in ROUTES {
+            let item = paths[route.path].as_object().unwrap();
+            let mut documented: Vec<&str> = item.keys().map(String::as_str).collect();
+            let mut served: Vec<&str> = route
+                .operations
+                .iter()
+                .map(|op| op.verb.openapi())
+                .collect();
+            documented.sort_unstable();
+            served.sort_unstable();
+            assert_eq!(documented, served, "{}", route.path);
+            for op in item.values() {
+                assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()));
+                assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()));
+            }
+        }
+        let text = String::from_utf8(document().to_vec()).unwrap();
+        for reference in text.split("\"#/components/schemas/").skip(1) {
+            let name = &reference[..reference.find('"').unwrap()];
+            assert!(doc["components"]["schemas"].get(name).is_some(), "{name}");
+        }
+    }
+
+    /// Paths and their `{session_id}` parameters are consistent, and no two routes with
+    /// the same pattern exist.
+    #[test]
+    fn the_table_is_well_formed() {
+        let mut seen = std::collections::HashSet::new();
+        for route in ROUTES {
+            assert!(seen.insert(route.path), "{} twice", route.path);
+            let mut verbs: Vec<Verb> = route.operations.iter().map(|op| op.verb).collect();
+            verbs.dedup();
+            assert_eq!(verbs.len(), route.operations.len(), "{}", route.path);
+            if route.open != Open::No {
+                assert!(
+                    route.operations.iter().all(|op| op.verb == Get),
+                    "{}",
+                    route.path
+                );
+            }
+        }
     }
 }

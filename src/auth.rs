@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
+
+use crate::events::EventLog;
 use sha2::{Digest, Sha256};
 
 /// Failures from one address within [`WINDOW`] before it is blocked.
@@ -333,6 +335,62 @@ impl Access {
         let count = fresh.count();
         *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
         Ok(count)
+    }
+}
+
+// ------------------------------------------------------------------------------- callers
+
+/// Who is asking.
+pub enum Caller {
+    /// No `--token-file`: everyone may do everything, as with the Python server.
+    Open,
+    /// A read-only view opened to everyone by `--public-read`, or `/healthz`.
+    Public,
+    /// A request with a valid token, and the address it came from.
+    Token(Identity, String),
+}
+
+impl Caller {
+    /// The name a session created by this caller belongs to.
+    pub fn owner(&self) -> Option<Arc<str>> {
+        match self {
+            Caller::Token(id, _) => Some(Arc::clone(&id.name)),
+            Caller::Open | Caller::Public => None,
+        }
+    }
+
+    /// May this caller see and use a session that belongs to `owner`? Without tokens,
+    /// everyone may; with them, only its owner (a session made while the server was open
+    /// belongs to nobody in particular: any valid token may use it).
+    pub fn may_use(&self, owner: Option<&Arc<str>>) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Public => false,
+            Caller::Token(id, _) => owner.is_none_or(|o| *o == id.name),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Token(id, _) if id.admin)
+    }
+
+    /// Records an admin's action on what is not its own, as an event naming the address.
+    pub fn admin_event(&self, events: &EventLog, action: &str, mut fields: serde_json::Value) {
+        if let (Caller::Token(id, from), Some(map)) = (self, fields.as_object_mut()) {
+            map.insert("action".into(), action.into());
+            map.insert("admin".into(), (*id.name).into());
+            map.insert("addr".into(), from.as_str().into());
+            events.emit("admin_action", fields);
+        }
+    }
+
+    /// The name to put in a log line about an action of this caller.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Token(id, from) if id.admin => format!(" by admin {:?} from {from}", &*id.name),
+            Caller::Token(id, _) => format!(" by {:?}", &*id.name),
+            Caller::Open | Caller::Public => String::new(),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The time source. Everything that decides by elapsed time (staleness, idle labs) reads it
 //! through [`Clock`], so tests can move time forward instead of sleeping.
 
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,12 +35,14 @@ impl Clock for MonotonicClock {
     }
 }
 
-/// A clock that only moves when told to.
+/// A clock that only moves when told to (unit tests).
+#[cfg(test)]
 #[derive(Default)]
 pub struct FakeClock {
     micros: AtomicU64,
 }
 
+#[cfg(test)]
 impl FakeClock {
     pub fn new() -> Self {
         Self::default()
@@ -51,6 +54,7 @@ impl FakeClock {
     }
 }
 
+#[cfg(test)]
 impl Clock for FakeClock {
     fn now(&self) -> Duration {
         Duration::from_micros(self.micros.load(Ordering::SeqCst))

@@ -231,7 +231,7 @@ pub struct Config {
 
 impl Config {
     /// The defaults, with `state_dir` as given.
-    pub fn with_state_dir(state_dir: PathBuf) -> Self {
+    pub fn defaults(state_dir: PathBuf) -> Self {
         Config {
             host: "0.0.0.0".into(),
             port: 8000,
@@ -359,7 +359,7 @@ where
         Some((v, _)) => PathBuf::from(v),
         None => default_state_dir(rustix::process::geteuid().is_root(), &env)?,
     };
-    let mut config = Config::with_state_dir(state_dir);
+    let mut config = Config::defaults(state_dir);
 
     if let Some((v, _)) = lookup("host") {
         config.host = v;

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 pub type Hash = [u8; 32];
 
+#[cfg(test)]
 pub fn sha256(bytes: &[u8]) -> Hash {
+    use sha2::{Digest, Sha256};
     Sha256::digest(bytes).into()
 }
 

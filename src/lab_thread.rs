@@ -1,73 +1,85 @@
 //! The lab thread: the one thread that runs netlab. Jobs (start, teardown) come over a channel
 //! and run one at a time, in order, so starts and teardowns never overlap and a start queued
-//! behind a teardown waits for it. A start carries the client's request; this thread answers
-//! it when netlab is done, so no worker ever waits for netlab.
+//! behind a teardown waits for it. A start carries the client's responder and the acquire
+//! slot; this thread answers the client when netlab is done (no worker ever waits for
+//! netlab) and frees the slot by dropping it. A panic during a job ends that job only: the
+//! unwinding drops the start's responder (the client gets our 500) and its slot (freed; the
+//! half-made start becomes a pending teardown), and the thread takes the next job.
 
-use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use tiny_http::Request;
-
 use serde_json::json;
 
-use crate::acquire::{self, Ticket};
+use crate::acquire::{Acquired, raw_devices};
 use crate::config::OnExit;
 use crate::events::{self, now_ms, who};
-use crate::http::{Reply, answer};
-use crate::lab::{self, Hash, LabRecord, Teardown};
+use crate::lab::{self, Device, LabRecord, Teardown};
 use crate::lablog::Job;
 use crate::metrics::{METRICS, start_outcome};
 use crate::netlab::{Netlab, NetlabError};
 use crate::persist::NotPersisted;
 use crate::queue::Status;
-use crate::state::Shared;
-use crate::state::file_name;
+use crate::reply::Reply;
+use crate::state::{LabJob, Shared, StartJob, Ticket, file_name};
 use crate::upload::remove_dir;
 
-/// A validated, stored upload waiting for `netlab up`.
-#[derive(Debug)]
-pub struct StartJob {
-    pub ticket: Ticket,
-    pub hash: Hash,
-    pub work_dir: PathBuf,
-    /// The topology file inside `work_dir`.
-    pub topology: PathBuf,
-    /// When the `POST /lab` passed the gate.
-    pub began: Instant,
+/// What the lab thread asks of netlab; [`Netlab`] does it, a unit test can stand in.
+pub trait Driver {
+    /// `netlab up`; `spawned` gets the process group as soon as it runs.
+    fn up(
+        &self,
+        topology: &Path,
+        cancel: &AtomicBool,
+        spawned: &dyn Fn(u32),
+    ) -> Result<(), NetlabError>;
+    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError>;
+    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String>;
+    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String>;
+    fn cleanup_default(&self, cwd: &Path) -> Result<(), String>;
 }
 
-pub enum LabJob {
-    Start(StartJob, Request),
-    Teardown(Teardown),
-    /// Finish the queued jobs, tear the running lab down and stop.
-    Shutdown,
-}
-
-impl fmt::Debug for LabJob {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LabJob::Start(job, _) => write!(f, "start of {}", job.topology.display()),
-            LabJob::Teardown(t) => write!(f, "teardown of {}", t.lab.topology.display()),
-            LabJob::Shutdown => f.write_str("shutdown"),
-        }
+impl Driver for Netlab {
+    fn up(
+        &self,
+        topology: &Path,
+        cancel: &AtomicBool,
+        spawned: &dyn Fn(u32),
+    ) -> Result<(), NetlabError> {
+        Netlab::up(self, topology, cancel, spawned)
+    }
+    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError> {
+        Netlab::devices(self, work_dir)
+    }
+    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String> {
+        Netlab::tear_down(self, work_dir, force)
+    }
+    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String> {
+        Netlab::default_instance_dir(self, cwd)
+    }
+    fn cleanup_default(&self, cwd: &Path) -> Result<(), String> {
+        Netlab::cleanup_default(self, cwd)
     }
 }
 
-pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
+pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>) {
     for job in jobs.iter() {
         let stop = matches!(job, LabJob::Shutdown);
         let description = format!("{job:?}");
         let result = catch_unwind(AssertUnwindSafe(|| match job {
-            LabJob::Start(job, request) => {
-                let began = job.began;
+            LabJob::Start(job) => {
                 shared.lab_log.begin(Job::Up);
-                let reply = start(shared, netlab, job);
+                let reply = start(shared, netlab, &job);
                 shared.lab_log.end();
-                METRICS.acquisition(start_outcome(reply.status), Some(began.elapsed()));
-                answer(request, reply);
+                METRICS.acquisition(start_outcome(reply.status), Some(job.began.elapsed()));
+                let StartJob {
+                    slot, responder, ..
+                } = job;
+                drop(slot);
+                responder.respond(reply);
             }
             LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t) {
                 Ok(()) => shared.teardown_done(t.work_dir()),
@@ -76,7 +88,8 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
             LabJob::Shutdown => shut_down(shared, netlab),
         }));
         if result.is_err() {
-            log::error!("the lab thread panicked during the {description}; going on");
+            shared.lab_log.end();
+            log::error!("the lab thread panicked during the {description}; taking the next job");
         }
         if stop {
             break;
@@ -86,7 +99,7 @@ pub fn run(shared: &Shared, netlab: &Netlab, jobs: Receiver<LabJob>) {
 
 /// The last job: tear the running lab down, unless `--on-exit keep` leaves it for the next
 /// start to adopt (the state file already says everything about it).
-fn shut_down(shared: &Shared, netlab: &Netlab) {
+fn shut_down(shared: &Shared, netlab: &dyn Driver) {
     if shared.config.on_exit == OnExit::Keep {
         if let Some(lab) = &shared.lock().lab {
             log::info!(
@@ -118,7 +131,7 @@ fn shut_down(shared: &Shared, netlab: &Netlab) {
 /// Tears a lab down in its work directory and removes the directory, once netlab says it
 /// is done. On failure the directory stays (the caller records the teardown as failed, to be
 /// retried): it holds what netlab and containerlab need to finish by hand.
-pub fn teardown(netlab: &Netlab, t: &Teardown) -> Result<(), String> {
+pub fn teardown(netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
     netlab.tear_down(t.work_dir(), t.force)?;
     log::info!(
@@ -131,7 +144,7 @@ pub fn teardown(netlab: &Netlab, t: &Teardown) -> Result<(), String> {
 }
 
 /// [`teardown`], with its output in the live log and its start and end as events.
-fn observed_teardown(shared: &Shared, netlab: &Netlab, t: &Teardown) -> Result<(), String> {
+fn observed_teardown(shared: &Shared, netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
     let topology = file_name(&t.lab.topology);
     shared.lab_log.begin(Job::Down);
@@ -154,7 +167,7 @@ fn observed_teardown(shared: &Shared, netlab: &Netlab, t: &Teardown) -> Result<(
 
 /// Cleans up after a start that did not produce a lab we keep. If netlab cannot, the
 /// remains become a failed teardown, retried like any other.
-fn discard(shared: &Shared, netlab: &Netlab, job: &StartJob) {
+fn discard(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
     let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash);
     match netlab.tear_down(&job.work_dir, true) {
         Ok(()) => remove_dir(&job.work_dir),
@@ -162,10 +175,11 @@ fn discard(shared: &Shared, netlab: &Netlab, job: &StartJob) {
     }
 }
 
-fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
+fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
+    let ticket = job.slot.ticket();
     if shared.is_shutting_down() {
         remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &job.ticket, None);
+        let _ = finish_start(shared, &ticket, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let started = Instant::now();
@@ -173,15 +187,15 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         "starting lab {} ({}) for session {}",
         job.topology.display(),
         &lab::hex(&job.hash)[..12],
-        job.ticket.session
+        ticket.session
     );
-    let info = shared.client_info(&job.ticket.session);
+    let info = shared.client_info(&ticket.session);
     let topology = file_name(&job.topology);
     let hash = lab::hex(&job.hash)[..12].to_owned();
     shared.events.emit(
         "lab_start_begun",
         events::with(
-            who(&job.ticket.session, &info),
+            who(&ticket.session, &info),
             json!({ "topology": topology, "hash": hash }),
         ),
     );
@@ -189,7 +203,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         shared.events.emit(
             "lab_start_failed",
             events::with(
-                who(&job.ticket.session, &info),
+                who(&ticket.session, &info),
                 json!({
                     "topology": topology,
                     "hash": hash,
@@ -205,7 +219,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     if let Err(why) = clear_default(netlab, &shared.config) {
         log::warn!("lab {}: {why}", job.topology.display());
         remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &job.ticket, None);
+        let _ = finish_start(shared, &ticket, None);
         return Reply::detail(409, why);
     }
     // The up's process group goes into the start record, so that a restart after a crash
@@ -227,10 +241,10 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     let devices = match result {
         Ok(devices) => devices,
         Err(e) => {
-            log_failure(&job, &e);
+            log_failure(job, &e);
             start_failed(e.status(), &e.to_string());
-            discard(shared, netlab, &job);
-            let _ = finish_start(shared, &job.ticket, None);
+            discard(shared, netlab, job);
+            let _ = finish_start(shared, &ticket, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -242,7 +256,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         ref_count: 1,
         devices_json: devices_json.clone(),
     };
-    let (active, stored) = match finish_start(shared, &job.ticket, Some(record)) {
+    let (active, stored) = match finish_start(shared, &ticket, Some(record)) {
         Ok(done) => done,
         Err(e) => {
             // Not recorded, so not kept: a lab nobody knows of would outlive a restart.
@@ -250,14 +264,14 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
                 "lab {} came up but cannot be recorded: tearing it down again",
                 job.topology.display()
             );
-            discard(shared, netlab, &job);
+            discard(shared, netlab, job);
             let version = {
                 let mut state = shared.lock();
                 state.starting = None;
                 state.changed()
             };
             shared.persist_quietly(version);
-            return crate::api::not_persisted(&e);
+            return e.into();
         }
     };
     if !stored {
@@ -266,14 +280,14 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
         } else {
             start_failed(404, "the session ended while its lab was starting");
         }
-        discard(shared, netlab, &job);
+        discard(shared, netlab, job);
         return if active {
             log::warn!("the server is shutting down: tearing the new lab down again");
             Reply::detail(503, "Server is shutting down")
         } else {
             log::warn!(
                 "session {} ended while its lab was starting: tore the new lab down",
-                job.ticket.session
+                ticket.session
             );
             Reply::detail(404, "Session not found")
         };
@@ -288,7 +302,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
     shared.events.emit(
         "lab_started",
         events::with(
-            who(&job.ticket.session, &info),
+            who(&ticket.session, &info),
             json!({
                 "topology": topology,
                 "hash": hash,
@@ -297,9 +311,12 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
             }),
         ),
     );
-    Reply::raw_json(
+    Reply::json(
         200,
-        format!("{{\"reused\":false,\"devices\":{devices_json}}}"),
+        &Acquired {
+            reused: false,
+            devices: raw_devices(&devices_json),
+        },
     )
 }
 
@@ -307,7 +324,7 @@ fn start(shared: &Shared, netlab: &Netlab, job: StartJob) -> Reply {
 /// track of), or anywhere with `--cleanup-foreign`. One in another directory belongs to
 /// someone else (another server, a person at the shell): it is left alone, and the reason
 /// is returned. A registration whose directory is gone is cleared either way.
-pub fn clear_default(netlab: &Netlab, config: &crate::config::Config) -> Result<(), String> {
+pub fn clear_default(netlab: &dyn Driver, config: &crate::config::Config) -> Result<(), String> {
     let labs = config.state_dir.join("labs");
     let dir = match netlab.default_instance_dir(&config.state_dir) {
         Ok(Some(dir)) => dir,
@@ -337,7 +354,8 @@ pub fn clear_default(netlab: &Netlab, config: &crate::config::Config) -> Result<
 
 /// Ends a start: the lab (if one came up and its session is still the active one, and the
 /// server is not shutting down) becomes the running lab; the start is no longer in
-/// progress. Durable when this returns. Returns (session still active, lab stored).
+/// progress. Durable when this returns (the caller then frees the slot by dropping it).
+/// Returns (session still active, lab stored).
 fn finish_start(
     shared: &Shared,
     ticket: &Ticket,
@@ -355,9 +373,7 @@ fn finish_start(
         state.starting = None;
         (active, stored, state.changed())
     };
-    let persisted = shared.persist(version);
-    acquire::finish(shared, ticket);
-    persisted.map(|()| (active, stored))
+    shared.persist(version).map(|()| (active, stored))
 }
 
 fn log_failure(job: &StartJob, e: &NetlabError) {
@@ -376,5 +392,134 @@ fn log_failure(job: &StartJob, e: &NetlabError) {
             job.topology.display(),
             crate::netlab::for_log(&e.to_string())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::{Clock, FakeClock};
+    use crate::config::Config;
+    use crate::persist::Starting;
+    use crate::reply::Responder;
+
+    /// A netlab whose first `up` panics (a bug in the start path); the next ones work.
+    #[derive(Default)]
+    struct PanicsOnce {
+        ups: AtomicUsize,
+        downs: AtomicUsize,
+    }
+
+    impl Driver for PanicsOnce {
+        fn up(&self, _: &Path, _: &AtomicBool, _: &dyn Fn(u32)) -> Result<(), NetlabError> {
+            if self.ups.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a bug in the start path");
+            }
+            Ok(())
+        }
+        fn devices(&self, _: &Path) -> Result<Vec<Device>, NetlabError> {
+            Ok(vec![Device {
+                name: "r1".into(),
+                raw: json!({"name": "r1"}),
+            }])
+        }
+        fn tear_down(&self, _: &Path, _: bool) -> Result<(), String> {
+            self.downs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn default_instance_dir(&self, _: &Path) -> Result<Option<PathBuf>, String> {
+            Ok(None)
+        }
+        fn cleanup_default(&self, _: &Path) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// What the upload thread does before it hands a start over: takes the slot, records
+    /// the start, and sends the job with the client's responder.
+    fn send_start(shared: &Arc<Shared>, session: uuid::Uuid) -> crossbeam_channel::Receiver<Reply> {
+        let slot = shared.take_slot(session).expect("the slot is free");
+        let work_dir = shared
+            .labs_dir
+            .join(format!("lab-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&work_dir).unwrap();
+        let topology = work_dir.join("topology.yml");
+        let version = {
+            let mut state = shared.lock();
+            state.starting = Some(Starting {
+                session,
+                work_dir: work_dir.clone(),
+                pgid: None,
+            });
+            state.changed()
+        };
+        shared.persist(version).unwrap();
+        let request = tiny_http::TestRequest::new()
+            .with_method(tiny_http::Method::Post)
+            .with_path("/lab")
+            .into();
+        let (responder, replies) = Responder::capture(request);
+        shared.send_lab_job(LabJob::Start(StartJob {
+            slot,
+            responder,
+            hash: [7; 32],
+            work_dir,
+            topology,
+            began: Instant::now(),
+        }));
+        replies
+    }
+
+    #[test]
+    fn a_panic_in_a_start_answers_500_frees_the_slot_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::defaults(dir.path().to_path_buf());
+        config.active_timeout = Duration::from_secs(60);
+        let clock = Arc::new(FakeClock::new());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::new(config, clock.clone(), tx));
+        let session = uuid::Uuid::new_v4();
+        shared.lock().queue.create(session, clock.now()).unwrap();
+        let driver = Arc::new(PanicsOnce::default());
+        let lab_thread = {
+            let (shared, driver) = (Arc::clone(&shared), Arc::clone(&driver));
+            std::thread::spawn(move || run(&shared, &*driver, rx))
+        };
+        let wait = Duration::from_secs(10);
+
+        // The panic: the client gets our JSON 500, not tiny_http's bare one.
+        let reply = send_start(&shared, session).recv_timeout(wait).unwrap();
+        assert_eq!(reply.status, 500);
+        let body: serde_json::Value =
+            serde_json::from_slice(reply.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body, json!({"detail": "internal error"}));
+        // The half-made start became a teardown, carried out by the same thread.
+        let deadline = Instant::now() + wait;
+        while driver.downs.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(driver.downs.load(Ordering::SeqCst), 1);
+        assert!(shared.lock().starting.is_none());
+
+        // The same session's next POST /lab gets the slot and its lab.
+        let reply = send_start(&shared, session).recv_timeout(wait).unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.body.as_deref(),
+            Some(&br#"{"reused":false,"devices":[{"name":"r1","raw":{"name":"r1"}}]}"#[..])
+        );
+        assert!(shared.lock().acquiring().is_none());
+
+        // And it can be reaped again: nothing keeps it busy.
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(shared.sweep(), 1);
+        assert!(shared.lock().queue.is_empty());
+
+        shared.send_lab_job(LabJob::Shutdown);
+        lab_thread.join().unwrap();
     }
 }

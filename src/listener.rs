@@ -10,7 +10,7 @@
 //!
 //! Where tiny_http leaves no way out (its accept loop ended or panicked because descriptors
 //! or threads ran out, or too many connections had to be abandoned on purpose, see
-//! [`crate::http`]), the watch notices within seconds and the process exits with
+//! `reply`), the watch notices within seconds and the process exits with
 //! [`EXIT_RESTART`] and a log line saying why: the service manager starts it again, and the
 //! state file makes that restart invisible to clients.
 
@@ -28,7 +28,7 @@ pub const EXIT_RESTART: i32 = 75;
 /// Pending connections the kernel keeps for us (std uses 128).
 pub const BACKLOG: i32 = 1024;
 
-/// Connections abandoned on purpose (see [`crate::http`]); each keeps a thread and two
+/// Connections abandoned on purpose (see `reply`'s `Responder::abandon`); each keeps a thread and two
 /// descriptors until the process ends.
 pub static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 

@@ -4,14 +4,13 @@
 
 use std::fs::{File, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const LOCK_FILE: &str = "neops-remote-lab.lock";
 
 /// Held for the life of the process.
 pub struct StateDirLock {
     _file: File,
-    pub path: PathBuf,
 }
 
 pub fn acquire(state_dir: &Path) -> Result<StateDirLock, String> {
@@ -46,5 +45,5 @@ pub fn acquire(state_dir: &Path) -> Result<StateDirLock, String> {
     if let Err(e) = written {
         return Err(format!("cannot write lock file {}: {e}", path.display()));
     }
-    Ok(StateDirLock { _file: file, path })
+    Ok(StateDirLock { _file: file })
 }

@@ -1,6 +1,6 @@
 //! Long-poll of `GET /session/{id}?wait=S`: requests parked without a worker.
 //!
-//! A waiting session's status request is parked here (inside [`crate::state::State`], under
+//! A waiting session's status request is parked here (inside the shared state, under
 //! its lock) and answered by whichever thread changes the queue (a session ending ahead of
 //! it, a promotion, the sweep), by the timer when its wait runs out, or at shutdown. The
 //! answering thread takes the ready requests out under the lock and writes them after it
@@ -8,10 +8,8 @@
 
 use std::time::Duration;
 
-use tiny_http::Request;
-
-use crate::http::Reply;
 use crate::queue::{Queue, SessionId, Status};
+use crate::reply::{Reply, Responder};
 
 /// At most this many parked requests; beyond, `wait` is ignored and the answer immediate.
 pub const MAX_PARKED: usize = 10_000;
@@ -23,7 +21,7 @@ struct Waiter {
     /// What the client would have been told when it parked.
     seen: (Status, usize),
     deadline: Duration,
-    request: Request,
+    responder: Responder,
 }
 
 /// Which parked requests [`Parked::take_ready`] takes out.
@@ -46,7 +44,7 @@ pub struct Parked {
 }
 
 /// A parked request ready to be answered, and its answer.
-pub type Ready = Vec<(Request, Reply)>;
+pub type Ready = Vec<(Responder, Reply)>;
 
 impl Parked {
     pub fn len(&self) -> usize {
@@ -68,7 +66,7 @@ impl Parked {
         id: SessionId,
         seen: (Status, usize),
         deadline: Duration,
-        request: Request,
+        responder: Responder,
     ) -> bool {
         let earliest = self.earliest.is_none_or(|d| deadline < d);
         if earliest {
@@ -78,7 +76,7 @@ impl Parked {
             id,
             seen,
             deadline,
-            request,
+            responder,
         });
         earliest
     }
@@ -114,9 +112,9 @@ impl Parked {
                     queue.touch(&waiter.id, now);
                     status_reply(state)
                 }
-                None => not_found(),
+                None => Reply::session_not_found(),
             };
-            ready.push((waiter.request, reply));
+            ready.push((waiter.responder, reply));
         }
         self.earliest = kept.iter().map(|w| w.deadline).min();
         self.waiters = kept;
@@ -124,19 +122,19 @@ impl Parked {
     }
 }
 
-/// The answer for a session that is gone.
-pub fn not_found() -> Reply {
-    Reply::detail(404, "Session not found")
-}
-
 /// `200 {"status":…,"position":…}`.
 pub fn status_reply((status, position): (Status, usize)) -> Reply {
-    Reply::raw_json(
+    #[derive(serde::Serialize)]
+    struct SessionStatus {
+        status: &'static str,
+        position: usize,
+    }
+    Reply::json(
         200,
-        format!(
-            "{{\"status\":\"{}\",\"position\":{position}}}",
-            status.as_str()
-        ),
+        &SessionStatus {
+            status: status.as_str(),
+            position,
+        },
     )
 }
 
@@ -179,8 +177,8 @@ pub fn parse_wait(text: &str) -> Result<Duration, Reply> {
 
 /// Answers requests taken out by [`Parked::take_ready`]; call it without the state lock.
 pub fn answer(ready: Ready) {
-    for (request, reply) in ready {
-        crate::http::respond(request, reply);
+    for (responder, reply) in ready {
+        responder.respond(reply);
     }
 }
 
@@ -188,8 +186,8 @@ pub fn answer(ready: Ready) {
 mod tests {
     use super::*;
 
-    fn request() -> Request {
-        tiny_http::TestRequest::new().into()
+    fn request() -> Responder {
+        Responder::capture(tiny_http::TestRequest::new().into()).0
     }
 
     #[test]
@@ -235,7 +233,7 @@ mod tests {
         queue.remove(&ids[2]);
         let ready = parked.take_ready(&mut queue, s(13), Due::Changed);
         assert_eq!(ready.len(), 1);
-        assert_eq!(ready[0].1, not_found());
+        assert_eq!(ready[0].1, Reply::session_not_found());
         assert_eq!(parked.take_ready(&mut queue, s(13), Due::All).len(), 1);
         assert!(parked.is_empty());
     }

@@ -7,18 +7,17 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use serde_json::json;
 use tiny_http::Request;
 
-use crate::api::header_value;
 use crate::events::{self, now_ms, prefix, secs, who};
-use crate::http::Reply;
 use crate::lab;
 use crate::lablog::Job;
 use crate::metrics::{self, Ended, METRICS};
 use crate::queue::{ClientInfo, SessionId};
+use crate::reply::{Reply, header_value, query_param};
 use crate::state::{Shared, State, file_name};
+use crate::views::{LabView, Operation, QueueView, SessionView};
 
 pub const CLIENT_NAME_HEADER: &str = "X-Client-Name";
 /// Longest client name, in characters.
@@ -155,7 +154,7 @@ pub fn note_released(shared: &Shared, state: &State, id: &SessionId, ref_count: 
 
 /// A whole number from a query parameter in `0..=max`; absent gives `default`.
 fn number(query: &str, name: &str, default: u64, max: u64) -> Result<u64, Reply> {
-    let Some(text) = crate::api::query_param(query, name) else {
+    let Some(text) = query_param(query, name) else {
         return Ok(default);
     };
     let text = text.trim();
@@ -205,55 +204,6 @@ fn unix_now() -> f64 {
 
 // ------------------------------------------------------------------------------- GET /queue
 
-#[derive(Serialize)]
-pub struct LabView {
-    pub running: bool,
-    pub topology: Option<String>,
-    pub hash: Option<String>,
-    pub devices: usize,
-    pub device_names: Vec<String>,
-    pub started_at: Option<f64>,
-    pub ref_count: u32,
-    pub idle_since: Option<f64>,
-}
-
-#[derive(Serialize)]
-pub struct Operation {
-    pub command: &'static str,
-    pub since: f64,
-    pub session: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct SessionView {
-    pub position: usize,
-    pub status: &'static str,
-    pub id: String,
-    pub client_name: Option<String>,
-    pub owner: Option<String>,
-    pub address: Option<String>,
-    pub user_agent: Option<String>,
-    pub created_at: f64,
-    pub active_since: Option<f64>,
-    pub last_seen_ago: f64,
-    pub holds_lab: bool,
-    pub acquiring: bool,
-}
-
-#[derive(Serialize)]
-pub struct QueueView {
-    pub time: f64,
-    pub version: &'static str,
-    pub active_timeout: f64,
-    pub waiting_timeout: f64,
-    pub lab: LabView,
-    pub operation: Option<Operation>,
-    pub teardowns_pending: usize,
-    pub total: usize,
-    pub truncated: bool,
-    pub sessions: Vec<SessionView>,
-}
-
 /// The queue view, taken with one short hold of the state lock (copies of the first `limit`
 /// rows); everything else is done after it is released.
 pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
@@ -268,7 +218,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             state.lab_started_ms,
             state.idle_since,
             state.starting.as_ref().map(|s| s.session),
-            state.acquiring.map(|t| t.session),
+            state.acquiring().map(|t| t.session),
             state.teardowns.len(),
         )
     };
@@ -394,7 +344,7 @@ pub fn lab_log(shared: &Shared, query: &str) -> Reply {
         Ok(n) => n,
         Err(reply) => return reply,
     };
-    let job = match crate::api::query_param(query, "command").as_deref() {
+    let job = match query_param(query, "command").as_deref() {
         None | Some("") => None,
         Some("up") => Some(Job::Up),
         Some("down") => Some(Job::Down),
@@ -435,7 +385,7 @@ pub fn metrics(shared: &Shared) -> Reply {
             waiting: state.queue.waiting(),
             lab_up: state.lab.is_some(),
             lab_references: state.lab.as_ref().map_or(0, |l| l.ref_count),
-            start_in_progress: state.acquiring.is_some(),
+            start_in_progress: state.acquiring().is_some(),
             teardowns_pending: state.teardowns.len(),
             events: 0,
         }

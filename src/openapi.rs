@@ -1,7 +1,6 @@
-//! `GET /openapi.json`: an OpenAPI 3.1 description of every route. A test checks that it
-//! names exactly the routes and methods the router serves.
-
-use std::sync::OnceLock;
+//! The OpenAPI 3.1 description served at `GET /openapi.json`. The paths come from the
+//! route table (`api::ROUTES`): each operation there names its summary and one of the
+//! functions here for its parameters and responses; this module adds the schemas.
 
 use serde_json::{Value, json};
 
@@ -38,60 +37,239 @@ fn gated(mut responses: Value) -> Value {
     responses
 }
 
-/// The read-only views of issue 14 (kept apart: one `json!` this size hits the macro
-/// recursion limit).
-fn observe_paths() -> Value {
+fn session_id_param() -> Value {
+    json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}})
+}
+
+/// The whole document, from `(path, method, summary, operation)` of every operation.
+pub fn document<'a>(operations: impl Iterator<Item = (&'a str, &'a str, &'a str, Value)>) -> Value {
+    let mut paths = serde_json::Map::new();
+    for (path, method, summary, mut operation) in operations {
+        operation["summary"] = summary.into();
+        let item = paths.entry(path).or_insert_with(|| json!({}));
+        item[method] = operation;
+    }
+    let mut schemas = core_schemas();
+    if let (Some(map), Value::Object(extra)) = (schemas.as_object_mut(), observe_schemas()) {
+        map.extend(extra);
+    }
     json!({
-            "/queue": {
-                "get": {
-                    "summary": "The lab and the queue, for people and dashboards (no session needed; ids are 8-character prefixes)",
-                    "parameters": [{"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 1000}}],
-                    "responses": {"200": body("The queue view", "QueueView"), "422": validation()}
+        "openapi": "3.1.0",
+        "info": {
+            "title": "neops-remote-lab",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Exclusive, queued access to this host's network lab."
+        },
+        "paths": paths,
+        "components": {"schemas": schemas}
+    })
+}
+
+// ------------------------------------------------------------------------------- operations
+
+pub fn create_session() -> Value {
+    json!({
+        "parameters": [{"name": "X-Client-Name", "in": "header", "required": false,
+            "description": "Who is asking (a CI job URL, a host name, a person): at most 200 printable characters; characters beyond ASCII percent-encoded as UTF-8. Shown in the queue view, the events and the status page.",
+            "schema": {"type": "string", "maxLength": 200}}],
+        "responses": {
+            "201": body("Session created", "SessionCreated"),
+            "422": validation(),
+            "503": detail("Session queue is full (see Retry-After)")
+        }
+    })
+}
+
+pub fn heartbeat() -> Value {
+    json!({
+        "parameters": [session_header()],
+        "responses": {
+            "204": {"description": "Seen"},
+            "404": detail("Session not found"),
+            "422": validation()
+        }
+    })
+}
+
+pub fn session_status() -> Value {
+    json!({
+        "description": "With `wait=S` (0 < S <= 60) a WAITING session's request is answered when its status or position changes, or after S seconds with the current state (long-poll).",
+        "parameters": [session_id_param(), {"name": "wait", "in": "query", "required": false, "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60}}],
+        "responses": {
+            "200": body("Status", "SessionStatus"),
+            "404": detail("Session not found"),
+            "422": {"description": "Bad wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ValidationError"}}}}
+        }
+    })
+}
+
+pub fn end_session() -> Value {
+    json!({
+        "parameters": [session_id_param()],
+        "responses": {
+            "204": {"description": "Ended"},
+            "404": detail("Session not found")
+        }
+    })
+}
+
+pub fn active_session() -> Value {
+    json!({
+        "responses": {
+            "200": body("The active session", "ActiveSession"),
+            "404": detail("No active session")
+        }
+    })
+}
+
+pub fn acquire() -> Value {
+    json!({
+        "parameters": [session_header()],
+        "requestBody": {
+            "required": true,
+            "content": {"multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["topology"],
+                "properties": {
+                    "topology": {"type": "string", "contentMediaType": "application/octet-stream"},
+                    "reuse": {"type": "boolean", "default": true},
+                    "extra_files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}
                 }
+            }}}
+        },
+        "responses": gated(json!({
+            "200": body("The lab's devices", "Acquired"),
+            "400": detail("Bad file name or multipart body"),
+            "409": detail("Another netlab instance runs on the host"),
+            "413": detail("Upload too large or too many parts"),
+            "500": detail("netlab failed"),
+            "503": detail("Server is shutting down"),
+            "504": detail("netlab up timed out")
+        }))
+    })
+}
+
+pub fn lab_status() -> Value {
+    json!({
+        "parameters": [session_header()],
+        "responses": gated(json!({"200": body("Lab state", "LabStatus")}))
+    })
+}
+
+pub fn destroy_lab() -> Value {
+    json!({
+        "parameters": [session_header(), {"name": "force", "in": "query", "required": false, "schema": {"type": "boolean", "default": true}}],
+        "responses": gated(json!({
+            "202": {"description": "Teardown queued"},
+            "204": {"description": "No lab running"},
+            "409": detail("Lab still in use")
+        }))
+    })
+}
+
+pub fn release_lab() -> Value {
+    json!({
+        "parameters": [session_header()],
+        "responses": gated(json!({"204": {"description": "Released"}}))
+    })
+}
+
+pub fn lab_devices() -> Value {
+    json!({
+        "parameters": [session_header()],
+        "responses": gated(json!({"200": {"description": "Devices", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}}}}))
+    })
+}
+
+pub fn healthz() -> Value {
+    json!({"responses": {"204": {"description": "Alive"}, "503": detail("Degraded: the state file cannot be written")}})
+}
+
+pub fn debug_health() -> Value {
+    json!({"responses": {"200": body("Figures", "Health")}})
+}
+
+pub fn openapi() -> Value {
+    json!({"responses": {"200": {"description": "OpenAPI 3.1 document"}}})
+}
+
+pub fn queue() -> Value {
+    json!({
+        "parameters": [{"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 1000}}],
+        "responses": {"200": body("The queue view", "QueueView"), "422": validation()}
+    })
+}
+
+pub fn events() -> Value {
+    json!({
+        "parameters": [
+            {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}},
+            {"name": "since", "in": "query", "required": false, "description": "Only events with a greater id", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}}
+        ],
+        "responses": {"200": body("Events", "Events"), "422": validation()}
+    })
+}
+
+pub fn lab_log() -> Value {
+    json!({
+        "parameters": [
+            {"name": "offset", "in": "query", "required": false, "description": "Byte offset to continue from (the X-Log-Offset of the previous answer)", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}},
+            {"name": "command", "in": "query", "required": false, "description": "The last start (up) or teardown (down) instead of the latest job", "schema": {"enum": ["up", "down"]}}
+        ],
+        "responses": {
+            "200": {
+                "description": "The output after offset",
+                "headers": {
+                    "X-Log-Offset": {"description": "Where to continue", "schema": {"type": "integer"}},
+                    "X-Log-Command": {"description": "up, down, or none", "schema": {"type": "string"}},
+                    "X-Log-Done": {"description": "true once the command ended", "schema": {"type": "boolean"}}
+                },
+                "content": {"text/plain": {"schema": {"type": "string"}}}
             },
-            "/events": {
-                "get": {
-                    "summary": "The event history, newest first",
-                    "parameters": [
-                        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}},
-                        {"name": "since", "in": "query", "required": false, "description": "Only events with a greater id", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}}
-                    ],
-                    "responses": {"200": body("Events", "Events"), "422": validation()}
-                }
-            },
-            "/lab/log": {
-                "get": {
-                    "summary": "netlab's live output (the job running now, or the last one)",
-                    "parameters": [
-                        {"name": "offset", "in": "query", "required": false, "description": "Byte offset to continue from (the X-Log-Offset of the previous answer)", "schema": {"type": "integer", "minimum": 0, "maximum": 9_007_199_254_740_992_u64, "default": 0}},
-                        {"name": "command", "in": "query", "required": false, "description": "The last start (up) or teardown (down) instead of the latest job", "schema": {"enum": ["up", "down"]}}
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "The output after offset",
-                            "headers": {
-                                "X-Log-Offset": {"description": "Where to continue", "schema": {"type": "integer"}},
-                                "X-Log-Command": {"description": "up, down, or none", "schema": {"type": "string"}},
-                                "X-Log-Done": {"description": "true once the command ended", "schema": {"type": "boolean"}}
-                            },
-                            "content": {"text/plain": {"schema": {"type": "string"}}}
-                        },
-                        "422": validation()
-                    }
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (text format 0.0.4)",
-                    "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}
-                }
-            },
-            "/": {
-                "get": {
-                    "summary": "The status page (HTML)",
-                    "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}}
-                }
-            }
+            "422": validation()
+        }
+    })
+}
+
+pub fn metrics() -> Value {
+    json!({"responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}})
+}
+
+pub fn status_page() -> Value {
+    json!({"responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}}})
+}
+
+// ------------------------------------------------------------------------------- schemas
+
+fn core_schemas() -> Value {
+    json!({
+        "Detail": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+        "ValidationError": {"type": "object", "properties": {"detail": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"type": {"type": "string"}, "loc": {"type": "array", "items": {"type": "string"}}, "msg": {"type": "string"}, "input": {}}
+        }}}},
+        "SessionCreated": {"type": "object", "required": ["session_id", "position"], "properties": {"session_id": {"type": "string"}, "position": {"type": "integer"}}},
+        "SessionStatus": {"type": "object", "required": ["status", "position"], "properties": {"status": {"enum": ["active", "waiting"]}, "position": {"type": "integer"}}},
+        "ActiveSession": {"type": "object", "properties": {"status": {"const": "active"}, "position": {"const": 0}, "session_id": {"type": "string"}}},
+        "Device": {"type": "object", "required": ["name", "raw"], "properties": {"name": {"type": "string"}, "raw": {"type": "object"}}},
+        "Acquired": {"type": "object", "required": ["reused", "devices"], "properties": {"reused": {"type": "boolean"}, "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}},
+        "LabStatus": {"type": "object", "properties": {
+            "running": {"type": "boolean"},
+            "topology": {"type": ["string", "null"]},
+            "ref_count": {"type": "integer"},
+            "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
+            "netlab_status": {"type": "null", "description": "Always null. Kept for compatibility with the Python server's clients, which read the key; that server never filled it either. Ask netlab itself for its view: `netlab status --all` (see the operator guide)."}
+        }},
+        "Health": {"type": "object", "properties": {
+            "status": {"type": "string"}, "timestamp": {"type": "number"}, "uptime": {"type": "number"},
+            "sessions": {"type": "integer"}, "queue_length": {"type": "integer"},
+            "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
+                "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
+                "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
+            }}},
+            "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
+            "long_polls": {"type": "integer"}
+        }}
     })
 }
 
@@ -142,185 +320,4 @@ fn observe_schemas() -> Value {
                 }}}
             }}
     })
-}
-
-fn build() -> Value {
-    let mut doc = build_core();
-    if let (Some(map), Value::Object(extra)) = (doc["paths"].as_object_mut(), observe_paths()) {
-        map.extend(extra);
-    }
-    if let (Some(map), Value::Object(extra)) = (
-        doc["components"]["schemas"].as_object_mut(),
-        observe_schemas(),
-    ) {
-        map.extend(extra);
-    }
-    doc
-}
-
-fn build_core() -> Value {
-    let session_id_param =
-        json!({"name": "session_id", "in": "path", "required": true, "schema": {"type": "string"}});
-    json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": "neops-remote-lab",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Exclusive, queued access to this host's network lab."
-        },
-        "paths": {
-            "/session": {
-                "post": {
-                    "summary": "Open a session and join the queue",
-                    "parameters": [{"name": "X-Client-Name", "in": "header", "required": false,
-                        "description": "Who is asking (a CI job URL, a host name, a person): at most 200 printable characters; characters beyond ASCII percent-encoded as UTF-8. Shown in the queue view, the events and the status page.",
-                        "schema": {"type": "string", "maxLength": 200}}],
-                    "responses": {
-                        "201": body("Session created", "SessionCreated"),
-                        "422": validation(),
-                        "503": detail("Session queue is full (see Retry-After)")
-                    }
-                }
-            },
-            "/session/heartbeat": {
-                "post": {
-                    "summary": "Keep a session alive",
-                    "parameters": [session_header()],
-                    "responses": {
-                        "204": {"description": "Seen"},
-                        "404": detail("Session not found"),
-                        "422": validation()
-                    }
-                }
-            },
-            "/session/{session_id}": {
-                "get": {
-                    "summary": "Status and queue position of a session",
-                    "description": "With `wait=S` (0 < S <= 60) a WAITING session's request is answered when its status or position changes, or after S seconds with the current state (long-poll).",
-                    "parameters": [session_id_param.clone(), {"name": "wait", "in": "query", "required": false, "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60}}],
-                    "responses": {
-                        "200": body("Status", "SessionStatus"),
-                        "404": detail("Session not found"),
-                        "422": {"description": "Bad wait", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ValidationError"}}}}
-                    }
-                },
-                "delete": {
-                    "summary": "End a session",
-                    "parameters": [session_id_param],
-                    "responses": {
-                        "204": {"description": "Ended"},
-                        "404": detail("Session not found")
-                    }
-                }
-            },
-            "/active-session": {
-                "get": {
-                    "summary": "The active session (a read: it does not keep that session alive)",
-                    "responses": {
-                        "200": body("The active session", "ActiveSession"),
-                        "404": detail("No active session")
-                    }
-                }
-            },
-            "/lab": {
-                "post": {
-                    "summary": "Upload a topology and acquire the lab",
-                    "parameters": [session_header()],
-                    "requestBody": {
-                        "required": true,
-                        "content": {"multipart/form-data": {"schema": {
-                            "type": "object",
-                            "required": ["topology"],
-                            "properties": {
-                                "topology": {"type": "string", "contentMediaType": "application/octet-stream"},
-                                "reuse": {"type": "boolean", "default": true},
-                                "extra_files": {"type": "array", "items": {"type": "string", "contentMediaType": "application/octet-stream"}}
-                            }
-                        }}}
-                    },
-                    "responses": gated(json!({
-                        "200": body("The lab's devices", "Acquired"),
-                        "400": detail("Bad file name or multipart body"),
-                        "409": detail("Another netlab instance runs on the host"),
-                        "413": detail("Upload too large or too many parts"),
-                        "500": detail("netlab failed"),
-                        "503": detail("Server is shutting down"),
-                        "504": detail("netlab up timed out")
-                    }))
-                },
-                "get": {
-                    "summary": "The lab's state (a read: it does not keep the session alive)",
-                    "parameters": [session_header()],
-                    "responses": gated(json!({"200": body("Lab state", "LabStatus")}))
-                },
-                "delete": {
-                    "summary": "Tear the lab down",
-                    "parameters": [session_header(), {"name": "force", "in": "query", "required": false, "schema": {"type": "boolean", "default": true}}],
-                    "responses": gated(json!({
-                        "202": {"description": "Teardown queued"},
-                        "204": {"description": "No lab running"},
-                        "409": detail("Lab still in use")
-                    }))
-                }
-            },
-            "/lab/release": {
-                "post": {
-                    "summary": "Release one reference on the lab",
-                    "parameters": [session_header()],
-                    "responses": gated(json!({"204": {"description": "Released"}}))
-                }
-            },
-            "/lab/devices": {
-                "get": {
-                    "summary": "The running lab's devices (a read: it does not keep the session alive)",
-                    "parameters": [session_header()],
-                    "responses": gated(json!({"200": {"description": "Devices", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}}}}))
-                }
-            },
-            "/healthz": {
-                "get": {"summary": "Liveness", "responses": {"204": {"description": "Alive"}}}
-            },
-            "/debug/health": {
-                "get": {"summary": "Health and queue figures", "responses": {"200": body("Figures", "Health")}}
-            },
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1 document"}}}
-            }
-        },
-        "components": {"schemas": {
-            "Detail": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
-            "ValidationError": {"type": "object", "properties": {"detail": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"type": {"type": "string"}, "loc": {"type": "array", "items": {"type": "string"}}, "msg": {"type": "string"}, "input": {}}
-            }}}},
-            "SessionCreated": {"type": "object", "required": ["session_id", "position"], "properties": {"session_id": {"type": "string"}, "position": {"type": "integer"}}},
-            "SessionStatus": {"type": "object", "required": ["status", "position"], "properties": {"status": {"enum": ["active", "waiting"]}, "position": {"type": "integer"}}},
-            "ActiveSession": {"type": "object", "properties": {"status": {"const": "active"}, "position": {"const": 0}, "session_id": {"type": "string"}}},
-            "Device": {"type": "object", "required": ["name", "raw"], "properties": {"name": {"type": "string"}, "raw": {"type": "object"}}},
-            "Acquired": {"type": "object", "required": ["reused", "devices"], "properties": {"reused": {"type": "boolean"}, "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}},
-            "LabStatus": {"type": "object", "properties": {
-                "running": {"type": "boolean"},
-                "topology": {"type": ["string", "null"]},
-                "ref_count": {"type": "integer"},
-                "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
-                "netlab_status": {"type": "null", "description": "Always null. Kept for compatibility with the Python server's clients, which read the key; that server never filled it either. Ask netlab itself for its view: `netlab status --all` (see the operator guide)."}
-            }},
-            "Health": {"type": "object", "properties": {
-                "status": {"type": "string"}, "timestamp": {"type": "number"}, "uptime": {"type": "number"},
-                "sessions": {"type": "integer"}, "queue_length": {"type": "integer"},
-                "teardowns": {"type": "array", "description": "Teardowns not done yet: queued (attempts 0), or failed and retried with back-off (error: netlab's words; retry_in: seconds to the next attempt). The lab's work directory is kept until netlab succeeds.", "items": {"type": "object", "properties": {
-                    "work_dir": {"type": "string"}, "attempts": {"type": "integer"},
-                    "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
-                }}},
-                "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
-                "long_polls": {"type": "integer"}
-            }}
-        }}
-    })
-}
-
-/// The document, serialized once.
-pub fn document() -> &'static [u8] {
-    static DOC: OnceLock<Vec<u8>> = OnceLock::new();
-    DOC.get_or_init(|| serde_json::to_vec(&build()).unwrap_or_default())
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::lab::{self, Hash, LabRecord, Teardown};
 use crate::metrics::METRICS;
-use crate::queue::{ClientInfo, SessionId, parse_session_id};
+use crate::queue::{ClientInfo, SessionId, SessionRecord, parse_session_id};
 
 pub const STATE_FILE: &str = "state.json";
 pub const FORMAT_VERSION: u64 = 1;
@@ -30,14 +30,6 @@ pub struct Starting {
     /// The process group of the running `netlab up`, once it is started: a restart after a
     /// crash kills what is left of it.
     pub pgid: Option<u32>,
-}
-
-/// One session as the state file keeps it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SessionRecord {
-    pub id: SessionId,
-    /// The token name that created it (with `--token-file`).
-    pub owner: Option<Arc<str>>,
 }
 
 /// What the state file holds, decoded.
@@ -121,13 +113,6 @@ impl Snapshot {
             let _ = write!(out, ",\n\"lab_started_ms\": {ms}");
         }
         out.extend_from_slice(b"\n}\n");
-    }
-
-    /// The file's JSON as a string.
-    pub fn to_json(&self) -> String {
-        let mut out = Vec::new();
-        self.write_json(&mut out);
-        String::from_utf8(out).unwrap_or_default()
     }
 }
 
@@ -567,7 +552,9 @@ mod tests {
             ],
             lab_started_ms: Some(1_700_000_000_789),
         };
-        let text = snap.to_json();
+        let mut bytes = Vec::new();
+        snap.write_json(&mut bytes);
+        let text = String::from_utf8(bytes).unwrap();
         assert!(text.contains("\"status\":\"active\""));
         let saved = parse(&text).unwrap();
         assert_eq!(saved.sessions, sessions);

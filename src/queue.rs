@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::persist::SessionRecord;
 
 /// A session id as the clients see it: a lower-case hyphenated UUID v4.
 pub type SessionId = Uuid;
@@ -133,6 +132,7 @@ impl Queue {
     }
 
     /// Appends a new session; returns its position (0 = it is ACTIVE already).
+    #[cfg(test)]
     pub fn create(&mut self, id: SessionId, now: Duration) -> Result<usize, QueueFull> {
         self.create_with(id, now, Arc::default())
     }
@@ -176,13 +176,9 @@ impl Queue {
         self.order.push_back((seq, id));
     }
 
-    /// Appends a session restored from the state file (the limit does not apply: nobody who
-    /// was queued before a restart is turned away after it).
-    pub fn restore(&mut self, id: SessionId, now: Duration) {
-        self.restore_with(id, now, Arc::default(), None);
-    }
-
-    /// [`Queue::restore`] with what the state file kept of the client.
+    /// Appends a session restored from the state file, with what the file kept of its
+    /// client (the limit does not apply: nobody who was queued before a restart is turned
+    /// away after it).
     pub fn restore_with(
         &mut self,
         id: SessionId,
@@ -300,10 +296,6 @@ impl Queue {
         self.order.front().map(|&(_, id)| id)
     }
 
-    pub fn is_active(&self, id: &SessionId) -> bool {
-        self.active() == Some(*id)
-    }
-
     /// Marks a session as having a `POST /lab` in progress (never reaped) or not.
     pub fn set_busy(&mut self, id: &SessionId, busy: bool) {
         if let Some(session) = self.sessions.get_mut(id) {
@@ -313,6 +305,7 @@ impl Queue {
 
     /// Removes a session wherever it stands; the next one is promoted at once when the
     /// removed one was the head.
+    #[cfg(test)]
     pub fn remove(&mut self, id: &SessionId) -> Option<Removed> {
         self.remove_full(id).map(|(removed, _)| removed)
     }
@@ -339,6 +332,7 @@ impl Queue {
     /// Removes every session not seen for longer than its timeout (WAITING and ACTIVE have
     /// their own), except those with a `POST /lab` in progress. Returns the removals in queue
     /// order; a removal of the head names the session it promoted.
+    #[cfg(test)]
     pub fn sweep(
         &mut self,
         now: Duration,
@@ -407,9 +401,18 @@ impl Queue {
     }
 
     /// Ids in queue order (the head first).
+    #[cfg(test)]
     pub fn ids(&self) -> impl Iterator<Item = SessionId> + '_ {
         self.order.iter().map(|&(_, id)| id)
     }
+}
+
+/// One session as the state file keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The token name that created it (with `--token-file`).
+    pub owner: Option<Arc<str>>,
 }
 
 #[cfg(test)]

@@ -26,11 +26,11 @@ use crate::auth::Access;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{self, Command, Config};
 use crate::lab::{LabRecord, Teardown};
-use crate::lab_thread::{self, LabJob};
+use crate::lab_thread;
 use crate::netlab::Netlab;
 use crate::persist::{self, Saved, Snapshot};
-use crate::state::{Shared, State, plural};
-use crate::{http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
+use crate::state::{LabJob, Shared, State, plural};
+use crate::{api, http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
 pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
@@ -225,7 +225,13 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the timer thread")
     };
     let (work_tx, work_rx) = http::work_channel();
-    let workers = http::start_workers(config.workers, &shared, &work_rx);
+    let handler: Arc<http::Handler> = {
+        let shared = Arc::clone(&shared);
+        Arc::new(move |responder| api::handle(&shared, responder))
+    };
+    let ceiling = config.max_upload_bytes.max(http::QUARANTINE_FLOOR);
+    let workers = http::start_workers(config.workers, &work_rx, ceiling, &handler);
+    drop(handler);
     drop(work_rx);
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);
     let watch = {
@@ -256,17 +262,17 @@ fn serve(config: Config) -> i32 {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
             .name("listener".into())
-            .spawn(move || http::listen(&server, &shared, &work_tx))
+            .spawn(move || http::listen(&server, shared.shutdown_flag(), &work_tx))
             .expect("cannot start the listener thread")
     };
     let listened = listener
         .join()
-        .unwrap_or_else(|_| Err("the listener thread panicked".into()));
+        .unwrap_or_else(|_| Err(http::ListenerFailed("its thread panicked".into())));
     if let Err(e) = &listened
         && !shared.is_shutting_down()
     {
         // tiny_http's accept loop is gone: no orderly stop (it would tear the lab down).
-        listener::restart_now(e);
+        listener::restart_now(&e.to_string());
     }
     let _ = watch_stop.send(());
     let _ = watch.join();

@@ -1,38 +1,132 @@
-//! The shared state (sessions, queue, lab record) behind one mutex, and the operations that
-//! change more than one part of it. The mutex guards plain data and is held for microseconds:
-//! never across a subprocess, a disk write or a socket write.
+//! The shared state (sessions, queue, lab record, the acquire in progress, parked long-polls)
+//! behind one mutex, the operations that change more than one part of it, and what the
+//! request path needs of it: the `X-Session-ID` gate, the acquire slot, the lab thread's jobs.
+//!
+//! The mutex guards plain data and is held for microseconds: never across a subprocess, a
+//! state-file write or a socket write. (Events are recorded under it: that appends to an
+//! in-memory ring and hands the line to the event writer, see `events`; a log line written
+//! under it goes to `--log-file` when one is set.)
 //!
 //! Every change a restart must not lose bumps the state's version; the caller then waits for
 //! [`Shared::persist`] of that version (outside the lock) before it answers the client.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use serde_json::json;
 
-use crate::acquire::Ticket;
-use crate::auth::Access;
+use crate::auth::{Access, Caller};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::events::{self, EventLog, now_ms, who};
-use crate::lab::{self, LabRecord, Teardown};
-use crate::lab_thread::LabJob;
+use crate::lab::{self, Hash, LabRecord, Teardown};
 use crate::lablog::LabLog;
 use crate::longpoll::{self, Parked};
 use crate::metrics::{Ended, METRICS};
 use crate::persist::{NotPersisted, Persister, Snapshot, Starting};
-use crate::queue::{ClientInfo, Gone, Queue, Removed, SessionId};
+use crate::queue::{ClientInfo, Gone, Queue, Removed, SessionId, Status, parse_session_id};
+use crate::reply::{Reply, Responder};
+
+/// One `POST /lab` in progress: the session it is for and a number of its own, so that a
+/// late end of an upload that was given up on cannot free a newer acquire's slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub session: SessionId,
+    pub id: u64,
+}
+
+/// The right to run the one `POST /lab` in progress. Whoever holds it last frees it by
+/// dropping it, panic or not: the next `POST /lab` may come, the session's busy flag is
+/// cleared (it may be reaped again, its clock restarting now: the end of its lab operation
+/// counts as activity), and a start record left by a start that never finished becomes a
+/// pending teardown of its work dir.
+pub struct AcquireSlot {
+    shared: Weak<Shared>,
+    ticket: Ticket,
+}
+
+impl AcquireSlot {
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+
+    /// A handle that frees the slot before its holder is done (the upload watchdog's give-up).
+    pub fn early_release(&self) -> EarlyRelease {
+        EarlyRelease {
+            shared: Weak::clone(&self.shared),
+            ticket: self.ticket,
+        }
+    }
+}
+
+impl Drop for AcquireSlot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.free_slot(&self.ticket);
+        }
+    }
+}
+
+/// See [`AcquireSlot::early_release`]. Freeing twice is harmless: a slot is freed only
+/// while its ticket is the one in progress.
+pub struct EarlyRelease {
+    shared: Weak<Shared>,
+    ticket: Ticket,
+}
+
+impl EarlyRelease {
+    pub fn release(self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.free_slot(&self.ticket);
+        }
+    }
+}
+
+/// Why a slot could not be taken.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SlotBusy;
+
+/// A validated, stored upload waiting for `netlab up`, with the client to answer and the
+/// slot to free when it is done.
+pub struct StartJob {
+    pub slot: AcquireSlot,
+    pub responder: Responder,
+    pub hash: Hash,
+    pub work_dir: PathBuf,
+    /// The topology file inside `work_dir`.
+    pub topology: PathBuf,
+    /// When the `POST /lab` passed the gate.
+    pub began: std::time::Instant,
+}
+
+/// The lab thread's work, in order.
+pub enum LabJob {
+    Start(StartJob),
+    Teardown(Teardown),
+    /// Finish the queued jobs, tear the running lab down and stop.
+    Shutdown,
+}
+
+impl std::fmt::Debug for LabJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabJob::Start(job) => write!(f, "start of {}", job.topology.display()),
+            LabJob::Teardown(t) => write!(f, "teardown of {}", t.lab.topology.display()),
+            LabJob::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
 
 pub struct State {
     pub queue: Queue,
     /// The running lab, if any. A lab being torn down is no longer here.
     pub lab: Option<LabRecord>,
-    /// The session whose `POST /lab` is in progress (only one at a time).
-    pub acquiring: Option<Ticket>,
+    /// The `POST /lab` in progress (only one at a time); see [`AcquireSlot`].
+    acquiring: Option<Ticket>,
     tickets: u64,
     /// The start the lab thread is running, once the upload is stored.
     pub starting: Option<Starting>,
@@ -67,10 +161,9 @@ impl State {
         }
     }
 
-    /// A fresh number for a `POST /lab`.
-    pub fn next_ticket(&mut self) -> u64 {
-        self.tickets += 1;
-        self.tickets
+    /// The `POST /lab` in progress.
+    pub fn acquiring(&self) -> Option<Ticket> {
+        self.acquiring
     }
 
     /// Marks a change that must reach the state file; returns the version to persist.
@@ -102,6 +195,16 @@ impl State {
     }
 }
 
+/// A change that could not be written to the state file (it was rolled back): 503.
+impl From<NotPersisted> for Reply {
+    fn from(e: NotPersisted) -> Self {
+        Reply::detail(503, e.to_string()).with_header("Retry-After", "5")
+    }
+}
+
+/// The header that names the caller's session.
+pub const SESSION_HEADER: &str = "X-Session-ID";
+
 pub struct Shared {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
@@ -123,6 +226,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    #[cfg(test)]
     pub fn new(config: Config, clock: Arc<dyn Clock>, lab_tx: Sender<LabJob>) -> Self {
         Self::with_state(config, clock, lab_tx, None)
     }
@@ -218,6 +322,84 @@ impl Shared {
 
     pub fn shutdown_flag(&self) -> &AtomicBool {
         &self.shutting_down
+    }
+
+    /// Takes the one acquire slot for `session` (and marks it busy: not reaped meanwhile).
+    pub fn take_slot(self: &Arc<Self>, session: SessionId) -> Result<AcquireSlot, SlotBusy> {
+        let mut state = self.lock();
+        if state.acquiring.is_some() {
+            return Err(SlotBusy);
+        }
+        state.tickets += 1;
+        let ticket = Ticket {
+            session,
+            id: state.tickets,
+        };
+        state.acquiring = Some(ticket);
+        state.queue.set_busy(&session, true);
+        Ok(AcquireSlot {
+            shared: Arc::downgrade(self),
+            ticket,
+        })
+    }
+
+    /// Frees the slot of `ticket`, if it still is the one in progress; see [`AcquireSlot`].
+    fn free_slot(&self, ticket: &Ticket) {
+        let now = self.clock.now();
+        let version = {
+            let mut state = self.lock();
+            if state.acquiring != Some(*ticket) {
+                return;
+            }
+            state.acquiring = None;
+            state.queue.set_busy(&ticket.session, false);
+            state.queue.touch(&ticket.session, now);
+            // A finished start cleared its record before its slot was freed.
+            let Some(start) = state.starting.take() else {
+                return;
+            };
+            log::error!(
+                "the start in {} ended without finishing it: tearing down what it left",
+                start.work_dir.display()
+            );
+            let teardown = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
+            state.teardowns.push(teardown.clone());
+            let version = state.changed();
+            state.outbox.push((version, teardown));
+            version
+        };
+        self.persist_quietly(version);
+    }
+
+    /// The `X-Session-ID` gate of every `/lab*` route: 422 missing header, 404 unknown
+    /// session (or another name's), 423 not the ACTIVE session. With `touch`, passing it
+    /// refreshes the session's `last_seen_at`; the read-only routes pass without, so that
+    /// polling them never keeps a silent session alive.
+    pub fn gate(
+        &self,
+        session_header: Option<&str>,
+        caller: &Caller,
+        touch: bool,
+    ) -> Result<SessionId, Reply> {
+        let Some(value) = session_header else {
+            return Err(Reply::missing(["header", SESSION_HEADER]));
+        };
+        let id = parse_session_id(value).ok_or_else(Reply::session_not_found)?;
+        let now = self.clock.now();
+        let mut state = self.lock();
+        if !state.queue.owner(&id).is_some_and(|o| caller.may_use(o)) {
+            return Err(Reply::session_not_found());
+        }
+        match state.queue.lookup(&id) {
+            None => Err(Reply::session_not_found()),
+            Some((Status::Waiting, _)) => Err(Reply::detail(423, "Session is not active")),
+            Some((Status::Active, _)) => {
+                if touch {
+                    state.queue.touch(&id, now);
+                }
+                Ok(id)
+            }
+        }
     }
 
     /// Queues a job for the lab thread.
@@ -331,19 +513,19 @@ impl Shared {
     /// are parked already, or during a shutdown.
     pub fn park(
         &self,
-        request: tiny_http::Request,
+        responder: Responder,
         id: SessionId,
-        seen: (crate::queue::Status, usize),
+        seen: (Status, usize),
         deadline: Duration,
     ) {
         let at_once = {
             let mut state = self.lock();
             let current = state.queue.lookup(&id);
             if current == Some(seen) && !state.parked.is_full() && !self.is_shutting_down() {
-                let earliest = state.parked.park(id, seen, deadline, request);
+                let earliest = state.parked.park(id, seen, deadline, responder);
                 Some(None).filter(|_| earliest)
             } else {
-                Some(Some((request, current)))
+                Some(Some((responder, current)))
             }
         };
         match at_once {
@@ -351,10 +533,8 @@ impl Shared {
             Some(None) => self.parked_one(),
             // Parked behind an earlier deadline.
             None => {}
-            Some(Some((request, current))) => crate::http::respond(
-                request,
-                current.map_or_else(longpoll::not_found, longpoll::status_reply),
-            ),
+            Some(Some((responder, current))) => responder
+                .respond(current.map_or_else(Reply::session_not_found, longpoll::status_reply)),
         }
     }
 
@@ -580,7 +760,7 @@ mod tests {
 
     fn shared(clock: Arc<FakeClock>) -> (Shared, crossbeam_channel::Receiver<LabJob>) {
         let dir = tempfile::tempdir().unwrap().keep();
-        let mut config = Config::with_state_dir(dir);
+        let mut config = Config::defaults(dir);
         config.idle_lab_timeout = Duration::from_secs(3600);
         let (tx, rx) = crossbeam_channel::unbounded();
         (Shared::new(config, clock, tx), rx)

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::lablog::Chunk;
-use crate::observe::QueueView;
+use crate::views::QueueView;
 
 const TEMPLATE: &str = include_str!("status.html");
 
