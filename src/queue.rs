@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-
 /// A session id as the clients see it: a lower-case hyphenated UUID v4.
 pub type SessionId = Uuid;
 
