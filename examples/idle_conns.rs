@@ -1,4 +1,4 @@
-//! The idle-connection table of issue 12: with 0, 500, 2000 and 5000 idle connections open
+//! The idle-connection table of `docs/performance.md`: with 0, 500, 2000 and 5000 idle connections open
 //! (connected, nothing sent), how fast `/healthz` answers and what the server holds.
 //!
 //! Usage: idle_conns ADDR PID [COUNTS...]   (default counts: 0 500 2000 5000)

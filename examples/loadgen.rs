@@ -438,7 +438,7 @@ fn main() {
             end_sessions(&mut conn, &[id]);
         }
 
-        // The read-only views of issue 14, on servers that have them: GET /metrics and
+        // The read-only views (`/queue`, `/events`, `/metrics`), on servers that have them: GET /metrics and
         // GET /queue at 10, 1000 and 10 000 sessions (one client, as a scraper or a status
         // page is), and resident memory with 10 000 sessions and a full event history.
         let has_views = conn.call("GET", "/queue?limit=0", &[], b"").0 == 200;

@@ -51,7 +51,7 @@ pub struct ClientInfo {
     pub user_agent: Option<String>,
     /// Unix time of creation, in milliseconds.
     pub created_ms: u64,
-    /// The creator's access-token name, once tokens exist (issue 13).
+    /// The name of the access token that created it (with `--token-file`).
     pub owner: Option<String>,
 }
 

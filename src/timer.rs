@@ -1,6 +1,7 @@
-//! The timer thread: every `--sweep-interval` it reaps stale sessions; it answers the
-//! long-polls whose wait ran out. It only decides (under
-//! the state lock) and queues teardowns; it never runs netlab itself.
+//! The timer thread. Every `--sweep-interval` it reaps stale sessions, tears down a lab left
+//! idle with no session past `--idle-lab-timeout`, and queues the failed teardowns whose
+//! retry is due; it answers the long-polls whose wait ran out. It only decides (under the
+//! state lock) and queues teardowns for the lab thread; it never runs netlab itself.
 //!
 //! Under systemd with `WatchdogSec=`, it also pets the watchdog, but only after asking the
 //! server itself for `GET /healthz` over loopback and getting the answer: a stuck listener or

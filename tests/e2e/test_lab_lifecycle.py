@@ -252,7 +252,7 @@ def test_ending_the_active_session_with_a_reference_tears_down(
 def test_released_lab_survives_its_session_until_sigterm(
     api: Client, server: ServerProcess, sandbox: Sandbox, topo
 ) -> None:
-    """api.md FIX: a lab released properly (ref_count 0) stays up when its session ends,
+    """Fixed here (the Python server gets it wrong): a lab released properly (ref_count 0) stays up when its session ends,
     so the next session attaches with reuse=true. SIGTERM tears an idle lab down too."""
     s1, _ = api.new_session()
     acquire(api, s1, topo("ospf.yml"), "ospf.yml")

@@ -67,7 +67,7 @@ def test_remote_lab_run_gives_the_command_the_labs_devices(
     health = Client(server.url).get("/debug/health").json()
     assert health["sessions"] == 0, health
     if server.kind == "python":
-        # The Python server tears the lab down with every session (api.md FIX): no reuse
+        # The Python server tears the lab down with every session (fixed here): no reuse
         # to check. That the client ran at all there shows its fallbacks (no long-poll, no
         # queue view) work.
         return

@@ -38,7 +38,7 @@ def test_a_lab_outside_our_state_dir_is_left_alone_unless_asked(
 ) -> None:
     # A lab running in a directory that is not this server's (another server's, or one a
     # person started): the server leaves it alone and refuses to start a lab over it
-    # (issue 12); with --cleanup-foreign it tears it down at start, as it used to.
+    # (it is not ours); with --cleanup-foreign it tears it down at start, as it used to.
     left = tmp_path / "left-behind"
     left.mkdir()
     (left / "pair.yml").write_bytes(topo("pair.yml"))
