@@ -18,7 +18,9 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 pub const EVENTS_FILE: &str = "events.jsonl";
 /// Events kept in memory.
@@ -33,11 +35,12 @@ pub const MAX_LIMIT: usize = MEMORY;
 #[derive(Clone, Debug)]
 pub struct Event {
     pub id: u64,
-    pub json: Box<str>,
+    /// The event as one JSON object.
+    pub json: Box<RawValue>,
 }
 
 enum Write_ {
-    Line(Box<str>),
+    Line(Box<RawValue>),
     Stop,
 }
 
@@ -131,17 +134,28 @@ impl EventLog {
         let id = inner.next_id;
         inner.next_id += 1;
         // id, time and kind first, for people reading the file.
-        let mut line = serde_json::to_string(&json!({ "id": id, "time": time, "kind": kind }))
-            .unwrap_or_default();
-        if let Value::Object(fields) = &fields
-            && !fields.is_empty()
-        {
-            let rest = Value::Object(fields.clone()).to_string();
-            line.pop();
-            line.push(',');
-            line.push_str(&rest[1..]);
+        #[derive(Serialize)]
+        struct Line<'a> {
+            id: u64,
+            time: f64,
+            kind: &'a str,
+            #[serde(flatten)]
+            fields: &'a Map<String, Value>,
         }
-        let json: Box<str> = line.into();
+        let none = Map::new();
+        let fields = match &fields {
+            Value::Object(fields) => fields,
+            _ => &none,
+        };
+        let line = Line {
+            id,
+            time,
+            kind,
+            fields,
+        };
+        let Ok(json) = serde_json::value::to_raw_value(&line) else {
+            return;
+        };
         if inner.recent.len() >= MEMORY {
             inner.recent.pop_front();
         }
@@ -205,10 +219,10 @@ fn read_into(file: &Path, recent: &mut VecDeque<Event>, last: &mut u64) {
         if recent.len() >= MEMORY {
             recent.pop_front();
         }
-        recent.push_back(Event {
-            id,
-            json: line.into(),
-        });
+        let Ok(json) = RawValue::from_string(line) else {
+            continue;
+        };
+        recent.push_back(Event { id, json });
     }
 }
 
@@ -227,7 +241,7 @@ fn open_append(path: &Path) -> Option<(BufWriter<File>, u64)> {
 
 fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
     let mut file = open_append(path);
-    let mut batch: Vec<Box<str>> = Vec::new();
+    let mut batch: Vec<Box<RawValue>> = Vec::new();
     loop {
         // Block for the first, then take whatever else is queued: one flush for a burst.
         let mut stop = false;
@@ -256,10 +270,10 @@ fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
             }
             if let Some((f, size)) = file.as_mut() {
                 match f
-                    .write_all(line.as_bytes())
+                    .write_all(line.get().as_bytes())
                     .and_then(|()| f.write_all(b"\n"))
                 {
-                    Ok(()) => *size += line.len() as u64 + 1,
+                    Ok(()) => *size += line.get().len() as u64 + 1,
                     Err(e) => log::error!("cannot append to {}: {e}", path.display()),
                 }
             }
@@ -278,6 +292,7 @@ fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ids(events: &[Event]) -> Vec<u64> {
         events.iter().map(|e| e.id).collect()
@@ -294,7 +309,7 @@ mod tests {
         assert_eq!(ids(&log.newest(2, 0)), vec![5, 4]);
         assert_eq!(ids(&log.newest(10, 3)), vec![5, 4]);
         assert_eq!(ids(&log.newest(10, 5)), Vec::<u64>::new());
-        let v: Value = serde_json::from_str(&log.newest(1, 0)[0].json).unwrap();
+        let v: Value = serde_json::from_str(log.newest(1, 0)[0].json.get()).unwrap();
         assert_eq!(v["kind"], "x");
         assert_eq!(v["n"], 4);
         log.close();

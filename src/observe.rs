@@ -7,7 +7,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 use tiny_http::Request;
 
 use crate::events::{self, now_ms, prefix, secs, who};
@@ -303,21 +305,17 @@ pub fn queue(shared: &Shared, query: &str) -> Reply {
 
 /// `{"last_id":N,"events":[...]}`, newest first.
 pub fn events_json(shared: &Shared, limit: usize, since: u64) -> String {
-    let events = shared.events.newest(limit, since);
-    let mut out =
-        String::with_capacity(64 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
-    out.push_str(&format!(
-        "{{\"last_id\":{},\"events\":[",
-        shared.events.last_id()
-    ));
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&e.json);
+    #[derive(Serialize)]
+    struct Events<'a> {
+        last_id: u64,
+        events: Vec<&'a RawValue>,
     }
-    out.push_str("]}");
-    out
+    let events = shared.events.newest(limit, since);
+    let body = Events {
+        last_id: shared.events.last_id(),
+        events: events.iter().map(|e| &*e.json).collect(),
+    };
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 pub fn events(shared: &Shared, query: &str) -> Reply {

@@ -838,7 +838,7 @@ mod tests {
             .newest(10, 0)
             .iter()
             .map(|e| {
-                let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+                let v: serde_json::Value = serde_json::from_str(e.json.get()).unwrap();
                 v["kind"].as_str().unwrap().to_owned()
             })
             .collect();
