@@ -369,7 +369,82 @@ fn receive_and_decide(
 
 #[cfg(test)]
 mod tests {
+    use tiny_http::{Header, Method, TestRequest};
+
     use super::*;
+    use crate::clock::FakeClock;
+    use crate::config::Config;
+
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        let mut config = Config::defaults(dir.to_path_buf());
+        config.max_upload_bytes = 1000;
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        Arc::new(Shared::new(config, Arc::new(FakeClock::new()), tx))
+    }
+
+    fn post_lab(headers: &[(&str, &str)], body: &'static str) -> Responder {
+        let mut request = TestRequest::new()
+            .with_method(Method::Post)
+            .with_path("/lab")
+            .with_body(body);
+        for (name, value) in headers {
+            request = request.with_header(Header::from_bytes(*name, *value).unwrap());
+        }
+        Responder::capture(request.into()).0
+    }
+
+    fn status(result: Result<Pending, Reply>) -> u16 {
+        result.map_or_else(|reply| reply.status, |_| 200)
+    }
+
+    /// What a worker decides before any body is read, in the order a client meets it.
+    #[test]
+    fn the_checks_before_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = shared.clock.now();
+        shared.lock().queue.create(a, now).unwrap();
+        shared.lock().queue.create(b, now).unwrap();
+        let multipart = ("Content-Type", "multipart/form-data; boundary=x");
+        let (ida, idb) = (a.to_string(), b.to_string());
+        let check =
+            |headers: &[(&str, &str)]| check(&shared, &post_lab(headers, ""), &Caller::Open);
+        let too_large = post_lab(
+            &[("X-Session-ID", &ida), multipart],
+            &*"x".repeat(1001).leak(),
+        );
+
+        assert_eq!(status(check(&[multipart])), 422);
+        assert_eq!(status(check(&[("X-Session-ID", &idb), multipart])), 423);
+        assert_eq!(
+            status(super::check(&shared, &too_large, &Caller::Open)),
+            413
+        );
+        assert_eq!(
+            status(check(&[
+                ("X-Session-ID", &ida),
+                ("Content-Type", "multipart/form-data")
+            ])),
+            400
+        );
+
+        let pending = check(&[("X-Session-ID", &ida), multipart]).unwrap();
+        assert_eq!(pending.boundary, "x");
+        assert_eq!(shared.lock().acquiring().map(|t| t.session), Some(a));
+        // One acquire at a time.
+        let Err(busy) = check(&[("X-Session-ID", &ida), multipart]) else {
+            panic!("a second acquire while one is in progress");
+        };
+        assert_eq!(
+            busy.body.as_deref(),
+            Some(&br#"{"detail":"Lab currently busy"}"#[..])
+        );
+        // Dropped (the upload ended, however): the slot is free, the session reapable.
+        drop(pending);
+        assert!(shared.lock().acquiring().is_none());
+        assert_eq!(status(check(&[("X-Session-ID", &ida), multipart])), 200);
+    }
 
     #[test]
     fn work_dir_names_start_with_a_letter_even_for_all_digit_uuids() {

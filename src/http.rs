@@ -236,3 +236,45 @@ fn quarantine(request: Request, ceiling: u64) {
     );
     Responder::new(request).abandon(reply, &why);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tiny_http::{Header, TestRequest};
+
+    use super::*;
+
+    #[test]
+    fn a_worker_lives_on_after_a_panic_and_absurd_bodies_never_reach_the_handler() {
+        let (tx, rx) = work_channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Arc<Handler> = {
+            let seen = Arc::clone(&seen);
+            Arc::new(move |responder: Responder| {
+                let path = responder.request().url().to_owned();
+                seen.lock().unwrap().push(path.clone());
+                if path == "/panic" {
+                    panic!("a handler bug");
+                }
+                responder.respond(Reply::empty(204));
+            })
+        };
+        let workers = start_workers(1, &rx, 1024, &handler);
+        drop(rx);
+        let huge = Header::from_bytes("Content-Length", "1025").unwrap();
+        for request in [
+            TestRequest::new().with_path("/panic"),
+            TestRequest::new().with_path("/after"),
+            TestRequest::new().with_path("/huge").with_header(huge),
+            TestRequest::new().with_path("/last"),
+        ] {
+            tx.send(request.into()).unwrap();
+        }
+        drop(tx);
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), ["/panic", "/after", "/last"]);
+    }
+}
