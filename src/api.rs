@@ -368,19 +368,27 @@ fn resolve<'s>(shared: &'s Arc<Shared>, request: &Request) -> Result<(Handler, C
     let url = request.url();
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let verb = Verb::of(request.method());
-    let open = routes_for(path)
-        .next()
-        .map_or(Open::No, |(route, _)| route.open);
-    let caller = authorize(shared, request, path, verb == Some(Get), open)?;
-    if routes_for(path).next().is_none() {
-        return Err(Reply::detail(404, "Not Found"));
+    let mut open = None;
+    let mut found = None;
+    for (route, param) in routes_for(path) {
+        open.get_or_insert(route.open);
+        if let Some(op) = route.operations.iter().find(|op| Some(op.verb) == verb) {
+            found = Some((op.handler, param));
+            break;
+        }
     }
-    let found = routes_for(path).find_map(|(route, param)| {
-        let op = route.operations.iter().find(|op| Some(op.verb) == verb)?;
-        Some((op.handler, param))
-    });
+    let caller = authorize(
+        shared,
+        request,
+        path,
+        verb == Some(Get),
+        open.unwrap_or(Open::No),
+    )?;
     let Some((handler, param)) = found else {
-        return Err(Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(path)));
+        return Err(match open {
+            None => Reply::detail(404, "Not Found"),
+            Some(_) => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(path)),
+        });
     };
     let call = Call {
         shared,

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use tiny_http::{Request, Server};
 
-use crate::logging::escape;
 use crate::reply::{Reply, Responder};
 
 /// What a worker calls for each request.
@@ -201,9 +200,9 @@ fn serve_one(handler: &Handler, request: Request, ceiling: u64) {
         return;
     }
     let started = Instant::now();
-    let what = format!("{} {}", request.method(), escape(request.url()));
+    // The responder, dropped unanswered, logs which request it was.
     if catch_unwind(AssertUnwindSafe(|| handler(Responder::new(request)))).is_err() {
-        log::error!("the handler of {what} panicked");
+        log::error!("a request handler panicked; the worker goes on");
     }
     let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     LONGEST_SERVE_US.fetch_max(took, Ordering::Relaxed);
