@@ -250,6 +250,10 @@ impl Responder {
     /// Answers the request; on this thread when that cannot block on the client beyond one
     /// write, else on a dropper thread (see [`drop_elsewhere`]).
     pub fn respond(mut self, reply: Reply) {
+        self.answer(reply);
+    }
+
+    fn answer(&mut self, reply: Reply) {
         let Some(request) = self.take(&reply) else {
             return;
         };
@@ -292,15 +296,7 @@ impl Drop for Responder {
                 request.method(),
                 escape(request.url())
             );
-            let reply = Reply::internal_error();
-            let Some(request) = self.take(&reply) else {
-                return;
-            };
-            if has_unread_body(&request) {
-                drop_elsewhere(request, reply);
-            } else {
-                send(request, reply);
-            }
+            self.answer(Reply::internal_error());
         }
     }
 }
