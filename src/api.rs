@@ -850,7 +850,72 @@ fn destroy_lab(call: &Call<'_>, request: &Request) -> Reply {
 
 #[cfg(test)]
 mod tests {
+    use tiny_http::TestRequest;
+
     use super::*;
+    use crate::clock::FakeClock;
+    use crate::config::Config;
+
+    /// Serves one request in-process; the reply the client would get.
+    fn serve(shared: &Arc<Shared>, method: Method, path: &str) -> Reply {
+        let request = TestRequest::new().with_method(method).with_path(path);
+        let (responder, replies) = Responder::capture(request.into());
+        handle(shared, responder);
+        replies.try_recv().expect("answered at once")
+    }
+
+    fn body(reply: &Reply) -> serde_json::Value {
+        serde_json::from_slice(reply.body.as_deref().unwrap_or(b"null")).unwrap()
+    }
+
+    #[test]
+    fn sessions_in_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _jobs) = crossbeam_channel::unbounded();
+        let config = Config::defaults(dir.path().to_path_buf());
+        let shared = Arc::new(Shared::new(config, Arc::new(FakeClock::new()), tx));
+
+        let created = serve(&shared, Method::Post, "/session");
+        assert_eq!(created.status, 201);
+        let id = body(&created)["session_id"].as_str().unwrap().to_owned();
+        assert_eq!(body(&created)["position"], 0);
+        let status = serve(&shared, Method::Get, &format!("/session/{id}"));
+        assert_eq!(
+            (status.status, body(&status)),
+            (200, serde_json::json!({"status": "active", "position": 0}))
+        );
+        // An active session's long-poll is answered at once.
+        let polled = serve(&shared, Method::Get, &format!("/session/{id}?wait=5"));
+        assert_eq!(polled.status, 200);
+        let bad = serve(&shared, Method::Get, &format!("/session/{id}?wait=abc"));
+        assert_eq!(bad.status, 422);
+        assert_eq!(
+            body(&bad)["detail"][0]["loc"],
+            serde_json::json!(["query", "wait"])
+        );
+
+        let not_allowed = serve(&shared, Method::Put, "/lab");
+        assert_eq!(not_allowed.status, 405);
+        assert!(
+            not_allowed
+                .headers
+                .contains(&("Allow", "GET, HEAD, POST, DELETE".to_owned()))
+        );
+        assert_eq!(serve(&shared, Method::Get, "/nope").status, 404);
+        assert_eq!(
+            body(&serve(&shared, Method::Get, "/lab")),
+            serde_json::json!({"detail": [{"type": "missing", "loc": ["header", "X-Session-ID"], "msg": "Field required", "input": null}]})
+        );
+
+        assert_eq!(
+            serve(&shared, Method::Delete, &format!("/session/{id}")).status,
+            204
+        );
+        assert_eq!(
+            serve(&shared, Method::Get, &format!("/session/{id}")).status,
+            404
+        );
+    }
 
     #[test]
     fn paths_match_their_routes() {
