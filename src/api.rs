@@ -616,7 +616,7 @@ fn lab_devices(shared: &Shared, request: &Request, caller: &Caller) -> Reply {
     }
     let devices = shared.lock().lab.as_ref().map(|l| l.devices_json.clone());
     match devices {
-        Some(devices) => Reply::raw_json(200, devices.as_bytes()),
+        Some(devices) => Reply::raw_json(200, devices.get().as_bytes()),
         None => no_lab(),
     }
 }
