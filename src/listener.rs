@@ -92,7 +92,8 @@ pub fn watch_interval(socket_timeout: Duration) -> Duration {
     (socket_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
 }
 
-/// Why the watch gives up on the listener, if it does.
+/// Why the watch gives up on the listener, if it does. The reasons are text: they are only
+/// ever logged.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
     Alive,
@@ -132,8 +133,8 @@ pub fn probe(addr: SocketAddr, limit: Duration) -> Verdict {
     }
 }
 
-/// Decides, from one probe, whether the process must go. `last_alive` is when the listener
-/// last answered.
+/// Decides, from one probe, whether the process must go, and says why (text: it is only
+/// logged, by [`restart_now`]). `last_alive` is when the listener last answered.
 pub fn judge(verdict: Verdict, last_alive: &mut Instant, now: Instant) -> Option<String> {
     let abandoned = ABANDONED.load(Ordering::SeqCst);
     if abandoned > MAX_ABANDONED {

@@ -618,7 +618,8 @@ fn cleanup(config: Config) -> i32 {
     }
     let _lock = match lockfile::acquire(&config.state_dir) {
         Ok(lock) => lock,
-        Err(e) => return fail(format!("{e}: stop it first")),
+        Err(e @ lockfile::LockError::Held { .. }) => return fail(format!("{e}: stop it first")),
+        Err(e) => return fail(e),
     };
     let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false);
     if let Err(e) = netlab.version(&config.state_dir) {
