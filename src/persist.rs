@@ -190,6 +190,19 @@ struct Layout {
     entries: bool,
 }
 
+/// Writes what goes before an entry of an object or a list: a comma unless it is the first,
+/// then `line_start` where entries go one per line.
+fn separate<W: ?Sized + Write>(
+    w: &mut W,
+    first: bool,
+    line_start: Option<&[u8]>,
+) -> io::Result<()> {
+    if !first {
+        w.write_all(b",")?;
+    }
+    w.write_all(line_start.unwrap_or_default())
+}
+
 impl serde_json::ser::Formatter for Layout {
     fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.depth += 1;
@@ -202,13 +215,7 @@ impl serde_json::ser::Formatter for Layout {
     }
 
     fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        let separator: &[u8] = match (self.depth == 1, first) {
-            (true, true) => b"\n",
-            (true, false) => b",\n",
-            (false, true) => b"",
-            (false, false) => b",",
-        };
-        w.write_all(separator)
+        separate(w, first, (self.depth == 1).then_some(b"\n"))
     }
 
     fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
@@ -233,16 +240,10 @@ impl serde_json::ser::Formatter for Layout {
     }
 
     fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        let separator: &[u8] = match (self.depth == 2, first) {
-            (true, true) => b"\n  ",
-            (true, false) => b",\n  ",
-            (false, true) => b"",
-            (false, false) => b",",
-        };
         if self.depth == 2 {
             self.entries = true;
         }
-        w.write_all(separator)
+        separate(w, first, (self.depth == 2).then_some(b"\n  "))
     }
 }
 
