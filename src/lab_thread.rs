@@ -120,7 +120,9 @@ fn shut_down(shared: &Shared, netlab: &Netlab) {
 /// retried): it holds what netlab and containerlab need to finish by hand.
 pub fn teardown(netlab: &Netlab, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
-    netlab.tear_down(t.work_dir(), t.force)?;
+    netlab
+        .tear_down(t.work_dir(), t.force)
+        .map_err(|e| e.to_string())?;
     log::info!(
         "lab {} torn down in {:.1} s",
         t.lab.topology.display(),
@@ -158,7 +160,7 @@ fn discard(shared: &Shared, netlab: &Netlab, job: &StartJob) {
     let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash);
     match netlab.tear_down(&job.work_dir, true) {
         Ok(()) => remove_dir(&job.work_dir),
-        Err(e) => shared.teardown_failed(&t, e),
+        Err(e) => shared.teardown_failed(&t, e.to_string()),
     }
 }
 

@@ -17,6 +17,7 @@
 //! * [`netlab`]: the netlab CLI driver.
 //! * [`lab_thread`]: the one thread that runs netlab.
 //! * [`procgroup`]: signals that reach only the process groups they are meant for.
+//! * [`runner`]: runs a command in its own process group, bounded in time and output.
 //! * [`longpoll`]: `GET /session/{id}?wait=S`, parked without a worker.
 //! * [`timer`]: the stale-session sweep and the systemd watchdog.
 //! * [`persist`]: the state file that lets a restart lose nothing.
@@ -50,6 +51,7 @@ pub mod openapi;
 pub mod persist;
 pub mod procgroup;
 pub mod queue;
+mod runner;
 pub mod server;
 pub mod state;
 pub mod statedir;

@@ -593,7 +593,7 @@ fn discard_dir(netlab: &Netlab, mut t: Teardown, state: &mut State, keep: &mut V
                 crate::netlab::for_log(&e)
             );
             t.attempts = 1;
-            t.error = Some(e);
+            t.error = Some(e.to_string());
             keep.push(t.work_dir().to_path_buf());
             state.teardowns.push(t);
         }
@@ -671,7 +671,10 @@ fn cleanup(config: Config) -> i32 {
     let default_error = if default_is_left {
         None
     } else {
-        netlab.cleanup_default(&config.state_dir).err()
+        netlab
+            .cleanup_default(&config.state_dir)
+            .err()
+            .map(|e| e.to_string())
     };
     if let Some(e) = &default_error {
         log::error!(
