@@ -23,10 +23,10 @@ use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// The exit status of a deliberate crash: the service manager should start us again.
-pub const EXIT_RESTART: i32 = 75;
+const EXIT_RESTART: i32 = 75;
 
 /// Pending connections the kernel keeps for us (std uses 128).
-pub const BACKLOG: i32 = 1024;
+const BACKLOG: i32 = 1024;
 
 /// Connections abandoned on purpose (see [`crate::http`]); each keeps a thread and two
 /// descriptors until the process ends.
@@ -36,7 +36,7 @@ pub static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 pub const MAX_ABANDONED: usize = 100;
 
 /// How long the listener may go without answering the watch before the process exits.
-pub const DEAF_LIMIT: Duration = Duration::from_secs(5);
+const DEAF_LIMIT: Duration = Duration::from_secs(5);
 
 /// The read and write timeout of every connection: half of `--client-timeout`, because a
 /// request that is answered without its body being read waits for two reads in a row

@@ -113,11 +113,6 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// [`escape`] for bytes that may not be UTF-8 (invalid sequences become U+FFFD).
-pub fn escape_bytes(bytes: &[u8]) -> String {
-    escape(&String::from_utf8_lossy(bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +126,5 @@ mod tests {
         );
         assert_eq!(escape("a\\nb"), "a\\\\nb");
         assert_eq!(escape(&"x".repeat(300)).len(), 203);
-        assert_eq!(escape_bytes(b"a\xffb\n"), "a\u{fffd}b\\n");
     }
 }

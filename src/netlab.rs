@@ -24,9 +24,9 @@ const STDERR_TAIL: usize = 64 * 1024;
 /// The tail of output quoted in an error.
 const DETAIL_TAIL: usize = 4 * 1024;
 
-pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
-pub const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
-pub const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
+const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// netlab prints `Fatal error in netlab: …` (or a `FatalError` traceback) when it gave up,
 /// and some commands still exit 0 then (`down` without containerlab, for one).
@@ -56,7 +56,7 @@ fn stderr_tail(out: &Output) -> String {
 }
 
 /// The last `limit` bytes of `text` (cut at a line start when possible), trimmed.
-pub fn tail(text: &str, limit: usize) -> String {
+fn tail(text: &str, limit: usize) -> String {
     let text = text.trim();
     if text.len() <= limit {
         return text.to_owned();
@@ -81,7 +81,7 @@ pub fn for_log(text: &impl fmt::Display) -> String {
 /// The file `netlab up` writes into a work directory before it deploys anything, and a
 /// successful `netlab down --cleanup` removes: where there is none, netlab has nothing to
 /// tear down (a topology it rejected, a directory already cleaned).
-pub const SNAPSHOT: &str = "netlab.snapshot.pickle";
+const SNAPSHOT: &str = "netlab.snapshot.pickle";
 
 /// Why a netlab command did not do what it was asked. [`NetlabError::status`] is the HTTP
 /// answer for a failed start.
@@ -239,7 +239,7 @@ const REJECTION_MARKERS: &[&str] = &[
 ];
 
 /// Sorts a failed `netlab up` into rejected topology, instance already running, or failure.
-pub fn classify_up_failure(output: &Output) -> NetlabError {
+fn classify_up_failure(output: &Output) -> NetlabError {
     let stdout = output.stdout_text();
     if let Some(at) = stdout.find("already running in directory") {
         // netlab wraps this message, the directory going on the next line: join them.
@@ -268,7 +268,7 @@ pub fn classify_up_failure(output: &Output) -> NetlabError {
 }
 
 /// Parses netlab's node list, a Python literal such as `['r1', 'r2']`.
-pub fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
+fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
     let text = text.trim();
     let inner = text
         .strip_prefix('[')
@@ -300,15 +300,15 @@ pub fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
 
 #[derive(Clone, Debug)]
 pub struct Netlab {
-    pub program: PathBuf,
-    pub up_timeout: Duration,
+    program: PathBuf,
+    up_timeout: Duration,
     /// Log netlab's output line by line as it arrives (`--debug`).
-    pub stream_output: bool,
+    stream_output: bool,
     /// Most `inspect --node` calls running at once.
-    pub parallelism: usize,
+    parallelism: usize,
     /// Where the output of the lab thread's commands goes, line by line, for `GET /lab/log`
     /// (not that of `inspect`, which is node data, nor of `version`).
-    pub live: Option<Arc<LabLog>>,
+    live: Option<Arc<LabLog>>,
 }
 
 impl Netlab {

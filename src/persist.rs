@@ -23,7 +23,7 @@ use crate::metrics::METRICS;
 use crate::queue::{SessionId, SessionRecord};
 
 pub const STATE_FILE: &str = "state.json";
-pub const FORMAT_VERSION: u64 = 1;
+const FORMAT_VERSION: u64 = 1;
 
 /// A start in progress (`netlab up` running): cleaned up if the server dies meanwhile.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -262,7 +262,7 @@ impl Snapshot {
 }
 
 /// Decodes the file's text.
-pub fn parse(text: &str) -> serde_json::Result<Snapshot> {
+fn parse(text: &str) -> serde_json::Result<Snapshot> {
     serde_json::from_str(text)
 }
 

@@ -55,7 +55,7 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
 
 /// `GET /healthz` through the listener and the worker pool, within `limit`. An answer other
 /// than 204 (or 503 degraded) is an `InvalidData` error.
-pub fn self_check(addr: SocketAddr, limit: Duration) -> io::Result<()> {
+fn self_check(addr: SocketAddr, limit: Duration) -> io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&addr, limit)?;
     stream.set_read_timeout(Some(limit))?;
     stream.set_write_timeout(Some(limit))?;

@@ -137,7 +137,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, UploadError> {
 }
 
 /// Checks the topology's file name: a plain `.yml`/`.yaml` file name.
-pub fn check_topology_name(name: &str) -> Result<(), UploadError> {
+fn check_topology_name(name: &str) -> Result<(), UploadError> {
     if name.is_empty() || name == "." || name == ".." {
         return Err(UploadError::TopologyExtension);
     }
@@ -163,7 +163,7 @@ pub fn check_topology_name(name: &str) -> Result<(), UploadError> {
 }
 
 /// Checks an extra file's name and turns it into a relative path inside the work directory.
-pub fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
+fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
     let bad = |reason| UploadError::ExtraName {
         name: name.to_owned(),
         reason,
