@@ -68,14 +68,6 @@ impl From<Reply> for Decision {
     }
 }
 
-/// The devices of a lab record, to pass through untouched.
-pub fn raw_devices(json: &str) -> &RawValue {
-    serde_json::from_str(json).unwrap_or_else(|e| {
-        log::error!("the lab record's devices are not JSON ({e}); serving none");
-        serde_json::from_str("[]").expect("valid JSON")
-    })
-}
-
 /// `{"reused": …, "devices": […]}`, the devices passed through as netlab's inspect gave them.
 #[derive(Serialize)]
 pub struct Acquired<'a> {
@@ -297,7 +289,7 @@ fn receive_and_decide(
                 200,
                 &Acquired {
                     reused: true,
-                    devices: raw_devices(&lab.devices_json),
+                    devices: &lab.devices_json,
                 },
             );
             log::info!(

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use tiny_http::{Method, Request};
 use uuid::Uuid;
 
-use crate::acquire::{self, raw_devices};
+use crate::acquire;
 use crate::auth::{self, Caller};
 use crate::config::parse_bool;
 use crate::lab::{self, Destroy};
@@ -730,20 +730,21 @@ fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
     if let Err(reply) = gate(call, request, false) {
         return reply;
     }
+    let none = lab::no_devices();
     let state = call.shared.lock();
     let status = match &state.lab {
         Some(lab) => LabStatus {
             running: true,
             topology: Some(lab.topology.to_string_lossy()),
             ref_count: lab.ref_count,
-            devices: raw_devices(&lab.devices_json),
+            devices: &lab.devices_json,
             netlab_status: None,
         },
         None => LabStatus {
             running: false,
             topology: None,
             ref_count: 0,
-            devices: raw_devices("[]"),
+            devices: &none,
             netlab_status: None,
         },
     };
@@ -761,7 +762,7 @@ fn lab_devices(call: &Call<'_>, request: &Request) -> Reply {
         .as_ref()
         .map(|l| l.devices_json.clone());
     match devices {
-        Some(devices) => Reply::raw_json(200, devices.as_bytes()),
+        Some(devices) => Reply::raw_json(200, devices.get().as_bytes()),
         None => no_lab(),
     }
 }

@@ -1,28 +1,84 @@
 //! The lab record and the decisions of `POST /lab`, `POST /lab/release` and `DELETE /lab`.
 //! Pure: no I/O. A lab's identity is the SHA-256 of its topology file's bytes.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 pub type Hash = [u8; 32];
 
+/// The hash of `bytes` at once (tests: uploads are hashed as they stream in).
 #[cfg(test)]
 pub fn sha256(bytes: &[u8]) -> Hash {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).into()
 }
 
-pub fn hex(hash: &Hash) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(64);
-    for byte in hash {
-        out.push(DIGITS[(byte >> 4) as usize] as char);
-        out.push(DIGITS[(byte & 0xf) as usize] as char);
+/// A hash in lower-case hexadecimal, written out without an intermediate string.
+struct Hex<'a>(&'a Hash);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
     }
-    out
+}
+
+pub fn hex(hash: &Hash) -> String {
+    Hex(hash).to_string()
+}
+
+/// The hash that `text` spells in 64 hexadecimal digits.
+fn parse_hex(text: &str) -> Option<Hash> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
+/// `hash` in the state file: 64 hexadecimal digits.
+mod hash_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(hash: &Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&Hex(hash))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_hex(&text).ok_or_else(|| D::Error::custom("lab hash is not 64 hex digits"))
+    }
+}
+
+/// A path in the state file: its text, with anything that is not UTF-8 replaced (the paths
+/// the server makes are UTF-8; a replaced one names no directory of ours when read back).
+pub(crate) fn path_text<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&path.display())
+}
+
+/// The devices in the state file: the API's JSON array, written and read back byte for byte.
+mod devices_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(devices: &Arc<RawValue>, s: S) -> Result<S::Ok, S::Error> {
+        devices.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<RawValue>, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        if !raw.get().starts_with('[') {
+            return Err(D::Error::custom("lab devices is not a list"));
+        }
+        Ok(Arc::from(raw))
+    }
 }
 
 /// One node of the lab as the API returns it: its name and netlab's data for it.
@@ -32,17 +88,21 @@ pub struct Device {
     pub raw: serde_json::Value,
 }
 
-/// The running lab.
-#[derive(Clone, Debug)]
+/// The running lab. Serialized as the state file keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LabRecord {
+    #[serde(with = "hash_text")]
     pub hash: Hash,
     /// The directory netlab ran `up` in (under the state dir).
+    #[serde(serialize_with = "path_text")]
     pub work_dir: PathBuf,
     /// The topology file inside `work_dir`.
+    #[serde(serialize_with = "path_text")]
     pub topology: PathBuf,
     pub ref_count: u32,
     /// The devices, serialized once as the JSON array the API returns.
-    pub devices_json: Arc<str>,
+    #[serde(rename = "devices", with = "devices_text")]
+    pub devices_json: Arc<RawValue>,
 }
 
 /// What `POST /lab` does, given the running lab (if any).
@@ -100,8 +160,11 @@ impl LabRecord {
 
 /// A lab to tear down: queued on the lab thread, or waiting for its next attempt after
 /// netlab failed to tear it down. Its work directory is kept until netlab succeeds.
-#[derive(Clone, Debug)]
+///
+/// The state file keeps it as its lab's fields followed by `force`, `attempts` and `error`.
+#[derive(Clone, Debug, Serialize)]
 pub struct Teardown {
+    #[serde(flatten)]
     pub lab: LabRecord,
     /// `netlab down --cleanup --force`: the remains of a start that failed, or of a lab in
     /// an unknown state, where plain `down --cleanup` leaves netlab's registration behind.
@@ -112,7 +175,35 @@ pub struct Teardown {
     /// netlab's words from the last failed attempt.
     pub error: Option<String>,
     /// When the next attempt is due (clock time); `None` while one is queued.
+    #[serde(skip)]
     pub retry_at: Option<Duration>,
+}
+
+impl<'de> Deserialize<'de> for Teardown {
+    /// The entry is read twice, once as its lab and once for the teardown's own fields:
+    /// serde's `flatten` cannot read the devices as raw JSON.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The fields besides the lab's; files written before they existed lack them.
+        #[derive(Deserialize)]
+        struct Progress {
+            #[serde(default)]
+            force: bool,
+            #[serde(default)]
+            attempts: u32,
+            #[serde(default)]
+            error: Option<String>,
+        }
+        let raw = Box::<RawValue>::deserialize(d)?;
+        let lab = serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
+        let progress: Progress = serde_json::from_str(raw.get()).map_err(D::Error::custom)?;
+        Ok(Teardown {
+            lab,
+            force: progress.force,
+            attempts: progress.attempts,
+            error: progress.error,
+            retry_at: None,
+        })
+    }
 }
 
 impl Teardown {
@@ -134,7 +225,7 @@ impl Teardown {
                 work_dir: work_dir.to_path_buf(),
                 topology: topology.unwrap_or(work_dir).to_path_buf(),
                 ref_count: 0,
-                devices_json: "[]".into(),
+                devices_json: no_devices(),
             },
             true,
         )
@@ -155,10 +246,13 @@ pub fn retry_delay(sweep_interval: Duration, attempts: u32) -> Duration {
 }
 
 /// Serializes devices as the API returns them.
-pub fn devices_json(devices: &[Device]) -> Arc<str> {
-    serde_json::to_string(devices)
-        .unwrap_or_else(|_| "[]".to_owned())
-        .into()
+pub fn devices_json(devices: &[Device]) -> Arc<RawValue> {
+    serde_json::value::to_raw_value(devices).map_or_else(|_| no_devices(), Arc::from)
+}
+
+/// The empty device list.
+pub fn no_devices() -> Arc<RawValue> {
+    Arc::from(RawValue::from_string("[]".to_owned()).expect("`[]` is JSON"))
 }
 
 #[cfg(test)]
@@ -171,7 +265,7 @@ mod tests {
             work_dir: PathBuf::from("/state/labs/x"),
             topology: PathBuf::from("/state/labs/x/topo.yml"),
             ref_count,
-            devices_json: "[]".into(),
+            devices_json: no_devices(),
         }
     }
 
@@ -267,7 +361,7 @@ mod tests {
             raw: serde_json::json!({"hostname": "clab-x-r1"}),
         }];
         assert_eq!(
-            &*devices_json(&devices),
+            devices_json(&devices).get(),
             r#"[{"name":"r1","raw":{"hostname":"clab-x-r1"}}]"#
         );
     }

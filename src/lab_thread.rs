@@ -14,7 +14,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use serde_json::json;
 
-use crate::acquire::{Acquired, raw_devices};
+use crate::acquire::Acquired;
 use crate::config::OnExit;
 use crate::events::{self, now_ms, who};
 use crate::lab::{self, Device, LabRecord, Teardown};
@@ -37,9 +37,9 @@ pub trait Driver {
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError>;
     fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError>;
-    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String>;
-    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String>;
-    fn cleanup_default(&self, cwd: &Path) -> Result<(), String>;
+    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError>;
+    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError>;
+    fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError>;
 }
 
 impl Driver for Netlab {
@@ -54,13 +54,13 @@ impl Driver for Netlab {
     fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError> {
         Netlab::devices(self, work_dir)
     }
-    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String> {
+    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError> {
         Netlab::tear_down(self, work_dir, force)
     }
-    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String> {
+    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError> {
         Netlab::default_instance_dir(self, cwd)
     }
-    fn cleanup_default(&self, cwd: &Path) -> Result<(), String> {
+    fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError> {
         Netlab::cleanup_default(self, cwd)
     }
 }
@@ -133,7 +133,9 @@ fn shut_down(shared: &Shared, netlab: &dyn Driver) {
 /// retried): it holds what netlab and containerlab need to finish by hand.
 pub fn teardown(netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
-    netlab.tear_down(t.work_dir(), t.force)?;
+    netlab
+        .tear_down(t.work_dir(), t.force)
+        .map_err(|e| e.to_string())?;
     log::info!(
         "lab {} torn down in {:.1} s",
         t.lab.topology.display(),
@@ -171,7 +173,7 @@ fn discard(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
     let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash);
     match netlab.tear_down(&job.work_dir, true) {
         Ok(()) => remove_dir(&job.work_dir),
-        Err(e) => shared.teardown_failed(&t, e),
+        Err(e) => shared.teardown_failed(&t, e.to_string()),
     }
 }
 
@@ -315,7 +317,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         200,
         &Acquired {
             reused: false,
-            devices: raw_devices(&devices_json),
+            devices: &devices_json,
         },
     )
 }
@@ -427,14 +429,14 @@ mod tests {
                 raw: json!({"name": "r1"}),
             }])
         }
-        fn tear_down(&self, _: &Path, _: bool) -> Result<(), String> {
+        fn tear_down(&self, _: &Path, _: bool) -> Result<(), NetlabError> {
             self.downs.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn default_instance_dir(&self, _: &Path) -> Result<Option<PathBuf>, String> {
+        fn default_instance_dir(&self, _: &Path) -> Result<Option<PathBuf>, NetlabError> {
             Ok(None)
         }
-        fn cleanup_default(&self, _: &Path) -> Result<(), String> {
+        fn cleanup_default(&self, _: &Path) -> Result<(), NetlabError> {
             Ok(())
         }
     }

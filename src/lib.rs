@@ -19,7 +19,8 @@
 //! * `longpoll`: parked `GET /session/{id}?wait=S` requests.
 //! * `persist`: the state file that lets a restart lose nothing.
 //! * `reply`: replies, and the responder that answers each request exactly once.
-//! * `netlab`: the netlab CLI driver; [`procgroup`]: signals that reach only our groups.
+//! * `netlab`: the netlab commands, on `runner` (a process in its own group, output
+//!   bounded, timeout and cancel); [`procgroup`]: signals that reach only our groups.
 //! * `queue` (sessions, FIFO), `lab` (lab record, acquire decisions), `auth` (tokens,
 //!   callers, throttle), `events`, `lablog`, `metrics`, `config`, `clock`, `listener`,
 //!   `statedir`, `lockfile`, `logging`, `notify`, [`upload`].
@@ -48,6 +49,7 @@ mod persist;
 pub mod procgroup;
 mod queue;
 mod reply;
+mod runner;
 pub mod server;
 mod state;
 mod statedir;

@@ -1,16 +1,46 @@
 //! Logging: one event per line to stderr (colours only on a terminal, no timestamp under
 //! systemd, where journald adds one), and optionally appended to a file with timestamps.
 
+use std::fmt;
 use std::fs::OpenOptions;
-use std::io::IsTerminal;
-use std::path::Path;
+use std::io::{self, IsTerminal};
+use std::path::{Path, PathBuf};
 
-use log::LevelFilter;
+use log::{LevelFilter, SetLoggerError};
 use simplelog::{
     ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, WriteLogger,
 };
 
-pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
+/// Why logging could not be set up.
+#[derive(Debug)]
+pub enum InitError {
+    /// The `--log-file` cannot be opened for appending.
+    LogFile { path: PathBuf, error: io::Error },
+    /// A logger is set already (only once per process).
+    AlreadySet(SetLoggerError),
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::LogFile { path, error } => {
+                write!(f, "--log-file {}: {error}", path.display())
+            }
+            InitError::AlreadySet(e) => write!(f, "logging: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for InitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            InitError::LogFile { error, .. } => Some(error),
+            InitError::AlreadySet(e) => Some(e),
+        }
+    }
+}
+
+pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), InitError> {
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let mut stderr_config = ConfigBuilder::new();
     stderr_config
@@ -43,7 +73,10 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            .map_err(|error| InitError::LogFile {
+                path: path.to_path_buf(),
+                error,
+            })?;
         let mut file_config = ConfigBuilder::new();
         file_config
             .add_filter_ignore_str("multipart")
@@ -55,7 +88,7 @@ pub fn init(level: LevelFilter, log_file: Option<&Path>) -> Result<(), String> {
         let _ = file_config.set_time_offset_to_local();
         loggers.push(WriteLogger::new(level, file_config.build(), file));
     }
-    CombinedLogger::init(loggers).map_err(|e| format!("logging: {e}"))
+    CombinedLogger::init(loggers).map_err(InitError::AlreadySet)
 }
 
 /// Client text as it may appear in a log line: control characters (line breaks, ESC, NUL)

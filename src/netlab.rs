@@ -1,120 +1,62 @@
-//! The netlab CLI driver. Every command runs without a shell, with stdin from /dev/null (or
-//! a short answer such as `y\n` where netlab asks), `COLUMNS=1000` (netlab prints through
-//! Rich, which cuts lines at the terminal width), in its own process group (a
-//! [`GroupChild`], so a timeout kills the whole tree and nothing else), with stdout and stderr
-//! captured up to a bound, and with a timeout.
+//! The netlab CLI driver: the netlab commands the server needs, each run through
+//! [`crate::runner`] (its own process group, bounded output, a timeout) with
+//! `COLUMNS=1000` (netlab prints through Rich, which cuts lines at the terminal width) and
+//! stdin from /dev/null, or a short answer such as `y\n` where netlab asks.
 
-use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
+use std::time::Duration;
 
 use crate::lab::Device;
 use crate::lablog::LabLog;
 use crate::metrics::METRICS;
-use crate::procgroup::GroupChild;
-use rustix::process::Signal;
+use crate::runner::{LineHook, Output, Run};
 
 /// Most stdout kept from one command (one node's data is a few KiB; `up` says little).
 const STDOUT_LIMIT: usize = 4 * 1024 * 1024;
 /// The tail of stderr kept from one command.
 const STDERR_TAIL: usize = 64 * 1024;
-/// The tail of stderr quoted in an HTTP error.
+/// The tail of output quoted in an error.
 const DETAIL_TAIL: usize = 4 * 1024;
-/// How long captured output may keep flowing after the command exited (a grandchild that
-/// escaped the process group can hold the pipes open; we do not wait for it).
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// How often a running command looks at the cancel flag.
-const CANCEL_CHECK: Duration = Duration::from_millis(50);
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
+const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(120);
-pub const DOWN_TIMEOUT: Duration = Duration::from_secs(600);
-pub const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What a netlab command left behind.
-#[derive(Debug)]
-pub struct Output {
-    pub status: Option<ExitStatus>,
-    pub stdout: Vec<u8>,
-    pub stderr: String,
-    pub timed_out: bool,
-    pub cancelled: bool,
+/// netlab prints `Fatal error in netlab: …` (or a `FatalError` traceback) when it gave up,
+/// and some commands still exit 0 then (`down` without containerlab, for one).
+fn says_fatal(out: &Output) -> bool {
+    [out.stdout_text(), out.stderr_text()]
+        .iter()
+        .any(|text| text.contains("Fatal error") || text.contains("FatalError"))
 }
 
-impl Output {
-    pub fn success(&self) -> bool {
-        self.status.is_some_and(|s| s.success())
-    }
+/// Whether netlab did what it was asked: exit 0 and no fatal error in its output.
+fn done(out: &Output) -> bool {
+    out.success() && !says_fatal(out)
+}
 
-    /// "exit code 1", "killed by signal 9".
-    pub fn exit(&self) -> String {
-        use std::os::unix::process::ExitStatusExt;
-        match self.status {
-            Some(s) => match (s.code(), s.signal()) {
-                (Some(code), _) => format!("exit code {code}"),
-                (None, Some(signal)) => format!("killed by signal {signal}"),
-                (None, None) => "unknown exit".to_owned(),
-            },
-            None => "no exit status".to_owned(),
-        }
-    }
+/// The last lines of both outputs, for error messages (netlab's fatal errors go to either,
+/// depending on the command).
+fn output_tail(out: &Output) -> String {
+    tail(
+        &format!("{}\n{}", out.stdout_text().trim(), out.stderr_text().trim()),
+        DETAIL_TAIL,
+    )
+}
 
-    /// netlab prints `Fatal error in netlab: …` (or a `FatalError` traceback) when it gave
-    /// up, and some commands still exit 0 then (`down` without containerlab, for one).
-    pub fn says_fatal(&self) -> bool {
-        let stdout = String::from_utf8_lossy(&self.stdout);
-        [stdout.as_ref(), self.stderr.as_str()]
-            .iter()
-            .any(|text| text.contains("Fatal error") || text.contains("FatalError"))
-    }
-
-    /// Whether netlab did what it was asked: exit 0 and no fatal error in its output.
-    pub fn done(&self) -> bool {
-        self.success() && !self.says_fatal()
-    }
-
-    /// The last lines of both outputs, for error messages (netlab's fatal errors go to
-    /// either, depending on the command).
-    pub fn output_tail(&self) -> String {
-        tail(
-            &format!("{}\n{}", self.stdout_text().trim(), self.stderr.trim()),
-            DETAIL_TAIL,
-        )
-    }
-
-    /// Why a command that ran is not [`done`](Self::done).
-    fn failure(&self, command: &str) -> String {
-        if self.timed_out {
-            return format!("netlab {command} timed out");
-        }
-        let how = if self.success() {
-            "exited 0 but failed".to_owned()
-        } else {
-            self.exit()
-        };
-        format!("netlab {command} failed ({how}): {}", self.output_tail())
-    }
-
-    pub fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    /// The last lines of stderr, trimmed and bounded, for error messages.
-    pub fn stderr_tail(&self) -> String {
-        tail(&self.stderr, DETAIL_TAIL)
-    }
+/// The last lines of stderr, trimmed and bounded, for error messages.
+fn stderr_tail(out: &Output) -> String {
+    tail(&out.stderr_text(), DETAIL_TAIL)
 }
 
 /// The last `limit` bytes of `text` (cut at a line start when possible), trimmed.
-pub fn tail(text: &str, limit: usize) -> String {
+fn tail(text: &str, limit: usize) -> String {
     let text = text.trim();
     if text.len() <= limit {
         return text.to_owned();
@@ -132,37 +74,44 @@ pub fn tail(text: &str, limit: usize) -> String {
 
 /// `text` for a log line: netlab's lines after the first are marked `netlab| `, so every
 /// line of the log says where it comes from.
-pub fn for_log(text: &str) -> String {
-    text.trim_end().replace('\n', "\nnetlab| ")
+pub fn for_log(text: &impl fmt::Display) -> String {
+    text.to_string().trim_end().replace('\n', "\nnetlab| ")
 }
 
 /// The file `netlab up` writes into a work directory before it deploys anything, and a
 /// successful `netlab down --cleanup` removes: where there is none, netlab has nothing to
 /// tear down (a topology it rejected, a directory already cleaned).
-pub const SNAPSHOT: &str = "netlab.snapshot.pickle";
+const SNAPSHOT: &str = "netlab.snapshot.pickle";
 
-/// Why a lab could not be started; each maps to one HTTP answer.
+/// Why a netlab command did not do what it was asked. [`NetlabError::status`] is the HTTP
+/// answer for a failed start.
 #[derive(Debug)]
 pub enum NetlabError {
     /// netlab rejected the topology (422).
     Rejected(String),
     /// Another lab instance runs on the host outside our control (409).
     AlreadyRunning(String),
-    /// Any other failure of `up` or `inspect` (500).
+    /// netlab ran and failed (500).
     Failed {
-        command: &'static str,
-        /// "exit code 1", "killed by signal 9"
+        /// The arguments, such as `down --cleanup`.
+        command: String,
+        /// "exit code 1", "killed by signal 9", "exited 0 but failed"
         exit: String,
-        stderr: String,
+        /// The end of what it printed.
+        output: String,
     },
-    /// `inspect` printed something that is not a node list or not JSON (500).
+    /// It printed something that is not what it should print (500).
     BadOutput { command: &'static str, why: String },
-    /// `up` ran past `--netlab-timeout` (504).
-    TimedOut(Duration),
+    /// It ran past its timeout and was killed (504).
+    TimedOut { command: String, after: Duration },
     /// The server is shutting down (503).
     Cancelled,
     /// netlab could not be run at all (500).
-    Spawn(String),
+    Spawn {
+        program: PathBuf,
+        command: String,
+        error: io::Error,
+    },
 }
 
 impl NetlabError {
@@ -170,9 +119,23 @@ impl NetlabError {
         match self {
             NetlabError::Rejected(_) => 422,
             NetlabError::AlreadyRunning(_) => 409,
-            NetlabError::TimedOut(_) => 504,
+            NetlabError::TimedOut { .. } => 504,
             NetlabError::Cancelled => 503,
             _ => 500,
+        }
+    }
+
+    /// Why `out` of `netlab <command>` is not [`done`].
+    fn failure(command: String, out: &Output) -> Self {
+        let exit = if out.success() {
+            "exited 0 but failed".to_owned()
+        } else {
+            out.exit()
+        };
+        NetlabError::Failed {
+            command,
+            exit,
+            output: output_tail(out),
         }
     }
 }
@@ -185,16 +148,75 @@ impl fmt::Display for NetlabError {
             NetlabError::Failed {
                 command,
                 exit,
-                stderr,
-            } => write!(f, "netlab {command} failed ({exit}): {stderr}"),
+                output,
+            } => write!(f, "netlab {command} failed ({exit}): {output}"),
             NetlabError::BadOutput { command, why } => {
                 write!(f, "netlab {command} printed unexpected output: {why}")
             }
-            NetlabError::TimedOut(after) => {
-                write!(f, "netlab up timed out after {} s", after.as_secs_f64())
+            NetlabError::TimedOut { command, after } => {
+                write!(
+                    f,
+                    "netlab {command} timed out after {} s",
+                    after.as_secs_f64()
+                )
             }
             NetlabError::Cancelled => f.write_str("Server is shutting down"),
-            NetlabError::Spawn(why) => write!(f, "cannot run netlab: {why}"),
+            NetlabError::Spawn {
+                program,
+                command,
+                error,
+            } => write!(f, "cannot run `{} {command}`: {error}", program.display()),
+        }
+    }
+}
+
+impl std::error::Error for NetlabError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NetlabError::Spawn { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Why the lab a state file names is not taken back (see [`Netlab::check_running`]).
+#[derive(Debug)]
+pub enum NotRunning {
+    WorkDirGone(PathBuf),
+    /// netlab's `default` instance is registered in another directory.
+    ElsewhereRegistered {
+        registered: PathBuf,
+        work_dir: PathBuf,
+    },
+    NoDefaultInstance,
+    /// netlab could not say: it failed, or printed something unexpected.
+    Unknown(NetlabError),
+}
+
+impl fmt::Display for NotRunning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotRunning::WorkDirGone(dir) => write!(f, "its work dir {} is gone", dir.display()),
+            NotRunning::ElsewhereRegistered {
+                registered,
+                work_dir,
+            } => write!(
+                f,
+                "netlab's default instance is in {}, not in {}",
+                registered.display(),
+                work_dir.display()
+            ),
+            NotRunning::NoDefaultInstance => f.write_str("netlab has no default instance"),
+            NotRunning::Unknown(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for NotRunning {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NotRunning::Unknown(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -217,7 +239,7 @@ const REJECTION_MARKERS: &[&str] = &[
 ];
 
 /// Sorts a failed `netlab up` into rejected topology, instance already running, or failure.
-pub fn classify_up_failure(output: &Output) -> NetlabError {
+fn classify_up_failure(output: &Output) -> NetlabError {
     let stdout = output.stdout_text();
     if let Some(at) = stdout.find("already running in directory") {
         // netlab wraps this message, the directory going on the next line: join them.
@@ -231,19 +253,22 @@ pub fn classify_up_failure(output: &Output) -> NetlabError {
         };
         return NetlabError::AlreadyRunning(message);
     }
-    let stderr = output.stderr_tail();
-    if REJECTION_MARKERS.iter().any(|m| output.stderr.contains(m)) {
+    let stderr = stderr_tail(output);
+    if REJECTION_MARKERS
+        .iter()
+        .any(|m| output.stderr_text().contains(m))
+    {
         return NetlabError::Rejected(stderr);
     }
     NetlabError::Failed {
-        command: "up",
+        command: "up".into(),
         exit: output.exit(),
-        stderr,
+        output: stderr,
     }
 }
 
 /// Parses netlab's node list, a Python literal such as `['r1', 'r2']`.
-pub fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
+fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
     let text = text.trim();
     let inner = text
         .strip_prefix('[')
@@ -275,15 +300,15 @@ pub fn parse_node_list(text: &str) -> Result<Vec<String>, String> {
 
 #[derive(Clone, Debug)]
 pub struct Netlab {
-    pub program: PathBuf,
-    pub up_timeout: Duration,
+    program: PathBuf,
+    up_timeout: Duration,
     /// Log netlab's output line by line as it arrives (`--debug`).
-    pub stream_output: bool,
+    stream_output: bool,
     /// Most `inspect --node` calls running at once.
-    pub parallelism: usize,
+    parallelism: usize,
     /// Where the output of the lab thread's commands goes, line by line, for `GET /lab/log`
     /// (not that of `inspect`, which is node data, nor of `version`).
-    pub live: Option<Arc<LabLog>>,
+    live: Option<Arc<LabLog>>,
 }
 
 impl Netlab {
@@ -303,171 +328,117 @@ impl Netlab {
         self
     }
 
-    /// Runs `netlab <args>` in `cwd`. `stdin` is fed to it (else /dev/null); `cancel`, when it
-    /// becomes true, kills it like a timeout does.
-    pub fn run(
-        &self,
-        args: &[&str],
-        cwd: &Path,
-        timeout: Duration,
-        stdin: Option<&[u8]>,
-        cancel: Option<&AtomicBool>,
-    ) -> io::Result<Output> {
-        self.run_with(args, cwd, timeout, stdin, cancel, &|_| {})
-    }
-
-    /// [`Netlab::run`], calling `spawned` with the command's process group id as soon as it
-    /// runs.
-    pub fn run_with(
-        &self,
-        args: &[&str],
-        cwd: &Path,
-        timeout: Duration,
-        stdin: Option<&[u8]>,
-        cancel: Option<&AtomicBool>,
-        spawned: &dyn Fn(u32),
-    ) -> io::Result<Output> {
-        let label = args.first().copied().unwrap_or("").to_owned();
+    /// Runs `netlab <args>` in `cwd` as `run` says, with its output in the debug log
+    /// (`--debug`) and the live log (but for `inspect` and `version`), and counted in the
+    /// metrics. Only a netlab that cannot be started is an error here.
+    fn run(&self, args: &[&str], cwd: &Path, mut run: Run<'_>) -> Result<Output, NetlabError> {
+        let label = args.first().copied().unwrap_or("");
         log::debug!("running netlab {} in {}", args.join(" "), cwd.display());
-        let mut command = Command::new(&self.program);
-        command
-            .args(args)
-            .current_dir(cwd)
-            .env("COLUMNS", "1000")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
         let live = self
             .live
             .clone()
-            .filter(|_| !matches!(label.as_str(), "inspect" | "version"));
+            .filter(|_| !matches!(label, "inspect" | "version"));
         if let Some(live) = &live {
             live.append(format!("$ netlab {}\n", args.join(" ")).as_bytes());
         }
-        let mut child = GroupChild::spawn(&mut command)?;
-        spawned(child.id());
-        let (child_stdin, child_stdout, child_stderr) = child.take_pipes();
-        if let (Some(input), Some(mut pipe)) = (stdin, child_stdin) {
-            // Small answers ("y\n"): fits the pipe buffer; errors mean it exited already.
-            let _ = pipe.write_all(input);
+        run = run.keep(STDOUT_LIMIT, STDERR_TAIL);
+        if let Some(hook) = self.line_hook(live) {
+            run = run.on_line(hook);
         }
-        let stdout = capture(
-            child_stdout,
-            self.stream_output,
-            Keep::Head(STDOUT_LIMIT),
-            live.clone(),
-        );
-        let stderr = capture(
-            child_stderr,
-            self.stream_output,
-            Keep::Tail(STDERR_TAIL),
-            live,
-        );
-
-        let started = Instant::now();
-        let group = child.handle();
-        // A waiter thread blocks in wait(), so an exit is seen at once; this thread wakes up
-        // now and then to check the timeout and the cancel flag.
-        let (exited_tx, exited) = bounded(1);
-        thread::Builder::new()
-            .name("netlab-wait".into())
-            .spawn(move || {
-                let _ = exited_tx.send(child.wait().ok());
+        let out = run
+            .run(
+                Command::new(&self.program)
+                    .args(args)
+                    .current_dir(cwd)
+                    .env("COLUMNS", "1000"),
+            )
+            .map_err(|error| NetlabError::Spawn {
+                program: self.program.clone(),
+                command: args.join(" "),
+                error,
             })?;
-        let mut timed_out = false;
-        let mut cancelled = false;
-        let status = loop {
-            let left = timeout.saturating_sub(started.elapsed());
-            match exited.recv_timeout(left.min(CANCEL_CHECK)) {
-                Ok(status) => break status,
-                Err(RecvTimeoutError::Disconnected) => break None,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            if started.elapsed() >= timeout {
-                timed_out = true;
-            } else if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-                cancelled = true;
-            }
-            if timed_out || cancelled {
-                // The handle signals the group only while its leader is unreaped.
-                if let Err(e) = group.signal(Signal::KILL) {
-                    log::error!("cannot kill netlab {label} (group {}): {e}", group.pgid());
-                }
-                break exited.recv().ok().flatten();
-            }
-        };
-        let deadline = Instant::now() + DRAIN_GRACE;
-        let stdout = stdout.collect(deadline);
-        let stderr = String::from_utf8_lossy(&stderr.collect(deadline)).into_owned();
         log::debug!(
-            "netlab {label} finished in {:.2} s: {status:?}",
-            started.elapsed().as_secs_f64()
+            "netlab {label} finished in {:.2} s: {:?}",
+            out.elapsed.as_secs_f64(),
+            out.status
         );
-        let result = if timed_out {
+        let result = if out.timed_out {
             2
         } else {
-            usize::from(!status.is_some_and(|s| s.success()))
+            usize::from(!out.success())
         };
-        METRICS.netlab_command(&label, result, started.elapsed());
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-            timed_out,
-            cancelled,
-        })
+        METRICS.netlab_command(label, result, out.elapsed);
+        Ok(out)
+    }
+
+    /// What sees netlab's output as it comes: the debug log and the live log, if wanted.
+    fn line_hook(&self, live: Option<Arc<LabLog>>) -> Option<LineHook> {
+        let stream = self.stream_output;
+        if !stream && live.is_none() {
+            return None;
+        }
+        Some(Arc::new(move |line: &[u8]| {
+            if stream {
+                log::debug!("netlab| {}", String::from_utf8_lossy(line).trim_end());
+            }
+            if let Some(live) = &live {
+                live.append(line);
+            }
+        }))
+    }
+
+    /// [`Netlab::run`], done only when netlab says so: exit 0 and no fatal error in its
+    /// output.
+    fn run_done(&self, args: &[&str], cwd: &Path, run: Run<'_>) -> Result<Output, NetlabError> {
+        let timeout = run.timeout();
+        let out = self.run(args, cwd, run)?;
+        if out.timed_out {
+            Err(NetlabError::TimedOut {
+                command: args.join(" "),
+                after: timeout,
+            })
+        } else if done(&out) {
+            Ok(out)
+        } else {
+            Err(NetlabError::failure(args.join(" "), &out))
+        }
     }
 
     /// Pre-flight: `netlab version` must work. Returns its first line (netlab 26.10 goes on
     /// with a dozen lines about its modules, which are logged at debug level only).
-    pub fn version(&self, cwd: &Path) -> Result<String, String> {
-        match self.run(&["version"], cwd, SHORT_TIMEOUT, None, None) {
-            Ok(out) if out.success() => {
-                let text = out.stdout_text();
-                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-                let first = lines
-                    .next()
-                    .unwrap_or("netlab (no version printed)")
-                    .to_owned();
-                for line in lines {
-                    log::debug!("netlab| {line}");
-                }
-                Ok(first)
-            }
-            Ok(out) => Err(format!(
-                "`{} version` failed ({}): {}",
-                self.program.display(),
-                out.exit(),
-                out.stderr_tail()
-            )),
-            Err(e) => Err(format!("cannot run `{}`: {e}", self.program.display())),
+    pub fn version(&self, cwd: &Path) -> Result<String, NetlabError> {
+        let out = self.run(&["version"], cwd, Run::new(SHORT_TIMEOUT))?;
+        if !out.success() {
+            return Err(NetlabError::Failed {
+                command: "version".into(),
+                exit: out.exit(),
+                output: stderr_tail(&out),
+            });
         }
+        let text = out.stdout_text();
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let first = lines
+            .next()
+            .unwrap_or("netlab (no version printed)")
+            .to_owned();
+        for line in lines {
+            log::debug!("netlab| {line}");
+        }
+        Ok(first)
     }
 
     /// Tears down whatever netlab registers as the `default` instance, wherever it is. A
     /// registration pointing at a directory that no longer exists is dropped with
     /// `netlab status --reset`. "Nothing running" is the normal answer. Done only when
     /// netlab says so; the error has netlab's words.
-    pub fn cleanup_default(&self, cwd: &Path) -> Result<(), String> {
-        const DOWN: &str = "down --instance default --cleanup";
-        let out = self
-            .run(
-                &["down", "--instance", "default", "--cleanup"],
-                cwd,
-                DOWN_TIMEOUT,
-                None,
-                None,
-            )
-            .map_err(|e| format!("cannot run netlab down: {e}"))?;
-        if out.done() {
+    pub fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError> {
+        const DOWN: &[&str] = &["down", "--instance", "default", "--cleanup"];
+        let out = self.run(DOWN, cwd, Run::new(DOWN_TIMEOUT))?;
+        if done(&out) {
             log::info!("tore down a leftover netlab instance 'default'");
             return Ok(());
         }
-        let all = format!("{}\n{}", out.stdout_text(), out.stderr);
+        let all = format!("{}\n{}", out.stdout_text(), out.stderr_text());
         if !out.success() && all.contains("Unknown instance") {
             return Ok(());
         }
@@ -475,42 +446,33 @@ impl Netlab {
             log::warn!(
                 "netlab's 'default' instance points at a directory that is gone; resetting its status"
             );
-            let reset = self
-                .run(
-                    &["status", "--reset"],
-                    cwd,
-                    SHORT_TIMEOUT,
-                    Some(b"y\n"),
-                    None,
-                )
-                .map_err(|e| format!("cannot run netlab status --reset: {e}"))?;
-            return if reset.done() {
-                Ok(())
-            } else {
-                Err(reset.failure("status --reset"))
-            };
+            let reset = Run::new(SHORT_TIMEOUT).stdin(b"y\n");
+            return self.run_done(&["status", "--reset"], cwd, reset).map(drop);
         }
-        Err(out.failure(DOWN))
+        if out.timed_out {
+            return Err(NetlabError::TimedOut {
+                command: DOWN.join(" "),
+                after: DOWN_TIMEOUT,
+            });
+        }
+        Err(NetlabError::failure(DOWN.join(" "), &out))
     }
 
     /// The directory netlab registers its `default` instance in, if any
     /// (`netlab status --all --format json`).
-    pub fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, String> {
-        let out = self
-            .run(
-                &["status", "--all", "--format", "json"],
-                cwd,
-                SHORT_TIMEOUT,
-                None,
-                None,
-            )
-            .map_err(|e| format!("cannot run netlab status: {e}"))?;
-        let text = out.stdout_text();
-        let value: serde_json::Value = match serde_json::from_str(text.trim()) {
+    pub fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError> {
+        let args = ["status", "--all", "--format", "json"];
+        let out = self.run(&args, cwd, Run::new(SHORT_TIMEOUT))?;
+        let value: serde_json::Value = match serde_json::from_str(out.stdout_text().trim()) {
             Ok(value) => value,
             // "No netlab-managed labs" exits 1 with a warning object; anything else is odd.
             Err(_) if !out.success() => return Ok(None),
-            Err(e) => return Err(format!("netlab status printed no JSON: {e}")),
+            Err(e) => {
+                return Err(NetlabError::BadOutput {
+                    command: "status",
+                    why: format!("no JSON: {e}"),
+                });
+            }
         };
         Ok(value
             .get("default")
@@ -521,31 +483,29 @@ impl Netlab {
 
     /// Whether the lab in `work_dir` is still there: netlab registers `default` in that
     /// directory and `inspect` answers for it.
-    pub fn check_running(&self, work_dir: &Path) -> Result<(), String> {
+    pub fn check_running(&self, work_dir: &Path) -> Result<(), NotRunning> {
         if !work_dir.is_dir() {
-            return Err(format!("its work dir {} is gone", work_dir.display()));
+            return Err(NotRunning::WorkDirGone(work_dir.to_path_buf()));
         }
-        match self.default_instance_dir(work_dir)? {
+        match self
+            .default_instance_dir(work_dir)
+            .map_err(NotRunning::Unknown)?
+        {
             Some(dir) if dir == work_dir => {}
-            Some(dir) => {
-                return Err(format!(
-                    "netlab's default instance is in {}, not in {}",
-                    dir.display(),
-                    work_dir.display()
-                ));
+            Some(registered) => {
+                return Err(NotRunning::ElsewhereRegistered {
+                    registered,
+                    work_dir: work_dir.to_path_buf(),
+                });
             }
-            None => return Err("netlab has no default instance".into()),
+            None => return Err(NotRunning::NoDefaultInstance),
         }
-        self.inspect(work_dir, &["--format", "json", "list(nodes.keys())"])
-            .map_err(|e| e.to_string())
-            .and_then(|out| {
-                parse_node_list(&String::from_utf8_lossy(&out))
-                    .map(|_| ())
-                    .map_err(|e| format!("netlab inspect: {e}"))
-            })
+        self.node_names(work_dir)
+            .map(drop)
+            .map_err(NotRunning::Unknown)
     }
 
-    /// `netlab up <topology>` in the topology's directory.
+    /// `netlab up <topology>` in the topology's directory, killed when `cancel` is set.
     /// `spawned` gets its process group id as soon as it runs.
     pub fn up(
         &self,
@@ -554,62 +514,56 @@ impl Netlab {
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError> {
         let (dir, name) = split(topology);
-        let out = self
-            .run_with(
-                &["up", &name],
-                &dir,
-                self.up_timeout,
-                None,
-                Some(cancel),
-                spawned,
-            )
-            .map_err(|e| NetlabError::Spawn(format!("{}: {e}", self.program.display())))?;
+        let run = Run::new(self.up_timeout).cancel(cancel).on_spawn(spawned);
+        let out = self.run(&["up", &name], &dir, run)?;
         if out.cancelled {
-            return Err(NetlabError::Cancelled);
-        }
-        if out.timed_out {
-            return Err(NetlabError::TimedOut(self.up_timeout));
-        }
-        if out.success() {
+            Err(NetlabError::Cancelled)
+        } else if out.timed_out {
+            Err(NetlabError::TimedOut {
+                command: "up".into(),
+                after: self.up_timeout,
+            })
+        } else if out.success() {
             Ok(())
         } else {
             Err(classify_up_failure(&out))
         }
     }
 
+    /// `netlab inspect` of the `default` instance; its stdout. A timeout is a failure (500),
+    /// not the 504 of a slow `up`.
     fn inspect(&self, dir: &Path, args: &[&str]) -> Result<Vec<u8>, NetlabError> {
         let mut full = vec!["inspect", "-q", "--instance", "default"];
         full.extend_from_slice(args);
-        let out = self
-            .run(&full, dir, INSPECT_TIMEOUT, None, None)
-            .map_err(|e| NetlabError::Spawn(format!("{}: {e}", self.program.display())))?;
+        let out = self.run(&full, dir, Run::new(INSPECT_TIMEOUT))?;
         if out.success() {
-            Ok(out.stdout)
-        } else if out.timed_out {
-            Err(NetlabError::Failed {
-                command: "inspect",
-                exit: format!("timed out after {} s", INSPECT_TIMEOUT.as_secs()),
-                stderr: out.stderr_tail(),
-            })
-        } else {
-            Err(NetlabError::Failed {
-                command: "inspect",
-                exit: out.exit(),
-                stderr: out.stderr_tail(),
-            })
+            return Ok(out.stdout);
         }
+        let exit = if out.timed_out {
+            format!("timed out after {} s", INSPECT_TIMEOUT.as_secs())
+        } else {
+            out.exit()
+        };
+        Err(NetlabError::Failed {
+            command: "inspect".into(),
+            exit,
+            output: stderr_tail(&out),
+        })
+    }
+
+    /// The lab's node names, in netlab's order.
+    fn node_names(&self, dir: &Path) -> Result<Vec<String>, NetlabError> {
+        let listing = self.inspect(dir, &["--format", "json", "list(nodes.keys())"])?;
+        parse_node_list(&String::from_utf8_lossy(&listing)).map_err(|why| NetlabError::BadOutput {
+            command: "inspect",
+            why,
+        })
     }
 
     /// The lab's nodes in netlab's order, each with its `inspect --node` data. The per-node
     /// calls run in parallel, at most `parallelism` at a time.
     pub fn devices(&self, dir: &Path) -> Result<Vec<Device>, NetlabError> {
-        let listing = self.inspect(dir, &["--format", "json", "list(nodes.keys())"])?;
-        let names = parse_node_list(&String::from_utf8_lossy(&listing)).map_err(|why| {
-            NetlabError::BadOutput {
-                command: "inspect",
-                why,
-            }
-        })?;
+        let names = self.node_names(dir)?;
         let results: Mutex<Vec<Option<Result<serde_json::Value, NetlabError>>>> =
             Mutex::new((0..names.len()).map(|_| None).collect());
         let next = AtomicUsize::new(0);
@@ -648,35 +602,23 @@ impl Netlab {
             .collect()
     }
 
-    /// `netlab down --cleanup [--force]` in a lab's work directory. Done only when netlab
-    /// says so: exit 0 and no fatal error in its output.
-    pub fn down(&self, dir: &Path, force: bool) -> Result<(), String> {
-        let mut args = vec!["down", "--cleanup"];
-        if force {
-            args.push("--force");
-        }
-        match self.run(&args, dir, DOWN_TIMEOUT, None, None) {
-            Ok(out) if out.done() => Ok(()),
-            Ok(out) if out.timed_out => Err(format!(
-                "netlab {} timed out after {} s",
-                args.join(" "),
-                DOWN_TIMEOUT.as_secs()
-            )),
-            Ok(out) => Err(out.failure(&args.join(" "))),
-            Err(e) => Err(format!("cannot run netlab down: {e}")),
-        }
-    }
-
     /// Tears down the lab in `work_dir`, if netlab left anything there: one `netlab down
     /// --cleanup` (with `--force` for the remains of a failed start), never a second pass
-    /// after one that succeeded. On success the caller removes the directory; on failure it
-    /// must keep it (it holds `clab.yml` and the snapshot, which netlab and containerlab
-    /// need to finish by hand).
-    pub fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), String> {
+    /// after one that succeeded. Done only when netlab says so: exit 0 and no fatal error in
+    /// its output. On success the caller removes the directory; on failure it must keep it
+    /// (it holds `clab.yml` and the snapshot, which netlab and containerlab need to finish
+    /// by hand).
+    pub fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError> {
         if !work_dir.join(SNAPSHOT).exists() {
             return Ok(());
         }
-        self.down(work_dir, force)
+        let args: &[&str] = if force {
+            &["down", "--cleanup", "--force"]
+        } else {
+            &["down", "--cleanup"]
+        };
+        self.run_done(args, work_dir, Run::new(DOWN_TIMEOUT))
+            .map(drop)
     }
 }
 
@@ -690,76 +632,6 @@ fn split(topology: &Path) -> (PathBuf, String) {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     (dir, name)
-}
-
-enum Keep {
-    Head(usize),
-    Tail(usize),
-}
-
-/// A pipe being read on its own thread.
-struct Capture {
-    done: Option<Receiver<Vec<u8>>>,
-}
-
-impl Capture {
-    /// The bytes read, waiting at most until `deadline` for the pipe to close.
-    fn collect(self, deadline: Instant) -> Vec<u8> {
-        match self.done {
-            Some(rx) => rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        }
-    }
-}
-
-fn capture<R: Read + Send + 'static>(
-    pipe: Option<R>,
-    stream: bool,
-    keep: Keep,
-    live: Option<Arc<LabLog>>,
-) -> Capture {
-    let Some(pipe) = pipe else {
-        return Capture { done: None };
-    };
-    let (tx, rx) = bounded(1);
-    let spawned = thread::Builder::new()
-        .name("netlab-output".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(pipe);
-            let mut kept: VecDeque<u8> = VecDeque::new();
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // Lines are read in bounded pieces so one endless line cannot grow memory.
-                match (&mut reader).take(64 * 1024).read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                if stream {
-                    log::debug!("netlab| {}", String::from_utf8_lossy(&line).trim_end());
-                }
-                if let Some(live) = &live {
-                    live.append(&line);
-                }
-                match keep {
-                    Keep::Head(limit) => {
-                        let room = limit.saturating_sub(kept.len());
-                        kept.extend(&line[..line.len().min(room)]);
-                    }
-                    Keep::Tail(limit) => {
-                        kept.extend(&line);
-                        let excess = kept.len().saturating_sub(limit);
-                        kept.drain(..excess);
-                    }
-                }
-            }
-            let _ = tx.send(Vec::from(kept));
-        });
-    Capture {
-        done: spawned.ok().map(|_| rx),
-    }
 }
 
 #[cfg(test)]
@@ -789,11 +661,12 @@ mod tests {
     fn output(code: i32, stdout: &str, stderr: &str) -> Output {
         use std::os::unix::process::ExitStatusExt;
         Output {
-            status: Some(ExitStatus::from_raw(code << 8)),
+            status: Some(std::process::ExitStatus::from_raw(code << 8)),
             stdout: stdout.as_bytes().to_vec(),
-            stderr: stderr.to_owned(),
+            stderr: stderr.as_bytes().to_vec(),
             timed_out: false,
             cancelled: false,
+            elapsed: Duration::ZERO,
         }
     }
 

@@ -226,7 +226,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     };
     let device_names: Vec<String> = lab
         .as_ref()
-        .and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(&l.devices_json).ok())
+        .and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l.devices_json.get()).ok())
         .unwrap_or_default()
         .iter()
         .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_owned))

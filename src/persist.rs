@@ -7,320 +7,350 @@
 //! (group commit): whoever finds no write in progress writes a snapshot that includes every
 //! change made so far, and everyone whose change it covers returns.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::lab::{self, Hash, LabRecord, Teardown};
+use crate::lab::{self, LabRecord, Teardown};
 use crate::metrics::METRICS;
-use crate::queue::{ClientInfo, SessionId, SessionRecord, parse_session_id};
+use crate::queue::{SessionId, SessionRecord};
 
 pub const STATE_FILE: &str = "state.json";
-pub const FORMAT_VERSION: u64 = 1;
+const FORMAT_VERSION: u64 = 1;
 
 /// A start in progress (`netlab up` running): cleaned up if the server dies meanwhile.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Starting {
+    #[serde(with = "session_id")]
     pub session: SessionId,
+    #[serde(serialize_with = "lab::path_text")]
     pub work_dir: PathBuf,
     /// The process group of the running `netlab up`, once it is started: a restart after a
     /// crash kills what is left of it.
+    #[serde(default)]
     pub pgid: Option<u32>,
 }
 
-/// What the state file holds, decoded.
-#[derive(Debug, Default)]
-pub struct Saved {
+/// The durable part of the state, as the state file holds it. The writer keeps one and
+/// refills it under the state lock, so a queue of thousands does not churn the allocator on
+/// every write; a start reads one back from the file.
+///
+/// Fields a file written before they existed lacks take their defaults; fields this
+/// version does not know are ignored. `teardowns` comes last: the package's postrm looks
+/// for a line `"teardowns": []` that ends the file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The state's version this is a copy of (in memory only).
+    #[serde(skip)]
+    pub state_version: u64,
+    /// The file's format.
+    #[serde(rename = "version")]
+    pub format: Format,
     /// Sessions in queue order (the first is the ACTIVE one).
+    #[serde(with = "session_list")]
     pub sessions: Vec<SessionRecord>,
+    #[serde(default)]
     pub lab: Option<LabRecord>,
-    pub starting: Option<Starting>,
-    pub teardowns: Vec<Teardown>,
-    /// Per session (same order): what is known of its client and since when it is ACTIVE.
-    /// Files written before these existed give defaults.
-    pub infos: Vec<(ClientInfo, Option<u64>)>,
-    /// Unix ms the lab came up, when the file says.
+    /// Unix ms the lab came up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lab_started_ms: Option<u64>,
+    #[serde(default)]
+    pub starting: Option<Starting>,
+    #[serde(default)]
+    pub teardowns: Vec<Teardown>,
 }
 
-/// A copy of the durable part of the state, taken under the state lock. The writer keeps
-/// one and refills it, so a queue of thousands does not churn the allocator on every write.
+/// The file's `version`: [`FORMAT_VERSION`] is written, and a file of any other is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Format;
+
+impl Serialize for Format {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(FORMAT_VERSION)
+    }
+}
+
+impl<'de> Deserialize<'de> for Format {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            FORMAT_VERSION => Ok(Format),
+            other => Err(D::Error::custom(format!("unknown format version {other}"))),
+        }
+    }
+}
+
+/// A session id in the file: the lower-case hyphenated spelling the clients see, and only
+/// that one.
+mod session_id {
+    use super::*;
+    use crate::queue::parse_session_id;
+
+    pub fn serialize<S: Serializer>(id: &SessionId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(id.hyphenated().encode_lower(&mut [0u8; 36]))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SessionId, D::Error> {
+        let text = Cow::<str>::deserialize(d)?;
+        parse_session_id(&text).ok_or_else(|| D::Error::custom("not a valid session id"))
+    }
+}
+
+/// The session list: one flat entry per session, in queue order, with its status.
+mod session_list {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::queue::ClientInfo;
+
+    /// A session entry as the file spells it. Optional fields are left out when absent, so
+    /// the file of a deep queue stays small.
+    #[derive(Serialize, Deserialize)]
+    struct Entry<'a> {
+        #[serde(with = "session_id")]
+        id: SessionId,
+        /// `active` for the first entry, `waiting` for the others (for whoever reads the
+        /// file; the order is what counts when it is read back).
+        #[serde(skip_deserializing)]
+        status: &'static str,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Cow<'a, str>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<Cow<'a, str>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        addr: Option<Cow<'a, str>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_agent: Option<Cow<'a, str>>,
+        #[serde(default)]
+        created_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        active_since_ms: Option<u64>,
+    }
+
+    pub fn serialize<S: Serializer>(records: &[SessionRecord], s: S) -> Result<S::Ok, S::Error> {
+        fn borrowed(text: &Option<String>) -> Option<Cow<'_, str>> {
+            text.as_deref().map(Cow::Borrowed)
+        }
+        s.collect_seq(records.iter().enumerate().map(|(i, r)| Entry {
+            id: r.id,
+            status: if i == 0 { "active" } else { "waiting" },
+            owner: r.owner.as_deref().map(Cow::Borrowed),
+            name: borrowed(&r.info.name),
+            addr: borrowed(&r.info.addr),
+            user_agent: borrowed(&r.info.user_agent),
+            created_ms: r.info.created_ms,
+            active_since_ms: r.active_since_ms,
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SessionRecord>, D::Error> {
+        let entries = Vec::<Entry<'static>>::deserialize(d)?;
+        let mut seen = HashSet::with_capacity(entries.len());
+        let mut records = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if !seen.insert(entry.id) {
+                return Err(D::Error::custom(format!(
+                    "session {} listed twice",
+                    entry.id
+                )));
+            }
+            let owner = entry.owner.map(Cow::into_owned);
+            records.push(SessionRecord {
+                id: entry.id,
+                owner: owner.as_deref().map(Arc::from),
+                info: Arc::new(ClientInfo {
+                    name: entry.name.map(Cow::into_owned),
+                    addr: entry.addr.map(Cow::into_owned),
+                    user_agent: entry.user_agent.map(Cow::into_owned),
+                    created_ms: entry.created_ms,
+                    owner,
+                }),
+                active_since_ms: entry.active_since_ms,
+            });
+        }
+        Ok(records)
+    }
+}
+
+/// The file's layout: one line per top-level field and per entry of a top-level list, each
+/// compact. Operators read the file, and the package's postrm greps it for lines such as
+/// `"lab": null,`.
 #[derive(Default)]
-pub struct Snapshot {
-    pub version: u64,
-    pub sessions: Vec<SessionRecord>,
-    pub lab: Option<LabRecord>,
-    pub starting: Option<Starting>,
-    pub teardowns: Vec<Teardown>,
-    /// Parallel to `sessions`.
-    pub infos: Vec<(Arc<ClientInfo>, Option<u64>)>,
-    pub lab_started_ms: Option<u64>,
+struct Layout {
+    /// How many objects and lists the writer is inside.
+    depth: usize,
+    /// The top-level list being written has entries.
+    entries: bool,
+}
+
+/// Writes what goes before an entry of an object or a list: a comma unless it is the first,
+/// then `line_start` where entries go one per line.
+fn separate<W: ?Sized + Write>(
+    w: &mut W,
+    first: bool,
+    line_start: Option<&[u8]>,
+) -> io::Result<()> {
+    if !first {
+        w.write_all(b",")?;
+    }
+    w.write_all(line_start.unwrap_or_default())
+}
+
+impl serde_json::ser::Formatter for Layout {
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"{")
+    }
+
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth -= 1;
+        w.write_all(if self.depth == 0 { b"\n}" } else { b"}" })
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        separate(w, first, (self.depth == 1).then_some(b"\n"))
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(if self.depth == 1 { b": " } else { b":" })
+    }
+
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth += 1;
+        if self.depth == 2 {
+            self.entries = false;
+        }
+        w.write_all(b"[")
+    }
+
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.depth -= 1;
+        w.write_all(if self.depth == 1 && self.entries {
+            b"\n]"
+        } else {
+            b"]"
+        })
+    }
+
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        if self.depth == 2 {
+            self.entries = true;
+        }
+        separate(w, first, (self.depth == 2).then_some(b"\n  "))
+    }
 }
 
 impl Snapshot {
-    /// The file's JSON, into `out` (cleared first). Devices are stored as the API serves
-    /// them (already JSON).
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write as _;
+    /// The file's text, into `out` (cleared first; its buffer is reused). Devices go in as
+    /// the API serves them, byte for byte.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.clear();
-        // Writing into a Vec cannot fail.
-        let _ = write!(out, "{{\n\"version\": {FORMAT_VERSION},\n\"sessions\": [");
-        let mut id = [0u8; 36];
-        for (i, s) in self.sessions.iter().enumerate() {
-            let status = if i == 0 { "active" } else { "waiting" };
-            let sep = if i == 0 { "" } else { "," };
-            let id = s.id.hyphenated().encode_lower(&mut id);
-            let _ = write!(out, "{sep}\n  {{\"id\":\"{id}\",\"status\":\"{status}\"");
-            if let Some(owner) = &s.owner {
-                let _ = write!(out, ",\"owner\":{}", Value::String(owner.to_string()));
-            }
-            if let Some((info, active_since)) = self.infos.get(i) {
-                write_info(out, info, *active_since);
-            }
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"\n],\n\"lab\": ");
-        match &self.lab {
-            Some(l) => out.extend_from_slice(lab_json(l).as_bytes()),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\n\"starting\": ");
-        match &self.starting {
-            Some(s) => out.extend_from_slice(
-                serde_json::json!({
-                    "session": s.session.to_string(),
-                    "work_dir": s.work_dir,
-                    "pgid": s.pgid,
-                })
-                .to_string()
-                .as_bytes(),
-            ),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\n\"teardowns\": [");
-        for (i, t) in self.teardowns.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(teardown_json(t).as_bytes());
-        }
-        out.extend_from_slice(b"]");
-        if let Some(ms) = self.lab_started_ms {
-            let _ = write!(out, ",\n\"lab_started_ms\": {ms}");
-        }
-        out.extend_from_slice(b"\n}\n");
+        self.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut *out,
+            Layout::default(),
+        ))?;
+        out.push(b'\n');
+        Ok(())
     }
-}
-
-fn lab_json(l: &LabRecord) -> String {
-    format!(
-        "{{\"hash\": {}, \"work_dir\": {}, \"topology\": {}, \"ref_count\": {}, \"devices\": {}}}",
-        Value::String(lab::hex(&l.hash)),
-        Value::String(l.work_dir.to_string_lossy().into_owned()),
-        Value::String(l.topology.to_string_lossy().into_owned()),
-        l.ref_count,
-        l.devices_json
-    )
-}
-
-/// A teardown: its lab's fields, then how it is done and how it went so far.
-fn teardown_json(t: &Teardown) -> String {
-    let mut text = lab_json(&t.lab);
-    text.pop();
-    text.push_str(&format!(
-        ", \"force\": {}, \"attempts\": {}, \"error\": {}}}",
-        t.force,
-        t.attempts,
-        t.error
-            .as_ref()
-            .map_or(Value::Null, |e| Value::String(e.clone()))
-    ));
-    text
-}
-
-fn parse_teardown(v: &Value) -> Result<Teardown, String> {
-    let mut t = Teardown::new(
-        parse_lab(v)?,
-        v.get("force").and_then(Value::as_bool).unwrap_or(false),
-    );
-    t.attempts = v
-        .get("attempts")
-        .and_then(Value::as_u64)
-        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    t.error = v.get("error").and_then(Value::as_str).map(str::to_owned);
-    Ok(t)
-}
-
-fn parse_hash(text: &str) -> Option<Hash> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(hash)
-}
-
-fn parse_lab(v: &Value) -> Result<LabRecord, String> {
-    let field = |name: &str| v.get(name).ok_or_else(|| format!("lab without {name}"));
-    let text = |name: &str| -> Result<String, String> {
-        field(name)?
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("lab {name} is not a string"))
-    };
-    let devices = field("devices")?;
-    if !devices.is_array() {
-        return Err("lab devices is not a list".into());
-    }
-    Ok(LabRecord {
-        hash: parse_hash(&text("hash")?).ok_or("lab hash is not 64 hex digits")?,
-        work_dir: PathBuf::from(text("work_dir")?),
-        topology: PathBuf::from(text("topology")?),
-        ref_count: field("ref_count")?
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or("lab ref_count is not a count")?,
-        devices_json: devices.to_string().into(),
-    })
-}
-
-/// The optional client fields of a session entry.
-fn write_info(out: &mut Vec<u8>, info: &ClientInfo, active_since: Option<u64>) {
-    use std::io::Write as _;
-    // Absent fields are left out: the file of a deep queue stays small.
-    for (key, value) in [
-        ("name", &info.name),
-        ("addr", &info.addr),
-        ("user_agent", &info.user_agent),
-    ] {
-        if let Some(text) = value {
-            let _ = write!(out, ",\"{key}\":{}", Value::String(text.clone()));
-        }
-    }
-    let _ = write!(out, ",\"created_ms\":{}", info.created_ms);
-    if let Some(ms) = active_since {
-        let _ = write!(out, ",\"active_since_ms\":{ms}");
-    }
-}
-
-/// The client fields of a session entry; absent ones (older files) are defaults.
-fn parse_info(s: &Value) -> (ClientInfo, Option<u64>) {
-    let text = |k: &str| s.get(k).and_then(Value::as_str).map(str::to_owned);
-    (
-        ClientInfo {
-            name: text("name"),
-            addr: text("addr"),
-            user_agent: text("user_agent"),
-            created_ms: s.get("created_ms").and_then(Value::as_u64).unwrap_or(0),
-            owner: text("owner"),
-        },
-        s.get("active_since_ms").and_then(Value::as_u64),
-    )
 }
 
 /// Decodes the file's text.
-pub fn parse(text: &str) -> Result<Saved, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    match v.get("version").and_then(Value::as_u64) {
-        Some(FORMAT_VERSION) => {}
-        Some(other) => return Err(format!("unknown format version {other}")),
-        None => return Err("no format version".into()),
-    }
-    let mut saved = Saved::default();
-    for s in v
-        .get("sessions")
-        .and_then(Value::as_array)
-        .ok_or("no session list")?
-    {
-        let id = s
-            .get("id")
-            .and_then(Value::as_str)
-            .and_then(parse_session_id)
-            .ok_or("a session without a valid id")?;
-        if saved.sessions.iter().any(|s| s.id == id) {
-            return Err(format!("session {id} listed twice"));
+fn parse(text: &str) -> serde_json::Result<Snapshot> {
+    serde_json::from_str(text)
+}
+
+/// Why the state file cannot be used.
+#[derive(Debug)]
+pub enum Unusable {
+    /// It could not be read (permissions, an I/O error).
+    Unreadable(io::Error),
+    /// Its text is not a state file of this format.
+    Corrupt(serde_json::Error),
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unusable::Unreadable(e) => e.fmt(f),
+            Unusable::Corrupt(e) => e.fmt(f),
         }
-        let owner = match s.get("owner") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(name)) => Some(Arc::from(name.as_str())),
-            Some(_) => return Err(format!("session {id} has an owner that is not a name")),
-        };
-        saved.sessions.push(SessionRecord { id, owner });
-        saved.infos.push(parse_info(s));
     }
-    saved.lab_started_ms = v.get("lab_started_ms").and_then(Value::as_u64);
-    saved.lab = match v.get("lab") {
-        None | Some(Value::Null) => None,
-        Some(l) => Some(parse_lab(l)?),
-    };
-    saved.starting = match v.get("starting") {
-        None | Some(Value::Null) => None,
-        Some(s) => Some(Starting {
-            session: s
-                .get("session")
-                .and_then(Value::as_str)
-                .and_then(parse_session_id)
-                .ok_or("a start without a valid session")?,
-            work_dir: PathBuf::from(
-                s.get("work_dir")
-                    .and_then(Value::as_str)
-                    .ok_or("a start without a work dir")?,
+}
+
+/// A state file that could not be used: it was moved aside (when that worked), and the
+/// server starts clean.
+#[derive(Debug)]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub cause: Unusable,
+    /// Where the file was moved, or why it could not be.
+    pub kept_as: io::Result<PathBuf>,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (path, why) = (self.path.display(), &self.cause);
+        match &self.kept_as {
+            Ok(aside) => write!(
+                f,
+                "state file {path} is unusable ({why}); kept as {} and starting clean",
+                aside.display()
             ),
-            pgid: s
-                .get("pgid")
-                .and_then(Value::as_u64)
-                .and_then(|n| u32::try_from(n).ok()),
-        }),
-    };
-    if let Some(list) = v.get("teardowns").and_then(Value::as_array) {
-        for t in list {
-            saved.teardowns.push(parse_teardown(t)?);
+            Err(e) => write!(
+                f,
+                "state file {path} is unusable ({why}) and could not be moved aside ({e}); starting clean"
+            ),
         }
     }
-    Ok(saved)
+}
+
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.cause {
+            Unusable::Unreadable(e) => Some(e),
+            Unusable::Corrupt(e) => Some(e),
+        }
+    }
 }
 
 /// Reads the state file. Missing: `Ok(None)`. Unreadable or corrupt: the file is moved
-/// aside (its new name is in the error) and the server starts clean.
-pub fn load(state_dir: &Path) -> Result<Option<Saved>, String> {
+/// aside (the error says where) and the server starts clean.
+pub fn load(state_dir: &Path) -> Result<Option<Snapshot>, LoadError> {
     let path = state_dir.join(STATE_FILE);
     let read = crate::statedir::open_read(&path).and_then(|mut f| {
         let mut text = String::new();
         io::Read::read_to_string(&mut f, &mut text).map(|_| text)
     });
-    let text = match read {
-        Ok(text) => text,
+    let cause = match read {
+        Ok(text) => match parse(&text) {
+            Ok(saved) => return Ok(Some(saved)),
+            Err(e) => Unusable::Corrupt(e),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(set_aside(&path, &e.to_string())),
+        Err(e) => Unusable::Unreadable(e),
     };
-    match parse(&text) {
-        Ok(saved) => Ok(Some(saved)),
-        Err(why) => Err(set_aside(&path, &why)),
-    }
+    let kept_as = set_aside(&path);
+    Err(LoadError {
+        path,
+        cause,
+        kept_as,
+    })
 }
 
-fn set_aside(path: &Path, why: &str) -> String {
+/// Renames the file to `state.json.bad-<unix seconds>`.
+fn set_aside(path: &Path) -> io::Result<PathBuf> {
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let aside = path.with_file_name(format!("{STATE_FILE}.bad-{stamp}"));
-    match fs::rename(path, &aside) {
-        Ok(()) => format!(
-            "state file {} is unusable ({why}); kept as {} and starting clean",
-            path.display(),
-            aside.display()
-        ),
-        Err(e) => format!(
-            "state file {} is unusable ({why}) and could not be moved aside ({e}); starting clean",
-            path.display()
-        ),
-    }
+    fs::rename(path, &aside).map(|()| aside)
 }
 
 /// Writes `text` to `<dir>/state.json` atomically and durably.
@@ -455,14 +485,16 @@ impl Persister {
             let mut text = std::mem::take(&mut progress.text);
             drop(progress);
             fill(&mut snap);
-            snap.write_json(&mut text);
+            let serialized = snap.write_json(&mut text);
             let started = std::time::Instant::now();
-            let result = write_atomic(&self.dir, &text);
+            let result = serialized
+                .map_err(io::Error::from)
+                .and_then(|()| write_atomic(&self.dir, &text));
             METRICS.state_write(result.is_ok(), started.elapsed());
             progress = self.progress();
             match result {
                 Ok(()) => {
-                    progress.durable = progress.durable.max(snap.version);
+                    progress.durable = progress.durable.max(snap.state_version);
                     if progress.error.take().is_some() {
                         log::warn!("the state file in {} is written again", self.dir.display());
                     }
@@ -497,6 +529,8 @@ impl Persister {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::ClientInfo;
+    use std::sync::Arc;
     use uuid::Uuid;
 
     fn record(dir: &str, refs: u32) -> LabRecord {
@@ -505,29 +539,54 @@ mod tests {
             work_dir: PathBuf::from(dir),
             topology: PathBuf::from(format!("{dir}/t.yml")),
             ref_count: refs,
-            devices_json: r#"[{"name":"r1","raw":{"a":1}}]"#.into(),
+            devices_json: lab::devices_json(&[lab::Device {
+                name: "r1".into(),
+                raw: serde_json::json!({"a": 1}),
+            }]),
         }
+    }
+
+    fn session(owner: Option<&str>, info: ClientInfo, active: Option<u64>) -> SessionRecord {
+        SessionRecord {
+            id: Uuid::new_v4(),
+            owner: owner.map(Arc::from),
+            info: Arc::new(ClientInfo {
+                owner: owner.map(str::to_owned),
+                ..info
+            }),
+            active_since_ms: active,
+        }
+    }
+
+    fn text(snap: &Snapshot) -> String {
+        let mut out = b"left over from the last write".to_vec();
+        snap.write_json(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
     fn round_trip() {
-        let ids: Vec<SessionId> = (0..3).map(|_| Uuid::new_v4()).collect();
-        let owners = [
-            Some(Arc::from("ci")),
-            None,
-            Some(Arc::from("a \"quoted\" name")),
+        let sessions = vec![
+            session(
+                Some("ci"),
+                ClientInfo {
+                    name: Some("job \"1\" <x>\n".into()),
+                    addr: Some("10.0.0.1".into()),
+                    user_agent: Some("curl/8".into()),
+                    created_ms: 1_700_000_000_123,
+                    owner: None,
+                },
+                Some(1_700_000_000_456),
+            ),
+            session(None, ClientInfo::default(), None),
+            session(Some("a \"quoted\" name"), ClientInfo::default(), None),
         ];
-        let sessions: Vec<SessionRecord> = ids
-            .iter()
-            .zip(owners)
-            .map(|(&id, owner)| SessionRecord { id, owner })
-            .collect();
         let snap = Snapshot {
-            version: 7,
+            state_version: 7,
             sessions: sessions.clone(),
             lab: Some(record("/s/labs/a", 2)),
             starting: Some(Starting {
-                session: ids[0],
+                session: sessions[0].id,
                 work_dir: PathBuf::from("/s/labs/b"),
                 pgid: Some(4242),
             }),
@@ -536,91 +595,236 @@ mod tests {
                 error: Some("netlab down --cleanup failed".into()),
                 ..Teardown::new(record("/s/labs/c", 0), true)
             }],
-            infos: vec![
-                (
-                    Arc::new(ClientInfo {
-                        name: Some("job \"1\" <x>".into()),
-                        addr: Some("10.0.0.1".into()),
-                        user_agent: Some("curl/8".into()),
-                        created_ms: 1_700_000_000_123,
-                        owner: None,
-                    }),
-                    Some(1_700_000_000_456),
-                ),
-                (Arc::default(), None),
-                (Arc::default(), None),
-            ],
             lab_started_ms: Some(1_700_000_000_789),
+            ..Snapshot::default()
         };
-        let mut bytes = Vec::new();
-        snap.write_json(&mut bytes);
-        let text = String::from_utf8(bytes).unwrap();
-        assert!(text.contains("\"status\":\"active\""));
+        let text = text(&snap);
+        // One line per field and per list entry; the tests and the operators read it.
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            ["{", "\"version\": 1,", "\"sessions\": ["],
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with(&format!(
+                "  {{\"id\":\"{}\",\"status\":\"active\",\"owner\":\"ci\",",
+                sessions[0].id
+            )),
+            "{text}"
+        );
+        assert!(
+            lines[4].ends_with("\"status\":\"waiting\",\"created_ms\":0},"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""devices":[{"name":"r1","raw":{"a":1}}]"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""pgid":4242"#), "{text}");
+        assert_eq!(
+            lines[lines.len() - 3..],
+            [
+                "  ".to_owned() + &serde_json::to_string(&snap.teardowns[0]).unwrap(),
+                "]".into(),
+                "}".into()
+            ]
+        );
+        assert!(text.ends_with("\n]\n}\n"));
+
         let saved = parse(&text).unwrap();
         assert_eq!(saved.sessions, sessions);
         let lab = saved.lab.unwrap();
         assert_eq!(lab.hash, lab::sha256(b"/s/labs/a"));
         assert_eq!(lab.ref_count, 2);
-        assert_eq!(&*lab.devices_json, r#"[{"name":"r1","raw":{"a":1}}]"#);
-        let starting = saved.starting.unwrap();
-        assert_eq!(starting.work_dir, PathBuf::from("/s/labs/b"));
-        assert_eq!(starting.pgid, Some(4242));
+        assert_eq!(lab.devices_json.get(), r#"[{"name":"r1","raw":{"a":1}}]"#);
+        assert_eq!(saved.starting, snap.starting);
         let t = &saved.teardowns[0];
         assert_eq!(t.work_dir(), Path::new("/s/labs/c"));
+        assert_eq!(t.lab.topology, Path::new("/s/labs/c/t.yml"));
         assert!(t.force);
         assert_eq!(t.attempts, 2);
         assert_eq!(t.error.as_deref(), Some("netlab down --cleanup failed"));
-        // Files written before teardowns had these fields still load.
-        let old = parse(&text.replace(
-            ", \"force\": true, \"attempts\": 2, \"error\": \"netlab down --cleanup failed\"",
-            "",
-        ))
-        .unwrap();
-        assert!(!old.teardowns[0].force && old.teardowns[0].attempts == 0);
-        let (info, active) = &saved.infos[0];
-        assert_eq!(info.name.as_deref(), Some("job \"1\" <x>"));
-        assert_eq!(info.addr.as_deref(), Some("10.0.0.1"));
-        assert_eq!(info.user_agent.as_deref(), Some("curl/8"));
-        assert_eq!(info.created_ms, 1_700_000_000_123);
-        assert_eq!(*active, Some(1_700_000_000_456));
-        assert_eq!(saved.infos[1], (ClientInfo::default(), None));
         assert_eq!(saved.lab_started_ms, Some(1_700_000_000_789));
+        assert_eq!(saved.state_version, 0);
     }
 
+    /// A file as the writer before serde wrote it (devices as netlab printed them, in
+    /// netlab's key order) loads, and the devices stay byte for byte as they were.
     #[test]
-    fn files_without_client_fields_still_load() {
+    fn files_in_the_first_layout_still_load() {
+        let text = r#"{
+"version": 1,
+"sessions": [
+  {"id":"5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b","status":"active","owner":"ci","name":"job \"1\" <x>","addr":"10.0.0.1","user_agent":"curl/8","created_ms":1700000000123,"active_since_ms":1700000000456},
+  {"id":"5407edb9-4b19-42e6-8ec0-7d30d5ae5682","status":"waiting","created_ms":0},
+  {"id":"0891643f-d4da-4e47-b407-80b5a1c04fd1","status":"waiting","owner":"a \"quoted\" name","created_ms":0}
+],
+"lab": {"hash": "81803f1cf670cd0b356834ebbd6f2b64a8d83dc334f9bbd4eccb979391fe17d0", "work_dir": "/s/labs/a", "topology": "/s/labs/a/t.yml", "ref_count": 2, "devices": [{"name":"r1","raw":{"z":1, "a":[2]}}]},
+"starting": {"pgid":4242,"session":"5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b","work_dir":"/s/labs/b"},
+"teardowns": [{"hash": "a39e6b90ac2a56a9892a96d806a60845fe5ed1b9df2858ab286ab2525cde6beb", "work_dir": "/s/labs/c", "topology": "/s/labs/c/t.yml", "ref_count": 0, "devices": [{"name":"r1","raw":{"a":1}}], "force": true, "attempts": 2, "error": "netlab down --cleanup failed"}],
+"lab_started_ms": 1700000000789
+}
+"#;
+        let saved = parse(text).unwrap();
+        let ids: Vec<String> = saved.sessions.iter().map(|s| s.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b",
+                "5407edb9-4b19-42e6-8ec0-7d30d5ae5682",
+                "0891643f-d4da-4e47-b407-80b5a1c04fd1"
+            ]
+        );
+        let first = &saved.sessions[0];
+        assert_eq!(first.owner.as_deref(), Some("ci"));
+        assert_eq!(
+            *first.info,
+            ClientInfo {
+                name: Some("job \"1\" <x>".into()),
+                addr: Some("10.0.0.1".into()),
+                user_agent: Some("curl/8".into()),
+                created_ms: 1_700_000_000_123,
+                owner: Some("ci".into()),
+            }
+        );
+        assert_eq!(first.active_since_ms, Some(1_700_000_000_456));
+        assert_eq!(*saved.sessions[1].info, ClientInfo::default());
+        assert_eq!(
+            saved.sessions[2].owner.as_deref(),
+            Some("a \"quoted\" name")
+        );
+        let lab = saved.lab.as_ref().unwrap();
+        assert_eq!(
+            lab::hex(&lab.hash),
+            "81803f1cf670cd0b356834ebbd6f2b64a8d83dc334f9bbd4eccb979391fe17d0"
+        );
+        assert_eq!(lab.work_dir, Path::new("/s/labs/a"));
+        assert_eq!(lab.ref_count, 2);
+        assert_eq!(
+            lab.devices_json.get(),
+            r#"[{"name":"r1","raw":{"z":1, "a":[2]}}]"#
+        );
+        let starting = saved.starting.as_ref().unwrap();
+        assert_eq!((starting.session, starting.pgid), (first.id, Some(4242)));
+        assert_eq!(saved.teardowns[0].attempts, 2);
+        assert!(saved.teardowns[0].force);
+        assert_eq!(saved.lab_started_ms, Some(1_700_000_000_789));
+        // Written again, the devices are the same bytes.
+        assert!(
+            super::tests::text(&saved)
+                .contains(r#""devices":[{"name":"r1","raw":{"z":1, "a":[2]}}]"#)
+        );
+    }
+
+    /// Files from before sessions had client fields and owners, labs a start time, starts a
+    /// process group and teardowns their progress.
+    #[test]
+    fn files_without_the_newer_fields_still_load() {
+        let text = r#"{
+"version": 1,
+"sessions": [
+  {"id":"5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b","status":"active"}
+],
+"lab": null,
+"starting": {"session":"5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b","work_dir":"/s/labs/b"},
+"teardowns": [{"hash": "a39e6b90ac2a56a9892a96d806a60845fe5ed1b9df2858ab286ab2525cde6beb", "work_dir": "/s/labs/c", "topology": "/s/labs/c/t.yml", "ref_count": 0, "devices": []}]
+}
+"#;
+        let saved = parse(text).unwrap();
+        let s = &saved.sessions[0];
+        assert_eq!((s.owner.as_ref(), s.active_since_ms), (None, None));
+        assert_eq!(*s.info, ClientInfo::default());
+        assert_eq!(saved.lab_started_ms, None);
+        assert_eq!(saved.starting.unwrap().pgid, None);
+        let t = &saved.teardowns[0];
+        assert!(!t.force && t.attempts == 0 && t.error.is_none());
+        // The oldest files had neither starts nor teardowns.
         let id = Uuid::new_v4();
         let saved = parse(&format!(
             r#"{{"version": 1, "sessions": [{{"id": "{id}", "status": "active"}}], "lab": null}}"#
         ))
         .unwrap();
         assert_eq!(saved.sessions[0].id, id);
-        assert_eq!(saved.infos, vec![(ClientInfo::default(), None)]);
-        assert_eq!(saved.lab_started_ms, None);
+        assert!(saved.starting.is_none() && saved.teardowns.is_empty());
+    }
+
+    /// The package's postrm tells "records no lab" by these three lines.
+    #[test]
+    fn a_state_without_labs_has_the_lines_the_postrm_looks_for() {
+        let empty = Snapshot::default();
+        assert_eq!(
+            text(&empty),
+            "{\n\"version\": 1,\n\"sessions\": [],\n\"lab\": null,\n\"starting\": null,\n\"teardowns\": []\n}\n"
+        );
+        let after_a_lab = Snapshot {
+            sessions: vec![session(None, ClientInfo::default(), Some(1))],
+            lab_started_ms: Some(5),
+            ..Snapshot::default()
+        };
+        let text = text(&after_a_lab);
+        for line in ["\"lab\": null,", "\"starting\": null,", "\"teardowns\": []"] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
     }
 
     #[test]
     fn bad_files_are_refused() {
-        assert!(parse("").is_err());
-        assert!(parse("{}").is_err());
-        assert!(parse(r#"{"version": 99, "sessions": []}"#).is_err());
-        assert!(parse(r#"{"version": 1, "sessions": [{"id": "x"}]}"#).is_err());
-        assert!(parse(r#"{"version": 1, "sessions": [], "lab": {"hash": "zz"}}"#).is_err());
-        let empty = parse(r#"{"version": 1, "sessions": []}"#).unwrap();
+        let id = "5c1c3b8e-61d9-4ffe-9ccb-dc6d5200245b";
+        for bad in [
+            String::new(),
+            "{}".into(),
+            r#"{"sessions": []}"#.into(),
+            r#"{"version": 99, "sessions": []}"#.into(),
+            r#"{"version": 1}"#.into(),
+            r#"{"version": 1, "sessions": [{"id": "x"}]}"#.into(),
+            format!(
+                r#"{{"version": 1, "sessions": [{{"id": "{}"}}]}}"#,
+                id.to_uppercase()
+            ),
+            format!(r#"{{"version": 1, "sessions": [{{"id": "{id}"}}, {{"id": "{id}"}}]}}"#),
+            format!(r#"{{"version": 1, "sessions": [{{"id": "{id}", "owner": 3}}]}}"#),
+            r#"{"version": 1, "sessions": [], "lab": {"hash": "zz"}}"#.into(),
+            format!(
+                r#"{{"version": 1, "sessions": [], "lab": {{"hash": "{}", "work_dir": "/w", "topology": "/w/t.yml", "ref_count": 0, "devices": {{}}}}}}"#,
+                "0".repeat(64)
+            ),
+            r#"{"version": 1, "sessions": [], "starting": {"work_dir": "/w"}}"#.into(),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse(r#"{"version": 99, "sessions": []}"#)
+                .unwrap_err()
+                .to_string()
+                .starts_with("unknown format version 99")
+        );
+        let empty = parse(r#"{"version": 1, "sessions": [], "from": "a newer server"}"#).unwrap();
         assert!(empty.sessions.is_empty() && empty.lab.is_none());
     }
 
     #[test]
-    fn writes_are_atomic_and_corrupt_files_are_set_aside() {
+    fn writes_are_atomic_and_unusable_files_are_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
         write_atomic(dir.path(), b"{\"version\": 1, \"sessions\": []}").unwrap();
         assert!(load(dir.path()).unwrap().is_some());
         assert!(!dir.path().join("state.json.tmp").exists());
+
         fs::write(dir.path().join(STATE_FILE), "{garbage").unwrap();
         let err = load(dir.path()).unwrap_err();
-        assert!(err.contains("state.json.bad-"), "{err}");
-        assert!(!dir.path().join(STATE_FILE).exists());
+        assert!(matches!(err.cause, Unusable::Corrupt(_)), "{err}");
+        let aside = err.kept_as.as_ref().unwrap();
+        assert!(aside.to_string_lossy().contains("state.json.bad-"), "{err}");
+        assert!(err.to_string().contains(&*aside.to_string_lossy()), "{err}");
+        assert!(aside.exists() && !dir.path().join(STATE_FILE).exists());
         assert!(load(dir.path()).unwrap().is_none());
+        fs::remove_file(aside).unwrap();
+
+        // A directory in its place cannot be read as a file.
+        fs::create_dir(dir.path().join(STATE_FILE)).unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(matches!(err.cause, Unusable::Unreadable(_)), "{err}");
+        assert!(err.kept_as.unwrap().is_dir());
     }
 }

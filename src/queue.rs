@@ -55,6 +55,18 @@ pub struct ClientInfo {
     pub owner: Option<String>,
 }
 
+/// One session as the state file keeps it: its id, its owner, what is known of its client
+/// and since when it is ACTIVE. The file lists them in queue order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The token name that created it (with `--token-file`).
+    pub owner: Option<Arc<str>>,
+    pub info: Arc<ClientInfo>,
+    /// Unix time (ms) it became ACTIVE, if it did.
+    pub active_since_ms: Option<u64>,
+}
+
 /// What the queue knew of a session it removed.
 #[derive(Clone, Debug)]
 pub struct Gone {
@@ -204,14 +216,6 @@ impl Queue {
         }
     }
 
-    /// Client infos and ACTIVE times in queue order (for the state file).
-    pub fn infos(&self) -> impl Iterator<Item = (Arc<ClientInfo>, Option<u64>)> + '_ {
-        self.order.iter().map(|(_, id)| {
-            let s = &self.sessions[id];
-            (Arc::clone(&s.info), s.active_since_ms)
-        })
-    }
-
     /// The first `limit` sessions in queue order, for the queue view.
     pub fn rows(&self, now: Duration, limit: usize) -> Vec<Row> {
         self.order
@@ -243,7 +247,8 @@ impl Queue {
     }
 
     /// Makes the queue exactly `records`, in that order (a roll-back to the last state written):
-    /// sessions still tracked keep their activity; the others come back as seen `now`.
+    /// sessions still tracked keep their activity; the others come back as the records say,
+    /// seen `now`.
     pub fn reset_to(&mut self, records: &[SessionRecord], now: Duration) {
         let mut old = std::mem::take(&mut self.sessions);
         self.order.clear();
@@ -253,9 +258,10 @@ impl Queue {
                 continue;
             }
             let before = old.remove(id);
-            let (info, active_since) = before.as_ref().map_or((Arc::default(), None), |s| {
-                (s.info.clone(), s.active_since_ms)
-            });
+            let (info, active_since) = before.as_ref().map_or_else(
+                || (Arc::clone(&record.info), record.active_since_ms),
+                |s| (Arc::clone(&s.info), s.active_since_ms),
+            );
             self.push(*id, now, info, active_since);
             if let Some(s) = self.sessions.get_mut(id) {
                 if let Some(before) = before {
@@ -393,9 +399,14 @@ impl Queue {
 
     /// Sessions in queue order (the head first), as the state file keeps them.
     pub fn records(&self) -> impl Iterator<Item = SessionRecord> + '_ {
-        self.order.iter().map(|(_, id)| SessionRecord {
-            id: *id,
-            owner: self.sessions[id].owner.clone(),
+        self.order.iter().map(|(_, id)| {
+            let s = &self.sessions[id];
+            SessionRecord {
+                id: *id,
+                owner: s.owner.clone(),
+                info: Arc::clone(&s.info),
+                active_since_ms: s.active_since_ms,
+            }
         })
     }
 
@@ -404,14 +415,6 @@ impl Queue {
     pub fn ids(&self) -> impl Iterator<Item = SessionId> + '_ {
         self.order.iter().map(|&(_, id)| id)
     }
-}
-
-/// One session as the state file keeps it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SessionRecord {
-    pub id: SessionId,
-    /// The token name that created it (with `--token-file`).
-    pub owner: Option<Arc<str>>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use crate::config::{self, Command, Config};
 use crate::lab::{LabRecord, Teardown};
 use crate::lab_thread;
 use crate::netlab::Netlab;
-use crate::persist::{self, Saved, Snapshot};
+use crate::persist::{self, Snapshot};
 use crate::state::{LabJob, Shared, State, plural};
 use crate::{api, http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
 
@@ -405,18 +405,19 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         Ok(saved) => saved.unwrap_or_default(),
         Err(message) => {
             log::warn!("{message}");
-            Saved::default()
+            Snapshot::default()
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
     for (i, session) in saved.sessions.iter().enumerate() {
-        let (info, active_since) = saved.infos.get(i).cloned().unwrap_or_default();
         // The head was ACTIVE before the restart; if the file does not say since when, it
         // is since now.
-        let active_since = active_since.or_else(|| (i == 0).then(crate::events::now_ms));
+        let active_since = session
+            .active_since_ms
+            .or_else(|| (i == 0).then(crate::events::now_ms));
         state
             .queue
-            .restore_with(session.id, now, Arc::new(info), active_since);
+            .restore_with(session.id, now, Arc::clone(&session.info), active_since);
         state.queue.set_owner(&session.id, session.owner.clone());
     }
     if let Some(active) = state.queue.active() {
@@ -481,7 +482,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
 /// Drops every record of the state file that names a directory outside `labs` (or a
 /// topology outside its work dir): nothing is removed, nor is netlab run, anywhere else,
 /// whoever wrote the file.
-fn confine(mut saved: Saved, labs: &Path) -> Saved {
+fn confine(mut saved: Snapshot, labs: &Path) -> Snapshot {
     let lab_ok = |lab: &LabRecord| {
         statedir::is_work_dir(labs, &lab.work_dir)
             && statedir::is_inside(&lab.work_dir, &lab.topology)
@@ -598,7 +599,7 @@ fn discard_dir(netlab: &Netlab, mut t: Teardown, state: &mut State, keep: &mut V
                 crate::netlab::for_log(&e)
             );
             t.attempts = 1;
-            t.error = Some(e);
+            t.error = Some(e.to_string());
             keep.push(t.work_dir().to_path_buf());
             state.teardowns.push(t);
         }
@@ -623,7 +624,8 @@ fn cleanup(config: Config) -> i32 {
     }
     let _lock = match lockfile::acquire(&config.state_dir) {
         Ok(lock) => lock,
-        Err(e) => return fail(format!("{e}: stop it first")),
+        Err(e @ lockfile::LockError::Held { .. }) => return fail(format!("{e}: stop it first")),
+        Err(e) => return fail(e),
     };
     let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false);
     if let Err(e) = netlab.version(&config.state_dir) {
@@ -633,7 +635,7 @@ fn cleanup(config: Config) -> i32 {
         Ok(saved) => saved.unwrap_or_default(),
         Err(message) => {
             log::warn!("{message}");
-            Saved::default()
+            Snapshot::default()
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
@@ -675,7 +677,10 @@ fn cleanup(config: Config) -> i32 {
     let default_error = if default_is_left {
         None
     } else {
-        netlab.cleanup_default(&config.state_dir).err()
+        netlab
+            .cleanup_default(&config.state_dir)
+            .err()
+            .map(|e| e.to_string())
     };
     if let Some(e) = &default_error {
         log::error!(
@@ -698,8 +703,11 @@ fn cleanup(config: Config) -> i32 {
         ..Snapshot::default()
     };
     let mut text = Vec::new();
-    snapshot.write_json(&mut text);
-    if let Err(e) = persist::write_atomic(&config.state_dir, &text) {
+    let written = snapshot
+        .write_json(&mut text)
+        .map_err(std::io::Error::from)
+        .and_then(|()| persist::write_atomic(&config.state_dir, &text));
+    if let Err(e) = written {
         log::error!("cannot write the state file: {e}");
     }
     eprint!(

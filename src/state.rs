@@ -183,11 +183,9 @@ impl State {
 
     /// Copies the durable part of the state into `snap`, reusing its buffers.
     pub fn snapshot_into(&self, snap: &mut Snapshot) {
-        snap.version = self.version;
+        snap.state_version = self.version;
         snap.sessions.clear();
         snap.sessions.extend(self.queue.records());
-        snap.infos.clear();
-        snap.infos.extend(self.queue.infos());
         snap.lab_started_ms = self.lab_started_ms;
         snap.lab.clone_from(&self.lab);
         snap.starting.clone_from(&self.starting);
@@ -772,7 +770,7 @@ mod tests {
             work_dir: PathBuf::from("/x"),
             topology: PathBuf::from("/x/t.yml"),
             ref_count: refs,
-            devices_json: "[]".into(),
+            devices_json: lab::no_devices(),
         }
     }
 

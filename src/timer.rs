@@ -7,7 +7,7 @@
 //! server itself for `GET /healthz` over loopback and getting the answer: a stuck listener or
 //! a pool whose workers are all blocked stops the pings, and systemd restarts the service.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -54,16 +54,13 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
     }
 }
 
-/// `GET /healthz` through the listener and the worker pool, within `limit`.
-pub fn self_check(addr: SocketAddr, limit: Duration) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(limit))
-        .and_then(|_| stream.set_write_timeout(Some(limit)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
+/// `GET /healthz` through the listener and the worker pool, within `limit`. An answer other
+/// than 204 (or 503 degraded) is an `InvalidData` error.
+fn self_check(addr: SocketAddr, limit: Duration) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, limit)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")?;
     let mut answer = Vec::new();
     let _ = (&mut stream).take(4096).read_to_end(&mut answer);
     // Degraded (the state file cannot be written) is no reason to restart: a restart cannot
@@ -73,9 +70,12 @@ pub fn self_check(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     if answer.starts_with(b"HTTP/1.1 204") || degraded {
         Ok(())
     } else {
-        Err(format!(
-            "unexpected answer {:?}",
-            String::from_utf8_lossy(&answer[..answer.len().min(12)])
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "unexpected answer {:?}",
+                String::from_utf8_lossy(&answer[..answer.len().min(12)])
+            ),
         ))
     }
 }
@@ -123,13 +123,15 @@ mod tests {
     fn the_self_check_needs_a_real_204() {
         let limit = Duration::from_millis(300);
         let ok = peer(Some("HTTP/1.1 204 No Content\r\n\r\n"));
-        assert_eq!(self_check(ok, limit), Ok(()));
+        assert!(self_check(ok, limit).is_ok());
         let busy = peer(Some("HTTP/1.1 503 Service Unavailable\r\n\r\n"));
-        assert!(self_check(busy, limit).is_err());
+        let busy = self_check(busy, limit).unwrap_err();
+        assert_eq!(busy.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(busy.to_string(), r#"unexpected answer "HTTP/1.1 503""#);
         let degraded = peer(Some(
             "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 30\r\n\r\n{\"detail\":\"degraded: no disk\"}",
         ));
-        assert_eq!(self_check(degraded, limit), Ok(()));
+        assert!(self_check(degraded, limit).is_ok());
         // A listener whose workers never answer: the check gives up within its limit.
         let stuck = peer(None);
         let started = Instant::now();

@@ -5,13 +5,12 @@
 //! replaced. This module owns the limits (total bytes, number of parts) and the file-name
 //! rules, so that nothing a client sends is ever written outside the work directory.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use multipart::server::Multipart;
@@ -138,7 +137,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, UploadError> {
 }
 
 /// Checks the topology's file name: a plain `.yml`/`.yaml` file name.
-pub fn check_topology_name(name: &str) -> Result<(), UploadError> {
+fn check_topology_name(name: &str) -> Result<(), UploadError> {
     if name.is_empty() || name == "." || name == ".." {
         return Err(UploadError::TopologyExtension);
     }
@@ -164,7 +163,7 @@ pub fn check_topology_name(name: &str) -> Result<(), UploadError> {
 }
 
 /// Checks an extra file's name and turns it into a relative path inside the work directory.
-pub fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
+fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
     let bad = |reason| UploadError::ExtraName {
         name: name.to_owned(),
         reason,
@@ -196,17 +195,25 @@ pub fn extra_file_path(name: &str) -> Result<PathBuf, UploadError> {
     Ok(path)
 }
 
-/// A reader that fails once more than `remaining` bytes come through (and says so in
-/// `over`), or once `cancel` is set (the upload was given up on).
-struct Limited<'c, R> {
+/// What the body reader has seen, kept by [`receive`] and written by the [`Limited`] reader
+/// it lends it to: the multipart parser owns the reader, and its errors alone cannot tell a
+/// limit from a body cut short.
+struct Seen {
+    /// More than the limit came through; every read fails from then on.
+    over: bool,
+    /// The body ended (a read returned 0 bytes).
+    ended: bool,
+    /// Sees every byte, to read the parts' headers itself (see [`HeaderScanner`]).
+    headers: HeaderScanner,
+}
+
+/// A reader that fails once more than `remaining` bytes come through (and records it in
+/// `seen`), or once `cancel` is set (the upload was given up on).
+struct Limited<'a, R> {
     inner: R,
     remaining: u64,
-    over: Rc<Cell<bool>>,
-    /// The body ended (a read returned 0 bytes).
-    ended: Rc<Cell<bool>>,
-    /// Sees every byte, to read the parts' headers itself (see [`HeaderScanner`]).
-    scanner: Rc<RefCell<HeaderScanner>>,
-    cancel: &'c AtomicBool,
+    seen: &'a RefCell<Seen>,
+    cancel: &'a AtomicBool,
 }
 
 impl<R: Read> Read for Limited<'_, R> {
@@ -214,24 +221,25 @@ impl<R: Read> Read for Limited<'_, R> {
         if self.cancel.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "upload given up"));
         }
-        if self.over.get() {
+        if self.seen.borrow().over {
             return Err(io::Error::other("upload limit exceeded"));
         }
         // Ask for one byte more than allowed, to tell "exactly at the limit" from "over".
         let want = buf.len().min(self.remaining.saturating_add(1) as usize);
         let n = self.inner.read(&mut buf[..want])?;
+        let mut seen = self.seen.borrow_mut();
         if n == 0 && want > 0 {
-            self.ended.set(true);
+            seen.ended = true;
         }
         if self.cancel.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "upload given up"));
         }
         if n as u64 > self.remaining {
-            self.over.set(true);
+            seen.over = true;
             return Err(io::Error::other("upload limit exceeded"));
         }
         self.remaining -= n as u64;
-        self.scanner.borrow_mut().feed(&buf[..n]);
+        seen.headers.feed(&buf[..n]);
         Ok(n)
     }
 }
@@ -425,15 +433,15 @@ pub fn receive<R: Read>(
     work_dir: &Path,
     cancel: &AtomicBool,
 ) -> Result<Upload, UploadError> {
-    let over = Rc::new(Cell::new(false));
-    let ended = Rc::new(Cell::new(false));
-    let scanner = Rc::new(RefCell::new(HeaderScanner::new(boundary)));
+    let seen = RefCell::new(Seen {
+        over: false,
+        ended: false,
+        headers: HeaderScanner::new(boundary),
+    });
     let limited = Limited {
         inner: body,
         remaining: limits.max_bytes,
-        over: Rc::clone(&over),
-        ended: Rc::clone(&ended),
-        scanner: Rc::clone(&scanner),
+        seen: &seen,
         cancel,
     };
     let mut multipart = Multipart::with_body(limited, boundary);
@@ -447,9 +455,10 @@ pub fn receive<R: Read>(
 
     // Turns a parse error into the right answer: a limit, or a body cut short.
     let failed = |e: io::Error, topology_seen: bool| {
-        if over.get() {
+        let seen = seen.borrow();
+        if seen.over {
             UploadError::TooLarge(limits.max_bytes)
-        } else if let Some(problem) = part_header_problem(&e, ended.get()) {
+        } else if let Some(problem) = part_header_problem(&e, seen.ended) {
             UploadError::BadPartHeaders(problem)
         } else if !topology_seen {
             UploadError::MissingTopology
@@ -473,7 +482,7 @@ pub fn receive<R: Read>(
         let mut filename = field.headers.filename.clone();
         // The crate cuts a quoted file name at its first ';' ("a;b.yml" becomes "a"): the
         // name comes from our own reading of this part's headers when it has one.
-        let raw = scanner.borrow_mut().blocks.pop_front().flatten();
+        let raw = seen.borrow_mut().headers.blocks.pop_front().flatten();
         if filename.is_some()
             && let Some((raw_name, Some(raw_filename))) = raw.as_deref().and_then(disposition)
             && raw_name == name
@@ -500,7 +509,7 @@ pub fn receive<R: Read>(
                 let path = work_dir.join(&relative);
                 let mut hasher = Sha256::new();
                 let size = store(&mut field.data, &path, Some(&mut hasher))
-                    .map_err(|e| store_error(e, &over, limits, false))?;
+                    .map_err(|e| store_error(e, &seen, limits, false))?;
                 if size == 0 {
                     return Err(UploadError::EmptyTopology);
                 }
@@ -534,7 +543,7 @@ pub fn receive<R: Read>(
                     fs::create_dir_all(parent).map_err(UploadError::Io)?;
                 }
                 store(&mut field.data, &path, None)
-                    .map_err(|e| store_error(e, &over, limits, topology.is_some()))?;
+                    .map_err(|e| store_error(e, &seen, limits, topology.is_some()))?;
                 extra_files.push(relative);
             }
             "reuse" => {
@@ -542,18 +551,18 @@ pub fn receive<R: Read>(
                 (&mut field.data)
                     .take(256)
                     .read_to_end(&mut text)
-                    .map_err(|e| store_error(e.into(), &over, limits, topology.is_some()))?;
+                    .map_err(|e| store_error(e.into(), &seen, limits, topology.is_some()))?;
                 let text = String::from_utf8_lossy(&text).into_owned();
                 reuse = crate::config::parse_bool(&text).ok_or(UploadError::BadBool(text))?;
             }
             _ => {
                 // Unknown parts are read past (they count against the byte limit).
                 io::copy(&mut field.data, &mut io::sink())
-                    .map_err(|e| store_error(e.into(), &over, limits, topology.is_some()))?;
+                    .map_err(|e| store_error(e.into(), &seen, limits, topology.is_some()))?;
             }
         }
     }
-    if over.get() {
+    if seen.borrow().over {
         return Err(UploadError::TooLarge(limits.max_bytes));
     }
     let (topology, hash) = topology.ok_or(UploadError::MissingTopology)?;
@@ -573,7 +582,6 @@ pub fn receive<R: Read>(
     })
 }
 
-/// An error while copying a part: the byte limit, a body cut short, or the disk.
 /// What is wrong with a part's headers, from the parser's error (its own message is no use
 /// to a client), if that is what failed. `ended`: the body was read to its end, so headers
 /// that never end were cut short (a missing topology, as the API has it), not too long.
@@ -595,15 +603,16 @@ fn part_header_problem(e: &io::Error, ended: bool) -> Option<&'static str> {
     }
 }
 
+/// An error while copying a part: the byte limit, a body cut short, or the disk.
 fn store_error(
     e: StoreError,
-    over: &Cell<bool>,
+    seen: &RefCell<Seen>,
     limits: &Limits,
     topology_seen: bool,
 ) -> UploadError {
     match e {
         StoreError::Write(e) => UploadError::Io(e),
-        StoreError::Read(_) if over.get() => UploadError::TooLarge(limits.max_bytes),
+        StoreError::Read(_) if seen.borrow().over => UploadError::TooLarge(limits.max_bytes),
         StoreError::Read(_) if !topology_seen => UploadError::MissingTopology,
         StoreError::Read(e) => UploadError::Malformed(e.to_string()),
     }
