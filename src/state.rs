@@ -186,7 +186,8 @@ impl State {
         snap.state_version = self.version;
         snap.sessions.clear();
         snap.sessions.extend(self.queue.records());
-        snap.lab_started_ms = self.lab_started_ms;
+        // Only while there is a lab: the field is not cleared when a lab goes away.
+        snap.lab_started_ms = self.lab.as_ref().and(self.lab_started_ms);
         snap.lab.clone_from(&self.lab);
         snap.starting.clone_from(&self.starting);
         snap.teardowns.clone_from(&self.teardowns);
