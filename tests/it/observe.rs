@@ -2,11 +2,9 @@
 //! `GET /metrics` and the status page `GET /`, against the real binary and the fake netlab.
 //! (The Prometheus parser test and the browser test are in tests/observe_py.)
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const TOPO: &str = "nodes: [r1, r2]\n# secret-topology-marker\n";

@@ -1,10 +1,8 @@
 //! The session half of the contract, over real HTTP against the real binary.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn sessions_queue_and_promote_in_order() {

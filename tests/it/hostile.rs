@@ -1,8 +1,6 @@
 //! Hostile and broken clients. Each test checks that the server keeps answering `/healthz`
 //! promptly while it happens, and that nothing is written outside its directories.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// The tests here load the machine; they run one at a time so that the latency bound of
 /// one is not spoiled by another.

@@ -1,12 +1,10 @@
 //! The systemd notification protocol, against a socket the test listens on (there is no
 //! systemd here to start the unit).
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn next_message(socket: &UnixDatagram) -> String {
     let mut buf = [0u8; 256];

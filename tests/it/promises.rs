@@ -3,14 +3,12 @@
 //! by mistake destroys nothing, and a `netlab up` orphaned by `kill -9` does not survive
 //! the restart.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1]\n";
 

@@ -1,14 +1,12 @@
 //! `remote-lab run` and `remote-lab status` against the real server with the fake netlab.
 
-mod common;
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_remote-lab");
 

@@ -1,6 +1,5 @@
 //! Test harness: boots the real binary on 127.0.0.1:0 with the fake netlab, and speaks HTTP
 //! over plain sockets (so tests control every byte and see every header).
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,11 +1,9 @@
 //! Start-up, shutdown, the state-dir lock and the command line.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1, r2]\n";
 

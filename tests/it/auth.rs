@@ -2,15 +2,13 @@
 //! Basic, malformed headers, `--public-read`, SIGHUP reload, the throttle, session ownership
 //! across a restart, and refusing a bad token file at start.
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const CI: &str = "ci-token-0123456789abcdef";
 const OTHER: &str = "other-token-0123456789ab";

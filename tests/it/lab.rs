@@ -1,11 +1,9 @@
 //! The lab half of the contract, over real HTTP, with the fake netlab.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO_A: &str = "name: a\nnodes: [r1, r2]\n";
 const TOPO_B: &str = "name: b\nnodes: [s1, s2, s3]\n";

@@ -12,15 +12,13 @@
 //! A command that fails fails the test; so does one whose output differs from what its
 //! `# → …` comment shows (`…` matches anything).
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// How long one scenario's commands may take.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(90);

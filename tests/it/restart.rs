@@ -1,13 +1,11 @@
 //! Restarts lose nothing: the state file, re-adoption of the lab, `--on-exit`, `cleanup`.
 //! Most tests `kill -9` the server (no clean stop) and start it again on the same state dir.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1, r2]\n";
 

@@ -1,13 +1,11 @@
 //! `GET /session/{id}?wait=S`: parked without a worker, answered by whichever thread changes
 //! the queue, by the timer, or at shutdown.
 
-mod common;
-
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Sends a long-poll without reading its answer yet.
 fn send_wait(addr: SocketAddr, id: &str, wait: &str) -> TcpStream {
