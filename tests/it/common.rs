@@ -1,11 +1,12 @@
 //! Test harness: boots the real binary on 127.0.0.1:0 with the fake netlab, and speaks HTTP
 //! over plain sockets (so tests control every byte and see every header).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustix::process::Pid;
@@ -15,6 +16,64 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_neops-remote-lab");
 
 pub fn fake_netlab() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-netlab/netlab")
+}
+
+/// `Command::new(BIN)` with the `PATH` the fake netlab (`#!/usr/bin/env python3`) starts
+/// fastest with: first the `bin` of a virtual environment of the `python3` on `PATH`, with
+/// nothing installed. Its start-up skips what the system's site-packages load (`.pth` files;
+/// here one imports certifi, ~20 ms), and past a version manager's shim (pyenv's is a bash
+/// script that runs several more, ~45 ms, seconds on a loaded machine), on every one of the
+/// hundreds of netlab calls of a run. It also keeps the fake to the standard library.
+/// (`python3 -S` in the shebang would save as much, but a flag before the script hides the
+/// script from the server's check that an orphaned `up` is netlab's, which looks at the
+/// first two words of its command line.)
+pub fn server_command() -> Command {
+    static PATH: OnceLock<OsString> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        match fake_netlab_python() {
+            Some(bin) => {
+                std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+                    .unwrap_or(path)
+            }
+            None => path,
+        }
+    });
+    let mut command = Command::new(BIN);
+    command.env("PATH", path);
+    command
+}
+
+/// The `bin` of the empty virtual environment, made once (and kept in cargo's target/tmp);
+/// `None` where `python3 -m venv` is not available (the fake then runs as it is).
+fn fake_netlab_python() -> Option<PathBuf> {
+    let works = |venv: &Path| {
+        Command::new(venv.join("bin/python3"))
+            .args(["-c", "import sys; sys.exit(sys.prefix == sys.base_prefix)"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-netlab-python");
+    if !works(&venv) {
+        // Made aside and renamed into place: another test run may be making it too.
+        let fresh = venv.with_extension(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&fresh);
+        let made = Command::new("python3")
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&fresh)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made || !works(&fresh) {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return None;
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&fresh, &venv).is_err() {
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
+    }
+    works(&venv).then(|| venv.join("bin"))
 }
 
 /// A running server with its own state dir and fake-netlab dir.
@@ -64,7 +123,7 @@ impl TestServer {
 
     /// The command line a server of this test dir is started with.
     pub fn command(dir: &Path, options: &Options) -> Command {
-        let mut command = Command::new(BIN);
+        let mut command = server_command();
         command
             .args(["--host", "127.0.0.1", "--port", "0"])
             .arg("--state-dir")

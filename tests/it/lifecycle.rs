@@ -78,7 +78,7 @@ fn bad_values_exit_2_naming_the_flag() {
 fn environment_variables_configure_the_server() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = server_command()
         .env("NEOPS_REMOTE_LAB_HOST", "127.0.0.1")
         .env("NEOPS_REMOTE_LAB_PORT", "0")
         .env("NEOPS_REMOTE_LAB_STATE_DIR", dir.path().join("state"))

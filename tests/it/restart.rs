@@ -2,7 +2,6 @@
 //! Most tests `kill -9` the server (no clean stop) and start it again on the same state dir.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -268,7 +267,7 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
 
 /// `neops-remote-lab cleanup` on the server's state dir.
 fn cleanup_command(s: &TestServer) -> std::process::Output {
-    Command::new(BIN)
+    server_command()
         .arg("cleanup")
         .arg("--state-dir")
         .arg(s.state_dir())
