@@ -489,10 +489,21 @@ pub fn read_response(stream: &mut impl Read, head_only: bool) -> Resp {
     }
 }
 
-/// A multipart/form-data body.
+/// A multipart/form-data body: the tests' one builder, for the uploads clients send and for
+/// what broken ones do (raw bytes in a file name, a header smuggled into one, a body cut
+/// short: see [`Form::raw_file`] and [`Form::parts`]).
 pub struct Form {
     pub boundary: String,
-    parts: Vec<(String, Option<String>, Vec<u8>)>,
+    parts: Vec<Part>,
+}
+
+struct Part {
+    name: String,
+    /// The `filename` parameter, as raw bytes (none for a text field).
+    filename: Option<Vec<u8>>,
+    /// A `Content-Type` line after the disposition.
+    content_type: Option<&'static str>,
+    data: Vec<u8>,
 }
 
 impl Default for Form {
@@ -509,15 +520,41 @@ impl Form {
         }
     }
 
+    pub fn with_boundary(mut self, boundary: &str) -> Self {
+        self.boundary = boundary.into();
+        self
+    }
+
+    /// A file part, as a browser sends it (with a `Content-Type`).
     pub fn file(mut self, name: &str, filename: &str, data: &[u8]) -> Self {
-        self.parts
-            .push((name.into(), Some(filename.into()), data.to_vec()));
+        self.parts.push(Part {
+            name: name.into(),
+            filename: Some(filename.as_bytes().to_vec()),
+            content_type: Some("application/x-yaml"),
+            data: data.to_vec(),
+        });
+        self
+    }
+
+    /// A file part whose name is put between the quotes byte for byte (not necessarily
+    /// UTF-8, nor free of quotes and line ends), with no `Content-Type`.
+    pub fn raw_file(mut self, name: &str, filename: &[u8], data: &[u8]) -> Self {
+        self.parts.push(Part {
+            name: name.into(),
+            filename: Some(filename.to_vec()),
+            content_type: None,
+            data: data.to_vec(),
+        });
         self
     }
 
     pub fn text(mut self, name: &str, value: &str) -> Self {
-        self.parts
-            .push((name.into(), None, value.as_bytes().to_vec()));
+        self.parts.push(Part {
+            name: name.into(),
+            filename: None,
+            content_type: None,
+            data: value.as_bytes().to_vec(),
+        });
         self
     }
 
@@ -530,24 +567,34 @@ impl Form {
         format!("multipart/form-data; boundary={}", self.boundary)
     }
 
-    pub fn body(&self) -> Vec<u8> {
+    /// The parts without the closing delimiter: a body that has not ended.
+    pub fn parts(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for (name, filename, data) in &self.parts {
-            out.extend_from_slice(format!("--{}\r\n", self.boundary).as_bytes());
-            match filename {
-                Some(f) => out.extend_from_slice(
-                    format!(
-                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/x-yaml\r\n\r\n"
-                    )
-                    .as_bytes(),
-                ),
-                None => out.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-                ),
+        for part in &self.parts {
+            out.extend_from_slice(
+                format!(
+                    "--{}\r\nContent-Disposition: form-data; name=\"{}\"",
+                    self.boundary, part.name
+                )
+                .as_bytes(),
+            );
+            if let Some(filename) = &part.filename {
+                out.extend_from_slice(b"; filename=\"");
+                out.extend_from_slice(filename);
+                out.extend_from_slice(b"\"");
             }
-            out.extend_from_slice(data);
+            if let Some(content_type) = part.content_type {
+                out.extend_from_slice(format!("\r\nContent-Type: {content_type}").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(&part.data);
             out.extend_from_slice(b"\r\n");
         }
+        out
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let mut out = self.parts();
         out.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
         out
     }

@@ -84,31 +84,6 @@ fn stray_files(s: &TestServer) -> Vec<String> {
         .collect()
 }
 
-/// `POST /lab` with file parts whose names are raw bytes (not necessarily UTF-8).
-fn post_lab_raw(s: &TestServer, id: &str, parts: &[(&str, &[u8], &[u8])]) -> Resp {
-    let mut body = Vec::new();
-    for (field, filename, data) in parts {
-        body.extend_from_slice(
-            format!("--XyZ\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"")
-                .as_bytes(),
-        );
-        body.extend_from_slice(filename);
-        body.extend_from_slice(b"\"\r\n\r\n");
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b"--XyZ--\r\n");
-    s.request(
-        "POST",
-        "/lab",
-        &[
-            ("X-Session-ID", id),
-            ("Content-Type", "multipart/form-data; boundary=XyZ"),
-        ],
-        &body,
-    )
-}
-
 fn multipart_head(s: &TestServer, id: &str, form: &Form, length: usize) -> TcpStream {
     let mut stream = TcpStream::connect(s.addr).unwrap();
     write!(
@@ -369,7 +344,7 @@ fn odd_bytes_in_headers_and_file_names() {
         .expect(200, r#"{"status":"active","position":0}"#);
     // File names with control characters and non-UTF-8 bytes.
     for name in [&b"t\x01.yml"[..], b"\xff\xfe.yml", b"configs/\x00x.yml"] {
-        let r = post_lab_raw(&s, &a, &[("topology", name, b"nodes: [r1]")]);
+        let r = s.acquire(&a, &Form::new().raw_file("topology", name, b"nodes: [r1]"));
         assert!(
             (400..500).contains(&r.status),
             "{:?}: {} {}",
@@ -384,14 +359,10 @@ fn odd_bytes_in_headers_and_file_names() {
         b"\xff/../../z.cfg",
         b"\\\\server\\share",
     ] {
-        let r = post_lab_raw(
-            &s,
-            &a,
-            &[
-                ("topology", b"t.yml", b"nodes: [r1]"),
-                ("extra_files", name, b"x"),
-            ],
-        );
+        let form = Form::new()
+            .raw_file("topology", b"t.yml", b"nodes: [r1]")
+            .raw_file("extra_files", name, b"x");
+        let r = s.acquire(&a, &form);
         assert_eq!(r.status, 400, "{:?}: {}", name, r.text());
     }
     assert!(s.work_dirs().is_empty());
@@ -863,17 +834,17 @@ fn unreadable_part_headers_get_clear_answers() {
     let _serial = serial();
     let s = start();
     let (a, _) = s.create_session();
-    post_lab_raw(&s, &a, &[("topology", b"a\x00b.yml", b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", b"a\x00b.yml", b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part header contains bytes not allowed in a header (such as NUL or other control characters)"}"#,
     );
-    post_lab_raw(&s, &a, &[("topology", b"\xff\xfe.yml", b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", b"\xff\xfe.yml", b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part header is not valid UTF-8 (file names must be UTF-8)"}"#,
     );
     // A 200 KB part header.
     let long = format!("t.yml\"\r\nX-Pad: {}", "a".repeat(200_000));
-    post_lab_raw(&s, &a, &[("topology", long.as_bytes(), b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", long.as_bytes(), b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part's headers are too long or not ended by an empty line"}"#,
     );
@@ -885,7 +856,10 @@ fn a_semicolon_in_a_quoted_file_name_is_part_of_the_name() {
     let _serial = serial();
     let s = start();
     let (a, _) = s.create_session();
-    let r = post_lab_raw(&s, &a, &[("topology", b"a;b.yml", b"nodes: [r1]")]);
+    let r = s.acquire(
+        &a,
+        &Form::new().raw_file("topology", b"a;b.yml", b"nodes: [r1]"),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let lab = s.lab("GET", "/lab", &a).json();
     assert!(
