@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use rustix::process::Pid;
@@ -76,12 +77,100 @@ fn fake_netlab_python() -> Option<PathBuf> {
     works(&venv).then(|| venv.join("bin"))
 }
 
+/// Who runs beside whom. The tests run many at a time (`RUST_TEST_THREADS` in
+/// .cargo/config.toml): most start servers that spend their time waiting (on the fake
+/// netlab, on timeouts). A test that loads the machine or bounds a latency takes the gate
+/// [`alone`], so that it neither spoils another's bound nor has its own spoiled; every
+/// [`TestServer`] holds it [`shared`]. A shared holder never waits for a test waiting to be
+/// alone (so a test may hold two servers): those wait for a moment with no server up.
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    shared: usize,
+    alone: Option<ThreadId>,
+}
+
+static GATE: Gate = Gate {
+    state: Mutex::new(GateState {
+        shared: 0,
+        alone: None,
+    }),
+    changed: Condvar::new(),
+};
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Held by a test that must run alone; see [`Gate`].
+pub struct Alone(());
+
+/// Waits until no other test holds the gate, and holds it alone until dropped. The servers
+/// this thread starts meanwhile do not wait for it.
+pub fn alone() -> Alone {
+    let mut state = GATE.lock();
+    while state.alone.is_some() || state.shared > 0 {
+        state = GATE.wait(state);
+    }
+    state.alone = Some(std::thread::current().id());
+    Alone(())
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        GATE.lock().alone = None;
+        GATE.changed.notify_all();
+    }
+}
+
+/// Held by whatever runs beside other tests; see [`Gate`].
+pub struct Shared {
+    counted: bool,
+}
+
+/// Waits while a test runs alone (unless it is this thread's), then holds the gate shared
+/// until dropped.
+pub fn shared() -> Shared {
+    let me = std::thread::current().id();
+    let mut state = GATE.lock();
+    if state.alone == Some(me) {
+        return Shared { counted: false };
+    }
+    while state.alone.is_some() {
+        state = GATE.wait(state);
+    }
+    state.shared += 1;
+    Shared { counted: true }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.counted {
+            GATE.lock().shared -= 1;
+            GATE.changed.notify_all();
+        }
+    }
+}
+
 /// A running server with its own state dir and fake-netlab dir.
 pub struct TestServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<String>>,
+    /// Released after the server is killed (fields drop in order, after `drop`).
+    _gate: Shared,
 }
 
 #[derive(Default)]
@@ -145,6 +234,7 @@ impl TestServer {
     }
 
     pub fn start(mut options: Options) -> TestServer {
+        let gate = shared();
         let dir = options
             .dir
             .take()
@@ -159,6 +249,7 @@ impl TestServer {
             addr,
             dir,
             log,
+            _gate: gate,
         }
     }
 
