@@ -168,7 +168,7 @@ pub struct TestServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub log: Arc<Mutex<String>>,
+    pub log: Arc<Output>,
     /// Released after the server is killed (fields drop in order, after `drop`).
     _gate: Shared,
 }
@@ -373,7 +373,7 @@ impl TestServer {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Signals the server process itself (never a group): its pid is still ours, since
@@ -383,11 +383,12 @@ impl TestServer {
         rustix::process::kill_process(pid, signal).unwrap();
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit, at most `limit`, and for its log to be read to the end.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.log.wait_end(Duration::from_secs(5));
                 return status;
             }
             assert!(
@@ -414,38 +415,123 @@ impl Drop for TestServer {
 }
 
 /// Reads stderr until the `listening on http://ADDR` line; keeps collecting it afterwards.
-pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Mutex<String>>) {
-    let stderr = child.stderr.take().expect("piped stderr");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = Arc::clone(&log);
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stderr);
-        let mut line = String::new();
-        let mut tx = Some(tx);
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            sink.lock().unwrap().push_str(&line);
-            if let Some(rest) = line.trim().strip_prefix("listening on http://")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(rest.parse::<SocketAddr>().unwrap());
-            }
-        }
+pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Output>) {
+    let log = Output::collect(child.stderr.take().expect("piped stderr"));
+    let addr = log.wait_for(Duration::from_secs(20), |text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("listening on http://"))
+            .map(|rest| rest.trim().parse::<SocketAddr>().unwrap())
     });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(addr) => (addr, log),
-        Err(_) => {
+    match addr {
+        Some(addr) => (addr, log),
+        None => {
             let _ = child.kill();
             panic!(
                 "server did not print its listening line; stderr:\n{}",
-                log.lock().unwrap()
+                log.text()
             );
         }
+    }
+}
+
+/// What a child process writes on a pipe, collected by a thread of its own as it comes.
+/// The text shows whole lines only, until the pipe ends.
+pub struct Output {
+    /// The bytes so far, and whether the pipe has ended (every writer closed it).
+    state: Mutex<(Vec<u8>, bool)>,
+    changed: Condvar,
+}
+
+impl Output {
+    pub fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Output> {
+        let output = Arc::new(Output {
+            state: Mutex::new((Vec::new(), false)),
+            changed: Condvar::new(),
+        });
+        let sink = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(0) | Err(_) => 0,
+                    Ok(n) => n,
+                };
+                let mut state = sink.lock();
+                if n == 0 {
+                    state.1 = true;
+                } else {
+                    state.0.extend_from_slice(&buf[..n]);
+                }
+                drop(state);
+                sink.changed.notify_all();
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        output
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (Vec<u8>, bool)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shown((bytes, ended): &(Vec<u8>, bool)) -> String {
+        let whole = match bytes.iter().rposition(|b| *b == b'\n') {
+            _ if *ended => bytes.len(),
+            Some(end) => end + 1,
+            None => 0,
+        };
+        String::from_utf8_lossy(&bytes[..whole]).into_owned()
+    }
+
+    pub fn text(&self) -> String {
+        Self::shown(&self.lock())
+    }
+
+    /// Waits until `found` finds what it looks for in the text, at most `limit` (or until
+    /// the pipe ends without it).
+    pub fn wait_for<T>(
+        &self,
+        limit: Duration,
+        mut found: impl FnMut(&str) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        loop {
+            if let Some(t) = found(&Self::shown(&state)) {
+                return Some(t);
+            }
+            let now = Instant::now();
+            if state.1 || now >= deadline {
+                return None;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits until the pipe ends, at most `limit`: once the process has exited, until the
+    /// thread has taken its last bytes. Whether it ended.
+    pub fn wait_end(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        while !state.1 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 }
 

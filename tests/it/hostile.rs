@@ -3,8 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -625,7 +625,7 @@ fn start_with_fd_limit(
 ) -> (
     std::process::Child,
     std::net::SocketAddr,
-    Arc<Mutex<String>>,
+    Arc<Output>,
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().unwrap();
@@ -688,7 +688,8 @@ fn out_of_descriptors_under(limit: u32) {
     };
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let log = log.lock().unwrap().clone();
+            log.wait_end(Duration::from_secs(5));
+            let log = log.text();
             assert_eq!(status.code(), Some(75), "ulimit -n {limit}: {log}");
             assert!(
                 log.contains("so that the service manager restarts the server"),
@@ -708,7 +709,7 @@ fn out_of_descriptors_under(limit: u32) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "ulimit -n {limit}: the server is up but deaf; log:\n{}",
-            log.lock().unwrap()
+            log.text()
         );
         thread::sleep(Duration::from_millis(100));
     }
