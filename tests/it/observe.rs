@@ -89,10 +89,13 @@ fn bad_client_names_are_422_and_nothing_is_created() {
 #[test]
 fn the_queue_view_shows_every_field_and_never_a_full_id() {
     let s = start_with(&[("--active-timeout", "30"), ("--waiting-timeout", "60")]);
+    // The server's times are whole milliseconds (a session created in the millisecond
+    // `before` was taken in says that millisecond): `before` is cut to its millisecond too.
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs_f64();
+        .as_millis() as f64
+        / 1000.0;
     let empty = s.get("/queue").json();
     assert_eq!(empty["total"], 0);
     assert_eq!(empty["sessions"], serde_json::json!([]));

@@ -1,7 +1,7 @@
 //! Restarts lose nothing: the state file, re-adoption of the lab, `--on-exit`, `cleanup`.
 //! Most tests `kill -9` the server (no clean stop) and start it again on the same state dir.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::*;
@@ -102,9 +102,9 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
 /// kills the whole cgroup). They are not our children (the server that started them was
 /// SIGKILLed), so each one is pinned by a pidfd and signalled only if it still carries this
 /// test's `FAKE_NETLAB_DIR`: a logged pid that has exited may belong to anybody by now.
-fn kill_netlab_processes(s: &TestServer) {
-    let text = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap_or_default();
-    let marker = format!("FAKE_NETLAB_DIR={}", s.fake_dir().display());
+fn kill_netlab_processes(fake_dir: &Path) {
+    let text = std::fs::read_to_string(fake_dir.join("calls.log")).unwrap_or_default();
+    let marker = format!("FAKE_NETLAB_DIR={}", fake_dir.display());
     let ours = |pid: u32| {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         environ
@@ -132,8 +132,9 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     assert_eq!(starting["session"], a.as_str());
     let work = PathBuf::from(starting["work_dir"].as_str().unwrap());
     assert!(work.is_dir());
-    kill_netlab_processes(&s);
+    // The server first (killed second, it could see its `up` die and clean up the start).
     let dir = s.kill_keep_dir();
+    kill_netlab_processes(&dir.path().join("fake"));
     let _ = acquire.join();
     std::fs::remove_file(dir.path().join("fake/control/up.sleep")).unwrap();
     std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
@@ -170,8 +171,8 @@ fn a_pending_teardown_is_carried_out_after_kill_9() {
         state_file(&s)["teardowns"][0]["work_dir"],
         work.display().to_string()
     );
-    kill_netlab_processes(&s);
     let dir = s.kill_keep_dir();
+    kill_netlab_processes(&dir.path().join("fake"));
     std::fs::remove_file(dir.path().join("fake/control/down.sleep")).unwrap();
     let s = restart(dir, &[]);
     wait_until(Duration::from_secs(10), "the pending teardown", || {
