@@ -808,8 +808,8 @@ fn a_request_line_cannot_forge_log_lines() {
 
 #[test]
 fn stalled_uploads_end_and_never_block_a_legitimate_one() {
-    // Given up after 0.5 s; the client timeout (reads wait 2 s) then ends the thread.
-    let s = start_with(&[("--upload-timeout", "0.5"), ("--client-timeout", "4")]);
+    // Given up after 0.2 s; the client timeout (reads wait 1 s) then ends the thread.
+    let s = start_with(&[("--upload-timeout", "0.2"), ("--client-timeout", "2")]);
     let (a, _) = s.create_session();
     let form = Form::topology("t.yml", "nodes: [r1]\n").file("extra_files", "big", &[b'x'; 50_000]);
     let body = form.body();
