@@ -414,8 +414,7 @@ fn public_read_opens_the_read_only_views_only() {
 fn without_a_token_file_everything_is_open_and_a_warning_says_so() {
     let s = start();
     let (id, _) = s.create_session();
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&id, "active", 0);
     // A token sent to an open server is ignored.
     let r = s.request(
         "POST",

@@ -284,6 +284,22 @@ impl TestServer {
         )
     }
 
+    /// `GET /session/{id}` answers `{"status":STATUS,"position":POSITION}`.
+    #[track_caller]
+    pub fn expect_session(&self, id: &str, status: &str, position: u64) {
+        self.get(&format!("/session/{id}")).expect(
+            200,
+            &format!(r#"{{"status":"{status}","position":{position}}}"#),
+        );
+    }
+
+    /// `GET /session/{id}` answers that there is no such session.
+    #[track_caller]
+    pub fn expect_no_session(&self, id: &str) {
+        self.get(&format!("/session/{id}"))
+            .expect(404, SESSION_NOT_FOUND);
+    }
+
     /// A gated `/lab*` call as session `id`.
     pub fn lab(&self, method: &str, path: &str, id: &str) -> Resp {
         self.request(method, path, &[("X-Session-ID", id)], b"")

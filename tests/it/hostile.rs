@@ -150,8 +150,7 @@ fn a_stalled_upload_is_given_up_and_cleaned_without_hurting_anyone() {
     });
     // ...and the others are served meanwhile (more requests than workers).
     for _ in 0..20 {
-        s.get(&format!("/session/{b}"))
-            .expect(200, r#"{"status":"waiting","position":1}"#);
+        s.expect_session(&b, "waiting", 1);
     }
     s.acquire(&a, &Form::topology("t.yml", "nodes: [r1]\n"))
         .expect(423, LAB_BUSY);
@@ -357,8 +356,7 @@ fn odd_bytes_in_headers_and_file_names() {
             "{text}"
         );
     }
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     // File names with control characters and non-UTF-8 bytes.
     for name in [&b"t\x01.yml"[..], b"\xff\xfe.yml", b"configs/\x00x.yml"] {
         let r = s.acquire(&a, &Form::new().raw_file("topology", name, b"nodes: [r1]"));
@@ -765,8 +763,7 @@ fn oversize_bodies_cost_nothing_once_their_clients_are_gone() {
     // abandoned connections held is bounded (the server restarts past the bound).
     thread::sleep(Duration::from_millis(200));
     s = restart_if_gone(s, &mut restarts);
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     s.get("/healthz").expect_empty(204);
     let now = fd_count(s.child.id());
     eprintln!("{restarts} restarts; descriptors {baseline} before, {now} after");

@@ -588,8 +588,7 @@ fn metrics_count_requests_by_route_without_a_session() {
         s.request("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"")
             .expect_empty(204);
     }
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&id, "active", 0);
     s.get("/session/nope").expect(404, SESSION_NOT_FOUND);
     let r = s.get("/metrics");
     assert_eq!(r.status, 200);

@@ -150,8 +150,7 @@ fn records_outside_labs_are_never_acted_on() {
         ..Options::default()
     });
     // The session is kept; nothing was done in or to the victim directory.
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(id, "active", 0);
     assert!(victim.join("t.yml").exists());
     let victim_text = victim.display().to_string();
     assert!(
@@ -242,10 +241,8 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
     r.expect(503, &detail);
     assert_eq!(r.header("Retry-After"), Some("5"));
     s.delete(&format!("/session/{a}")).expect(503, &detail);
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&a, "active", 0);
+    s.expect_session(&b, "waiting", 1);
     s.get("/healthz").expect(
         503,
         &format!("{{\"detail\":\"degraded: {NOT_PERSISTED}\"}}"),
@@ -260,10 +257,8 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
         dir: Some(dir),
         ..Options::default()
     });
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&a, "active", 0);
+    s.expect_session(&b, "waiting", 1);
     assert_eq!(s.get("/debug/health").json()["sessions"], 2);
     s.get("/healthz").expect(
         503,
@@ -281,10 +276,8 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
         dir: Some(dir),
         ..Options::default()
     });
-    s.get(&format!("/session/{a}"))
-        .expect(404, r#"{"detail":"Session not found"}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_no_session(&a);
+    s.expect_session(&b, "active", 0);
 }
 
 // ------------------------------------------------------------------ a second server

@@ -38,16 +38,12 @@ fn the_queue_survives_kill_9() {
     let s = start();
     let ids: Vec<String> = (0..3).map(|_| s.create_session().0).collect();
     let s = restart(s.kill_keep_dir(), &[]);
-    s.get(&format!("/session/{}", ids[0]))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{}", ids[1]))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
-    s.get(&format!("/session/{}", ids[2]))
-        .expect(200, r#"{"status":"waiting","position":2}"#);
+    s.expect_session(&ids[0], "active", 0);
+    s.expect_session(&ids[1], "waiting", 1);
+    s.expect_session(&ids[2], "waiting", 2);
     // They promote normally, and new sessions queue behind them.
     s.delete(&format!("/session/{}", ids[0])).expect_empty(204);
-    s.get(&format!("/session/{}", ids[1]))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&ids[1], "active", 0);
     assert_eq!(s.create_session().1, 2);
 }
 
@@ -87,8 +83,7 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
             "inspect -q --instance default --format json list(nodes.keys())"
         ]
     );
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&b, "waiting", 1);
     // The re-adopted lab behaves as before: reuse attaches, ending the session tears it down.
     let r = s.acquire(&a, &Form::topology("again.yml", TOPO));
     assert_eq!(r.json()["reused"], true);
@@ -149,8 +144,7 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     );
     assert!(!work.exists());
     assert!(s.work_dirs().is_empty());
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     assert_eq!(state_file(&s)["starting"], serde_json::Value::Null);
     let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
     assert_eq!(r.status, 200, "{}", r.text());

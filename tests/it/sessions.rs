@@ -12,12 +12,9 @@ fn sessions_queue_and_promote_in_order() {
     let (b, pb) = s.create_session();
     let (c, pc) = s.create_session();
     assert_eq!((pa, pb, pc), (0, 1, 2));
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
-    s.get(&format!("/session/{c}"))
-        .expect(200, r#"{"status":"waiting","position":2}"#);
+    s.expect_session(&a, "active", 0);
+    s.expect_session(&b, "waiting", 1);
+    s.expect_session(&c, "waiting", 2);
     s.get("/active-session").expect(
         200,
         &format!(r#"{{"status":"active","position":0,"session_id":"{a}"}}"#),
@@ -25,13 +22,10 @@ fn sessions_queue_and_promote_in_order() {
 
     s.delete(&format!("/session/{a}")).expect_empty(204);
     // Promotion is immediate: the next read already sees it.
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{c}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&b, "active", 0);
+    s.expect_session(&c, "waiting", 1);
     s.delete(&format!("/session/{b}")).expect_empty(204);
-    s.get(&format!("/session/{c}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&c, "active", 0);
     s.delete(&format!("/session/{c}")).expect_empty(204);
     s.get("/active-session")
         .expect(404, r#"{"detail":"No active session"}"#);
@@ -44,8 +38,7 @@ fn two_sessions_promote() {
     let (b, pb) = s.create_session();
     assert_eq!(pb, 1);
     s.delete(&format!("/session/{a}")).expect_empty(204);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&b, "active", 0);
 }
 
 #[test]
@@ -53,14 +46,10 @@ fn deleting_a_waiting_session_in_the_middle_shifts_the_ones_behind() {
     let s = start();
     let ids: Vec<String> = (0..4).map(|_| s.create_session().0).collect();
     s.delete(&format!("/session/{}", ids[1])).expect_empty(204);
-    s.get(&format!("/session/{}", ids[0]))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{}", ids[2]))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
-    s.get(&format!("/session/{}", ids[3]))
-        .expect(200, r#"{"status":"waiting","position":2}"#);
-    s.get(&format!("/session/{}", ids[1]))
-        .expect(404, SESSION_NOT_FOUND);
+    s.expect_session(&ids[0], "active", 0);
+    s.expect_session(&ids[2], "waiting", 1);
+    s.expect_session(&ids[3], "waiting", 2);
+    s.expect_no_session(&ids[1]);
     s.delete(&format!("/session/{}", ids[1]))
         .expect(404, SESSION_NOT_FOUND);
 }
@@ -76,8 +65,7 @@ fn unknown_and_odd_session_ids_are_not_found() {
         "00000000-0000-0000-0000-000000000000".to_owned(),
         "%00".to_owned(),
     ] {
-        s.get(&format!("/session/{id}"))
-            .expect(404, SESSION_NOT_FOUND);
+        s.expect_no_session(&id);
         s.delete(&format!("/session/{id}"))
             .expect(404, SESSION_NOT_FOUND);
         s.request("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"")
@@ -87,8 +75,7 @@ fn unknown_and_odd_session_ids_are_not_found() {
     s.get("/session/heartbeat").expect(404, SESSION_NOT_FOUND);
     // A percent-encoded id is the same id.
     let encoded = a.replace('-', "%2D");
-    s.get(&format!("/session/{encoded}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&encoded, "active", 0);
 }
 
 #[test]
@@ -122,23 +109,18 @@ fn heartbeats_keep_sessions_alive_and_silence_reaps_them() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    s.get(&format!("/session/{a}"))
-        .expect(404, SESSION_NOT_FOUND);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_no_session(&a);
+    s.expect_session(&b, "active", 0);
     assert!(s.log_text().contains(&format!("session {a} reaped")));
 
     // Now c (waiting) goes silent while b keeps polling: c is reaped by the waiting timeout.
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_millis(1900) {
-        s.get(&format!("/session/{b}"))
-            .expect(200, r#"{"status":"active","position":0}"#);
+        s.expect_session(&b, "active", 0);
         std::thread::sleep(Duration::from_millis(100));
     }
-    s.get(&format!("/session/{c}"))
-        .expect(404, SESSION_NOT_FOUND);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_no_session(&c);
+    s.expect_session(&b, "active", 0);
 }
 
 #[test]
@@ -150,8 +132,7 @@ fn a_reaped_active_session_promotes_the_next() {
     wait_until(Duration::from_secs(5), "b to be promoted", || {
         s.get(&format!("/session/{b}")).text() == r#"{"status":"active","position":0}"#
     });
-    s.get(&format!("/session/{a}"))
-        .expect(404, SESSION_NOT_FOUND);
+    s.expect_no_session(&a);
 }
 
 #[test]
