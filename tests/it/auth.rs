@@ -31,11 +31,7 @@ fn options_with_tokens(extra: &[&str]) -> Options {
     let dir = tempfile::tempdir().unwrap();
     write_tokens(dir.path(), TOKENS, 0o600);
     let tokens = dir.path().join("tokens").display().to_string();
-    let mut options = Options {
-        dir: Some(dir),
-        ..Options::default()
-    }
-    .arg("--token-file", &tokens);
+    let mut options = Options::default().in_dir(dir).arg("--token-file", &tokens);
     options.args.extend(extra.iter().map(|s| s.to_string()));
     options
 }
@@ -610,13 +606,7 @@ fn sessions_keep_their_owner_across_a_restart() {
     assert!(text.contains(r#""owner":"ci""#), "{text}");
     let tokens = s.dir.path().join("tokens").display().to_string();
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(
-        Options {
-            dir: Some(dir),
-            ..Options::default()
-        }
-        .arg("--token-file", &tokens),
-    );
+    let s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
     let path = format!("/session/{id}");
     call(&s, Who::Other, "GET", &path, None).expect(404, SESSION_NOT_FOUND);
     call(&s, Who::Owner, "GET", &path, None).expect(200, r#"{"status":"active","position":0}"#);

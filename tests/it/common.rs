@@ -163,6 +163,14 @@ impl Drop for Shared {
     }
 }
 
+/// A directory for a server: `state/` (made by the server) and `fake/`, the fake netlab's,
+/// with its `control/`.
+pub fn test_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    dir
+}
+
 /// A running server with its own state dir and fake-netlab dir.
 pub struct TestServer {
     pub child: Child,
@@ -182,6 +190,13 @@ pub struct Options {
 }
 
 impl Options {
+    /// On the state and fake dirs in `dir`: what an earlier server left
+    /// ([`TestServer::kill_keep_dir`]), or what a test laid out ([`test_dir`]).
+    pub fn in_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         self.args.push(flag.to_owned());
         self.args.push(value.to_owned());
@@ -191,6 +206,11 @@ impl Options {
 
 pub fn start() -> TestServer {
     TestServer::start(Options::default())
+}
+
+/// A server on the state and fake dirs in `dir` (see [`Options::in_dir`]).
+pub fn start_in(dir: tempfile::TempDir) -> TestServer {
+    TestServer::start(Options::default().in_dir(dir))
 }
 
 pub fn start_with(args: &[(&str, &str)]) -> TestServer {
@@ -235,10 +255,7 @@ impl TestServer {
 
     pub fn start(mut options: Options) -> TestServer {
         let gate = shared();
-        let dir = options
-            .dir
-            .take()
-            .unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let dir = options.dir.take().unwrap_or_else(test_dir);
         std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
         let mut child = Self::command(dir.path(), &options)
             .spawn()
@@ -419,6 +436,11 @@ impl TestServer {
     pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.take_dir()
+    }
+
+    /// The directory of a server that has exited, for a restart on the same state.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }

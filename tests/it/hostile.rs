@@ -626,8 +626,7 @@ fn start_with_fd_limit(
     Arc<Output>,
     tempfile::TempDir,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     let mut options = Options::default();
     for a in args {
         options.args.push((*a).to_owned());
@@ -729,10 +728,7 @@ fn restart_if_gone(mut s: TestServer, restarts: &mut usize) -> TestServer {
         s.log_text()
     );
     *restarts += 1;
-    TestServer::start(Options {
-        dir: Some(s.kill_keep_dir()),
-        ..Options::default()
-    })
+    start_in(s.kill_keep_dir())
 }
 
 #[test]

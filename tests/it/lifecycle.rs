@@ -76,8 +76,7 @@ fn bad_values_exit_2_naming_the_flag() {
 
 #[test]
 fn environment_variables_configure_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     let mut child = server_command()
         .env("NEOPS_REMOTE_LAB_HOST", "127.0.0.1")
         .env("NEOPS_REMOTE_LAB_PORT", "0")
@@ -117,10 +116,7 @@ fn a_second_instance_on_the_same_state_dir_is_refused() {
 fn a_lock_left_by_a_killed_server_does_not_block_a_restart() {
     let s = start();
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     s.get("/healthz").expect_empty(204);
 }
 
@@ -149,8 +145,7 @@ fn a_missing_netlab_stops_the_start_with_advice() {
 
 #[test]
 fn a_broken_netlab_stops_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     std::fs::write(
         dir.path().join("fake/control/version.fail"),
         r#"{"code": 1, "stderr": "ModuleNotFoundError: No module named 'netsim'"}"#,
@@ -167,9 +162,8 @@ fn a_broken_netlab_stops_the_start() {
 
 #[test]
 fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let fake = dir.path().join("fake");
-    std::fs::create_dir_all(fake.join("control")).unwrap();
     let old_lab = dir.path().join("state/labs/old");
     std::fs::create_dir_all(&old_lab).unwrap();
     std::fs::write(old_lab.join("t.yml"), TOPO).unwrap();
@@ -178,10 +172,7 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
         serde_json::json!({"dir": old_lab, "nodes": ["r1"], "name": "old"}).to_string(),
     )
     .unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     // The leftover is in our labs/: ours to tear down.
     assert_eq!(
         s.call_lines(),
@@ -197,18 +188,14 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
 
 #[test]
 fn start_up_resets_a_registration_whose_directory_is_gone() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let fake = dir.path().join("fake");
-    std::fs::create_dir_all(fake.join("control")).unwrap();
     std::fs::write(
         fake.join("instance.json"),
         serde_json::json!({"dir": "/nonexistent/lab", "nodes": ["r1"], "name": "gone"}).to_string(),
     )
     .unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     assert_eq!(
         s.call_lines(),
         [

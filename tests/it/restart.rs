@@ -9,10 +9,7 @@ use crate::common::*;
 const TOPO: &str = "nodes: [r1, r2]\n";
 
 fn restart(dir: tempfile::TempDir, args: &[(&str, &str)]) -> TestServer {
-    let mut options = Options {
-        dir: Some(dir),
-        ..Options::default()
-    };
+    let mut options = Options::default().in_dir(dir);
     for (flag, value) in args {
         options = options.arg(flag, value);
     }
@@ -239,7 +236,7 @@ fn sigterm_with_on_exit_keep_leaves_the_lab_for_the_next_start() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(s.calls().is_empty(), "no netlab call on a keep exit");
     assert!(s.registered().is_some());
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[("--on-exit", "keep")]);
     s.lab("GET", "/lab/devices", &a).expect(200, &devices);
     assert!(!s.call_lines().iter().any(|l| l.starts_with("up ")));
@@ -254,7 +251,7 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert_eq!(s.registered(), None);
     assert_eq!(state_file(&s)["lab"], serde_json::Value::Null);
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[]);
     // The session itself survived the restart.
     s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
@@ -420,7 +417,7 @@ fn a_teardown_that_fails_at_shutdown_is_retried_by_the_next_start() {
         s.log_text()
     );
     s.clear_control("down.fatal");
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[]);
     wait_until(Duration::from_secs(10), "the retried teardown", || {
         !work.exists() && state_file(&s)["teardowns"] == serde_json::json!([])
