@@ -270,6 +270,8 @@ impl TestServer {
         }
     }
 
+    /// For `remote-lab --url`.
+    #[cfg(feature = "client")]
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
