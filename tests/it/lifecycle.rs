@@ -1,5 +1,6 @@
 //! Start-up, shutdown, the state-dir lock and the command line.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -160,18 +161,24 @@ fn a_broken_netlab_stops_the_start() {
     assert!(err.contains("No module named 'netsim'"), "{err}");
 }
 
+/// A test dir where netlab's `default` instance, of node r1, is registered in `lab_dir`
+/// (left by a crash, as far as the next server can tell).
+fn registered_leftover(lab_dir: impl Fn(&Path) -> PathBuf, name: &str) -> tempfile::TempDir {
+    let dir = test_dir();
+    std::fs::write(
+        dir.path().join("fake/instance.json"),
+        serde_json::json!({"dir": lab_dir(dir.path()), "nodes": ["r1"], "name": name}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
-    let dir = test_dir();
-    let fake = dir.path().join("fake");
+    let dir = registered_leftover(|dir| dir.join("state/labs/old"), "old");
     let old_lab = dir.path().join("state/labs/old");
     std::fs::create_dir_all(&old_lab).unwrap();
     std::fs::write(old_lab.join("t.yml"), TOPO).unwrap();
-    std::fs::write(
-        fake.join("instance.json"),
-        serde_json::json!({"dir": old_lab, "nodes": ["r1"], "name": "old"}).to_string(),
-    )
-    .unwrap();
     let s = start_in(dir);
     // The leftover is in our labs/: ours to tear down.
     assert_eq!(
@@ -188,13 +195,7 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
 
 #[test]
 fn start_up_resets_a_registration_whose_directory_is_gone() {
-    let dir = test_dir();
-    let fake = dir.path().join("fake");
-    std::fs::write(
-        fake.join("instance.json"),
-        serde_json::json!({"dir": "/nonexistent/lab", "nodes": ["r1"], "name": "gone"}).to_string(),
-    )
-    .unwrap();
+    let dir = registered_leftover(|_| PathBuf::from("/nonexistent/lab"), "gone");
     let s = start_in(dir);
     assert_eq!(
         s.call_lines(),
