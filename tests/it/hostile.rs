@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// Probes `/healthz` every 20 ms until dropped; [`Probe::finish`] asserts every probe was
+/// Probes `/healthz` every 20 ms until [`Probe::finish`], which asserts every probe was
 /// answered 204 within 100 ms.
 struct Probe {
     stop: Arc<AtomicBool>,
