@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from client_harness import Lab, find_venv_python  # noqa: E402
 from labserver import Client, HarnessError, Sandbox, ServerProcess, find_netlab, rust_binary, server_kind  # noqa: E402
+from reports import pytest_runtest_makereport  # noqa: E402, F401 (a hook: rep_call for dump_on_failure)
 
 collect_ignore = ["user_project"]
 
@@ -86,10 +87,3 @@ def dump_on_failure(request: pytest.FixtureRequest, lab: Lab) -> Iterator[None]:
         for path in lab.runs[start:]:
             print(f"\n----- {path.name} -----\n{path.read_text()[-6000:]}")
         print(f"\n----- server log tail -----\n{lab.server.tail(60)}")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)

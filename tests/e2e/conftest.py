@@ -15,15 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from labserver import Client, HarnessError, Sandbox, ServerProcess, find_netlab, rust_binary, server_kind  # noqa: E402
+from reports import pytest_runtest_makereport  # noqa: E402, F401 (a hook: rep_call for start_server)
 
 TOPOLOGIES = Path(__file__).resolve().parent / "topologies"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -7,6 +7,8 @@ use std::sync::atomic::AtomicBool;
 use neops_remote_lab::upload::{self, Limits};
 use proptest::prelude::*;
 
+use crate::common::Form;
+
 const BOUNDARY: &str = "pRoPbOuNdArY";
 
 /// Every file under `dir`, as paths relative to it.
@@ -52,18 +54,8 @@ fn run(body: &[u8]) {
     }
 }
 
-fn part(name: &str, filename: Option<&[u8]>, data: &[u8]) -> Vec<u8> {
-    let mut out =
-        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"").into_bytes();
-    if let Some(f) = filename {
-        out.extend_from_slice(b"; filename=\"");
-        out.extend_from_slice(f);
-        out.extend_from_slice(b"\"");
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
-    out
+fn form() -> Form {
+    Form::new().with_boundary(BOUNDARY)
 }
 
 fn name_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -99,7 +91,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_after_a_valid_start(tail in proptest::collection::vec(any::<u8>(), 0..2048)) {
-        let mut body = part("topology", Some(b"t.yml"), b"nodes: [r1]\n");
+        let mut body = form().raw_file("topology", b"t.yml", b"nodes: [r1]\n").parts();
         body.extend_from_slice(&tail);
         run(&body);
     }
@@ -110,12 +102,10 @@ proptest! {
         extras in proptest::collection::vec(name_bytes(), 0..6),
         reuse in "[a-zA-Z0-9]{0,6}",
     ) {
-        let mut body = part("topology", Some(&topology), b"nodes: [r1]\n");
+        let mut form = form().raw_file("topology", &topology, b"nodes: [r1]\n");
         for extra in &extras {
-            body.extend_from_slice(&part("extra_files", Some(extra), b"x"));
+            form = form.raw_file("extra_files", extra, b"x");
         }
-        body.extend_from_slice(&part("reuse", None, reuse.as_bytes()));
-        body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-        run(&body);
+        run(&form.text("reuse", &reuse).body());
     }
 }

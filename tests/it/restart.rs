@@ -1,21 +1,15 @@
 //! Restarts lose nothing: the state file, re-adoption of the lab, `--on-exit`, `cleanup`.
 //! Most tests `kill -9` the server (no clean stop) and start it again on the same state dir.
 
-mod common;
-
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1, r2]\n";
 
 fn restart(dir: tempfile::TempDir, args: &[(&str, &str)]) -> TestServer {
-    let mut options = Options {
-        dir: Some(dir),
-        ..Options::default()
-    };
+    let mut options = Options::default().in_dir(dir);
     for (flag, value) in args {
         options = options.arg(flag, value);
     }
@@ -41,16 +35,12 @@ fn the_queue_survives_kill_9() {
     let s = start();
     let ids: Vec<String> = (0..3).map(|_| s.create_session().0).collect();
     let s = restart(s.kill_keep_dir(), &[]);
-    s.get(&format!("/session/{}", ids[0]))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{}", ids[1]))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
-    s.get(&format!("/session/{}", ids[2]))
-        .expect(200, r#"{"status":"waiting","position":2}"#);
+    s.expect_session(&ids[0], "active", 0);
+    s.expect_session(&ids[1], "waiting", 1);
+    s.expect_session(&ids[2], "waiting", 2);
     // They promote normally, and new sessions queue behind them.
     s.delete(&format!("/session/{}", ids[0])).expect_empty(204);
-    s.get(&format!("/session/{}", ids[1]))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&ids[1], "active", 0);
     assert_eq!(s.create_session().1, 2);
 }
 
@@ -90,8 +80,7 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
             "inspect -q --instance default --format json list(nodes.keys())"
         ]
     );
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&b, "waiting", 1);
     // The re-adopted lab behaves as before: reuse attaches, ending the session tears it down.
     let r = s.acquire(&a, &Form::topology("again.yml", TOPO));
     assert_eq!(r.json()["reused"], true);
@@ -105,9 +94,9 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
 /// kills the whole cgroup). They are not our children (the server that started them was
 /// SIGKILLed), so each one is pinned by a pidfd and signalled only if it still carries this
 /// test's `FAKE_NETLAB_DIR`: a logged pid that has exited may belong to anybody by now.
-fn kill_netlab_processes(s: &TestServer) {
-    let text = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap_or_default();
-    let marker = format!("FAKE_NETLAB_DIR={}", s.fake_dir().display());
+fn kill_netlab_processes(fake_dir: &Path) {
+    let text = std::fs::read_to_string(fake_dir.join("calls.log")).unwrap_or_default();
+    let marker = format!("FAKE_NETLAB_DIR={}", fake_dir.display());
     let ours = |pid: u32| {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         environ
@@ -135,8 +124,9 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     assert_eq!(starting["session"], a.as_str());
     let work = PathBuf::from(starting["work_dir"].as_str().unwrap());
     assert!(work.is_dir());
-    kill_netlab_processes(&s);
+    // The server first (killed second, it could see its `up` die and clean up the start).
     let dir = s.kill_keep_dir();
+    kill_netlab_processes(&dir.path().join("fake"));
     let _ = acquire.join();
     std::fs::remove_file(dir.path().join("fake/control/up.sleep")).unwrap();
     std::fs::remove_file(dir.path().join("fake/calls.log")).unwrap();
@@ -151,8 +141,7 @@ fn a_start_cut_short_by_kill_9_is_cleaned_and_can_be_retried() {
     );
     assert!(!work.exists());
     assert!(s.work_dirs().is_empty());
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     assert_eq!(state_file(&s)["starting"], serde_json::Value::Null);
     let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -173,8 +162,8 @@ fn a_pending_teardown_is_carried_out_after_kill_9() {
         state_file(&s)["teardowns"][0]["work_dir"],
         work.display().to_string()
     );
-    kill_netlab_processes(&s);
     let dir = s.kill_keep_dir();
+    kill_netlab_processes(&dir.path().join("fake"));
     std::fs::remove_file(dir.path().join("fake/control/down.sleep")).unwrap();
     let s = restart(dir, &[]);
     wait_until(Duration::from_secs(10), "the pending teardown", || {
@@ -247,7 +236,7 @@ fn sigterm_with_on_exit_keep_leaves_the_lab_for_the_next_start() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert!(s.calls().is_empty(), "no netlab call on a keep exit");
     assert!(s.registered().is_some());
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[("--on-exit", "keep")]);
     s.lab("GET", "/lab/devices", &a).expect(200, &devices);
     assert!(!s.call_lines().iter().any(|l| l.starts_with("up ")));
@@ -262,7 +251,7 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     assert_eq!(s.registered(), None);
     assert_eq!(state_file(&s)["lab"], serde_json::Value::Null);
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[]);
     // The session itself survived the restart.
     s.lab("GET", "/lab", &a).expect(200, NOT_RUNNING);
@@ -270,7 +259,7 @@ fn sigterm_by_default_tears_the_lab_down_and_the_next_start_is_clean() {
 
 /// `neops-remote-lab cleanup` on the server's state dir.
 fn cleanup_command(s: &TestServer) -> std::process::Output {
-    Command::new(BIN)
+    server_command()
         .arg("cleanup")
         .arg("--state-dir")
         .arg(s.state_dir())
@@ -428,7 +417,7 @@ fn a_teardown_that_fails_at_shutdown_is_retried_by_the_next_start() {
         s.log_text()
     );
     s.clear_control("down.fatal");
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let dir = s.take_dir();
     let s = restart(dir, &[]);
     wait_until(Duration::from_secs(10), "the retried teardown", || {
         !work.exists() && state_file(&s)["teardowns"] == serde_json::json!([])

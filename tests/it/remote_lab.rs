@@ -1,21 +1,18 @@
 //! `remote-lab run` and `remote-lab status` against the real server with the fake netlab.
 
-mod common;
-
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_remote-lab");
 
 /// A `remote-lab` process whose stderr is collected as it comes.
 struct Run {
     child: Child,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<Output>,
 }
 
 fn client(args: &[&str], dir: &Path) -> Command {
@@ -37,20 +34,7 @@ fn client(args: &[&str], dir: &Path) -> Command {
 impl Run {
     fn start(args: &[&str], dir: &Path) -> Run {
         let mut child = client(args, dir).spawn().expect("start remote-lab");
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let stderr = Output::collect(child.stderr.take().unwrap());
         Run { child, stderr }
     }
 
@@ -66,14 +50,15 @@ impl Run {
                 let _ = self.child.wait();
                 panic!(
                     "remote-lab did not exit in {limit:?}; stderr:\n{}",
-                    self.stderr.lock().unwrap()
+                    self.stderr.text()
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        // Let the reader thread take the last bytes.
-        std::thread::sleep(Duration::from_millis(50));
-        let text = self.stderr.lock().unwrap().clone();
+        // The reader thread takes the last bytes (unless the command lives on, holding
+        // the pipe).
+        self.stderr.wait_end(Duration::from_secs(2));
+        let text = self.stderr.text();
         (
             status.code().expect("remote-lab exits, it is not killed"),
             text,

@@ -12,15 +12,13 @@
 //! A command that fails fails the test; so does one whose output differs from what its
 //! `# → …` comment shows (`…` matches anything).
 
-mod common;
-
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// How long one scenario's commands may take.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(90);
@@ -92,6 +90,31 @@ fn ellipses_match_anything() {
     assert!(!matches("a…b…c", "acb"));
 }
 
+/// A free port for a service that restarts on it (the docs' commands name it). Not one of
+/// the kernel's ephemeral range: that is where the other tests' servers, which ask for port
+/// 0, get theirs, and one of them could take a port found free there before this service
+/// binds it (the runbook then talked to a server of another test).
+fn fixed_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral_low.saturating_sub(10_000).max(1));
+    // Apart from the other tests of this run (the counter) and from other runs (the pid).
+    let first =
+        std::process::id() * 97 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 7919;
+    (0..span)
+        .map(|i| low + (first + i) % span)
+        .find_map(|port| {
+            let port = u16::try_from(port).ok()?;
+            std::net::TcpListener::bind(("127.0.0.1", port))
+                .ok()
+                .map(|_| port)
+        })
+        .expect("a free port below the ephemeral range")
+}
+
 /// The lab host of a scenario: a state dir, the fake netlab's dir, the stand-ins.
 struct Host {
     dir: tempfile::TempDir,
@@ -113,11 +136,7 @@ impl Host {
 
     fn new(tokens: bool) -> Host {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = fixed_port();
         let token = tokens.then(|| uuid::Uuid::new_v4().simple().to_string());
         let host = Host { dir, port, token };
         for sub in ["bin", "netlab-bin", "fake/control", "home"] {

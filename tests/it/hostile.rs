@@ -1,26 +1,16 @@
 //! Hostile and broken clients. Each test checks that the server keeps answering `/healthz`
 //! promptly while it happens, and that nothing is written outside its directories.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
-/// The tests here load the machine; they run one at a time so that the latency bound of
-/// one is not spoiled by another.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Probes `/healthz` every 20 ms until dropped; [`Probe::finish`] asserts every probe was
+/// Probes `/healthz` every 20 ms until [`Probe::finish`], which asserts every probe was
 /// answered 204 within 100 ms.
 struct Probe {
     stop: Arc<AtomicBool>,
@@ -86,29 +76,51 @@ fn stray_files(s: &TestServer) -> Vec<String> {
         .collect()
 }
 
-/// `POST /lab` with file parts whose names are raw bytes (not necessarily UTF-8).
-fn post_lab_raw(s: &TestServer, id: &str, parts: &[(&str, &[u8], &[u8])]) -> Resp {
-    let mut body = Vec::new();
-    for (field, filename, data) in parts {
-        body.extend_from_slice(
-            format!("--XyZ\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"")
-                .as_bytes(),
-        );
-        body.extend_from_slice(filename);
-        body.extend_from_slice(b"\"\r\n\r\n");
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
+/// The set-up and the end of an attack on a server: the test runs [`alone`] (attacks load
+/// the machine, and the latency bound would be spoiled by other tests' load), the server's
+/// `/healthz` is probed from the start, and [`Attack::finish`] checks the probes and that
+/// nothing was written outside the server's directories.
+struct Attack {
+    probe: Option<Probe>,
+    s: TestServer,
+    _alone: Alone,
+}
+
+impl Attack {
+    fn start(args: &[(&str, &str)]) -> Attack {
+        let mut attack = Attack::start_unprobed(args);
+        attack.probe();
+        attack
     }
-    body.extend_from_slice(b"--XyZ--\r\n");
-    s.request(
-        "POST",
-        "/lab",
-        &[
-            ("X-Session-ID", id),
-            ("Content-Type", "multipart/form-data; boundary=XyZ"),
-        ],
-        &body,
-    )
+
+    /// For a test that takes the server's figures before the probes begin ([`Attack::probe`]).
+    fn start_unprobed(args: &[(&str, &str)]) -> Attack {
+        let alone = alone();
+        Attack {
+            probe: None,
+            s: start_with(args),
+            _alone: alone,
+        }
+    }
+
+    fn probe(&mut self) {
+        self.probe = Some(Probe::start(&self.s));
+    }
+
+    #[track_caller]
+    fn finish(&mut self) {
+        self.probe.take().expect("probed").finish();
+        let stray = stray_files(&self.s);
+        assert!(stray.is_empty(), "{stray:?}");
+    }
+}
+
+impl std::ops::Deref for Attack {
+    type Target = TestServer;
+
+    fn deref(&self) -> &TestServer {
+        &self.s
+    }
 }
 
 fn multipart_head(s: &TestServer, id: &str, form: &Form, length: usize) -> TcpStream {
@@ -124,11 +136,9 @@ fn multipart_head(s: &TestServer, id: &str, form: &Form, length: usize) -> TcpSt
 
 #[test]
 fn a_stalled_upload_is_given_up_and_cleaned_without_hurting_anyone() {
-    let _serial = serial();
-    let s = start_with(&[("--upload-timeout", "1"), ("--workers", "2")]);
+    let mut s = Attack::start(&[("--upload-timeout", "1"), ("--workers", "2")]);
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
-    let probe = Probe::start(&s);
     let form =
         Form::topology("t.yml", "nodes: [r1]\n").file("extra_files", "big.cfg", &[b'x'; 100_000]);
     let body = form.body();
@@ -140,8 +150,7 @@ fn a_stalled_upload_is_given_up_and_cleaned_without_hurting_anyone() {
     });
     // ...and the others are served meanwhile (more requests than workers).
     for _ in 0..20 {
-        s.get(&format!("/session/{b}"))
-            .expect(200, r#"{"status":"waiting","position":1}"#);
+        s.expect_session(&b, "waiting", 1);
     }
     s.acquire(&a, &Form::topology("t.yml", "nodes: [r1]\n"))
         .expect(423, LAB_BUSY);
@@ -159,16 +168,13 @@ fn a_stalled_upload_is_given_up_and_cleaned_without_hurting_anyone() {
         408,
         r#"{"detail":"Upload not received within 1 s (--upload-timeout)"}"#,
     );
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn a_trickling_upload_is_bounded_in_time_too() {
-    let _serial = serial();
-    let s = start_with(&[("--upload-timeout", "0.5")]);
+    let mut s = Attack::start(&[("--upload-timeout", "0.5")]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     // Over 1 KiB: tiny_http reads smaller bodies itself before handing the request over.
     let form = Form::topology("t.yml", "nodes: [r1]\n").file("extra_files", "c.cfg", &[b'y'; 2000]);
     let body = form.body();
@@ -193,16 +199,13 @@ fn a_trickling_upload_is_bounded_in_time_too() {
         r#"{"detail":"Upload not received within 0.5 s (--upload-timeout)"}"#,
     );
     assert!(s.work_dirs().is_empty());
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn absurd_content_lengths_do_not_take_the_server_down() {
-    let _serial = serial();
-    let s = start();
+    let mut s = Attack::start(&[]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     for (method, path, session) in [
         ("GET", "/healthz", None),
         ("POST", "/session", None),
@@ -225,31 +228,25 @@ fn absurd_content_lengths_do_not_take_the_server_down() {
         assert_eq!(&head, b"HTTP/1.1 413");
     }
     s.get("/healthz").expect_empty(204);
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn oversize_bodies_are_refused_with_and_without_content_length() {
-    let _serial = serial();
-    let s = start_with(&[("--max-upload-bytes", "100000")]);
+    let mut s = Attack::start(&[("--max-upload-bytes", "100000")]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     let form = Form::topology("t.yml", "nodes: [r1]\n").file("extra_files", "x", &[b'x'; 300_000]);
     let expected =
         r#"{"detail":"Upload too large: the limit is 100000 bytes (--max-upload-bytes)"}"#;
     s.acquire(&a, &form).expect(413, expected);
     chunked_acquire(s.addr, &a, &form).expect(413, expected);
     assert!(s.work_dirs().is_empty());
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn a_thousand_idle_connections() {
-    let _serial = serial();
-    let s = start();
-    let probe = Probe::start(&s);
+    let mut s = Attack::start(&[]);
     // Opened at about 1 000 a second: std's listen backlog is 128, and a much faster burst
     // overflows it in the kernel (connects then wait for SYN retries), whoever the server is.
     let idle: Vec<TcpStream> = (0..1000)
@@ -261,15 +258,12 @@ fn a_thousand_idle_connections() {
     s.get("/healthz").expect_empty(204);
     thread::sleep(Duration::from_millis(300));
     drop(idle);
-    probe.finish();
-    assert!(stray_files(&s).is_empty());
+    s.finish();
 }
 
 #[test]
 fn headers_byte_by_byte_and_ten_thousand_headers() {
-    let _serial = serial();
-    let s = start();
-    let probe = Probe::start(&s);
+    let mut s = Attack::start(&[]);
     let slow = thread::spawn({
         let addr = s.addr;
         move || {
@@ -288,8 +282,7 @@ fn headers_byte_by_byte_and_ten_thousand_headers() {
     many.push_str("\r\n");
     raw_request(s.addr, many.as_bytes()).expect_empty(204);
     assert_eq!(slow.join().unwrap(), 204);
-    probe.finish();
-    assert!(stray_files(&s).is_empty());
+    s.finish();
 }
 
 /// Resident memory of a process, in KiB.
@@ -304,11 +297,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn an_endless_header_line() {
-    let _serial = serial();
-    let s = start();
+    let mut s = Attack::start_unprobed(&[]);
     let pid = s.child.id();
     let before = rss_kib(pid);
-    let probe = Probe::start(&s);
+    s.probe();
     // 8 MB without a line end: tiny_http keeps reading it (it has no header size limit, so
     // this costs memory in proportion to what the client sends; the unit's MemoryMax bounds
     // it), and everyone else is served.
@@ -327,7 +319,6 @@ fn an_endless_header_line() {
     s.get("/healthz").expect_empty(204);
     peak = peak.max(rss_kib(pid));
     drop(stream);
-    probe.finish();
     // Once the client is gone, the memory goes back (at least half of what it took).
     wait_until(Duration::from_secs(10), "the memory to fall back", || {
         rss_kib(pid) < before + (peak - before) / 2
@@ -336,15 +327,13 @@ fn an_endless_header_line() {
         "endless header line: {before} KiB before, peak {peak} KiB, {} KiB after",
         rss_kib(pid)
     );
-    assert!(stray_files(&s).is_empty());
+    s.finish();
 }
 
 #[test]
 fn odd_bytes_in_headers_and_file_names() {
-    let _serial = serial();
-    let s = start();
+    let mut s = Attack::start(&[]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     // Control characters in a header value reach us: the id is simply not a session.
     let bytes = b"POST /session/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Session-ID: \x01\x02\x7f\r\nContent-Length: 0\r\n\r\n";
     raw_request(s.addr, bytes).expect(404, SESSION_NOT_FOUND);
@@ -367,11 +356,10 @@ fn odd_bytes_in_headers_and_file_names() {
             "{text}"
         );
     }
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     // File names with control characters and non-UTF-8 bytes.
     for name in [&b"t\x01.yml"[..], b"\xff\xfe.yml", b"configs/\x00x.yml"] {
-        let r = post_lab_raw(&s, &a, &[("topology", name, b"nodes: [r1]")]);
+        let r = s.acquire(&a, &Form::new().raw_file("topology", name, b"nodes: [r1]"));
         assert!(
             (400..500).contains(&r.status),
             "{:?}: {} {}",
@@ -386,27 +374,20 @@ fn odd_bytes_in_headers_and_file_names() {
         b"\xff/../../z.cfg",
         b"\\\\server\\share",
     ] {
-        let r = post_lab_raw(
-            &s,
-            &a,
-            &[
-                ("topology", b"t.yml", b"nodes: [r1]"),
-                ("extra_files", name, b"x"),
-            ],
-        );
+        let form = Form::new()
+            .raw_file("topology", b"t.yml", b"nodes: [r1]")
+            .raw_file("extra_files", name, b"x");
+        let r = s.acquire(&a, &form);
         assert_eq!(r.status, 400, "{:?}: {}", name, r.text());
     }
     assert!(s.work_dirs().is_empty());
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn ten_thousand_multipart_parts() {
-    let _serial = serial();
-    let s = start();
+    let mut s = Attack::start(&[]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     let mut form = Form::topology("t.yml", "nodes: [r1]\n");
     for i in 0..10_000 {
         form = form.text("filler", &i.to_string());
@@ -416,15 +397,12 @@ fn ten_thousand_multipart_parts() {
         r#"{"detail":"Too many parts in the upload: the limit is 256"}"#,
     );
     assert!(s.work_dirs().is_empty());
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn a_flood_of_sessions_past_the_limit() {
-    let _serial = serial();
-    let s = start_with(&[("--max-sessions", "500")]);
-    let probe = Probe::start(&s);
+    let mut s = Attack::start(&[("--max-sessions", "500")]);
     let mut conn = KeepAlive::open(s.addr);
     let mut created = 0;
     let mut refused = 0;
@@ -441,17 +419,15 @@ fn a_flood_of_sessions_past_the_limit() {
     }
     assert_eq!((created, refused), (500, 2500));
     assert_eq!(s.get("/debug/health").json()["sessions"], 500);
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 #[test]
 fn create_delete_cycles_leak_nothing() {
-    let _serial = serial();
     // Every create and delete is fsynced to the state file; on a tmpfs that costs nothing,
     // so the 200 000 requests measure leaks, not the disk.
     let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
-    let s = start_with(&[("--state-dir", shm.path().to_str().unwrap())]);
+    let mut s = Attack::start_unprobed(&[("--state-dir", shm.path().to_str().unwrap())]);
     let pid = s.child.id();
     let cycles = |n: usize| {
         let mut conn = KeepAlive::open(s.addr);
@@ -469,7 +445,7 @@ fn create_delete_cycles_leak_nothing() {
     // bounded at 10 000 events: two per cycle fill it), then measure across 100 000 cycles.
     cycles(5_000);
     let before = process_figures(pid);
-    let probe = Probe::start(&s);
+    s.probe();
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let addr = s.addr;
@@ -490,8 +466,7 @@ fn create_delete_cycles_leak_nothing() {
     for w in workers {
         w.join().unwrap();
     }
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
     // Connections the cycles used are closed; give tiny_http a moment to notice.
     thread::sleep(Duration::from_millis(300));
     let after = process_figures(pid);
@@ -513,10 +488,8 @@ fn create_delete_cycles_leak_nothing() {
 
 #[test]
 fn a_netlab_that_crashes_or_floods_its_output() {
-    let _serial = serial();
-    let s = start();
+    let mut s = Attack::start(&[]);
     let (a, _) = s.create_session();
-    let probe = Probe::start(&s);
     s.set_control("up.crash", "");
     s.acquire(&a, &Form::topology("t.yml", "nodes: [r1]\n"))
         .expect(
@@ -535,8 +508,7 @@ fn a_netlab_that_crashes_or_floods_its_output() {
         after < before + 24 * 1024,
         "resident memory grew from {before} to {after} KiB"
     );
-    probe.finish();
-    assert!(stray_files(&s).is_empty(), "{:?}", stray_files(&s));
+    s.finish();
 }
 
 // ------------------------------------------------------------------ issue 12: no client can
@@ -586,7 +558,7 @@ fn time_to_close(mut stream: TcpStream) -> Duration {
 
 #[test]
 fn silent_bodies_never_hold_a_worker_and_are_closed_within_the_client_timeout() {
-    let _serial = serial();
+    let _alone = alone();
     let timeout = Duration::from_secs(2);
     let s = start_with(&[("--workers", "2"), ("--client-timeout", "2")]);
     // /healthz latencies while the attack goes on.
@@ -651,11 +623,10 @@ fn start_with_fd_limit(
 ) -> (
     std::process::Child,
     std::net::SocketAddr,
-    Arc<Mutex<String>>,
+    Arc<Output>,
     tempfile::TempDir,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     let mut options = Options::default();
     for a in args {
         options.args.push((*a).to_owned());
@@ -683,7 +654,6 @@ fn start_with_fd_limit(
 
 #[test]
 fn out_of_descriptors_the_server_exits_instead_of_staying_up_deaf() {
-    let _serial = serial();
     // Two limits of either parity: tiny_http takes two descriptors per connection (the
     // accepted socket and a clone). When `accept` gets the last one, cloning fails and its
     // accept thread panics (the listener is gone, nothing is reported); otherwise `accept`
@@ -715,7 +685,8 @@ fn out_of_descriptors_under(limit: u32) {
     };
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let log = log.lock().unwrap().clone();
+            log.wait_end(Duration::from_secs(5));
+            let log = log.text();
             assert_eq!(status.code(), Some(75), "ulimit -n {limit}: {log}");
             assert!(
                 log.contains("so that the service manager restarts the server"),
@@ -735,7 +706,7 @@ fn out_of_descriptors_under(limit: u32) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "ulimit -n {limit}: the server is up but deaf; log:\n{}",
-            log.lock().unwrap()
+            log.text()
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -757,15 +728,13 @@ fn restart_if_gone(mut s: TestServer, restarts: &mut usize) -> TestServer {
         s.log_text()
     );
     *restarts += 1;
-    TestServer::start(Options {
-        dir: Some(s.kill_keep_dir()),
-        ..Options::default()
-    })
+    start_in(s.kill_keep_dir())
 }
 
 #[test]
 fn oversize_bodies_cost_nothing_once_their_clients_are_gone() {
-    let _serial = serial();
+    // A thousand connections and restarts: a load the others should not run beside.
+    let _alone = alone();
     let mut s = start();
     let (a, _) = s.create_session();
     let baseline = fd_count(s.child.id());
@@ -790,8 +759,7 @@ fn oversize_bodies_cost_nothing_once_their_clients_are_gone() {
     // abandoned connections held is bounded (the server restarts past the bound).
     thread::sleep(Duration::from_millis(200));
     s = restart_if_gone(s, &mut restarts);
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     s.get("/healthz").expect_empty(204);
     let now = fd_count(s.child.id());
     eprintln!("{restarts} restarts; descriptors {baseline} before, {now} after");
@@ -804,7 +772,6 @@ fn oversize_bodies_cost_nothing_once_their_clients_are_gone() {
 
 #[test]
 fn a_request_line_cannot_forge_log_lines() {
-    let _serial = serial();
     let s = start();
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream
@@ -834,9 +801,8 @@ fn a_request_line_cannot_forge_log_lines() {
 
 #[test]
 fn stalled_uploads_end_and_never_block_a_legitimate_one() {
-    let _serial = serial();
-    // Given up after 0.5 s; the client timeout (reads wait 2 s) then ends the thread.
-    let s = start_with(&[("--upload-timeout", "0.5"), ("--client-timeout", "4")]);
+    // Given up after 0.2 s; the client timeout (reads wait 1 s) then ends the thread.
+    let s = start_with(&[("--upload-timeout", "0.2"), ("--client-timeout", "2")]);
     let (a, _) = s.create_session();
     let form = Form::topology("t.yml", "nodes: [r1]\n").file("extra_files", "big", &[b'x'; 50_000]);
     let body = form.body();
@@ -862,20 +828,19 @@ fn stalled_uploads_end_and_never_block_a_legitimate_one() {
 
 #[test]
 fn unreadable_part_headers_get_clear_answers() {
-    let _serial = serial();
     let s = start();
     let (a, _) = s.create_session();
-    post_lab_raw(&s, &a, &[("topology", b"a\x00b.yml", b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", b"a\x00b.yml", b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part header contains bytes not allowed in a header (such as NUL or other control characters)"}"#,
     );
-    post_lab_raw(&s, &a, &[("topology", b"\xff\xfe.yml", b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", b"\xff\xfe.yml", b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part header is not valid UTF-8 (file names must be UTF-8)"}"#,
     );
     // A 200 KB part header.
     let long = format!("t.yml\"\r\nX-Pad: {}", "a".repeat(200_000));
-    post_lab_raw(&s, &a, &[("topology", long.as_bytes(), b"nodes: [r1]")]).expect(
+    s.acquire(&a, &Form::new().raw_file("topology", long.as_bytes(), b"nodes: [r1]")).expect(
         400,
         r#"{"detail":"Malformed multipart body: a part's headers are too long or not ended by an empty line"}"#,
     );
@@ -884,10 +849,12 @@ fn unreadable_part_headers_get_clear_answers() {
 
 #[test]
 fn a_semicolon_in_a_quoted_file_name_is_part_of_the_name() {
-    let _serial = serial();
     let s = start();
     let (a, _) = s.create_session();
-    let r = post_lab_raw(&s, &a, &[("topology", b"a;b.yml", b"nodes: [r1]")]);
+    let r = s.acquire(
+        &a,
+        &Form::new().raw_file("topology", b"a;b.yml", b"nodes: [r1]"),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let lab = s.lab("GET", "/lab", &a).json();
     assert!(

@@ -1,12 +1,13 @@
 //! Test harness: boots the real binary on 127.0.0.1:0 with the fake netlab, and speaks HTTP
 //! over plain sockets (so tests control every byte and see every header).
-#![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use rustix::process::Pid;
@@ -18,12 +19,166 @@ pub fn fake_netlab() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-netlab/netlab")
 }
 
+/// `Command::new(BIN)` with the `PATH` the fake netlab (`#!/usr/bin/env python3`) starts
+/// fastest with: first the `bin` of a virtual environment of the `python3` on `PATH`, with
+/// nothing installed. Its start-up skips what the system's site-packages load (`.pth` files;
+/// here one imports certifi, ~20 ms), and past a version manager's shim (pyenv's is a bash
+/// script that runs several more, ~45 ms, seconds on a loaded machine), on every one of the
+/// hundreds of netlab calls of a run. It also keeps the fake to the standard library.
+/// (`python3 -S` in the shebang would save as much, but a flag before the script hides the
+/// script from the server's check that an orphaned `up` is netlab's, which looks at the
+/// first two words of its command line.)
+pub fn server_command() -> Command {
+    static PATH: OnceLock<OsString> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        match fake_netlab_python() {
+            Some(bin) => {
+                std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
+                    .unwrap_or(path)
+            }
+            None => path,
+        }
+    });
+    let mut command = Command::new(BIN);
+    command.env("PATH", path);
+    command
+}
+
+/// The `bin` of the empty virtual environment, made once (and kept in cargo's target/tmp);
+/// `None` where `python3 -m venv` is not available (the fake then runs as it is).
+fn fake_netlab_python() -> Option<PathBuf> {
+    let works = |venv: &Path| {
+        Command::new(venv.join("bin/python3"))
+            .args(["-c", "import sys; sys.exit(sys.prefix == sys.base_prefix)"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-netlab-python");
+    if !works(&venv) {
+        // Made aside and renamed into place: another test run may be making it too.
+        let fresh = venv.with_extension(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&fresh);
+        let made = Command::new("python3")
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&fresh)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made || !works(&fresh) {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return None;
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        if std::fs::rename(&fresh, &venv).is_err() {
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
+    }
+    works(&venv).then(|| venv.join("bin"))
+}
+
+/// Who runs beside whom. The tests run many at a time (`RUST_TEST_THREADS` in
+/// .cargo/config.toml): most start servers that spend their time waiting (on the fake
+/// netlab, on timeouts). A test that loads the machine or bounds a latency takes the gate
+/// [`alone`], so that it neither spoils another's bound nor has its own spoiled; every
+/// [`TestServer`] holds it [`shared`]. A shared holder never waits for a test waiting to be
+/// alone (so a test may hold two servers): those wait for a moment with no server up.
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    shared: usize,
+    alone: Option<ThreadId>,
+}
+
+static GATE: Gate = Gate {
+    state: Mutex::new(GateState {
+        shared: 0,
+        alone: None,
+    }),
+    changed: Condvar::new(),
+};
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, GateState>) -> MutexGuard<'a, GateState> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Held by a test that must run alone; see [`Gate`].
+pub struct Alone(());
+
+/// Waits until no other test holds the gate, and holds it alone until dropped. The servers
+/// this thread starts meanwhile do not wait for it.
+pub fn alone() -> Alone {
+    let mut state = GATE.lock();
+    while state.alone.is_some() || state.shared > 0 {
+        state = GATE.wait(state);
+    }
+    state.alone = Some(std::thread::current().id());
+    Alone(())
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        GATE.lock().alone = None;
+        GATE.changed.notify_all();
+    }
+}
+
+/// Held by whatever runs beside other tests; see [`Gate`].
+pub struct Shared {
+    counted: bool,
+}
+
+/// Waits while a test runs alone (unless it is this thread's), then holds the gate shared
+/// until dropped.
+pub fn shared() -> Shared {
+    let me = std::thread::current().id();
+    let mut state = GATE.lock();
+    if state.alone == Some(me) {
+        return Shared { counted: false };
+    }
+    while state.alone.is_some() {
+        state = GATE.wait(state);
+    }
+    state.shared += 1;
+    Shared { counted: true }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.counted {
+            GATE.lock().shared -= 1;
+            GATE.changed.notify_all();
+        }
+    }
+}
+
+/// A directory for a server: `state/` (made by the server) and `fake/`, the fake netlab's,
+/// with its `control/`.
+pub fn test_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    dir
+}
+
 /// A running server with its own state dir and fake-netlab dir.
 pub struct TestServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub log: Arc<Mutex<String>>,
+    pub log: Arc<Output>,
+    /// Released after the server is killed (fields drop in order, after `drop`).
+    _gate: Shared,
 }
 
 #[derive(Default)]
@@ -35,6 +190,13 @@ pub struct Options {
 }
 
 impl Options {
+    /// On the state and fake dirs in `dir`: what an earlier server left
+    /// ([`TestServer::kill_keep_dir`]), or what a test laid out ([`test_dir`]).
+    pub fn in_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         self.args.push(flag.to_owned());
         self.args.push(value.to_owned());
@@ -44,6 +206,11 @@ impl Options {
 
 pub fn start() -> TestServer {
     TestServer::start(Options::default())
+}
+
+/// A server on the state and fake dirs in `dir` (see [`Options::in_dir`]).
+pub fn start_in(dir: tempfile::TempDir) -> TestServer {
+    TestServer::start(Options::default().in_dir(dir))
 }
 
 pub fn start_with(args: &[(&str, &str)]) -> TestServer {
@@ -65,7 +232,7 @@ impl TestServer {
 
     /// The command line a server of this test dir is started with.
     pub fn command(dir: &Path, options: &Options) -> Command {
-        let mut command = Command::new(BIN);
+        let mut command = server_command();
         command
             .args(["--host", "127.0.0.1", "--port", "0"])
             .arg("--state-dir")
@@ -87,10 +254,8 @@ impl TestServer {
     }
 
     pub fn start(mut options: Options) -> TestServer {
-        let dir = options
-            .dir
-            .take()
-            .unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let gate = shared();
+        let dir = options.dir.take().unwrap_or_else(test_dir);
         std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
         let mut child = Self::command(dir.path(), &options)
             .spawn()
@@ -101,9 +266,12 @@ impl TestServer {
             addr,
             dir,
             log,
+            _gate: gate,
         }
     }
 
+    /// For `remote-lab --url`.
+    #[cfg(feature = "client")]
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -133,6 +301,22 @@ impl TestServer {
             v["session_id"].as_str().unwrap().to_owned(),
             v["position"].as_u64().unwrap(),
         )
+    }
+
+    /// `GET /session/{id}` answers `{"status":STATUS,"position":POSITION}`.
+    #[track_caller]
+    pub fn expect_session(&self, id: &str, status: &str, position: u64) {
+        self.get(&format!("/session/{id}")).expect(
+            200,
+            &format!(r#"{{"status":"{status}","position":{position}}}"#),
+        );
+    }
+
+    /// `GET /session/{id}` answers that there is no such session.
+    #[track_caller]
+    pub fn expect_no_session(&self, id: &str) {
+        self.get(&format!("/session/{id}"))
+            .expect(404, SESSION_NOT_FOUND);
     }
 
     /// A gated `/lab*` call as session `id`.
@@ -224,7 +408,7 @@ impl TestServer {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Signals the server process itself (never a group): its pid is still ours, since
@@ -234,11 +418,12 @@ impl TestServer {
         rustix::process::kill_process(pid, signal).unwrap();
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit, at most `limit`, and for its log to be read to the end.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.log.wait_end(Duration::from_secs(5));
                 return status;
             }
             assert!(
@@ -253,6 +438,11 @@ impl TestServer {
     pub fn kill_keep_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.take_dir()
+    }
+
+    /// The directory of a server that has exited, for a restart on the same state.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
@@ -265,38 +455,123 @@ impl Drop for TestServer {
 }
 
 /// Reads stderr until the `listening on http://ADDR` line; keeps collecting it afterwards.
-pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Mutex<String>>) {
-    let stderr = child.stderr.take().expect("piped stderr");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = Arc::clone(&log);
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stderr);
-        let mut line = String::new();
-        let mut tx = Some(tx);
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            sink.lock().unwrap().push_str(&line);
-            if let Some(rest) = line.trim().strip_prefix("listening on http://")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(rest.parse::<SocketAddr>().unwrap());
-            }
-        }
+pub fn wait_for_listening(child: &mut Child) -> (SocketAddr, Arc<Output>) {
+    let log = Output::collect(child.stderr.take().expect("piped stderr"));
+    let addr = log.wait_for(Duration::from_secs(20), |text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("listening on http://"))
+            .map(|rest| rest.trim().parse::<SocketAddr>().unwrap())
     });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(addr) => (addr, log),
-        Err(_) => {
+    match addr {
+        Some(addr) => (addr, log),
+        None => {
             let _ = child.kill();
             panic!(
                 "server did not print its listening line; stderr:\n{}",
-                log.lock().unwrap()
+                log.text()
             );
         }
+    }
+}
+
+/// What a child process writes on a pipe, collected by a thread of its own as it comes.
+/// The text shows whole lines only, until the pipe ends.
+pub struct Output {
+    /// The bytes so far, and whether the pipe has ended (every writer closed it).
+    state: Mutex<(Vec<u8>, bool)>,
+    changed: Condvar,
+}
+
+impl Output {
+    pub fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Output> {
+        let output = Arc::new(Output {
+            state: Mutex::new((Vec::new(), false)),
+            changed: Condvar::new(),
+        });
+        let sink = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(0) | Err(_) => 0,
+                    Ok(n) => n,
+                };
+                let mut state = sink.lock();
+                if n == 0 {
+                    state.1 = true;
+                } else {
+                    state.0.extend_from_slice(&buf[..n]);
+                }
+                drop(state);
+                sink.changed.notify_all();
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        output
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (Vec<u8>, bool)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shown((bytes, ended): &(Vec<u8>, bool)) -> String {
+        let whole = match bytes.iter().rposition(|b| *b == b'\n') {
+            _ if *ended => bytes.len(),
+            Some(end) => end + 1,
+            None => 0,
+        };
+        String::from_utf8_lossy(&bytes[..whole]).into_owned()
+    }
+
+    pub fn text(&self) -> String {
+        Self::shown(&self.lock())
+    }
+
+    /// Waits until `found` finds what it looks for in the text, at most `limit` (or until
+    /// the pipe ends without it).
+    pub fn wait_for<T>(
+        &self,
+        limit: Duration,
+        mut found: impl FnMut(&str) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        loop {
+            if let Some(t) = found(&Self::shown(&state)) {
+                return Some(t);
+            }
+            let now = Instant::now();
+            if state.1 || now >= deadline {
+                return None;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits until the pipe ends, at most `limit`: once the process has exited, until the
+    /// thread has taken its last bytes. Whether it ended.
+    pub fn wait_end(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        while !state.1 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 }
 
@@ -431,10 +706,21 @@ pub fn read_response(stream: &mut impl Read, head_only: bool) -> Resp {
     }
 }
 
-/// A multipart/form-data body.
+/// A multipart/form-data body: the tests' one builder, for the uploads clients send and for
+/// what broken ones do (raw bytes in a file name, a header smuggled into one, a body cut
+/// short: see [`Form::raw_file`] and [`Form::parts`]).
 pub struct Form {
     pub boundary: String,
-    parts: Vec<(String, Option<String>, Vec<u8>)>,
+    parts: Vec<Part>,
+}
+
+struct Part {
+    name: String,
+    /// The `filename` parameter, as raw bytes (none for a text field).
+    filename: Option<Vec<u8>>,
+    /// A `Content-Type` line after the disposition.
+    content_type: Option<&'static str>,
+    data: Vec<u8>,
 }
 
 impl Default for Form {
@@ -451,15 +737,41 @@ impl Form {
         }
     }
 
+    pub fn with_boundary(mut self, boundary: &str) -> Self {
+        self.boundary = boundary.into();
+        self
+    }
+
+    /// A file part, as a browser sends it (with a `Content-Type`).
     pub fn file(mut self, name: &str, filename: &str, data: &[u8]) -> Self {
-        self.parts
-            .push((name.into(), Some(filename.into()), data.to_vec()));
+        self.parts.push(Part {
+            name: name.into(),
+            filename: Some(filename.as_bytes().to_vec()),
+            content_type: Some("application/x-yaml"),
+            data: data.to_vec(),
+        });
+        self
+    }
+
+    /// A file part whose name is put between the quotes byte for byte (not necessarily
+    /// UTF-8, nor free of quotes and line ends), with no `Content-Type`.
+    pub fn raw_file(mut self, name: &str, filename: &[u8], data: &[u8]) -> Self {
+        self.parts.push(Part {
+            name: name.into(),
+            filename: Some(filename.to_vec()),
+            content_type: None,
+            data: data.to_vec(),
+        });
         self
     }
 
     pub fn text(mut self, name: &str, value: &str) -> Self {
-        self.parts
-            .push((name.into(), None, value.as_bytes().to_vec()));
+        self.parts.push(Part {
+            name: name.into(),
+            filename: None,
+            content_type: None,
+            data: value.as_bytes().to_vec(),
+        });
         self
     }
 
@@ -472,24 +784,34 @@ impl Form {
         format!("multipart/form-data; boundary={}", self.boundary)
     }
 
-    pub fn body(&self) -> Vec<u8> {
+    /// The parts without the closing delimiter: a body that has not ended.
+    pub fn parts(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for (name, filename, data) in &self.parts {
-            out.extend_from_slice(format!("--{}\r\n", self.boundary).as_bytes());
-            match filename {
-                Some(f) => out.extend_from_slice(
-                    format!(
-                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/x-yaml\r\n\r\n"
-                    )
-                    .as_bytes(),
-                ),
-                None => out.extend_from_slice(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-                ),
+        for part in &self.parts {
+            out.extend_from_slice(
+                format!(
+                    "--{}\r\nContent-Disposition: form-data; name=\"{}\"",
+                    self.boundary, part.name
+                )
+                .as_bytes(),
+            );
+            if let Some(filename) = &part.filename {
+                out.extend_from_slice(b"; filename=\"");
+                out.extend_from_slice(filename);
+                out.extend_from_slice(b"\"");
             }
-            out.extend_from_slice(data);
+            if let Some(content_type) = part.content_type {
+                out.extend_from_slice(format!("\r\nContent-Type: {content_type}").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(&part.data);
             out.extend_from_slice(b"\r\n");
         }
+        out
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let mut out = self.parts();
         out.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
         out
     }

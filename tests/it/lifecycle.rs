@@ -1,11 +1,10 @@
 //! Start-up, shutdown, the state-dir lock and the command line.
 
-mod common;
-
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1, r2]\n";
 
@@ -78,9 +77,8 @@ fn bad_values_exit_2_naming_the_flag() {
 
 #[test]
 fn environment_variables_configure_the_server() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
-    let mut child = Command::new(BIN)
+    let dir = test_dir();
+    let mut child = server_command()
         .env("NEOPS_REMOTE_LAB_HOST", "127.0.0.1")
         .env("NEOPS_REMOTE_LAB_PORT", "0")
         .env("NEOPS_REMOTE_LAB_STATE_DIR", dir.path().join("state"))
@@ -119,10 +117,7 @@ fn a_second_instance_on_the_same_state_dir_is_refused() {
 fn a_lock_left_by_a_killed_server_does_not_block_a_restart() {
     let s = start();
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     s.get("/healthz").expect_empty(204);
 }
 
@@ -151,8 +146,7 @@ fn a_missing_netlab_stops_the_start_with_advice() {
 
 #[test]
 fn a_broken_netlab_stops_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     std::fs::write(
         dir.path().join("fake/control/version.fail"),
         r#"{"code": 1, "stderr": "ModuleNotFoundError: No module named 'netsim'"}"#,
@@ -167,23 +161,25 @@ fn a_broken_netlab_stops_the_start() {
     assert!(err.contains("No module named 'netsim'"), "{err}");
 }
 
+/// A test dir where netlab's `default` instance, of node r1, is registered in `lab_dir`
+/// (left by a crash, as far as the next server can tell).
+fn registered_leftover(lab_dir: impl Fn(&Path) -> PathBuf, name: &str) -> tempfile::TempDir {
+    let dir = test_dir();
+    std::fs::write(
+        dir.path().join("fake/instance.json"),
+        serde_json::json!({"dir": lab_dir(dir.path()), "nodes": ["r1"], "name": name}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("fake");
-    std::fs::create_dir_all(fake.join("control")).unwrap();
+    let dir = registered_leftover(|dir| dir.join("state/labs/old"), "old");
     let old_lab = dir.path().join("state/labs/old");
     std::fs::create_dir_all(&old_lab).unwrap();
     std::fs::write(old_lab.join("t.yml"), TOPO).unwrap();
-    std::fs::write(
-        fake.join("instance.json"),
-        serde_json::json!({"dir": old_lab, "nodes": ["r1"], "name": "old"}).to_string(),
-    )
-    .unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     // The leftover is in our labs/: ours to tear down.
     assert_eq!(
         s.call_lines(),
@@ -199,18 +195,8 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
 
 #[test]
 fn start_up_resets_a_registration_whose_directory_is_gone() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join("fake");
-    std::fs::create_dir_all(fake.join("control")).unwrap();
-    std::fs::write(
-        fake.join("instance.json"),
-        serde_json::json!({"dir": "/nonexistent/lab", "nodes": ["r1"], "name": "gone"}).to_string(),
-    )
-    .unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let dir = registered_leftover(|_| PathBuf::from("/nonexistent/lab"), "gone");
+    let s = start_in(dir);
     assert_eq!(
         s.call_lines(),
         [

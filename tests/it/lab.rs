@@ -1,11 +1,9 @@
 //! The lab half of the contract, over real HTTP, with the fake netlab.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const TOPO_A: &str = "name: a\nnodes: [r1, r2]\n";
 const TOPO_B: &str = "name: b\nnodes: [s1, s2, s3]\n";
@@ -214,8 +212,7 @@ fn polls_are_answered_while_a_slow_netlab_up_runs() {
     let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     // More polls than there are workers: none of them waits for netlab.
     for _ in 0..40 {
-        s.get(&format!("/session/{b}"))
-            .expect(200, r#"{"status":"waiting","position":1}"#);
+        s.expect_session(&b, "waiting", 1);
         s.request("POST", "/session/heartbeat", &[("X-Session-ID", &b)], b"")
             .expect_empty(204);
     }
@@ -451,8 +448,7 @@ fn assert_failed_start_cleaned(s: &TestServer, a: &str, netlab_made_something: b
     } else {
         assert!(downs.is_empty(), "{calls:?}");
     }
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(a, "active", 0);
     for control in [
         "up.fail",
         "inspect.fail",
@@ -565,8 +561,7 @@ fn a_session_ending_during_netlab_up_gets_its_lab_torn_down() {
     let acquire = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     s.delete(&format!("/session/{a}")).expect_empty(204);
     // b is promoted at once, not after the start.
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&b, "active", 0);
     acquire.join().unwrap().expect(404, SESSION_NOT_FOUND);
     wait_torn_down(&s);
     s.lab("GET", "/lab", &b).expect(200, NOT_RUNNING);
@@ -584,8 +579,7 @@ fn a_session_with_an_acquire_in_progress_is_not_reaped() {
     let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
     assert_eq!(r.status, 200, "{}", r.text());
     // The completion counts as activity: the session is still there right after.
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&a, "active", 0);
     assert!(s.registered().is_some());
 }
 
@@ -606,8 +600,7 @@ fn ending_the_active_session_tears_down_a_held_lab_and_keeps_an_idle_one() {
     // b ends while holding it: torn down, c promoted at once even though down is slow.
     s.set_control("down.sleep", "2");
     s.delete(&format!("/session/{b}")).expect_empty(204);
-    s.get(&format!("/session/{c}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&c, "active", 0);
     s.lab("GET", "/lab", &c).expect(200, NOT_RUNNING);
     wait_torn_down(&s);
     assert_eq!(s.call_lines(), ["down --cleanup"]);

@@ -1,13 +1,11 @@
 //! `GET /session/{id}?wait=S`: parked without a worker, answered by whichever thread changes
 //! the queue, by the timer, or at shutdown.
 
-mod common;
-
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Sends a long-poll without reading its answer yet.
 fn send_wait(addr: SocketAddr, id: &str, wait: &str) -> TcpStream {
@@ -130,14 +128,10 @@ fn parking_keeps_the_session_alive_at_park_and_at_answer() {
         .get(&format!("/session/{second}?wait=1"))
         .expect(200, "{\"status\":\"waiting\",\"position\":1}");
     std::thread::sleep(Duration::from_millis(1000));
-    server
-        .get(&format!("/session/{second}"))
-        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    server.expect_session(&second, "waiting", 1);
     // And without polls it is reaped: the timeout is real.
     std::thread::sleep(Duration::from_millis(2000));
-    server
-        .get(&format!("/session/{second}"))
-        .expect(404, "{\"detail\":\"Session not found\"}");
+    server.expect_no_session(&second);
 }
 
 /// 1 000 connections on each side: raise the soft descriptor limit to the hard one, for
@@ -184,9 +178,7 @@ fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
     let heartbeat = started.elapsed();
     println!("heartbeat with 1000 parked long-polls: {heartbeat:?}");
     assert!(heartbeat < Duration::from_secs(1), "{heartbeat:?}");
-    server
-        .get(&format!("/session/{first}"))
-        .expect(200, "{\"status\":\"active\",\"position\":0}");
+    server.expect_session(&first, "active", 0);
     // SIGTERM: every parked request gets its answer before the server exits.
     server.signal(Signal::TERM);
     let started = Instant::now();

@@ -15,6 +15,7 @@ fn help_flags() -> BTreeSet<String> {
 }
 
 /// The long options of `remote-lab --help`.
+#[cfg(feature = "client")]
 fn client_flags() -> BTreeSet<String> {
     flags_of(env!("CARGO_BIN_EXE_remote-lab"))
 }
@@ -88,30 +89,43 @@ fn help_lists_the_flags_we_expect() {
     }
 }
 
-#[test]
-fn the_man_page_documents_exactly_the_flags() {
-    let flags = help_flags();
-    // Without the roff comments (`.\"`), which may quote other tools' flags.
-    let page: String = read("man/neops-remote-lab.8")
+/// A man page without its roff comments (`.\"`), which may quote other tools' flags.
+fn man_page(path: &str) -> String {
+    read(path)
         .lines()
         .filter(|l| !l.starts_with(".\\\""))
         .map(|l| format!("{l}\n"))
-        .collect();
-    // Each option has its own entry: `.B \-\-flag` at the start of a line.
-    let entries: BTreeSet<String> = page
-        .lines()
-        .filter_map(|l| l.strip_prefix(".B \\-\\-"))
+        .collect()
+}
+
+/// The options a man page has an entry for: `.B \-\-flag` or `.BI \-\-flag " arg"` at the
+/// start of a line.
+fn entries(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter_map(|l| {
+            l.strip_prefix(".B \\-\\-")
+                .or_else(|| l.strip_prefix(".BI \\-\\-"))
+        })
         .map(|rest| rest.split_whitespace().next().unwrap().replace("\\-", "-"))
-        .collect();
+        .collect()
+}
+
+/// Whether the server's docs may name `--flag`: one of its flags, or another tool's.
+fn a_server_flag(flags: &BTreeSet<String>, flag: &str) -> bool {
+    flags.contains(flag) || flag == "help" || flag == "version" || NETLAB_FLAGS.contains(&flag)
+}
+
+#[test]
+fn the_man_page_documents_exactly_the_flags() {
+    let flags = help_flags();
+    let page = man_page("man/neops-remote-lab.8");
+    let entries = entries(&page);
     for f in &flags {
         assert!(entries.contains(f), "--{f} has no entry in the man page");
     }
     for f in named_flags(&page) {
         assert!(
-            flags.contains(&f)
-                || f == "help"
-                || f == "version"
-                || NETLAB_FLAGS.contains(&f.as_str()),
+            a_server_flag(&flags, &f),
             "the man page names --{f}, which does not exist"
         );
     }
@@ -145,15 +159,13 @@ fn the_default_file_and_the_readme_cover_every_flag() {
         .chain(named_flags(&defaults))
     {
         assert!(
-            flags.contains(&f)
-                || f == "help"
-                || f == "version"
-                || NETLAB_FLAGS.contains(&f.as_str()),
+            a_server_flag(&flags, &f),
             "--{f} is named in the docs but does not exist"
         );
     }
 }
 
+#[cfg(feature = "client")]
 #[test]
 fn the_client_man_page_and_readme_document_exactly_its_flags() {
     let flags = client_flags();
@@ -169,20 +181,8 @@ fn the_client_man_page_and_readme_document_exactly_its_flags() {
     ] {
         assert!(flags.contains(f), "--{f} missing from remote-lab --help");
     }
-    let page: String = read("man/remote-lab.1")
-        .lines()
-        .filter(|l| !l.starts_with(".\\\""))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    // Each option has its own entry: `.B \-\-flag` or `.BI \-\-flag " arg"`.
-    let entries: BTreeSet<String> = page
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix(".B \\-\\-")
-                .or_else(|| l.strip_prefix(".BI \\-\\-"))
-        })
-        .map(|rest| rest.split_whitespace().next().unwrap().replace("\\-", "-"))
-        .collect();
+    let page = man_page("man/remote-lab.1");
+    let entries = entries(&page);
     for f in &flags {
         assert!(entries.contains(f), "--{f} has no entry in remote-lab(1)");
     }

@@ -3,14 +3,12 @@
 //! by mistake destroys nothing, and a `netlab up` orphaned by `kill -9` does not survive
 //! the restart.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const TOPO: &str = "nodes: [r1]\n";
 
@@ -40,8 +38,7 @@ fn is_root() -> bool {
 }
 
 fn prepared_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
+    let dir = test_dir();
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::set_permissions(
         dir.path().join("state"),
@@ -109,10 +106,7 @@ fn a_symlinked_temporary_state_file_is_never_written_through() {
     std::fs::write(&precious, "root's file\n").unwrap();
     let tmp = dir.path().join("state/state.json.tmp");
     std::os::unix::fs::symlink(&precious, &tmp).unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     s.create_session();
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "root's file\n");
     assert!(std::fs::symlink_metadata(&tmp).is_err(), "the link is gone");
@@ -147,13 +141,9 @@ fn records_outside_labs_are_never_acted_on() {
         "teardowns": [lab],
     });
     std::fs::write(dir.path().join("state/state.json"), state.to_string()).unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     // The session is kept; nothing was done in or to the victim directory.
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(id, "active", 0);
     assert!(victim.join("t.yml").exists());
     let victim_text = victim.display().to_string();
     assert!(
@@ -230,10 +220,7 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
             return;
         }
     };
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
     let filler = fill(&state);
@@ -244,10 +231,8 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
     r.expect(503, &detail);
     assert_eq!(r.header("Retry-After"), Some("5"));
     s.delete(&format!("/session/{a}")).expect(503, &detail);
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    s.expect_session(&a, "active", 0);
+    s.expect_session(&b, "waiting", 1);
     s.get("/healthz").expect(
         503,
         &format!("{{\"detail\":\"degraded: {NOT_PERSISTED}\"}}"),
@@ -258,14 +243,9 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
 
     // kill -9 and a restart on the full disk: what the clients were told is all there.
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
-    s.get(&format!("/session/{a}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"waiting","position":1}"#);
+    let s = start_in(dir);
+    s.expect_session(&a, "active", 0);
+    s.expect_session(&b, "waiting", 1);
     assert_eq!(s.get("/debug/health").json()["sessions"], 2);
     s.get("/healthz").expect(
         503,
@@ -279,14 +259,9 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
     });
     s.delete(&format!("/session/{a}")).expect_empty(204);
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
-    s.get(&format!("/session/{a}"))
-        .expect(404, r#"{"detail":"Session not found"}"#);
-    s.get(&format!("/session/{b}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    let s = start_in(dir);
+    s.expect_no_session(&a);
+    s.expect_session(&b, "active", 0);
 }
 
 // ------------------------------------------------------------------ a second server
@@ -332,10 +307,7 @@ fn a_foreign_default_instance_is_left_alone_unless_asked() {
     let registered = s.registered().unwrap();
 
     // Another server (another state dir, the same netlab) leaves it alone...
-    let other = TestServer::start(Options {
-        dir: Some(prepared_dir()),
-        ..sharing_netlab_of(&s, &[])
-    });
+    let other = TestServer::start(sharing_netlab_of(&s, &[]).in_dir(prepared_dir()));
     assert_eq!(s.registered().as_deref(), Some(registered.as_str()));
     assert!(
         other.log_text().contains(&format!(
@@ -361,10 +333,8 @@ fn a_foreign_default_instance_is_left_alone_unless_asked() {
     drop(other);
 
     // Asked to, a server tears it down.
-    let _third = TestServer::start(Options {
-        dir: Some(prepared_dir()),
-        ..sharing_netlab_of(&s, &["--cleanup-foreign"])
-    });
+    let _third =
+        TestServer::start(sharing_netlab_of(&s, &["--cleanup-foreign"]).in_dir(prepared_dir()));
     assert_eq!(s.registered(), None);
 }
 
@@ -425,10 +395,7 @@ fn an_orphaned_netlab_up_is_killed_on_restart() {
     let dir = s.kill_keep_dir();
     assert!(alive(up), "the up outlives the server killed with -9");
     std::fs::remove_file(dir.path().join("fake/control/up.hang")).unwrap();
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let s = start_in(dir);
     // Killed before the restart listens, with the child it started.
     assert!(!alive(up), "the orphaned up survived the restart");
     assert!(fake_ups_under(&labs).is_empty());

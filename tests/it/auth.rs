@@ -2,15 +2,13 @@
 //! Basic, malformed headers, `--public-read`, SIGHUP reload, the throttle, session ownership
 //! across a restart, and refusing a bad token file at start.
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const CI: &str = "ci-token-0123456789abcdef";
 const OTHER: &str = "other-token-0123456789ab";
@@ -33,11 +31,7 @@ fn options_with_tokens(extra: &[&str]) -> Options {
     let dir = tempfile::tempdir().unwrap();
     write_tokens(dir.path(), TOKENS, 0o600);
     let tokens = dir.path().join("tokens").display().to_string();
-    let mut options = Options {
-        dir: Some(dir),
-        ..Options::default()
-    }
-    .arg("--token-file", &tokens);
+    let mut options = Options::default().in_dir(dir).arg("--token-file", &tokens);
     options.args.extend(extra.iter().map(|s| s.to_string()));
     options
 }
@@ -416,8 +410,7 @@ fn public_read_opens_the_read_only_views_only() {
 fn without_a_token_file_everything_is_open_and_a_warning_says_so() {
     let s = start();
     let (id, _) = s.create_session();
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&id, "active", 0);
     // A token sent to an open server is ignored.
     let r = s.request(
         "POST",
@@ -613,13 +606,7 @@ fn sessions_keep_their_owner_across_a_restart() {
     assert!(text.contains(r#""owner":"ci""#), "{text}");
     let tokens = s.dir.path().join("tokens").display().to_string();
     let dir = s.kill_keep_dir();
-    let s = TestServer::start(
-        Options {
-            dir: Some(dir),
-            ..Options::default()
-        }
-        .arg("--token-file", &tokens),
-    );
+    let s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
     let path = format!("/session/{id}");
     call(&s, Who::Other, "GET", &path, None).expect(404, SESSION_NOT_FOUND);
     call(&s, Who::Owner, "GET", &path, None).expect(200, r#"{"status":"active","position":0}"#);

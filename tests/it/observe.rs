@@ -2,11 +2,9 @@
 //! `GET /metrics` and the status page `GET /`, against the real binary and the fake netlab.
 //! (The Prometheus parser test and the browser test are in tests/observe_py.)
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const TOPO: &str = "nodes: [r1, r2]\n# secret-topology-marker\n";
@@ -91,10 +89,13 @@ fn bad_client_names_are_422_and_nothing_is_created() {
 #[test]
 fn the_queue_view_shows_every_field_and_never_a_full_id() {
     let s = start_with(&[("--active-timeout", "30"), ("--waiting-timeout", "60")]);
+    // The server's times are whole milliseconds (a session created in the millisecond
+    // `before` was taken in says that millisecond): `before` is cut to its millisecond too.
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs_f64();
+        .as_millis() as f64
+        / 1000.0;
     let empty = s.get("/queue").json();
     assert_eq!(empty["total"], 0);
     assert_eq!(empty["sessions"], serde_json::json!([]));
@@ -483,11 +484,8 @@ fn events_are_kept_newest_first_and_survive_a_restart() {
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let file = std::fs::read_to_string(s.state_dir().join("events.jsonl")).unwrap();
     assert_eq!(file.lines().count(), 13, "{file}");
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let dir = s.take_dir();
+    let s = start_in(dir);
     let list = events(&s, "");
     assert_eq!(
         kinds(&list)[..5],
@@ -541,11 +539,8 @@ fn the_event_file_rotates_to_one_older_file() {
     assert!(old.len() >= 2000 && old.len() < 2000 + 400, "{}", old.len());
     assert!(!state.join("events.jsonl.2").exists());
     // Everything the two files hold comes back, in order, and ids go on.
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
-    let s = TestServer::start(Options {
-        dir: Some(dir),
-        ..Options::default()
-    });
+    let dir = s.take_dir();
+    let s = start_in(dir);
     let list = events(&s, "?limit=10000");
     let ids: Vec<u64> = list.iter().map(|e| e["id"].as_u64().unwrap()).collect();
     assert_eq!(ids[0], last + 2);
@@ -587,8 +582,7 @@ fn metrics_count_requests_by_route_without_a_session() {
         s.request("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"")
             .expect_empty(204);
     }
-    s.get(&format!("/session/{id}"))
-        .expect(200, r#"{"status":"active","position":0}"#);
+    s.expect_session(&id, "active", 0);
     s.get("/session/nope").expect(404, SESSION_NOT_FOUND);
     let r = s.get("/metrics");
     assert_eq!(r.status, 200);
@@ -621,13 +615,7 @@ fn with_tokens_the_views_name_the_owner_and_it_survives_a_restart() {
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
     let tokens = tokens.display().to_string();
     let auth = ("Authorization", "Bearer ci-token-0123456789abcdef");
-    let mut s = TestServer::start(
-        Options {
-            dir: Some(dir),
-            ..Options::default()
-        }
-        .arg("--token-file", &tokens),
-    );
+    let mut s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
     let r = s.request("POST", "/session", &[auth, ("X-Client-Name", "job-7")], b"");
     assert_eq!(r.status, 201);
     let q = s.request("GET", "/queue", &[auth], b"").json();
@@ -640,14 +628,8 @@ fn with_tokens_the_views_name_the_owner_and_it_survives_a_restart() {
         .expect(401, r#"{"detail":"Not authenticated"}"#);
     s.signal(Signal::TERM);
     assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
-    let dir = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
-    let s = TestServer::start(
-        Options {
-            dir: Some(dir),
-            ..Options::default()
-        }
-        .arg("--token-file", &tokens),
-    );
+    let dir = s.take_dir();
+    let s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
     let q = s.request("GET", "/queue", &[auth], b"").json();
     assert_eq!(q["sessions"][0]["owner"], "ci");
     assert_eq!(q["sessions"][0]["client_name"], "job-7");
