@@ -532,16 +532,9 @@ fn kill_orphaned_up(config: &Config, pgid: u32) {
     let cwd_in_labs = |pid: u32| {
         std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&labs))
     };
-    let program = config.netlab.file_name().map(|n| n.to_os_string());
     let runs_netlab = |pid: u32| {
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            return false;
-        };
-        // The program itself, or the script an interpreter runs.
-        cmdline.split(|b| *b == 0).take(2).any(|arg| {
-            let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
-            arg.file_name().map(|n| n.to_os_string()) == program
-        })
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| runs_up_of(&cmdline, &config.netlab))
     };
     let leader_ok =
         procgroup::process_group_of(pgid) == Some(pgid) && runs_netlab(pgid) && cwd_in_labs(pgid);
@@ -562,6 +555,20 @@ fn kill_orphaned_up(config: &Config, pgid: u32) {
     while group_has_live_members(pgid) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether a command line (`/proc/PID/cmdline`) is an `up` of `program`: the program itself,
+/// or the script an interpreter runs, after the interpreter's own flags (`python3 -s
+/// /opt/netlab/bin/netlab up`).
+fn runs_up_of(cmdline: &[u8], program: &Path) -> bool {
+    let mut words = cmdline.split(|b| *b == 0);
+    let named = words
+        .by_ref()
+        .take_while(|word| *word != b"up")
+        .any(|word| {
+            Path::new(std::ffi::OsStr::from_bytes(word)).file_name() == program.file_name()
+        });
+    named && cmdline.split(|b| *b == 0).any(|word| word == b"up")
 }
 
 /// Whether a process of group `pgid` is still running (zombies do not count).
@@ -805,5 +812,39 @@ fn remove_leftover_work_dirs(config: &Config, keep: &[PathBuf]) {
         } else {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_up_is_recognised_behind_an_interpreter_and_its_flags() {
+        let netlab = Path::new("/opt/netlab/bin/netlab");
+        let up = |words: &[&str]| runs_up_of(words.join("\0").as_bytes(), netlab);
+        assert!(up(&["/opt/netlab/bin/netlab", "up", "t.yml"]));
+        assert!(up(&[
+            "/usr/bin/python3",
+            "/opt/netlab/bin/netlab",
+            "up",
+            "t.yml"
+        ]));
+        assert!(up(&[
+            "python3",
+            "-s",
+            "-E",
+            "/opt/netlab/bin/netlab",
+            "up",
+            "t.yml"
+        ]));
+        assert!(!up(&[
+            "python3",
+            "/opt/netlab/bin/netlab",
+            "down",
+            "--cleanup"
+        ]));
+        assert!(!up(&["python3", "/usr/bin/other", "up", "netlab"]));
+        assert!(!up(&["sleep", "3600"]));
     }
 }

@@ -1,6 +1,9 @@
 //! The shared state (sessions, queue, lab record, the acquire in progress, parked long-polls)
-//! behind one mutex, the operations that change more than one part of it, and what the
-//! request path needs of it: the `X-Session-ID` gate, the acquire slot, the lab thread's jobs.
+//! behind one mutex, the operations several callers share (ending and reaping sessions,
+//! queueing and recording teardowns, parking long-polls), and what the request path needs
+//! of it: the `X-Session-ID` gate, the acquire slot, the lab thread's jobs. A handler with a
+//! change of its own (`acquire`'s decision, the lab thread's end of a start, the release
+//! and destroy of `api`) makes it itself, under the lock, and bumps the version.
 //!
 //! The mutex guards plain data and is held for microseconds: never across a subprocess, a
 //! state-file write or a socket write. (Events are recorded under it: that appends to an
