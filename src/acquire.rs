@@ -6,8 +6,9 @@
 //!
 //! A worker only does what needs no body: the gate, the one-acquire-at-a-time rule, the
 //! `Content-Length` and `Content-Type` checks. The body is then read on a thread of its own,
-//! because a client can send it as slowly as it likes and tiny_http has no socket timeouts:
-//! a worker reading it would be lost to every other client meanwhile.
+//! because a client can send it as slowly as it likes (`--client-timeout` bounds each read,
+//! not the whole: a byte now and then keeps it going): a worker reading it would be lost to
+//! every other client meanwhile.
 //!
 //! The upload is bounded by `--upload-timeout` like this: a watchdog waits for the upload to
 //! finish; when time is up first, it gives the upload up (the partial files are removed, the
