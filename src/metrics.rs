@@ -253,6 +253,25 @@ pub struct Gauges {
     pub waiting_timeout: f64,
 }
 
+/// A counter with one label: a line per label value, in `values`' order.
+fn counters(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    (label, names): (&str, &[&str]),
+    values: &[AtomicU64],
+) {
+    debug_assert_eq!(names.len(), values.len(), "{name}");
+    header(out, name, "counter", help);
+    for (value, counter) in names.iter().zip(values) {
+        let _ = writeln!(
+            out,
+            "{PREFIX}{name}{{{label}=\"{value}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
     let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
@@ -364,32 +383,20 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "{PREFIX}sessions_created_total {}",
         load(&m.sessions_created)
     );
-    header(
+    counters(
         &mut out,
         "sessions_ended_total",
-        "counter",
         "Sessions ended, by reason (refused: the queue was full).",
+        ("reason", ENDED),
+        &m.sessions_ended,
     );
-    for (i, reason) in ENDED.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{PREFIX}sessions_ended_total{{reason=\"{reason}\"}} {}",
-            load(&m.sessions_ended[i])
-        );
-    }
-    header(
+    counters(
         &mut out,
         "lab_acquisitions_total",
-        "counter",
         "POST /lab calls that passed the gate, by outcome.",
+        ("outcome", ACQUIRE_OUTCOMES),
+        &m.acquisitions,
     );
-    for (i, outcome) in ACQUIRE_OUTCOMES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{PREFIX}lab_acquisitions_total{{outcome=\"{outcome}\"}} {}",
-            load(&m.acquisitions[i])
-        );
-    }
     header(
         &mut out,
         "netlab_commands_total",
