@@ -11,16 +11,18 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::metrics::METRICS;
 
 pub const EVENTS_FILE: &str = "events.jsonl";
 /// Events kept in memory.
@@ -226,65 +228,98 @@ fn read_into(file: &Path, recent: &mut VecDeque<Event>, last: &mut u64) {
     }
 }
 
-fn open_append(path: &Path) -> Option<(BufWriter<File>, u64)> {
-    match OpenOptions::new().create(true).append(true).open(path) {
-        Ok(f) => {
-            let size = f.metadata().map_or(0, |m| m.len());
-            Some((BufWriter::new(f), size))
+fn open_append(path: &Path) -> Result<(File, u64), std::io::Error> {
+    let f = OpenOptions::new().create(true).append(true).open(path)?;
+    let size = f.metadata().map_or(0, |m| m.len());
+    Ok((f, size))
+}
+
+/// How often a failing event file is reported while it keeps failing.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// The event file's failures, reported once and then at most once a [`REPORT_EVERY`] with
+/// a count, so that a full disk does not flood the log with a line per event.
+struct Failures {
+    /// Lines not written since the last report.
+    lost: u64,
+    reported: Option<Instant>,
+}
+
+impl Failures {
+    fn failed(&mut self, path: &Path, what: &str, e: &std::io::Error) {
+        self.lost += 1;
+        METRICS.event_not_written();
+        if self.reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            log::error!(
+                "cannot {what} {}: {e}; {} event line{} not written (reported again at most \
+                 once a minute)",
+                path.display(),
+                self.lost,
+                if self.lost == 1 { "" } else { "s" }
+            );
+            self.reported = Some(Instant::now());
+            self.lost = 0;
         }
-        Err(e) => {
-            log::error!("cannot open the event file {}: {e}", path.display());
-            None
+    }
+
+    fn written(&mut self, path: &Path) {
+        if self.reported.take().is_some() {
+            log::warn!(
+                "{} is written again; {} more event lines were not written",
+                path.display(),
+                self.lost
+            );
+            self.lost = 0;
         }
     }
 }
 
 fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
-    let mut file = open_append(path);
-    let mut batch: Vec<Box<RawValue>> = Vec::new();
+    let mut file: Option<(File, u64)> = None;
+    let mut failures = Failures {
+        lost: 0,
+        reported: None,
+    };
+    let mut buf = Vec::new();
     loop {
-        // Block for the first, then take whatever else is queued: one flush for a burst.
-        let mut stop = false;
-        match rx.recv() {
-            Ok(Write_::Line(line)) => batch.push(line),
-            Ok(Write_::Stop) | Err(_) => stop = true,
-        }
-        while !stop {
-            match rx.try_recv() {
-                Ok(Write_::Line(line)) => batch.push(line),
-                Ok(Write_::Stop) | Err(TryRecvError::Disconnected) => stop = true,
-                Err(TryRecvError::Empty) => break,
+        let line = match rx.recv() {
+            Ok(Write_::Line(line)) => line,
+            Ok(Write_::Stop) | Err(_) => return,
+        };
+        if file.as_ref().is_some_and(|(_, size)| *size >= rotate_bytes) {
+            file = None;
+            if let Err(e) = fs::rename(path, rotated(path)) {
+                failures.failed(path, "rotate", &e);
             }
         }
-        for line in batch.drain(..) {
-            if file.as_ref().is_some_and(|(_, size)| *size >= rotate_bytes) {
-                if let Some((mut f, _)) = file.take() {
-                    let _ = f.flush();
-                }
-                if let Err(e) = fs::rename(path, rotated(path)) {
-                    log::error!("cannot rotate the event file {}: {e}", path.display());
-                }
-            }
-            if file.is_none() {
-                file = open_append(path);
-            }
-            if let Some((f, size)) = file.as_mut() {
-                match f
-                    .write_all(line.get().as_bytes())
-                    .and_then(|()| f.write_all(b"\n"))
-                {
-                    Ok(()) => *size += line.get().len() as u64 + 1,
-                    Err(e) => log::error!("cannot append to {}: {e}", path.display()),
+        if file.is_none() {
+            match open_append(path) {
+                Ok(f) => file = Some(f),
+                Err(e) => {
+                    failures.failed(path, "open", &e);
+                    continue;
                 }
             }
         }
-        if let Some((f, _)) = file.as_mut()
-            && let Err(e) = f.flush()
-        {
-            log::error!("cannot append to {}: {e}", path.display());
-        }
-        if stop {
-            return;
+        let Some((f, size)) = file.as_mut() else {
+            continue;
+        };
+        // One write a line, so that a reader never sees half of one; a write that fails
+        // part-way (full disk) is cut off again, so the next line starts on a line of its own.
+        buf.clear();
+        buf.extend_from_slice(line.get().as_bytes());
+        buf.push(b'\n');
+        match f.write_all(&buf) {
+            Ok(()) => {
+                *size += buf.len() as u64;
+                failures.written(path);
+            }
+            Err(e) => {
+                if f.set_len(*size).is_err() {
+                    file = None;
+                }
+                failures.failed(path, "append to", &e);
+            }
         }
     }
 }
@@ -296,6 +331,43 @@ mod tests {
 
     fn ids(events: &[Event]) -> Vec<u64> {
         events.iter().map(|e| e.id).collect()
+    }
+
+    /// A full disk (`/dev/full` behind the event file) loses lines, counts them, and reports
+    /// them once and then at most once a minute, not once a line.
+    #[test]
+    fn a_full_disk_is_reported_once_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = METRICS.events_not_written();
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        // After the open (which reads the history back): the writer opens it at its first line.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(EVENTS_FILE)).unwrap();
+        for n in 0..200 {
+            log.emit("x", json!({ "n": n }));
+        }
+        log.close();
+        assert!(METRICS.events_not_written() - before >= 200);
+        assert_eq!(
+            log.newest(1, 0)[0].id,
+            200,
+            "memory keeps them all the same"
+        );
+
+        let mut failures = Failures {
+            lost: 0,
+            reported: None,
+        };
+        let e = std::io::Error::from_raw_os_error(28);
+        for _ in 0..1000 {
+            failures.failed(Path::new("x"), "append to", &e);
+        }
+        assert_eq!(
+            failures.lost, 999,
+            "one report, the rest counted for the next"
+        );
+        failures.reported = Some(Instant::now() - REPORT_EVERY);
+        failures.failed(Path::new("x"), "append to", &e);
+        assert_eq!(failures.lost, 0, "reported again after a minute");
     }
 
     #[test]

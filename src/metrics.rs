@@ -179,6 +179,7 @@ pub struct Metrics {
     acquisitions: [AtomicU64; 8],
     netlab_commands: [[AtomicU64; 3]; 6],
     state_writes: [AtomicU64; 2],
+    events_not_written: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
@@ -193,6 +194,7 @@ pub static METRICS: Metrics = Metrics {
     acquisitions: [const { AtomicU64::new(0) }; 8],
     netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
     state_writes: [const { AtomicU64::new(0) }; 2],
+    events_not_written: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
@@ -228,6 +230,16 @@ impl Metrics {
         let i = command_index(command);
         self.netlab_commands[i][result.min(2)].fetch_add(1, Ordering::Relaxed);
         self.netlab_duration[i].observe(took);
+    }
+
+    /// An event line the event writer could not append to `events.jsonl`.
+    pub fn event_not_written(&self) {
+        self.events_not_written.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn events_not_written(&self) -> u64 {
+        self.events_not_written.load(Ordering::Relaxed)
     }
 
     pub fn state_write(&self, ok: bool, took: Duration) {
@@ -452,6 +464,17 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "Events recorded since the event history began (the last event id).",
     );
     let _ = writeln!(out, "{PREFIX}events_total {}", gauges.events);
+    header(
+        &mut out,
+        "events_not_written_total",
+        "counter",
+        "Event lines that could not be appended to events.jsonl (full disk, I/O error).",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}events_not_written_total {}",
+        load(&m.events_not_written)
+    );
 
     header(
         &mut out,

@@ -381,6 +381,10 @@ pub fn remove(dir: &Path) -> io::Result<()> {
 /// snapshot that was written, every change since then is reported as failed to whoever
 /// made it (they answer 503, so nothing they were told is lost), and the server counts as
 /// degraded until a write succeeds again.
+///
+/// Lock order: the state lock before this one, never the other way. Nothing here calls
+/// `fill` or `rollback` (which take the state lock) while holding this lock, so a caller may
+/// hold the state lock and ask [`Persister::degraded`].
 pub struct Persister {
     dir: PathBuf,
     inner: Mutex<Progress>,
@@ -442,7 +446,10 @@ impl Persister {
     /// Sets what a failed write rolls back to, before the first write (the state restored
     /// from the file is what the file says).
     pub fn set_baseline(&self, fill: impl Fn(&mut Snapshot)) {
-        fill(&mut self.progress().baseline);
+        // Filled before this lock is taken: `fill` takes the state lock (state before persister).
+        let mut baseline = Snapshot::default();
+        fill(&mut baseline);
+        self.progress().baseline = baseline;
     }
 
     /// Why the state is not durable, while the last write failed.
@@ -510,7 +517,14 @@ impl Persister {
                             self.dir.display()
                         );
                     }
-                    let upto = rollback(&progress.baseline);
+                    // The lock order is state before persister: the roll-back takes the state
+                    // lock, so it runs with this lock released. `writing` stays set meanwhile,
+                    // so no other write starts and nobody else touches the baseline.
+                    let baseline = std::mem::take(&mut progress.baseline);
+                    drop(progress);
+                    let upto = rollback(&baseline);
+                    progress = self.progress();
+                    progress.baseline = baseline;
                     let after = progress.durable;
                     progress.failed.push((after, upto, why.clone()));
                     let excess = progress.failed.len().saturating_sub(64);

@@ -816,6 +816,57 @@ mod tests {
         assert!(jobs.try_recv().is_err());
     }
 
+    /// The lock order under a failing disk: committers roll the state back (state lock taken
+    /// by the persister) while the sweep holds the state lock and asks whether the state is
+    /// degraded (persister's lock). Both orders at once once deadlocked.
+    #[test]
+    fn persisting_and_sweeping_on_an_unwritable_state_dir_never_deadlock() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, _jobs) = shared(clock.clone());
+        std::fs::remove_dir_all(&shared.config.state_dir).unwrap();
+        let shared = Arc::new(shared);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            let (shared, done_tx, clock) = (shared.clone(), done_tx.clone(), clock.clone());
+            threads.push(std::thread::spawn(move || {
+                for _ in 0..300 {
+                    let version = {
+                        let mut state = shared.lock();
+                        let _ = state.queue.create(uuid::Uuid::new_v4(), clock.now());
+                        state.changed()
+                    };
+                    assert!(shared.persist(version).is_err());
+                }
+                done_tx.send(()).unwrap();
+            }));
+        }
+        {
+            let (shared, done_tx) = (shared.clone(), done_tx.clone());
+            threads.push(std::thread::spawn(move || {
+                for _ in 0..300 {
+                    shared.sweep();
+                }
+                done_tx.send(()).unwrap();
+            }));
+        }
+        for _ in 0..3 {
+            // A deadlock never finishes; a healthy run takes well under a second.
+            done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("persisting and sweeping deadlocked");
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(shared.degraded().is_some());
+        assert_eq!(
+            shared.lock().queue.len(),
+            0,
+            "every refused change is rolled back"
+        );
+    }
+
     #[test]
     fn reaping_several_heads_at_once_promotes_the_last_one_once() {
         let clock = Arc::new(FakeClock::new());
