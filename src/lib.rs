@@ -1,105 +1,128 @@
-//! neops-remote-lab: exclusive, queued access to the one network lab a host can run.
+//! neops-remote-lab: exclusive, queued access to the network labs a host can run.
 //!
-//! The server binary calls [`server::main`]; the integration tests reach [`upload`] (its
-//! property tests) and [`procgroup`] (to check what a crashed server leaves). Everything
-//! else is private to the crate. The modules, from the request's edge inwards (a module
-//! uses only modules further down this list; `docs/design.md` says why the threads are
-//! as they are):
+//! The server binary calls [`server::main`]; the integration tests reach
+//! [`lab::upload`] (its property tests) and [`lab::procgroup`] (to check what a crashed
+//! server leaves). Everything else is private to the crate.
 //!
-//! * [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`.
-//! * `api`: the route table and one handler per operation.
-//! * `acquire`: `POST /lab` from the gate to the lab thread, the upload on its own thread.
-//! * `lab_thread`: the one thread that runs netlab.
-//! * `timer`: the stale-session sweep, teardown retries, long-poll deadlines, the watchdog.
-//! * `observe`: the read-only views (`/queue`, `/events`, `/lab/log`, `/metrics`, `/`);
-//!   `status_page` renders the page, `views` is the queue view's shape.
-//! * `openapi`: the schemas and the operations' documentation.
-//! * `http`: the listener thread and the worker pool; knows nothing of the API.
-//! * `state`: the shared state behind one mutex, the gate, the acquire slot, the lab jobs.
-//! * `longpoll`: parked `GET /session/{id}?wait=S` requests.
-//! * `persist`: the state file that lets a restart lose nothing.
-//! * `reply`: replies, and the responder that answers each request exactly once.
-//! * `netlab`: the netlab commands, on `runner` (a process in its own group, output
-//!   bounded, timeout and cancel); [`procgroup`]: signals that reach only our groups.
-//! * `queue` (sessions, FIFO), `lab` (lab record, acquire decisions), `auth` (tokens,
-//!   callers, throttle), `events`, `lablog`, `metrics`, `config`, `clock`, `listener`,
-//!   `statedir`, `lockfile`, `logging`, `notify`, [`upload`].
+//! The folders are floors: a module uses only modules of its own folder or of a floor
+//! below it, never one above (the test at the bottom of this file checks it). From the top:
+//!
+//! 1. [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`.
+//! 2. `api/`: the route table (`routes`) and its handlers, `openapi`, `acquire` (`POST /lab`
+//!    up to the lab thread), `observe` (the read-only views), `lab_thread` (the thread that
+//!    runs netlab).
+//! 3. `core/`: `state` (the shared state behind one mutex, the gate, the acquire slot, the
+//!    lab jobs), `queue` (sessions, FIFO), `auth` (tokens, callers, throttle), `clock`,
+//!    `longpoll` (parked long-polls), `timer`.
+//! 4. `store/`: `persist` (the state file), `session` (a session as the file keeps it),
+//!    `statedir`, `lockfile`.
+//! 5. `http/`: `listener` (our listening socket), `pool` (listener thread and workers),
+//!    `reply` (replies, and the responder that answers each request exactly once); and, on
+//!    the same floor, `lab/`: `record` (the lab record, acquire decisions), `netlab` (the
+//!    commands), `runner` (a process in its own group, output bounded, timeout and cancel),
+//!    [`lab::procgroup`] (signals that reach only our groups), [`lab::upload`].
+//! 6. `observe/`: `events`, `metrics`, `lablog` (netlab's live output), `status_page`,
+//!    `views` (the queue view's shape).
+//! 7. `config`, `logging`, `notify`.
+//!
+//! `docs/design.md` says why the threads are as they are.
 #![forbid(unsafe_code)]
 
-mod acquire;
 mod api;
-mod auth;
-mod clock;
 mod config;
-mod events;
+mod core;
 mod http;
-mod lab;
-mod lab_thread;
-mod lablog;
-mod listener;
-mod lockfile;
+pub mod lab;
 mod logging;
-mod longpoll;
-mod metrics;
-mod netlab;
 mod notify;
 mod observe;
-mod openapi;
-mod persist;
-pub mod procgroup;
-mod queue;
-mod reply;
-mod runner;
 pub mod server;
-mod state;
-mod statedir;
-mod status_page;
-mod timer;
-pub mod upload;
-mod views;
+mod store;
 
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
 
-    /// The modules each module of `src/` names (`use crate::…`, `crate::…::` paths, doc
-    /// links included).
-    fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    /// The floors, top first: a module may use modules of its own floor or of floors below.
+    /// Names are folders (`api`) or single files (`config`) under `src/`.
+    const FLOORS: &[&[&str]] = &[
+        &["server"],
+        &["api"],
+        &["core"],
+        &["store"],
+        &["http", "lab"],
+        &["observe"],
+        &["config", "logging", "notify", "protocol"],
+    ];
+
+    fn floor_of(unit: &str) -> usize {
+        FLOORS
+            .iter()
+            .position(|f| f.contains(&unit))
+            .unwrap_or_else(|| panic!("{unit} is on no floor: add it to FLOORS and lib.rs's map"))
+    }
+
+    /// Every module of `src/` (`folder::file`, or `file` at the top), with its text.
+    fn sources() -> BTreeMap<String, String> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut sources = BTreeMap::new();
-        for entry in std::fs::read_dir(&src).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-            if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main" {
-                sources.insert(name, std::fs::read_to_string(&path).unwrap());
+        let mut read = |dir: &Path, prefix: &str| {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                if path.extension().is_some_and(|e| e == "rs")
+                    && !["lib", "main"].contains(&stem.as_str())
+                {
+                    let name = match (prefix, stem.as_str()) {
+                        ("", _) => stem,
+                        (p, "mod") => p.to_owned(),
+                        (p, _) => format!("{p}::{stem}"),
+                    };
+                    sources.insert(name, std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        };
+        read(&src, "");
+        for unit in FLOORS.iter().flat_map(|f| f.iter()) {
+            let dir = src.join(unit);
+            if dir.is_dir() {
+                read(&dir, unit);
             }
         }
-        let word = |text: &str| -> String {
+        sources
+    }
+
+    /// The modules each module names (`use crate::…`, `crate::…::` paths, doc links too).
+    fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+        let sources = sources();
+        let ident = |text: &str| -> String {
             text.chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
                 .collect()
         };
         let mut graph = BTreeMap::new();
         for (name, text) in &sources {
             let mut uses = BTreeSet::new();
             for (i, _) in text.match_indices("crate::") {
-                let rest = &text[i + "crate::".len()..];
-                let names: Vec<String> = match rest.strip_prefix('{') {
-                    Some(group) => group[..group.find('}').unwrap_or(0)]
-                        .split(',')
-                        .map(|item| word(item.trim()))
-                        .collect(),
-                    None => vec![word(rest)],
-                };
-                uses.extend(
-                    names
-                        .into_iter()
-                        .filter(|n| n != name && sources.contains_key(n)),
-                );
+                let path = ident(&text[i + "crate::".len()..]);
+                let parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+                // The longest prefix that names a module: `core::state::Shared` → `core::state`.
+                let target = (1..=parts.len().min(2))
+                    .rev()
+                    .map(|n| parts[..n].join("::"))
+                    .find(|m| sources.contains_key(m));
+                if let Some(t) = target.filter(|t| t != name) {
+                    uses.insert(t);
+                }
             }
             graph.insert(name.clone(), uses);
         }
         graph
+    }
+
+    fn unit(module: &str) -> &str {
+        module.split("::").next().unwrap()
     }
 
     #[test]
@@ -116,5 +139,23 @@ mod tests {
             left.remove(&leaf);
         }
         assert!(left.is_empty(), "modules in a cycle: {left:?}");
+    }
+
+    #[test]
+    fn no_module_uses_a_module_of_a_floor_above_it() {
+        let graph = module_graph();
+        let mut upward = Vec::new();
+        for (name, uses) in &graph {
+            for used in uses {
+                let (from, to) = (unit(name), unit(used));
+                if from != to && floor_of(to) <= floor_of(from) {
+                    upward.push(format!("{name} -> {used}"));
+                }
+            }
+        }
+        assert!(
+            upward.is_empty(),
+            "imports that point up or sideways: {upward:#?}"
+        );
     }
 }

@@ -22,15 +22,24 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tiny_http::Server;
 
-use crate::auth::Access;
-use crate::clock::{Clock, MonotonicClock};
+use crate::api::lab_thread;
+use crate::api::routes;
 use crate::config::{self, Command, Config};
-use crate::lab::{LabRecord, Teardown};
-use crate::lab_thread;
-use crate::netlab::Netlab;
-use crate::persist::{self, Snapshot};
-use crate::state::{LabJob, Shared, State, plural};
-use crate::{api, http, listener, lockfile, logging, notify, procgroup, statedir, timer, upload};
+use crate::core::auth::Access;
+use crate::core::clock::{Clock, MonotonicClock};
+use crate::core::state::{LabJob, Shared, State, plural};
+use crate::core::timer;
+use crate::http::listener;
+use crate::http::pool;
+use crate::lab::netlab::Netlab;
+use crate::lab::procgroup;
+use crate::lab::record::{LabRecord, Teardown};
+use crate::lab::upload;
+use crate::logging;
+use crate::notify;
+use crate::store::lockfile;
+use crate::store::persist::{self, Snapshot};
+use crate::store::statedir;
 
 /// Runs the program with its arguments (without the program name); returns the exit code.
 pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
@@ -224,13 +233,13 @@ fn serve(config: Config) -> i32 {
             .spawn(move || timer::run(&shared, timer_rx, timer::probe_address(bound)))
             .expect("cannot start the timer thread")
     };
-    let (work_tx, work_rx) = http::work_channel();
-    let handler: Arc<http::Handler> = {
+    let (work_tx, work_rx) = pool::work_channel();
+    let handler: Arc<pool::Handler> = {
         let shared = Arc::clone(&shared);
-        Arc::new(move |responder| api::handle(&shared, responder))
+        Arc::new(move |responder| routes::handle(&shared, responder))
     };
-    let ceiling = config.max_upload_bytes.max(http::QUARANTINE_FLOOR);
-    let workers = http::start_workers(config.workers, &work_rx, ceiling, &handler);
+    let ceiling = config.max_upload_bytes.max(pool::QUARANTINE_FLOOR);
+    let workers = pool::start_workers(config.workers, &work_rx, ceiling, &handler);
     drop(handler);
     drop(work_rx);
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);
@@ -262,12 +271,12 @@ fn serve(config: Config) -> i32 {
         let shared = Arc::clone(&shared);
         thread::Builder::new()
             .name("listener".into())
-            .spawn(move || http::listen(&server, shared.shutdown_flag(), &work_tx))
+            .spawn(move || pool::listen(&server, shared.shutdown_flag(), &work_tx))
             .expect("cannot start the listener thread")
     };
     let listened = listener
         .join()
-        .unwrap_or_else(|_| Err(http::ListenerFailed("its thread panicked".into())));
+        .unwrap_or_else(|_| Err(pool::ListenerFailed("its thread panicked".into())));
     if let Err(e) = &listened
         && !shared.is_shutting_down()
     {
@@ -294,7 +303,7 @@ fn serve(config: Config) -> i32 {
         Ok(()) => {
             log::info!(
                 "stopped (the longest a worker spent on one request: {:.1} ms)",
-                http::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+                pool::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
             );
             0
         }
@@ -332,7 +341,7 @@ fn reload(config: &Config) -> i32 {
             name.is_some_and(|n| n.trim_end_matches(" (deleted)") == "neops-remote-lab")
         })
     };
-    match crate::procgroup::signal_process(pid, is_server, rustix::process::Signal::HUP) {
+    match crate::lab::procgroup::signal_process(pid, is_server, rustix::process::Signal::HUP) {
         Ok(true) => {
             println!("sent SIGHUP to neops-remote-lab (pid {pid})");
             0
@@ -365,7 +374,7 @@ fn reload_tokens(shared: &Shared) {
     }
 }
 
-/// The watch on tiny_http's listener (see [`crate::listener`]): connects several times per
+/// The watch on tiny_http's listener (see [`crate::http::listener`]): connects several times per
 /// socket timeout, and ends the process when the listener is gone, deaf for seconds, or too
 /// many connections were abandoned.
 fn watch_listener(shared: &Shared, probe: SocketAddr, every: Duration, stop: &Receiver<()>) {
@@ -414,7 +423,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         // is since now.
         let active_since = session
             .active_since_ms
-            .or_else(|| (i == 0).then(crate::events::now_ms));
+            .or_else(|| (i == 0).then(crate::observe::events::now_ms));
         state
             .queue
             .restore_with(session.id, now, Arc::clone(&session.info), active_since);
@@ -454,7 +463,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
                 state.lab = Some(lab);
                 state.lab_started_ms = saved
                     .lab_started_ms
-                    .or_else(|| Some(crate::events::now_ms()));
+                    .or_else(|| Some(crate::observe::events::now_ms()));
                 lab_outcome = "readopted";
             }
             Err(why) => {
@@ -524,7 +533,7 @@ fn confine(mut saved: Snapshot, labs: &Path) -> Snapshot {
 /// still is a netlab of ours: its group leader exists, leads that group, runs the
 /// configured netlab program, in a work dir under our `labs/`. Then only the members of the
 /// group whose working directory is under `labs/` are killed (never group 0, 1 or ours; see
-/// [`crate::procgroup`]), and the function waits for them to be gone.
+/// [`crate::lab::procgroup`]), and the function waits for them to be gone.
 fn kill_orphaned_up(config: &Config, pgid: u32) {
     let Ok(labs) = std::fs::canonicalize(config.state_dir.join("labs")) else {
         return;
@@ -603,7 +612,7 @@ fn discard_dir(netlab: &Netlab, mut t: Teardown, state: &mut State, keep: &mut V
             log::error!(
                 "cleanup of {} failed; kept for another attempt: {}",
                 t.work_dir().display(),
-                crate::netlab::for_log(&e)
+                crate::lab::netlab::for_log(&e)
             );
             t.attempts = 1;
             t.error = Some(e.to_string());
@@ -665,7 +674,7 @@ fn cleanup(config: Config) -> i32 {
                 log::error!(
                     "teardown of {} failed: {}",
                     t.work_dir().display(),
-                    crate::netlab::for_log(&e)
+                    crate::lab::netlab::for_log(&e)
                 );
                 t.attempts = t.attempts.saturating_add(1);
                 t.error = Some(e);
@@ -692,7 +701,7 @@ fn cleanup(config: Config) -> i32 {
     if let Some(e) = &default_error {
         log::error!(
             "cannot clear netlab's 'default' instance: {}",
-            crate::netlab::for_log(e)
+            crate::lab::netlab::for_log(e)
         );
     }
     let keep: Vec<PathBuf> = left.iter().map(|t| t.work_dir().to_path_buf()).collect();

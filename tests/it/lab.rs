@@ -646,7 +646,8 @@ fn a_failing_teardown_never_blocks_the_queue_and_is_retried() {
     s.clear_control("down.fail");
     wait_until(Duration::from_secs(10), "the retried teardown", || {
         s.get(&format!("/session/{b}"));
-        s.work_dirs().is_empty()
+        // The directory goes first, then the record with its log line.
+        s.work_dirs().is_empty() && s.log_text().contains("failed attempts")
     });
     assert_eq!(s.registered(), None);
     assert_eq!(

@@ -4,7 +4,7 @@
 //!
 //! Each module is a part of the contract, tested against the real binary
 //! (`CARGO_BIN_EXE_neops-remote-lab`) with the fake netlab (`tests/fake-netlab/netlab`);
-//! `upload_props` alone calls the library (`neops_remote_lab::upload`).
+//! `upload_props` alone calls the library (`neops_remote_lab::lab::upload`).
 
 mod common;
 

@@ -109,7 +109,8 @@ fn kill_netlab_processes(fake_dir: &Path) {
         // Each netlab command leads its own group; a group whose leader is gone or is not
         // ours any more is left alone by the predicate.
         if ours(pid) {
-            neops_remote_lab::procgroup::signal_group_members(pid, ours, Signal::KILL).unwrap();
+            neops_remote_lab::lab::procgroup::signal_group_members(pid, ours, Signal::KILL)
+                .unwrap();
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use neops_remote_lab::upload::{self, Limits};
+use neops_remote_lab::lab::upload::{self, Limits};
 use proptest::prelude::*;
 
 use crate::common::Form;

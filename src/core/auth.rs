@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
-use crate::events::EventLog;
+use crate::observe::events::EventLog;
 use sha2::{Digest, Sha256};
 
 /// Failures from one address within [`WINDOW`] before it is blocked.

@@ -14,18 +14,18 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use serde_json::json;
 
-use crate::acquire::Acquired;
+use crate::api::acquire::Acquired;
 use crate::config::OnExit;
-use crate::events::{self, now_ms, who};
-use crate::lab::{self, Device, LabRecord, Teardown};
-use crate::lablog::Job;
-use crate::metrics::{METRICS, start_outcome};
-use crate::netlab::{Netlab, NetlabError};
-use crate::persist::NotPersisted;
-use crate::queue::Status;
-use crate::reply::Reply;
-use crate::state::{LabJob, Shared, StartJob, Ticket, file_name};
-use crate::upload::remove_dir;
+use crate::core::queue::Status;
+use crate::core::state::{LabJob, Shared, StartJob, Ticket, file_name};
+use crate::http::reply::Reply;
+use crate::lab::netlab::{Netlab, NetlabError};
+use crate::lab::record::{self, Device, LabRecord, Teardown};
+use crate::lab::upload::remove_dir;
+use crate::observe::events::{self, now_ms, who};
+use crate::observe::lablog::Job;
+use crate::observe::metrics::{METRICS, start_outcome};
+use crate::store::persist::NotPersisted;
 
 /// What the lab thread asks of netlab; [`Netlab`] does it, a unit test can stand in.
 pub trait Driver {
@@ -188,16 +188,16 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     log::info!(
         "starting lab {} ({}) for session {}",
         job.topology.display(),
-        &lab::hex(&job.hash)[..12],
+        &record::hex(&job.hash)[..12],
         ticket.session
     );
     let info = shared.client_info(&ticket.session);
     let topology = file_name(&job.topology);
-    let hash = lab::hex(&job.hash)[..12].to_owned();
+    let hash = record::hex(&job.hash)[..12].to_owned();
     shared.events.emit(
         "lab_start_begun",
         events::with(
-            who(&ticket.session, &info),
+            who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
             json!({ "topology": topology, "hash": hash }),
         ),
     );
@@ -205,7 +205,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         shared.events.emit(
             "lab_start_failed",
             events::with(
-                who(&ticket.session, &info),
+                who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
                 json!({
                     "topology": topology,
                     "hash": hash,
@@ -250,7 +250,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             return Reply::detail(e.status(), e.to_string());
         }
     };
-    let devices_json = lab::devices_json(&devices);
+    let devices_json = record::devices_json(&devices);
     let record = LabRecord {
         hash: job.hash,
         work_dir: job.work_dir.clone(),
@@ -298,13 +298,13 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         "lab {} is up with {} {} after {:.1} s",
         job.topology.display(),
         devices.len(),
-        crate::state::plural(devices.len(), "device", "devices"),
+        crate::core::state::plural(devices.len(), "device", "devices"),
         started.elapsed().as_secs_f64()
     );
     shared.events.emit(
         "lab_started",
         events::with(
-            who(&ticket.session, &info),
+            who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
             json!({
                 "topology": topology,
                 "hash": hash,
@@ -336,12 +336,12 @@ pub fn clear_default(netlab: &dyn Driver, config: &crate::config::Config) -> Res
             return Ok(());
         }
     };
-    let ours = crate::statedir::is_work_dir(&labs, &dir);
+    let ours = crate::store::statedir::is_work_dir(&labs, &dir);
     if ours || config.cleanup_foreign || !dir.exists() {
         if let Err(e) = netlab.cleanup_default(&config.state_dir) {
             log::error!(
                 "cannot clear netlab's 'default' instance: {}",
-                crate::netlab::for_log(&e)
+                crate::lab::netlab::for_log(&e)
             );
         }
         return Ok(());
@@ -383,7 +383,7 @@ fn log_failure(job: &StartJob, e: &NetlabError) {
         NetlabError::Rejected(_) => log::warn!(
             "lab {}: {}",
             job.topology.display(),
-            crate::netlab::for_log(&e.to_string())
+            crate::lab::netlab::for_log(&e.to_string())
         ),
         NetlabError::Cancelled => log::warn!(
             "start of {} cut short by the shutdown",
@@ -392,7 +392,7 @@ fn log_failure(job: &StartJob, e: &NetlabError) {
         _ => log::error!(
             "lab {}: {}",
             job.topology.display(),
-            crate::netlab::for_log(&e.to_string())
+            crate::lab::netlab::for_log(&e.to_string())
         ),
     }
 }
@@ -404,10 +404,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::clock::{Clock, FakeClock};
     use crate::config::Config;
-    use crate::persist::Starting;
-    use crate::reply::Responder;
+    use crate::core::clock::{Clock, FakeClock};
+    use crate::http::reply::Responder;
+    use crate::store::persist::Starting;
 
     /// A netlab whose first `up` panics (a bug in the start path); the next ones work.
     #[derive(Default)]

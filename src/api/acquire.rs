@@ -27,15 +27,15 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::auth::Caller;
-use crate::events::{self, who};
-use crate::lab::{self, Acquire, Hash};
-use crate::metrics::{METRICS, OUTCOME_BUSY, OUTCOME_REUSED};
-use crate::persist::Starting;
-use crate::queue::Status;
-use crate::reply::{Reply, Responder, header_value};
-use crate::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob};
-use crate::upload::{self, UploadError};
+use crate::core::auth::Caller;
+use crate::core::queue::Status;
+use crate::core::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob};
+use crate::http::reply::{Reply, Responder, header_value};
+use crate::lab::record::{self, Acquire, Hash};
+use crate::lab::upload::{self, UploadError};
+use crate::observe::events::{self, who};
+use crate::observe::metrics::{METRICS, OUTCOME_BUSY, OUTCOME_REUSED};
+use crate::store::persist::Starting;
 
 /// Upload threads alive at once, the running one and those given up on but still blocked
 /// on a silent client.
@@ -279,7 +279,7 @@ fn receive_and_decide(
             .into();
         }
     }
-    match lab::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
+    match record::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
         Acquire::Attach => {
             let lab = state
                 .lab
@@ -307,7 +307,7 @@ fn receive_and_decide(
             shared.events.emit(
                 "lab_reused",
                 events::with(
-                    who(&session, &info),
+                    who(&session, info.name.as_deref(), info.owner.as_deref()),
                     serde_json::json!({ "ref_count": refs }),
                 ),
             );
@@ -365,8 +365,8 @@ mod tests {
     use tiny_http::{Header, Method, TestRequest};
 
     use super::*;
-    use crate::clock::FakeClock;
     use crate::config::Config;
+    use crate::core::clock::FakeClock;
 
     fn shared(dir: &std::path::Path) -> Arc<Shared> {
         let mut config = Config::defaults(dir.to_path_buf());

@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::metrics::METRICS;
+use crate::observe::metrics::METRICS;
 
 pub const EVENTS_FILE: &str = "events.jsonl";
 /// Events kept in memory.
@@ -77,12 +77,12 @@ pub fn prefix(id: &uuid::Uuid) -> String {
 
 /// The fields that say which session an event is about: its id prefix and its client's name
 /// (and the owner's name, once sessions have owners).
-pub fn who(id: &uuid::Uuid, info: &crate::queue::ClientInfo) -> Map<String, Value> {
+pub fn who(id: &uuid::Uuid, client: Option<&str>, owner: Option<&str>) -> Map<String, Value> {
     let mut map = Map::new();
     map.insert("session".into(), prefix(id).into());
-    map.insert("client".into(), info.name.clone().into());
-    if let Some(owner) = &info.owner {
-        map.insert("owner".into(), owner.clone().into());
+    map.insert("client".into(), client.into());
+    if let Some(owner) = owner {
+        map.insert("owner".into(), owner.into());
     }
     map
 }

@@ -12,14 +12,14 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tiny_http::Request;
 
-use crate::events::{self, now_ms, prefix, secs, who};
-use crate::lab;
-use crate::lablog::Job;
-use crate::metrics::{self, Ended, METRICS};
-use crate::queue::{ClientInfo, SessionId};
-use crate::reply::{Reply, header_value, query_param};
-use crate::state::{Shared, State, file_name};
-use crate::views::{LabView, Operation, QueueView, SessionView};
+use crate::core::queue::{ClientInfo, SessionId};
+use crate::core::state::{Shared, State, file_name};
+use crate::http::reply::{Reply, header_value, query_param};
+use crate::lab::record;
+use crate::observe::events::{self, now_ms, prefix, secs, who};
+use crate::observe::lablog::Job;
+use crate::observe::metrics::{self, Ended, METRICS};
+use crate::observe::views::{LabView, Operation, QueueView, SessionView};
 
 pub const CLIENT_NAME_HEADER: &str = "X-Client-Name";
 /// Longest client name, in characters.
@@ -116,7 +116,7 @@ pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position
     shared.events.emit(
         "session_created",
         events::with(
-            who(id, info),
+            who(id, info.name.as_deref(), info.owner.as_deref()),
             json!({
                 "position": position,
                 "addr": info.addr,
@@ -148,7 +148,10 @@ pub fn note_released(shared: &Shared, state: &State, id: &SessionId, ref_count: 
     let info = state.queue.info(id).map(|(i, _)| i).unwrap_or_default();
     shared.events.emit(
         "lab_released",
-        events::with(who(id, &info), json!({ "ref_count": ref_count })),
+        events::with(
+            who(id, info.name.as_deref(), info.owner.as_deref()),
+            json!({ "ref_count": ref_count }),
+        ),
     );
 }
 
@@ -234,7 +237,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     let lab_view = LabView {
         running: lab.is_some(),
         topology: lab.as_ref().map(|l| file_name(&l.topology)),
-        hash: lab.as_ref().map(|l| lab::hex(&l.hash)[..12].to_owned()),
+        hash: lab.as_ref().map(|l| record::hex(&l.hash)[..12].to_owned()),
         devices: device_names.len(),
         device_names,
         started_at: lab.as_ref().and(lab_started).map(secs),
@@ -405,7 +408,7 @@ pub fn status_page(shared: &Shared) -> Reply {
     let view = queue_view(shared, 200);
     let events = events_json(shared, 50, 0);
     let log = shared.lab_log.read(0, None);
-    let html = crate::status_page::render(&view, &events, &log);
+    let html = crate::observe::status_page::render(&view, &events, &log);
     Reply::typed(200, "text/html; charset=utf-8", html)
         .with_header("Cache-Control", "no-store")
         .with_header(

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::queue::{Queue, SessionId, Status};
-use crate::reply::{Reply, Responder};
+use crate::core::queue::{Queue, SessionId, Status};
+use crate::http::reply::{Reply, Responder};
 
 /// At most this many parked requests; beyond, `wait` is ignored and the answer immediate.
 pub const MAX_PARKED: usize = 10_000;

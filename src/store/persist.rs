@@ -18,9 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::lab::{self, LabRecord, Teardown};
-use crate::metrics::METRICS;
-use crate::queue::{SessionId, SessionRecord};
+use crate::lab::record::{self, LabRecord, Teardown};
+use crate::observe::metrics::METRICS;
+use crate::store::session::{SessionId, SessionRecord};
 
 pub const STATE_FILE: &str = "state.json";
 const FORMAT_VERSION: u64 = 1;
@@ -30,7 +30,7 @@ const FORMAT_VERSION: u64 = 1;
 pub struct Starting {
     #[serde(with = "session_id")]
     pub session: SessionId,
-    #[serde(serialize_with = "lab::path_text")]
+    #[serde(serialize_with = "record::path_text")]
     pub work_dir: PathBuf,
     /// The process group of the running `netlab up`, once it is started: a restart after a
     /// crash kills what is left of it.
@@ -90,7 +90,7 @@ impl<'de> Deserialize<'de> for Format {
 /// that one.
 mod session_id {
     use super::*;
-    use crate::queue::parse_session_id;
+    use crate::store::session::parse_session_id;
 
     pub fn serialize<S: Serializer>(id: &SessionId, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(id.hyphenated().encode_lower(&mut [0u8; 36]))
@@ -108,7 +108,7 @@ mod session_list {
     use std::sync::Arc;
 
     use super::*;
-    use crate::queue::ClientInfo;
+    use crate::store::session::ClientInfo;
 
     /// A session entry as the file spells it. Optional fields are left out when absent, so
     /// the file of a deep queue stays small.
@@ -324,7 +324,7 @@ impl std::error::Error for LoadError {
 /// aside (the error says where) and the server starts clean.
 pub fn load(state_dir: &Path) -> Result<Option<Snapshot>, LoadError> {
     let path = state_dir.join(STATE_FILE);
-    let read = crate::statedir::open_read(&path).and_then(|mut f| {
+    let read = crate::store::statedir::open_read(&path).and_then(|mut f| {
         let mut text = String::new();
         io::Read::read_to_string(&mut f, &mut text).map(|_| text)
     });
@@ -358,7 +358,7 @@ pub fn write_atomic(dir: &Path, text: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     {
         // Unlinked and made afresh: a link planted there is never written through.
-        let mut file = crate::statedir::create_fresh(&tmp)?;
+        let mut file = crate::store::statedir::create_fresh(&tmp)?;
         file.write_all(text)?;
         file.sync_all()?;
     }
@@ -543,17 +543,17 @@ impl Persister {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::ClientInfo;
+    use crate::store::session::ClientInfo;
     use std::sync::Arc;
     use uuid::Uuid;
 
     fn record(dir: &str, refs: u32) -> LabRecord {
         LabRecord {
-            hash: lab::sha256(dir.as_bytes()),
+            hash: record::sha256(dir.as_bytes()),
             work_dir: PathBuf::from(dir),
             topology: PathBuf::from(format!("{dir}/t.yml")),
             ref_count: refs,
-            devices_json: lab::devices_json(&[lab::Device {
+            devices_json: record::devices_json(&[record::Device {
                 name: "r1".into(),
                 raw: serde_json::json!({"a": 1}),
             }]),
@@ -649,7 +649,7 @@ mod tests {
         let saved = parse(&text).unwrap();
         assert_eq!(saved.sessions, sessions);
         let lab = saved.lab.unwrap();
-        assert_eq!(lab.hash, lab::sha256(b"/s/labs/a"));
+        assert_eq!(lab.hash, record::sha256(b"/s/labs/a"));
         assert_eq!(lab.ref_count, 2);
         assert_eq!(lab.devices_json.get(), r#"[{"name":"r1","raw":{"a":1}}]"#);
         assert_eq!(saved.starting, snap.starting);
@@ -710,7 +710,7 @@ mod tests {
         );
         let lab = saved.lab.as_ref().unwrap();
         assert_eq!(
-            lab::hex(&lab.hash),
+            record::hex(&lab.hash),
             "81803f1cf670cd0b356834ebbd6f2b64a8d83dc334f9bbd4eccb979391fe17d0"
         );
         assert_eq!(lab.work_dir, Path::new("/s/labs/a"));

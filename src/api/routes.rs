@@ -15,17 +15,17 @@ use serde_json::value::RawValue;
 use tiny_http::{Method, Request};
 use uuid::Uuid;
 
-use crate::acquire;
-use crate::auth::{self, Caller};
+use crate::api::acquire;
+use crate::api::observe;
+use crate::api::openapi;
 use crate::config::parse_bool;
-use crate::lab::{self, Destroy};
-use crate::longpoll;
-use crate::observe;
-use crate::openapi;
-use crate::persist::NotPersisted;
-use crate::queue::{SessionId, Status, parse_session_id};
-use crate::reply::{Reply, Responder, header_value, percent_decode, query_param};
-use crate::state::{SESSION_HEADER, Shared};
+use crate::core::auth::{self, Caller};
+use crate::core::longpoll;
+use crate::core::queue::{SessionId, Status, parse_session_id};
+use crate::core::state::{SESSION_HEADER, Shared};
+use crate::http::reply::{Reply, Responder, header_value, percent_decode, query_param};
+use crate::lab::record::{self, Destroy};
+use crate::store::persist::NotPersisted;
 
 // ------------------------------------------------------------------------------- the table
 
@@ -566,7 +566,7 @@ fn end_session(call: &Call<'_>, _: &Request) -> Reply {
                     caller.admin_event(
                         &shared.events,
                         "end_session",
-                        serde_json::json!({ "session": crate::events::prefix(&id), "owner": owner }),
+                        serde_json::json!({ "session": crate::observe::events::prefix(&id), "owner": owner }),
                     );
                     shared.end_session(&id)
                 }
@@ -730,7 +730,7 @@ fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
     if let Err(reply) = gate(call, request, false) {
         return reply;
     }
-    let none = lab::no_devices();
+    let none = record::no_devices();
     let state = call.shared.lock();
     let status = match &state.lab {
         Some(lab) => LabStatus {
@@ -827,7 +827,7 @@ fn destroy_lab(call: &Call<'_>, request: &Request) -> Reply {
     };
     let version = {
         let mut state = shared.lock();
-        match lab::decide_destroy(state.lab.as_ref(), force) {
+        match record::decide_destroy(state.lab.as_ref(), force) {
             Destroy::NothingRunning => return Reply::empty(204),
             Destroy::InUse => return Reply::detail(409, "Lab still in use"),
             Destroy::TearDown => {
@@ -854,8 +854,8 @@ mod tests {
     use tiny_http::TestRequest;
 
     use super::*;
-    use crate::clock::FakeClock;
     use crate::config::Config;
+    use crate::core::clock::FakeClock;
 
     /// Serves one request in-process; the reply the client would get.
     fn serve(shared: &Arc<Shared>, method: Method, path: &str) -> Reply {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 use rustix::process::Signal;
 
-use crate::procgroup::GroupChild;
+use crate::lab::procgroup::GroupChild;
 
 /// How often a running command looks at the cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(50);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use tiny_http::{Request, Server};
 
-use crate::reply::{Reply, Responder};
+use crate::http::reply::{Reply, Responder};
 
 /// What a worker calls for each request.
 pub type Handler = dyn Fn(Responder) + Send + Sync;

@@ -19,9 +19,9 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 use tiny_http::{Header, Request, Response};
 
-use crate::listener;
+use crate::http::listener;
 use crate::logging::escape;
-use crate::metrics::METRICS;
+use crate::observe::metrics::METRICS;
 
 /// A response the server produces, before it becomes a tiny_http response.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,5 +1,5 @@
 //! The netlab CLI driver: the netlab commands the server needs, each run through
-//! [`crate::runner`] (its own process group, bounded output, a timeout) with
+//! [`crate::lab::runner`] (its own process group, bounded output, a timeout) with
 //! `COLUMNS=1000` (netlab prints through Rich, which cuts lines at the terminal width) and
 //! stdin from /dev/null, or a short answer such as `y\n` where netlab asks.
 
@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::lab::Device;
-use crate::lablog::LabLog;
-use crate::metrics::METRICS;
-use crate::runner::{LineHook, Output, Run};
+use crate::lab::record::Device;
+use crate::lab::runner::{LineHook, Output, Run};
+use crate::observe::lablog::LabLog;
+use crate::observe::metrics::METRICS;
 
 /// Most stdout kept from one command (one node's data is a few KiB; `up` says little).
 const STDOUT_LIMIT: usize = 4 * 1024 * 1024;

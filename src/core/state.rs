@@ -22,17 +22,17 @@ use crossbeam_channel::{Receiver, Sender};
 
 use serde_json::json;
 
-use crate::auth::{Access, Caller};
-use crate::clock::Clock;
 use crate::config::Config;
-use crate::events::{self, EventLog, now_ms, who};
-use crate::lab::{self, Hash, LabRecord, Teardown};
-use crate::lablog::LabLog;
-use crate::longpoll::{self, Parked};
-use crate::metrics::{Ended, METRICS};
-use crate::persist::{NotPersisted, Persister, Snapshot, Starting};
-use crate::queue::{ClientInfo, Gone, Queue, Removed, SessionId, Status, parse_session_id};
-use crate::reply::{Reply, Responder};
+use crate::core::auth::{Access, Caller};
+use crate::core::clock::Clock;
+use crate::core::longpoll::{self, Parked};
+use crate::core::queue::{ClientInfo, Gone, Queue, Removed, SessionId, Status, parse_session_id};
+use crate::http::reply::{Reply, Responder};
+use crate::lab::record::{self, Hash, LabRecord, Teardown};
+use crate::observe::events::{self, EventLog, now_ms, who};
+use crate::observe::lablog::LabLog;
+use crate::observe::metrics::{Ended, METRICS};
+use crate::store::persist::{NotPersisted, Persister, Snapshot, Starting};
 
 /// One `POST /lab` in progress: the session it is for and a number of its own, so that a
 /// late end of an upload that was given up on cannot free a newer acquire's slot.
@@ -462,7 +462,7 @@ impl Shared {
             };
             let t = &mut state.teardowns[index];
             t.attempts = t.attempts.saturating_add(1);
-            let delay = lab::retry_delay(self.config.sweep_interval, t.attempts);
+            let delay = record::retry_delay(self.config.sweep_interval, t.attempts);
             t.retry_at = Some(now + delay);
             let what = format!(
                 "teardown of {} failed; its work dir {} is kept and the teardown retried in {:.1} s",
@@ -471,12 +471,12 @@ impl Shared {
                 delay.as_secs_f64()
             );
             if t.attempts == 1 {
-                log::error!("{what}: {}", crate::netlab::for_log(&error));
+                log::error!("{what}: {}", crate::lab::netlab::for_log(&error));
             } else {
                 log::warn!(
                     "{what} (attempt {}): {}",
                     t.attempts,
-                    crate::netlab::for_log(&error)
+                    crate::lab::netlab::for_log(&error)
                 );
             }
             t.error = Some(error);
@@ -704,7 +704,10 @@ impl Shared {
             METRICS.queue_wait.observe(Duration::from_millis(waited));
             self.events.emit(
                 "session_promoted",
-                events::with(who(id, &info), json!({ "waited_s": events::secs(waited) })),
+                events::with(
+                    who(id, info.name.as_deref(), info.owner.as_deref()),
+                    json!({ "waited_s": events::secs(waited) }),
+                ),
             );
         }
     }
@@ -722,7 +725,11 @@ impl Shared {
         self.events.emit(
             "session_ended",
             events::with(
-                who(&removed.id, &gone.info),
+                who(
+                    &removed.id,
+                    gone.info.name.as_deref(),
+                    gone.info.owner.as_deref(),
+                ),
                 json!({
                     "reason": why.as_str(),
                     "was_active": removed.was_active,
@@ -757,8 +764,8 @@ pub fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::FakeClock;
-    use crate::lab;
+    use crate::core::clock::FakeClock;
+    use crate::lab::record;
 
     fn shared(clock: Arc<FakeClock>) -> (Shared, crossbeam_channel::Receiver<LabJob>) {
         let dir = tempfile::tempdir().unwrap().keep();
@@ -770,11 +777,11 @@ mod tests {
 
     fn lab(refs: u32) -> LabRecord {
         LabRecord {
-            hash: lab::sha256(b"t"),
+            hash: record::sha256(b"t"),
             work_dir: PathBuf::from("/x"),
             topology: PathBuf::from("/x/t.yml"),
             ref_count: refs,
-            devices_json: lab::no_devices(),
+            devices_json: record::no_devices(),
         }
     }
 

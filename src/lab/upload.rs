@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use multipart::server::Multipart;
 use sha2::{Digest, Sha256};
 
-use crate::lab::Hash;
+use crate::lab::record::Hash;
 
 /// Most parts accepted in one upload.
 pub const MAX_PARTS: usize = 256;

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::events::now_ms;
+use crate::observe::events::now_ms;
 
 /// Bytes kept per buffer.
 pub const LIMIT: usize = 1024 * 1024;

@@ -6,8 +6,8 @@
 
 use std::fmt::Write as _;
 
-use crate::lablog::Chunk;
-use crate::views::QueueView;
+use crate::observe::lablog::Chunk;
+use crate::observe::views::QueueView;
 
 const TEMPLATE: &str = include_str!("status.html");
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 
+use crate::core::state::Shared;
 use crate::notify;
-use crate::state::Shared;
 
 /// Runs until `stop` receives a message or is disconnected. `probe` is where the server can
 /// be reached from here, for the watchdog's self-check.

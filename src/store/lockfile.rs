@@ -67,7 +67,8 @@ pub fn acquire(state_dir: &Path) -> Result<StateDirLock, LockError> {
     };
     // Never through a symbolic link: a planted one would have us truncate and write our pid
     // into whatever file it names.
-    let mut file = crate::statedir::open_rw(&path).map_err(|e| io_error("open lock file", e))?;
+    let mut file =
+        crate::store::statedir::open_rw(&path).map_err(|e| io_error("open lock file", e))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {

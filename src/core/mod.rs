@@ -1,0 +1,8 @@
+//! The shared state behind one lock, the session queue, the clock, long-poll parking and the timer.
+
+pub mod auth;
+pub mod clock;
+pub mod longpoll;
+pub mod queue;
+pub mod state;
+pub mod timer;

@@ -1,0 +1,6 @@
+//! What lasts on disk: the state file, the state directory and its lock file.
+
+pub mod lockfile;
+pub mod persist;
+pub mod session;
+pub mod statedir;
