@@ -234,6 +234,7 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the timer thread")
     };
     let (work_tx, work_rx) = pool::work_channel();
+    routes::register_metrics();
     let handler: Arc<pool::Handler> = {
         let shared = Arc::clone(&shared);
         Arc::new(move |responder| routes::handle(&shared, responder))

@@ -34,7 +34,7 @@ use crate::http::reply::{Reply, Responder, header_value};
 use crate::lab::record::{self, Acquire, Hash};
 use crate::lab::upload::{self, UploadError};
 use crate::observe::events::{self, who};
-use crate::observe::metrics::{METRICS, OUTCOME_BUSY, OUTCOME_REUSED};
+use crate::observe::metrics::{METRICS, Outcome};
 use crate::store::persist::Starting;
 
 /// Upload threads alive at once, the running one and those given up on but still blocked
@@ -112,7 +112,7 @@ fn check(shared: &Arc<Shared>, responder: &Responder, caller: &Caller) -> Result
         );
     }
     let slot = shared.take_slot(session).map_err(|SlotBusy| {
-        METRICS.acquisition(OUTCOME_BUSY, None);
+        METRICS.acquisition(Outcome::Busy, None);
         Reply::detail(423, "Lab currently busy")
     })?;
     Ok(Pending {
@@ -318,7 +318,7 @@ fn receive_and_decide(
             drop(slot);
             match persisted {
                 Ok(()) => {
-                    METRICS.acquisition(OUTCOME_REUSED, Some(began.elapsed()));
+                    METRICS.acquisition(Outcome::Reused, Some(began.elapsed()));
                     reply.into()
                 }
                 Err(e) => Reply::from(e).into(),
@@ -326,7 +326,7 @@ fn receive_and_decide(
         }
         Acquire::Busy => {
             drop(state);
-            METRICS.acquisition(OUTCOME_BUSY, Some(began.elapsed()));
+            METRICS.acquisition(Outcome::Busy, Some(began.elapsed()));
             upload::remove_dir(&work_dir);
             Reply::detail(423, "Lab currently busy").into()
         }

@@ -24,7 +24,7 @@ use crate::lab::record::{self, Device, LabRecord, Teardown};
 use crate::lab::upload::remove_dir;
 use crate::observe::events::{self, now_ms, who};
 use crate::observe::lablog::Job;
-use crate::observe::metrics::{METRICS, start_outcome};
+use crate::observe::metrics::{METRICS, Outcome};
 use crate::store::persist::NotPersisted;
 
 /// What the lab thread asks of netlab; [`Netlab`] does it, a unit test can stand in.
@@ -74,7 +74,7 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>) {
                 shared.lab_log.begin(Job::Up);
                 let reply = start(shared, netlab, &job);
                 shared.lab_log.end();
-                METRICS.acquisition(start_outcome(reply.status), Some(job.began.elapsed()));
+                METRICS.acquisition(Outcome::of_start(reply.status), Some(job.began.elapsed()));
                 let StartJob {
                     slot, responder, ..
                 } = job;

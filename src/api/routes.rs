@@ -25,6 +25,7 @@ use crate::core::queue::{SessionId, Status, parse_session_id};
 use crate::core::state::{SESSION_HEADER, Shared};
 use crate::http::reply::{Reply, Responder, header_value, percent_decode, query_param};
 use crate::lab::record::{self, Destroy};
+use crate::observe::metrics;
 use crate::store::persist::NotPersisted;
 
 // ------------------------------------------------------------------------------- the table
@@ -313,16 +314,17 @@ fn matches<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
 }
 
 /// The routes that match a path, with the path's parameter.
-fn routes_for(path: &str) -> impl Iterator<Item = (&'static Route, &str)> + '_ {
+fn routes_for(path: &str) -> impl Iterator<Item = (usize, (&'static Route, &str))> + '_ {
     ROUTES
         .iter()
-        .filter_map(move |route| matches(route.path, path).map(|param| (route, param)))
+        .enumerate()
+        .filter_map(move |(i, route)| matches(route.path, path).map(|param| (i, (route, param))))
 }
 
 /// The `Allow` header of a path: every method of every route that matches it.
 fn allow(path: &str) -> String {
     let mut verbs: Vec<Verb> = Vec::new();
-    for (route, _) in routes_for(path) {
+    for (_, (route, _)) in routes_for(path) {
         for op in route.operations {
             if !verbs.contains(&op.verb) {
                 verbs.push(op.verb);
@@ -351,8 +353,10 @@ fn document() -> &'static [u8] {
 }
 
 /// Serves one request.
-pub fn handle(shared: &Arc<Shared>, responder: Responder) {
-    match resolve(shared, responder.request()) {
+pub fn handle(shared: &Arc<Shared>, mut responder: Responder) {
+    let (route, resolved) = resolve(shared, responder.request());
+    responder.set_route(route);
+    match resolved {
         Err(reply) => responder.respond(reply),
         Ok((Handler::Reply(f), call)) => {
             let reply = f(&call, responder.request());
@@ -364,31 +368,47 @@ pub fn handle(shared: &Arc<Shared>, responder: Responder) {
 
 /// Who asks for which operation, or the answer when it cannot be served: 401/429 (the
 /// caller first, before anything else), 404 no such path, 405 no such method there.
-fn resolve<'s>(shared: &'s Arc<Shared>, request: &Request) -> Result<(Handler, Call<'s>), Reply> {
+/// Also returns the index in [`ROUTES`] of the route that serves it (or, when none has its
+/// method, of the first that matches its path): its metrics label.
+fn resolve<'s>(
+    shared: &'s Arc<Shared>,
+    request: &Request,
+) -> (Option<usize>, Result<(Handler, Call<'s>), Reply>) {
     let url = request.url();
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let verb = Verb::of(request.method());
     let mut open = None;
     let mut found = None;
-    for (route, param) in routes_for(path) {
+    let mut index = None;
+    for (i, (route, param)) in routes_for(path) {
         open.get_or_insert(route.open);
+        index.get_or_insert(i);
         if let Some(op) = route.operations.iter().find(|op| Some(op.verb) == verb) {
             found = Some((op.handler, param));
+            index = Some(i);
             break;
         }
     }
-    let caller = authorize(
+    let caller = match authorize(
         shared,
         request,
         path,
         verb == Some(Get),
         open.unwrap_or(Open::No),
-    )?;
+    ) {
+        Ok(caller) => caller,
+        Err(reply) => return (index, Err(reply)),
+    };
     let Some((handler, param)) = found else {
-        return Err(match open {
-            None => Reply::detail(404, "Not Found"),
-            Some(_) => Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(path)),
-        });
+        return (
+            index,
+            Err(match open {
+                None => Reply::detail(404, "Not Found"),
+                Some(_) => {
+                    Reply::detail(405, "Method Not Allowed").with_header("Allow", allow(path))
+                }
+            }),
+        );
     };
     let call = Call {
         shared,
@@ -396,7 +416,12 @@ fn resolve<'s>(shared: &'s Arc<Shared>, request: &Request) -> Result<(Handler, C
         param: percent_decode(param).into_owned(),
         query: query.to_owned(),
     };
-    Ok((handler, call))
+    (index, Ok((handler, call)))
+}
+
+/// Gives the metrics the route table's templates as their `route` labels (at start-up).
+pub fn register_metrics() {
+    metrics::register_routes(ROUTES.iter().map(|r| r.path));
 }
 
 // ------------------------------------------------------------------------------- access
@@ -918,10 +943,44 @@ mod tests {
         );
     }
 
+    /// The metrics label of a request is the route that serves it, or the first whose path
+    /// matches when none has its method, or `other` (`None`).
+    #[test]
+    fn requests_are_labelled_with_the_route_that_serves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _jobs) = crossbeam_channel::unbounded();
+        let config = Config::defaults(dir.path().to_path_buf());
+        let shared = Arc::new(Shared::new(config, Arc::new(FakeClock::new()), tx));
+        let label = |method: Method, path: &str| {
+            let request: Request = TestRequest::new()
+                .with_method(method)
+                .with_path(path)
+                .into();
+            resolve(&shared, &request).0.map(|i| ROUTES[i].path)
+        };
+        assert_eq!(
+            label(Method::Post, "/session/heartbeat"),
+            Some("/session/heartbeat")
+        );
+        assert_eq!(
+            label(Method::Get, "/session/abc"),
+            Some("/session/{session_id}")
+        );
+        assert_eq!(label(Method::Get, "/queue?limit=3"), Some("/queue"));
+        assert_eq!(
+            label(Method::Put, "/lab"),
+            Some("/lab"),
+            "a 405 keeps its route"
+        );
+        assert_eq!(label(Method::Get, "/nope"), None);
+        assert_eq!(label(Method::Get, "/session/a/b"), None);
+        assert_eq!(label(Method::Get, "/"), Some("/"));
+    }
+
     #[test]
     fn paths_match_their_routes() {
         fn first(path: &str) -> Option<(&'static str, &str)> {
-            routes_for(path).next().map(|(r, p)| (r.path, p))
+            routes_for(path).next().map(|(_, (r, p))| (r.path, p))
         }
         assert_eq!(first("/session"), Some(("/session", "")));
         assert_eq!(first("/session/"), Some(("/session/{session_id}", "")));
@@ -932,7 +991,7 @@ mod tests {
         assert_eq!(first("/session/a/b"), None);
         assert_eq!(
             routes_for("/session/heartbeat")
-                .map(|(r, _)| r.path)
+                .map(|(_, (r, _))| r.path)
                 .collect::<Vec<_>>(),
             ["/session/{session_id}", "/session/heartbeat"]
         );

@@ -213,6 +213,8 @@ pub fn percent_decode(text: &str) -> Cow<'_, str> {
 /// A request still to be answered; see the module documentation.
 pub struct Responder {
     request: Option<Request>,
+    /// The index of the route the request matched in the route table (for the metrics).
+    route: Option<usize>,
     /// In unit tests: where the reply goes instead of the request's connection.
     #[cfg(test)]
     capture: Option<crossbeam_channel::Sender<Reply>>,
@@ -222,6 +224,7 @@ impl Responder {
     pub fn new(request: Request) -> Self {
         Responder {
             request: Some(request),
+            route: None,
             #[cfg(test)]
             capture: None,
         }
@@ -233,6 +236,7 @@ impl Responder {
         let (tx, rx) = crossbeam_channel::unbounded();
         let responder = Responder {
             request: Some(request),
+            route: None,
             capture: Some(tx),
         };
         (responder, rx)
@@ -240,6 +244,11 @@ impl Responder {
 
     pub fn request(&self) -> &Request {
         self.request.as_ref().expect("answered only by consuming")
+    }
+
+    /// Records which route of the route table the request matched (its metrics label).
+    pub fn set_route(&mut self, route: Option<usize>) {
+        self.route = route;
     }
 
     /// The request, to read its body.
@@ -283,7 +292,7 @@ impl Responder {
             let _ = capture.send(reply.clone());
             return None;
         }
-        METRICS.request(request.url(), reply.status);
+        METRICS.request(self.route, reply.status);
         Some(request)
     }
 }

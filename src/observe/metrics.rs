@@ -3,44 +3,26 @@
 //! scrape time. Rendered in the Prometheus text format 0.0.4.
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const PREFIX: &str = "neops_remote_lab_";
 
-/// Route templates, as the `route` label of `http_requests_total`.
-pub const ROUTES: &[&str] = &[
-    "/session",
-    "/session/heartbeat",
-    "/session/{session_id}",
-    "/active-session",
-    "/healthz",
-    "/debug/health",
-    "/openapi.json",
-    "/lab",
-    "/lab/release",
-    "/lab/devices",
-    "/lab/log",
-    "/queue",
-    "/events",
-    "/metrics",
-    "/",
-    "other",
-];
+/// The route labels of `http_requests_total`, registered once at start-up from the route
+/// table (the table lives above this module; the responder carries the index of the route a
+/// request matched). Requests that matched none count as `other`.
+static ROUTE_LABELS: OnceLock<Vec<&'static str>> = OnceLock::new();
 
-/// The route label of a path (`other` for unknown paths).
-pub fn route_index(path: &str) -> usize {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    let found = ROUTES.iter().position(|r| *r == path);
-    match found {
-        Some(i) => i,
-        None if path
-            .strip_prefix("/session/")
-            .is_some_and(|id| !id.contains('/')) =>
-        {
-            2
-        }
-        None => ROUTES.len() - 1,
+/// Registers the route templates (in the route table's order). Later calls change nothing.
+pub fn register_routes(templates: impl IntoIterator<Item = &'static str>) {
+    let mut labels: Vec<&'static str> = templates.into_iter().collect();
+    labels.push("other");
+    if ROUTE_LABELS.set(labels).is_ok() {
+        let n = ROUTE_LABELS.get().map_or(0, Vec::len);
+        let _ = METRICS
+            .http
+            .set((0..n).map(|_| [const { AtomicU64::new(0) }; 5]).collect());
     }
 }
 
@@ -63,33 +45,57 @@ impl Ended {
     }
 }
 
-/// How a `POST /lab` ended.
-pub const ACQUIRE_OUTCOMES: &[&str] = &[
-    "started",
-    "reused",
-    "rejected",
-    "conflict",
-    "failed",
-    "timeout",
-    "busy",
-    "cancelled",
-];
-
-/// The outcome label of a `POST /lab` answered with `status` after netlab ran.
-pub fn start_outcome(status: u16) -> usize {
-    match status {
-        200 => 0,
-        422 => 2,
-        409 => 3,
-        504 => 5,
-        423 => 6,
-        503 => 7,
-        _ => 4,
-    }
+/// How a `POST /lab` ended (the `outcome` label of `lab_acquisitions_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Started,
+    Reused,
+    Rejected,
+    Conflict,
+    Failed,
+    Timeout,
+    Busy,
+    Cancelled,
 }
 
-pub const OUTCOME_REUSED: usize = 1;
-pub const OUTCOME_BUSY: usize = 6;
+impl Outcome {
+    const ALL: [Outcome; 8] = [
+        Outcome::Started,
+        Outcome::Reused,
+        Outcome::Rejected,
+        Outcome::Conflict,
+        Outcome::Failed,
+        Outcome::Timeout,
+        Outcome::Busy,
+        Outcome::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Started => "started",
+            Outcome::Reused => "reused",
+            Outcome::Rejected => "rejected",
+            Outcome::Conflict => "conflict",
+            Outcome::Failed => "failed",
+            Outcome::Timeout => "timeout",
+            Outcome::Busy => "busy",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// The outcome of a `POST /lab` answered with `status` after netlab ran.
+    pub fn of_start(status: u16) -> Outcome {
+        match status {
+            200 => Outcome::Started,
+            422 => Outcome::Rejected,
+            409 => Outcome::Conflict,
+            504 => Outcome::Timeout,
+            423 => Outcome::Busy,
+            503 => Outcome::Cancelled,
+            _ => Outcome::Failed,
+        }
+    }
+}
 
 /// netlab commands counted; anything else is `other`.
 const COMMANDS: &[&str] = &["up", "down", "inspect", "status", "version", "other"];
@@ -173,40 +179,45 @@ impl Histogram {
 }
 
 pub struct Metrics {
-    http: [[AtomicU64; 5]; 16],
+    /// Per route (see [`register_routes`]) and status class.
+    http: OnceLock<Box<[[AtomicU64; 5]]>>,
     sessions_created: AtomicU64,
     sessions_ended: [AtomicU64; 4],
-    acquisitions: [AtomicU64; 8],
+    acquisitions: [AtomicU64; Outcome::ALL.len()],
     netlab_commands: [[AtomicU64; 3]; 6],
     state_writes: [AtomicU64; 2],
     events_not_written: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
-    acquire_duration: [Histogram; 8],
+    acquire_duration: [Histogram; Outcome::ALL.len()],
     pub state_write_duration: Histogram,
 }
 
 pub static METRICS: Metrics = Metrics {
-    http: [const { [const { AtomicU64::new(0) }; 5] }; 16],
+    http: OnceLock::new(),
     sessions_created: AtomicU64::new(0),
     sessions_ended: [const { AtomicU64::new(0) }; 4],
-    acquisitions: [const { AtomicU64::new(0) }; 8],
+    acquisitions: [const { AtomicU64::new(0) }; Outcome::ALL.len()],
     netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
     state_writes: [const { AtomicU64::new(0) }; 2],
     events_not_written: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
-    acquire_duration: [const { Histogram::new(LONG_BUCKETS) }; 8],
+    acquire_duration: [const { Histogram::new(LONG_BUCKETS) }; Outcome::ALL.len()],
     state_write_duration: Histogram::new(SHORT_BUCKETS),
 };
 
 impl Metrics {
-    /// One HTTP answer on `path` with `status`.
-    pub fn request(&self, path: &str, status: u16) {
+    /// One HTTP answer with `status` on the route at `route` in the route table (`None`: it
+    /// matched no route).
+    pub fn request(&self, route: Option<usize>, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.http[route_index(path)][class].fetch_add(1, Ordering::Relaxed);
+        if let Some(http) = self.http.get() {
+            let other = http.len() - 1;
+            http[route.unwrap_or(other).min(other)][class].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn session_created(&self) {
@@ -217,11 +228,11 @@ impl Metrics {
         self.sessions_ended[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A `POST /lab` ended with `outcome` (an index into [`ACQUIRE_OUTCOMES`]) after `took`.
-    pub fn acquisition(&self, outcome: usize, took: Option<Duration>) {
-        self.acquisitions[outcome].fetch_add(1, Ordering::Relaxed);
+    /// A `POST /lab` ended with `outcome` after `took`.
+    pub fn acquisition(&self, outcome: Outcome, took: Option<Duration>) {
+        self.acquisitions[outcome as usize].fetch_add(1, Ordering::Relaxed);
         if let Some(took) = took {
-            self.acquire_duration[outcome].observe(took);
+            self.acquire_duration[outcome as usize].observe(took);
         }
     }
 
@@ -406,7 +417,7 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         &mut out,
         "lab_acquisitions_total",
         "POST /lab calls that passed the gate, by outcome.",
-        ("outcome", ACQUIRE_OUTCOMES),
+        ("outcome", &Outcome::ALL.map(Outcome::as_str)),
         &m.acquisitions,
     );
     header(
@@ -430,9 +441,11 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "counter",
         "HTTP requests answered, by route template and status class.",
     );
-    for (i, route) in ROUTES.iter().enumerate() {
-        for (j, class) in CLASSES.iter().enumerate() {
-            let n = load(&m.http[i][j]);
+    let routes = ROUTE_LABELS.get().map_or(&[][..], Vec::as_slice);
+    let http = m.http.get().map_or(&[][..], |h| &h[..]);
+    for (route, counts) in routes.iter().zip(http) {
+        for (class, count) in CLASSES.iter().zip(counts) {
+            let n = load(count);
             if n > 0 {
                 let _ = writeln!(
                     out,
@@ -509,11 +522,11 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "histogram",
         "Duration of POST /lab after the upload, by outcome.",
     );
-    for (i, outcome) in ACQUIRE_OUTCOMES.iter().enumerate() {
-        m.acquire_duration[i].render(
+    for outcome in Outcome::ALL {
+        m.acquire_duration[outcome as usize].render(
             &mut out,
             "lab_acquire_duration_seconds",
-            &format!("outcome=\"{outcome}\""),
+            &format!("outcome=\"{}\"", outcome.as_str()),
         );
     }
     header(
@@ -618,16 +631,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_labels() {
-        assert_eq!(ROUTES[route_index("/session/abc")], "/session/{session_id}");
-        assert_eq!(
-            ROUTES[route_index("/session/heartbeat")],
-            "/session/heartbeat"
-        );
-        assert_eq!(ROUTES[route_index("/queue?limit=3")], "/queue");
-        assert_eq!(ROUTES[route_index("/nope")], "other");
-        assert_eq!(ROUTES[route_index("/session/a/b")], "other");
-        assert_eq!(ROUTES[route_index("/")], "/");
+    fn every_outcome_has_its_label_and_the_statuses_map_to_them() {
+        let labels = Outcome::ALL.map(Outcome::as_str);
+        assert_eq!(labels.len(), METRICS.acquisitions.len());
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "ALL is in declaration order");
+        }
+        assert_eq!(Outcome::of_start(200), Outcome::Started);
+        assert_eq!(Outcome::of_start(422), Outcome::Rejected);
+        assert_eq!(Outcome::of_start(500), Outcome::Failed);
     }
 
     #[test]
