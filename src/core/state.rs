@@ -595,7 +595,18 @@ impl Shared {
 
     /// The timer's round: reaps stale sessions and tears down a lab left idle with no session
     /// for longer than `--idle-lab-timeout`. Returns how many sessions were reaped.
+    ///
+    /// While the state file cannot be written, it only tries the write again: a reap or a
+    /// teardown decided then would be rolled back by the failed write and decided again at
+    /// every round (each time logged and recorded as an event), so they wait for the disk.
     pub fn sweep(&self) -> usize {
+        if self.degraded().is_some() {
+            let version = self.lock().changed();
+            self.persist_quietly(version);
+            if self.degraded().is_some() {
+                return 0;
+            }
+        }
         let now = self.clock.now();
         let mut state = self.lock();
         let removed =
@@ -651,12 +662,6 @@ impl Shared {
             (true, Some(_)) => {}
         }
         if dirty {
-            let version = state.changed();
-            drop(state);
-            self.persist_quietly(version);
-        } else if self.degraded().is_some() {
-            // Nobody may be changing anything: try the write again, so that the server
-            // leaves the degraded state as soon as the disk takes writes again.
             let version = state.changed();
             drop(state);
             self.persist_quietly(version);
