@@ -1,7 +1,8 @@
 //! neops-remote-lab: exclusive, queued access to the one network lab a host can run.
 //!
-//! The server binary calls [`server::main`]; the integration tests reach [`upload`] (its
-//! property tests) and [`procgroup`] (to check what a crashed server leaves). Everything
+//! The server binary calls [`server::main`]; the `remote-lab` client uses [`protocol`]; the
+//! integration tests reach [`upload`] (its property tests) and [`procgroup`] (to check what
+//! a crashed server leaves). Everything
 //! else is private to the crate. The modules, from the request's edge inwards (a module
 //! uses only modules further down this list; `docs/design.md` says why the threads are
 //! as they are):
@@ -12,7 +13,7 @@
 //! * `lab_thread`: the one thread that runs netlab.
 //! * `timer`: the stale-session sweep, teardown retries, long-poll deadlines, the watchdog.
 //! * `observe`: the read-only views (`/queue`, `/events`, `/lab/log`, `/metrics`, `/`);
-//!   `status_page` renders the page, `views` is the queue view's shape.
+//!   `status_page` renders the page.
 //! * `openapi`: the schemas and the operations' documentation.
 //! * `http`: the listener thread and the worker pool; knows nothing of the API.
 //! * `state`: the shared state behind one mutex, the gate, the acquire slot, the lab jobs.
@@ -24,6 +25,8 @@
 //! * `queue` (sessions, FIFO), `lab` (lab record, acquire decisions), `auth` (tokens,
 //!   callers, throttle), `events`, `lablog`, `metrics`, `config`, `clock`, `listener`,
 //!   `statedir`, `lockfile`, `logging`, `notify`, [`upload`].
+//! * [`protocol`]: the API's bodies, header names and the `X-Client-Name` encoding, shared
+//!   with the `remote-lab` client; it uses nothing else of the crate.
 #![forbid(unsafe_code)]
 
 mod acquire;
@@ -47,6 +50,7 @@ mod observe;
 mod openapi;
 mod persist;
 pub mod procgroup;
+pub mod protocol;
 mod queue;
 mod reply;
 mod runner;
@@ -56,7 +60,6 @@ mod statedir;
 mod status_page;
 mod timer;
 pub mod upload;
-mod views;
 
 #[cfg(test)]
 mod tests {
