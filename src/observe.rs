@@ -16,17 +16,17 @@ use crate::events::{self, now_ms, prefix, secs, who};
 use crate::lab;
 use crate::lablog::Job;
 use crate::metrics::{self, Ended, METRICS};
-use crate::queue::{ClientInfo, SessionId};
-use crate::reply::{Reply, header_value, query_param};
-use crate::state::{Shared, State, file_name};
 use crate::protocol::{
     self, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation, QueueView,
     SessionView,
 };
+use crate::queue::{ClientInfo, SessionId};
+use crate::reply::{Reply, header_value, query_param};
+use crate::state::{Shared, State, file_name};
 
 pub use crate::protocol::CLIENT_NAME_HEADER;
 /// Longest client name, in characters.
-pub const MAX_NAME: usize = 200;
+pub const MAX_NAME: usize = protocol::MAX_CLIENT_NAME;
 /// Default and largest `limit` of `GET /queue`.
 pub const QUEUE_LIMIT: usize = 1000;
 pub const QUEUE_LIMIT_MAX: u64 = 1_000_000;

@@ -47,9 +47,17 @@ pub fn encode_client_name(name: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// The bytes an encoded client name stands for: each `%XX` (hex, either case) one byte,
-/// everything else as it is (a `%` not followed by two hex digits stays a `%`).
+/// The bytes an encoded client name stands for; see [`percent_decode`].
 pub fn decode_client_name(raw: &str) -> Vec<u8> {
+    percent_decode(raw)
+}
+
+/// Longest client name, in characters.
+pub const MAX_CLIENT_NAME: usize = 200;
+
+/// Each `%XX` (hex, either case) one byte, everything else as it is (a `%` not followed by
+/// two hex digits stays a `%`).
+pub fn percent_decode(raw: &str) -> Vec<u8> {
     let b = raw.as_bytes();
     let mut bytes = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -280,7 +288,10 @@ mod tests {
     fn client_names_round_trip_through_the_header_encoding() {
         for name in ["job-1", "café ☕", "50% done", "a%41", "tab\there", ""] {
             let encoded = encode_client_name(name);
-            assert!(encoded.bytes().all(|b| (0x20..0x7f).contains(&b)), "{encoded}");
+            assert!(
+                encoded.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                "{encoded}"
+            );
             assert_eq!(decode_client_name(&encoded), name.as_bytes(), "{encoded}");
         }
         assert_eq!(encode_client_name("café"), "caf%C3%A9");
@@ -299,8 +310,7 @@ mod tests {
         let queue: QueueView = serde_json::from_str(r#"{"total":2,"sessions":[]}"#).unwrap();
         assert_eq!(queue.host_state, None);
         let queue: QueueView =
-            serde_json::from_str(r#"{"host_state":"sleeping","host_state_reason":null}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"host_state":"sleeping","host_state_reason":null}"#).unwrap();
         assert_eq!(queue.host_state, Some(HostState::Unknown));
         let detail: Detail = serde_json::from_str(r#"{"detail":[{"loc":["x"]}]}"#).unwrap();
         assert_eq!(detail.detail.to_string(), r#"[{"loc":["x"]}]"#);

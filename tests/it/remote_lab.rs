@@ -564,9 +564,15 @@ fn tokens_and_netrc_are_sent() {
     std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let server = start_with(&[("--token-file", tokens.to_str().unwrap())]);
     let url = server.url();
-    // No credentials: the host answers 401 and is skipped.
+    // No credentials: the host answers 401, is named, and no host is left: 77.
     let (code, stderr) = run(&["run", "--url", &url, "--", "true"], dir.path());
-    assert_eq!(code, 69, "{stderr}");
+    assert_eq!(code, 77, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{url} REJECTED THE CREDENTIALS (401 Not authenticated)"
+        )),
+        "{stderr}"
+    );
     let (code, stderr) = run(
         &[
             "run",
