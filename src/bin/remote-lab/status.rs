@@ -204,12 +204,12 @@ fn print_table(hosts: &[Arc<Host>], seen: &[Seen]) {
             }
             Seen::Rejected(_) | Seen::Unreachable(_) => println!(
                 "{:<32} {}: {}",
+                host.url,
                 if matches!(seen, Seen::Rejected(_)) {
                     "rejected credentials"
                 } else {
                     state
                 },
-                host.url,
                 clean(reason.as_deref().unwrap_or(""))
             ),
         }
