@@ -65,9 +65,8 @@ enum Event {
 struct Seat {
     host: Arc<Host>,
     id: String,
-    /// Dropped to stop its threads.
+    /// Dropped to stop its threads (each at the end of the call it is making).
     stop: Option<Sender<()>>,
-    beats: Option<JoinHandle<()>>,
 }
 
 #[derive(Clone, Copy)]
@@ -81,12 +80,9 @@ impl Seat {
         short(&self.id)
     }
 
-    /// Stops its heartbeats (and its poll, at its next answer).
+    /// Stops its heartbeats and its poll.
     fn stop(&mut self) {
         self.stop = None;
-        if let Some(beats) = self.beats.take() {
-            let _ = beats.join();
-        }
     }
 }
 
@@ -139,35 +135,54 @@ pub fn run(args: RunArgs) -> i32 {
     let kept = match wait_turn(&mut seats, deadline, &events) {
         Ok(kept) => kept,
         Err(end) => {
-            end_seats(&mut seats, None, end.gone);
+            end_seats(&mut seats, end.gone);
             return end.code;
         }
     };
-    // The others go at once, so that their hosts promote their next waiters.
-    end_seats(&mut seats, Some(kept), false);
-    let mut seat = seats.swap_remove(kept);
+    // The others go at once, so that their hosts promote their next waiters; the run
+    // goes on meanwhile, and waits for them before it exits.
+    let ending = end_seats_behind(&mut seats, kept);
+    let seat = seats.swap_remove(kept);
+    let code = with_session(seat, kept, upload, &args, deadline, &events);
+    for handle in ending {
+        let _ = handle.join();
+    }
+    code
+}
 
-    let lab = match start_lab(&seat, kept, upload, &args, deadline, &events) {
+/// The rest of the run, on the session kept.
+fn with_session(
+    mut seat: Seat,
+    kept: usize,
+    upload: Option<Upload>,
+    args: &RunArgs,
+    deadline: Instant,
+    events: &Receiver<Event>,
+) -> i32 {
+    let lab = match start_lab(&seat, kept, upload, args, deadline, events) {
         Ok(lab) => lab,
         Err(end) => {
-            seat.stop();
             if !end.gone {
                 end_session(&seat, false);
             }
+            seat.stop();
             return end.code;
         }
     };
-    let (code, lost) = run_command(&seat, kept, &args, lab.as_ref(), &events);
-    seat.stop();
+    let (code, lost) = run_command(&seat, kept, args, lab.as_ref(), events);
     let release = lab.is_some();
     drop(lab); // a temporary devices file goes
+    // The heartbeats go on until the session has ended: a slow release must not let the
+    // server reap it first.
     if lost {
         // The server may still know it (heartbeats failed, the session was not reaped yet).
         let _ = seat.host.release(&seat.id);
         let _ = seat.host.end(&seat.id);
+        seat.stop();
         return EX_TEMPFAIL;
     }
     end_session(&seat, release);
+    seat.stop();
     code
 }
 
@@ -350,7 +365,7 @@ fn open_seat(
     events: &Sender<Event>,
 ) -> Seat {
     let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
-    let beats = heartbeats(
+    heartbeats(
         Arc::clone(&host),
         id.clone(),
         seat,
@@ -368,7 +383,6 @@ fn open_seat(
         host,
         id,
         stop: Some(stop_tx),
-        beats: Some(beats),
     }
 }
 
@@ -591,9 +605,8 @@ fn heartbeats(
     events: Sender<Event>,
 ) -> JoinHandle<()> {
     let every = (timeouts.active.min(timeouts.waiting) / 3).clamp(BEAT_MIN, BEAT_MAX);
-    let limit = crate::api::HEARTBEAT_TIMEOUT
-        .max(every)
-        .min(timeouts.active.max(every));
+    // Not shorter: on a loaded server a heartbeat cut short is one that never counted.
+    let limit = crate::api::HEARTBEAT_TIMEOUT.max(every);
     std::thread::spawn(move || {
         let ticker = tick(every);
         let mut last_ok = Instant::now();
@@ -670,32 +683,47 @@ fn terminal_in_front() -> bool {
 
 // ------------------------------------------------------------------------------ ending
 
-/// Ends every open session but `keep`, all at once (their threads stopped first).
-fn end_seats(seats: &mut [Seat], keep: Option<usize>, gone: bool) {
-    for (k, seat) in seats.iter_mut().enumerate() {
-        if Some(k) != keep {
-            seat.stop();
-        }
-    }
+/// Ends every open session, all at once, and waits for the answers.
+fn end_seats(seats: &mut [Seat], gone: bool) {
     if gone && seats.len() == 1 {
         return;
     }
     std::thread::scope(|scope| {
-        for (k, seat) in seats.iter().enumerate() {
-            if Some(k) == keep {
-                continue;
-            }
-            scope.spawn(move || {
-                if let Err(e) = seat.host.end(&seat.id) {
-                    say(format!(
-                        "warning: ending session {} on {}: {e}",
-                        seat.short(),
-                        seat.host.url
-                    ));
-                }
-            });
+        for seat in seats.iter() {
+            scope.spawn(move || end_quietly(seat));
         }
     });
+    for seat in seats.iter_mut() {
+        seat.stop();
+    }
+}
+
+/// Ends every session but `keep`, each on a thread of its own; the threads to wait for.
+fn end_seats_behind(seats: &mut [Seat], keep: usize) -> Vec<JoinHandle<()>> {
+    let mut handles = Vec::new();
+    for (k, seat) in seats.iter_mut().enumerate() {
+        if k == keep {
+            continue;
+        }
+        seat.stop();
+        let seat = Seat {
+            host: Arc::clone(&seat.host),
+            id: seat.id.clone(),
+            stop: None,
+        };
+        handles.push(std::thread::spawn(move || end_quietly(&seat)));
+    }
+    handles
+}
+
+fn end_quietly(seat: &Seat) {
+    if let Err(e) = seat.host.end(&seat.id) {
+        say(format!(
+            "warning: ending session {} on {}: {e}",
+            seat.short(),
+            seat.host.url
+        ));
+    }
 }
 
 /// Releases the lab (when one was acquired) and ends the session.
@@ -719,8 +747,10 @@ fn wait_for<T>(rx: &Receiver<T>, events: &Receiver<Event>, kept: usize) -> Resul
                     return Err(abort(128 + signal));
                 }
                 Ok(Event::Lost(k, why)) if k == kept => {
+                    // Ended all the same: heartbeats may have failed with the session
+                    // still there.
                     say(format!("SESSION LOST: {why}"));
-                    return Err(Abort { code: EX_TEMPFAIL, gone: true });
+                    return Err(Abort { code: EX_TEMPFAIL, gone: false });
                 }
                 Ok(_) => {}
                 Err(_) => return Err(abort(EX_SOFTWARE)),
