@@ -2,7 +2,8 @@
 //!
 //! The server binary calls [`server::main`]; the integration tests reach
 //! [`lab::upload`] (its property tests) and [`lab::procgroup`] (to check what a crashed
-//! server leaves). Everything else is private to the crate.
+//! server leaves); the `remote-lab` client uses [`protocol`]. Everything else is private to
+//! the crate.
 //!
 //! The folders are floors: a module uses only modules of its own folder or of a floor
 //! below it, never one above (the test at the bottom of this file checks it). From the top:
@@ -21,9 +22,10 @@
 //!    the same floor, `lab/`: `record` (the lab record, acquire decisions), `netlab` (the
 //!    commands), `runner` (a process in its own group, output bounded, timeout and cancel),
 //!    [`lab::procgroup`] (signals that reach only our groups), [`lab::upload`].
-//! 6. `observe/`: `events`, `metrics`, `lablog` (netlab's live output), `status_page`,
-//!    `views` (the queue view's shape).
-//! 7. `config`, `logging`, `notify`.
+//! 6. `observe/`: `events`, `metrics`, `lablog` (netlab's live output), `status_page`.
+//! 7. `config`, `logging`, `notify`, [`protocol`] (the API's bodies, header names and the
+//!    `X-Client-Name` encoding, shared with the `remote-lab` client; it uses nothing else of
+//!    the crate).
 //!
 //! `docs/design.md` says why the threads are as they are.
 #![forbid(unsafe_code)]
@@ -36,6 +38,7 @@ pub mod lab;
 mod logging;
 mod notify;
 mod observe;
+pub mod protocol;
 pub mod server;
 mod store;
 

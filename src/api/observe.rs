@@ -19,11 +19,14 @@ use crate::lab::record;
 use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
-use crate::observe::views::{LabView, Operation, QueueView, SessionView};
+use crate::protocol::{
+    self, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation, QueueView,
+    SessionView,
+};
 
-pub const CLIENT_NAME_HEADER: &str = "X-Client-Name";
+pub use crate::protocol::CLIENT_NAME_HEADER;
 /// Longest client name, in characters.
-pub const MAX_NAME: usize = 200;
+pub const MAX_NAME: usize = protocol::MAX_CLIENT_NAME;
 /// Default and largest `limit` of `GET /queue`.
 pub const QUEUE_LIMIT: usize = 1000;
 pub const QUEUE_LIMIT_MAX: u64 = 1_000_000;
@@ -44,22 +47,7 @@ pub fn parse_client_name(raw: &str) -> Result<Option<String>, Reply> {
     if raw.len() > MAX_NAME * 12 {
         return Err(too_long());
     }
-    let mut bytes = Vec::with_capacity(raw.len());
-    let b = raw.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex_digit(b[i + 1]), hex_digit(b[i + 2]))
-        {
-            bytes.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        bytes.push(b[i]);
-        i += 1;
-    }
-    let name = String::from_utf8(bytes).map_err(|_| {
+    let name = String::from_utf8(protocol::decode_client_name(raw)).map_err(|_| {
         name_error(
             "string_unicode",
             "X-Client-Name must be valid UTF-8 (percent-encode characters beyond ASCII)",
@@ -82,10 +70,6 @@ fn too_long() -> Reply {
         "string_too_long",
         "X-Client-Name should have at most 200 characters",
     )
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 /// Who is calling `POST /session`: the name it gives, its address, its `User-Agent` (cut to
@@ -249,7 +233,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     };
     let operation = match shared.lab_log.running() {
         Some((command, since)) => Some(Operation {
-            command,
+            command: command.into(),
             since: secs(since),
             session: if command == "up" {
                 starting.as_ref().map(prefix)
@@ -258,7 +242,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             },
         }),
         None => acquiring.map(|s| Operation {
-            command: "upload",
+            command: "upload".into(),
             since: wall,
             session: Some(prefix(&s)),
         }),
@@ -269,7 +253,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         .enumerate()
         .map(|(position, row)| SessionView {
             position,
-            status: if position == 0 { "active" } else { "waiting" },
+            status: if position == 0 { "active" } else { "waiting" }.into(),
             id: prefix(&row.id),
             client_name: row.info.name.clone(),
             owner: row.info.owner.clone(),
@@ -284,7 +268,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         .collect::<Vec<_>>();
     QueueView {
         time: wall,
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
         active_timeout: shared.config.active_timeout.as_secs_f64(),
         waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
         lab: lab_view,
@@ -293,6 +277,9 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         truncated: total > sessions.len(),
         total,
         sessions,
+        host_state: None,
+        host_state_reason: None,
+        slots: None,
     }
 }
 
@@ -360,9 +347,9 @@ pub fn lab_log(shared: &Shared, query: &str) -> Reply {
     };
     let chunk = shared.lab_log.read(offset, job);
     Reply::typed(200, "text/plain; charset=utf-8", chunk.text)
-        .with_header("X-Log-Offset", chunk.next.to_string())
-        .with_header("X-Log-Command", chunk.command.unwrap_or("none"))
-        .with_header("X-Log-Done", if chunk.done { "true" } else { "false" })
+        .with_header(LOG_OFFSET_HEADER, chunk.next.to_string())
+        .with_header(LOG_COMMAND_HEADER, chunk.command.unwrap_or("none"))
+        .with_header(LOG_DONE_HEADER, if chunk.done { "true" } else { "false" })
         .with_header("Cache-Control", "no-store")
 }
 

@@ -4,6 +4,8 @@
 
 use serde_json::{Value, json};
 
+use crate::protocol::{CLIENT_NAME_HEADER, SESSION_HEADER};
+
 fn detail(description: &str) -> Value {
     json!({
         "description": description,
@@ -26,7 +28,7 @@ fn body(description: &str, schema: &str) -> Value {
 }
 
 fn session_header() -> Value {
-    json!({"name": "X-Session-ID", "in": "header", "required": true, "schema": {"type": "string"}})
+    json!({"name": SESSION_HEADER, "in": "header", "required": true, "schema": {"type": "string"}})
 }
 
 /// The gate's answers, shared by every `/lab*` operation.
@@ -69,7 +71,7 @@ pub fn document<'a>(operations: impl Iterator<Item = (&'a str, &'a str, &'a str,
 
 pub fn create_session() -> Value {
     json!({
-        "parameters": [{"name": "X-Client-Name", "in": "header", "required": false,
+        "parameters": [{"name": CLIENT_NAME_HEADER, "in": "header", "required": false,
             "description": "Who is asking (a CI job URL, a host name, a person): at most 200 printable characters; characters beyond ASCII percent-encoded as UTF-8. Shown in the queue view, the events and the status page.",
             "schema": {"type": "string", "maxLength": 200}}],
         "responses": {

@@ -204,8 +204,7 @@ impl From<NotPersisted> for Reply {
     }
 }
 
-/// The header that names the caller's session.
-pub const SESSION_HEADER: &str = "X-Session-ID";
+pub use crate::protocol::SESSION_HEADER;
 
 pub struct Shared {
     pub config: Config,

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::observe::lablog::Chunk;
-use crate::observe::views::QueueView;
+use crate::protocol::QueueView;
 
 const TEMPLATE: &str = include_str!("status.html");
 
@@ -113,7 +113,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     let operation = match &view.operation {
         Some(op) => format!(
             "<span class=\"warn\">netlab {} running for {}</span>",
-            escape(op.command),
+            escape(&op.command),
             dur(view.time - op.since)
         ),
         None => String::new(),
@@ -187,7 +187,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         None => String::new(),
     };
     TEMPLATE
-        .replace("<!--VERSION-->", &escape(view.version))
+        .replace("<!--VERSION-->", &escape(&view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
         .replace("<!--LAB-->", &lab)
         .replace("<!--HOLDER-->", &holder)
