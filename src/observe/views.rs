@@ -39,6 +39,12 @@ pub struct SessionView {
     pub last_seen_ago: f64,
     pub holds_lab: bool,
     pub acquiring: bool,
+    /// The 12-character prefix of the topology hash it declared.
+    pub declared: Option<String>,
+    /// How often it was passed over by a promotion ahead.
+    pub skips: u32,
+    /// It went ahead of others for the lab it declared.
+    pub promoted_ahead: bool,
 }
 
 /// The whole view.
