@@ -13,7 +13,7 @@
 //!    up to the lab thread), `observe` (the read-only views), `lab_thread` (the thread that
 //!    runs netlab).
 //! 3. `core/`: `state` (the shared state behind one mutex, the gate, the acquire slot, the
-//!    lab jobs), `queue` (sessions, FIFO), `auth` (tokens, callers, throttle), `clock`,
+//!    lab jobs), `queue` (sessions in the order they are served), `schedule` (who goes next, which idle lab goes: pure), `auth` (tokens, callers, throttle), `clock`,
 //!    `longpoll` (parked long-polls), `timer`.
 //! 4. `store/`: `persist` (the state file), `session` (a session as the file keeps it),
 //!    `statedir`, `lockfile`.

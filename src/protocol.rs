@@ -213,6 +213,15 @@ pub struct SessionView {
     pub last_seen_ago: f64,
     pub holds_lab: bool,
     pub acquiring: bool,
+    /// The 12-character prefix of the topology hash it declared (`X-Topology-SHA256`).
+    #[serde(default)]
+    pub declared: Option<String>,
+    /// How often it was passed over by a promotion ahead.
+    #[serde(default)]
+    pub skips: u32,
+    /// It went ahead of others for the lab it declared.
+    #[serde(default)]
+    pub promoted_ahead: bool,
 }
 
 /// Whether a host takes work: absent means `ok`.

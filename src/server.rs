@@ -450,6 +450,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
             .queue
             .restore_with(session.id, now, Arc::clone(&session.info), active_since);
         state.queue.set_owner(&session.id, session.owner.clone());
+        state
+            .queue
+            .set_schedule(&session.id, session.skips, session.ahead);
     }
     if let Some(active) = state.queue.active() {
         let n = state.queue.len();

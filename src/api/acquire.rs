@@ -274,8 +274,14 @@ fn receive_and_decide(
             .into();
         }
     }
-    match record::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
+    let decision = record::decide(state.lab.as_ref(), &upload.hash, upload.reuse);
+    // The first acquire of a session promoted ahead tells whether that saved an `up`.
+    let promoted_ahead = decision != Acquire::Busy && state.queue.first_use_of_ahead(&session);
+    match decision {
         Acquire::Attach => {
+            if promoted_ahead {
+                METRICS.up_avoided();
+            }
             let lab = state
                 .lab
                 .as_mut()
@@ -326,10 +332,18 @@ fn receive_and_decide(
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
-            if replace && let Some(old) = state.lab.take() {
+            let evicted = if replace {
+                state.lab_to_replace()
+            } else {
+                None
+            };
+            if let Some((_, wanted)) = evicted
+                && let Some(old) = state.lab.take()
+            {
                 log::info!(
-                    "replacing the idle lab {} for session {session}",
-                    old.topology.display()
+                    "replacing the idle lab {} for session {session} ({wanted} waiting {} declared it)",
+                    old.topology.display(),
+                    crate::core::state::plural(wanted, "session", "sessions")
                 );
                 shared.queue_teardown(&mut state, old);
             }

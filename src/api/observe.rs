@@ -15,7 +15,7 @@ use tiny_http::Request;
 use crate::core::queue::{ClientInfo, SessionId};
 use crate::core::state::{Shared, State, file_name};
 use crate::http::reply::{Reply, header_value, query_param};
-use crate::lab::record;
+use crate::lab::record::{self, Hash};
 use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
@@ -24,7 +24,7 @@ use crate::protocol::{
     SessionView,
 };
 
-pub use crate::protocol::CLIENT_NAME_HEADER;
+pub use crate::protocol::{CLIENT_NAME_HEADER, TOPOLOGY_SHA256_HEADER as TOPOLOGY_HEADER};
 /// Longest client name, in characters.
 pub const MAX_NAME: usize = protocol::MAX_CLIENT_NAME;
 /// Default and largest `limit` of `GET /queue`.
@@ -72,8 +72,22 @@ fn too_long() -> Reply {
     )
 }
 
+/// Checks an `X-Topology-SHA256` value: the SHA-256 of the topology file the session will
+/// upload, 64 hexadecimal digits (either case). Anything else is a 422 naming the header.
+pub fn parse_declared(raw: &str) -> Result<Hash, Reply> {
+    record::parse_hex(raw.trim()).ok_or_else(|| {
+        Reply::validation(
+            "string_pattern_mismatch",
+            ["header", TOPOLOGY_HEADER],
+            "String should match pattern '^[0-9a-fA-F]{64}$'",
+            Some(cut(raw)),
+        )
+    })
+}
+
 /// Who is calling `POST /session`: the name it gives, its address, its `User-Agent` (cut to
-/// 200 characters, control characters dropped: it is shown, never judged).
+/// 200 characters, control characters dropped: it is shown, never judged), and the topology
+/// it declares.
 pub fn client_info(request: &Request) -> Result<ClientInfo, Reply> {
     let name = match header_value(request, CLIENT_NAME_HEADER) {
         Some(raw) => parse_client_name(raw)?,
@@ -85,12 +99,17 @@ pub fn client_info(request: &Request) -> Result<ClientInfo, Reply> {
             .take(MAX_NAME)
             .collect::<String>()
     });
+    let declared = match header_value(request, TOPOLOGY_HEADER) {
+        Some(raw) => Some(parse_declared(raw)?),
+        None => None,
+    };
     Ok(ClientInfo {
         name,
         addr: request.remote_addr().map(|a| a.ip().to_string()),
         user_agent,
         created_ms: now_ms(),
         owner: None,
+        declared,
     })
 }
 
@@ -105,6 +124,7 @@ pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position
                 "position": position,
                 "addr": info.addr,
                 "user_agent": info.user_agent,
+                "declared": info.declared.as_ref().map(hash_prefix),
             }),
         ),
     );
@@ -137,6 +157,11 @@ pub fn note_released(shared: &Shared, state: &State, id: &SessionId, ref_count: 
             json!({ "ref_count": ref_count }),
         ),
     );
+}
+
+/// The 12-character prefix of a hash that views show.
+pub fn hash_prefix(hash: &Hash) -> String {
+    record::hex(hash)[..12].to_owned()
 }
 
 // ------------------------------------------------------------------------------- queries
@@ -221,7 +246,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     let lab_view = LabView {
         running: lab.is_some(),
         topology: lab.as_ref().map(|l| file_name(&l.topology)),
-        hash: lab.as_ref().map(|l| record::hex(&l.hash)[..12].to_owned()),
+        hash: lab.as_ref().map(|l| hash_prefix(&l.hash)),
         devices: device_names.len(),
         device_names,
         started_at: lab.as_ref().and(lab_started).map(secs),
@@ -264,6 +289,9 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             last_seen_ago: row.silent.as_secs_f64(),
             holds_lab: position == 0 && holds,
             acquiring: row.busy,
+            declared: row.info.declared.as_ref().map(hash_prefix),
+            skips: row.skips,
+            promoted_ahead: row.ahead,
         })
         .collect::<Vec<_>>();
     QueueView {
@@ -436,6 +464,32 @@ mod tests {
             status(parse_client_name(&"%C3%A9".repeat(200))),
             Ok(Some("é".repeat(200)))
         );
+    }
+
+    #[test]
+    fn declared_topologies() {
+        let hex = "0123456789abcdefABCDEF0123456789abcdef0123456789abcdef0123456789";
+        let hash = parse_declared(hex).unwrap();
+        assert_eq!(record::hex(&hash), hex.to_ascii_lowercase());
+        assert_eq!(parse_declared(&format!(" {hex} ")).ok(), Some(hash));
+        for bad in [
+            "",
+            &hex[1..],
+            &format!("{hex}0"),
+            &format!("{}g", &hex[1..]),
+            &format!("+{}", &hex[1..]),
+            &format!("{hex}  topology.yml"),
+        ] {
+            let e = parse_declared(bad).unwrap_err();
+            assert_eq!(e.status, 422, "{bad}");
+            let body: serde_json::Value =
+                serde_json::from_slice(e.body.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                body["detail"][0]["loc"],
+                json!(["header", "X-Topology-SHA256"])
+            );
+            assert_eq!(body["detail"][0]["type"], "string_pattern_mismatch");
+        }
     }
 
     #[test]

@@ -4,5 +4,6 @@ pub mod auth;
 pub mod clock;
 pub mod longpoll;
 pub mod queue;
+pub mod schedule;
 pub mod state;
 pub mod timer;

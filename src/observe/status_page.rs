@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::observe::lablog::Chunk;
-use crate::protocol::QueueView;
+use crate::protocol::{QueueView, SessionView};
 
 const TEMPLATE: &str = include_str!("status.html");
 
@@ -79,6 +79,30 @@ fn event_line(e: &serde_json::Value) -> (String, bool) {
     (text, bad)
 }
 
+/// What the scheduler did to a session, after its name: promoted ahead for the lab it
+/// declared, passed over so many times, the topology it declared.
+fn schedule_marks(s: &SessionView) -> String {
+    let mut marks = String::new();
+    if s.promoted_ahead {
+        marks.push_str(" <span class=\"ahead warn\">⤴ promoted ahead</span>");
+    }
+    if s.skips > 0 {
+        let _ = write!(
+            marks,
+            " <span class=\"skips muted\">passed {}×</span>",
+            s.skips
+        );
+    }
+    if let Some(declared) = &s.declared {
+        let _ = write!(
+            marks,
+            " <span class=\"declared muted\">{}</span>",
+            escape(declared)
+        );
+    }
+    marks
+}
+
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     let lab = if view.lab.running {
@@ -122,7 +146,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     for s in &view.sessions {
         let _ = write!(
             queue,
-            "<tr class=\"{}\"><td>{}</td><td class=\"client-name\">{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
+            "<tr class=\"{}\"><td>{}</td><td><span class=\"client-name\">{}</span>{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
             s.status,
             if s.position == 0 {
                 "active".to_owned()
@@ -130,6 +154,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
                 s.position.to_string()
             },
             escape(s.client_name.as_deref().unwrap_or("(unnamed)")),
+            schedule_marks(s),
             escape(&s.id),
             if s.position == 0 {
                 "-".to_owned()

@@ -136,6 +136,17 @@ mod session_list {
         created_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         active_since_ms: Option<u64>,
+        /// The declared topology's hash, 64 hexadecimal digits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        declared: Option<Cow<'a, str>>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skips: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ahead: bool,
+    }
+
+    fn is_zero(n: &u32) -> bool {
+        *n == 0
     }
 
     pub fn serialize<S: Serializer>(records: &[SessionRecord], s: S) -> Result<S::Ok, S::Error> {
@@ -151,6 +162,9 @@ mod session_list {
             user_agent: borrowed(&r.info.user_agent),
             created_ms: r.info.created_ms,
             active_since_ms: r.active_since_ms,
+            declared: r.info.declared.as_ref().map(|h| Cow::Owned(record::hex(h))),
+            skips: r.skips,
+            ahead: r.ahead,
         }))
     }
 
@@ -166,6 +180,15 @@ mod session_list {
                 )));
             }
             let owner = entry.owner.map(Cow::into_owned);
+            let declared = match entry.declared {
+                None => None,
+                Some(text) => Some(record::parse_hex(&text).ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "session {}: declared is not 64 hex digits",
+                        entry.id
+                    ))
+                })?),
+            };
             records.push(SessionRecord {
                 id: entry.id,
                 owner: owner.as_deref().map(Arc::from),
@@ -175,8 +198,11 @@ mod session_list {
                     user_agent: entry.user_agent.map(Cow::into_owned),
                     created_ms: entry.created_ms,
                     owner,
+                    declared,
                 }),
                 active_since_ms: entry.active_since_ms,
+                skips: entry.skips,
+                ahead: entry.ahead,
             });
         }
         Ok(records)
@@ -502,6 +528,8 @@ mod tests {
                 ..info
             }),
             active_since_ms: active,
+            skips: 0,
+            ahead: false,
         }
     }
 
@@ -522,12 +550,17 @@ mod tests {
                     user_agent: Some("curl/8".into()),
                     created_ms: 1_700_000_000_123,
                     owner: None,
+                    declared: Some(record::sha256(b"topology")),
                 },
                 Some(1_700_000_000_456),
             ),
             session(None, ClientInfo::default(), None),
             session(Some("a \"quoted\" name"), ClientInfo::default(), None),
         ];
+        // What the scheduler keeps: a session passed over twice, one promoted ahead.
+        let mut sessions = sessions;
+        sessions[1].skips = 2;
+        sessions[2].ahead = true;
         let snap = Snapshot {
             state_version: 7,
             sessions: sessions.clone(),
@@ -557,7 +590,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#""status":"waiting","created_ms":0},"#),
+            text.contains(r#""status":"waiting","created_ms":0,"skips":2},"#),
             "{text}"
         );
         assert!(
@@ -627,6 +660,7 @@ mod tests {
                 user_agent: Some("curl/8".into()),
                 created_ms: 1_700_000_000_123,
                 owner: Some("ci".into()),
+                declared: None,
             }
         );
         assert_eq!(first.active_since_ms, Some(1_700_000_000_456));
