@@ -1,8 +1,11 @@
 //! Sessions and the FIFO queue. Pure data: no I/O, no clock of its own (callers pass `now`).
 //!
-//! The queue order never changes; only the head is ACTIVE; positions are dense. Each session
-//! gets a sequence number when it is created; the queue keeps `(seq, id)` pairs sorted by
-//! `seq`, so a session's position is a binary search and removing the head is O(1).
+//! The queue order never changes. Up to `slots` sessions are ACTIVE at once (one, the head,
+//! unless `--slots` says more): a session becomes ACTIVE at its creation when a slot is free,
+//! else when an ACTIVE one ends and [`Queue::next_to_promote`] picks it. ACTIVE sessions are
+//! at position 0; the WAITING ones have dense positions from 1 (1 is next). Each session gets
+//! a sequence number when it is created; the queue keeps `(seq, id)` pairs sorted by `seq`,
+//! so a session's position is a binary search (less the few ACTIVE sessions ahead of it).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -38,6 +41,9 @@ pub struct Gone {
 #[derive(Clone, Debug)]
 pub struct Row {
     pub id: SessionId,
+    pub status: Status,
+    /// 0 for an ACTIVE session, 1… for the WAITING ones.
+    pub position: usize,
     pub info: Arc<ClientInfo>,
     pub active_since_ms: Option<u64>,
     pub silent: Duration,
@@ -54,6 +60,8 @@ struct Session {
     owner: Option<Arc<str>>,
     info: Arc<ClientInfo>,
     active_since_ms: Option<u64>,
+    /// ACTIVE: it may use a lab slot.
+    active: bool,
 }
 
 /// `POST /session` when `--max-sessions` sessions already exist.
@@ -81,22 +89,40 @@ pub struct Queue {
     order: VecDeque<(u64, SessionId)>,
     next_seq: u64,
     max_sessions: usize,
+    /// How many sessions may be ACTIVE at once (`--slots`).
+    slots: usize,
+    /// The sequence numbers of the ACTIVE sessions (at most `slots`).
+    active: Vec<u64>,
 }
 
 impl Queue {
+    #[cfg(test)]
     pub fn new(max_sessions: usize) -> Self {
+        Self::with_slots(max_sessions, 1)
+    }
+
+    /// A queue of which up to `slots` sessions are ACTIVE at once.
+    pub fn with_slots(max_sessions: usize, slots: usize) -> Self {
         Queue {
             sessions: HashMap::new(),
             order: VecDeque::new(),
             next_seq: 0,
             max_sessions,
+            slots: slots.max(1),
+            active: Vec::new(),
         }
+    }
+
+    /// How many sessions may be ACTIVE at once.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     pub fn len(&self) -> usize {
         self.order.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
@@ -118,9 +144,47 @@ impl Queue {
         if self.sessions.len() >= self.max_sessions {
             return Err(QueueFull);
         }
-        let active_since = self.order.is_empty().then_some(info.created_ms);
+        let active = self.active.len() < self.slots;
+        let active_since = active.then_some(info.created_ms);
         self.push(id, now, info, active_since);
-        Ok(self.order.len() - 1)
+        if active {
+            self.activate(&id);
+        }
+        Ok(self.lookup(&id).map_or(0, |(_, position)| position))
+    }
+
+    /// Makes a WAITING session ACTIVE.
+    fn activate(&mut self, id: &SessionId) {
+        if let Some(session) = self.sessions.get_mut(id)
+            && !session.active
+        {
+            session.active = true;
+            self.active.push(session.seq);
+        }
+    }
+
+    /// Which WAITING session becomes ACTIVE next when a slot frees: the decision of the
+    /// queue's order, in one place. First come, first served: the WAITING session created
+    /// first.
+    pub fn next_to_promote(&self) -> Option<SessionId> {
+        self.order
+            .iter()
+            .map(|(_, id)| id)
+            .find(|id| self.sessions.get(*id).is_some_and(|s| !s.active))
+            .copied()
+    }
+
+    /// Promotes WAITING sessions while fewer than `slots` are ACTIVE (after a restore or a
+    /// roll-back); returns them.
+    pub fn fill(&mut self) -> Vec<SessionId> {
+        let mut promoted = Vec::new();
+        while self.active.len() < self.slots
+            && let Some(next) = self.next_to_promote()
+        {
+            self.activate(&next);
+            promoted.push(next);
+        }
+        promoted
     }
 
     fn push(
@@ -141,6 +205,7 @@ impl Queue {
                 owner: None,
                 info,
                 active_since_ms,
+                active: false,
             },
         );
         self.order.push_back((seq, id));
@@ -148,16 +213,21 @@ impl Queue {
 
     /// Appends a session restored from the state file, with what the file kept of its
     /// client (the limit does not apply: nobody who was queued before a restart is turned
-    /// away after it).
+    /// away after it). One that was ACTIVE is ACTIVE again while a slot is free; call
+    /// [`Queue::fill`] once all are back.
     pub fn restore_with(
         &mut self,
         id: SessionId,
         now: Duration,
         info: Arc<ClientInfo>,
         active_since_ms: Option<u64>,
+        active: bool,
     ) {
         if !self.sessions.contains_key(&id) {
             self.push(id, now, info, active_since_ms);
+            if active && self.active.len() < self.slots {
+                self.activate(&id);
+            }
         }
     }
 
@@ -177,13 +247,22 @@ impl Queue {
 
     /// The first `limit` sessions in queue order, for the queue view.
     pub fn rows(&self, now: Duration, limit: usize) -> Vec<Row> {
+        let mut waiting = 0;
         self.order
             .iter()
             .take(limit)
             .map(|(_, id)| {
                 let s = &self.sessions[id];
+                let (status, position) = if s.active {
+                    (Status::Active, 0)
+                } else {
+                    waiting += 1;
+                    (Status::Waiting, waiting)
+                };
                 Row {
                     id: *id,
+                    status,
+                    position,
                     info: Arc::clone(&s.info),
                     active_since_ms: s.active_since_ms,
                     silent: now.saturating_sub(s.last_seen),
@@ -195,7 +274,12 @@ impl Queue {
 
     /// How many sessions are WAITING.
     pub fn waiting(&self) -> usize {
-        self.order.len().saturating_sub(1)
+        self.order.len() - self.active.len()
+    }
+
+    /// How many sessions are ACTIVE.
+    pub fn active_count(&self) -> usize {
+        self.active.len()
     }
 
     fn position_of(&self, seq: u64) -> usize {
@@ -211,6 +295,7 @@ impl Queue {
     pub fn reset_to(&mut self, records: &[SessionRecord], now: Duration) {
         let mut old = std::mem::take(&mut self.sessions);
         self.order.clear();
+        self.active.clear();
         for record in records {
             let id = &record.id;
             if self.sessions.contains_key(id) {
@@ -229,19 +314,22 @@ impl Queue {
                 }
                 s.owner.clone_from(&record.owner);
             }
+            if record.active && self.active.len() < self.slots {
+                self.activate(id);
+            }
         }
+        self.fill();
     }
 
     /// Status and position of a session, if it is tracked.
     pub fn lookup(&self, id: &SessionId) -> Option<(Status, usize)> {
         let session = self.sessions.get(id)?;
-        let position = self.position_of(session.seq);
-        let status = if position == 0 {
-            Status::Active
-        } else {
-            Status::Waiting
-        };
-        Some((status, position))
+        if session.active {
+            return Some((Status::Active, 0));
+        }
+        let index = self.position_of(session.seq);
+        let active_ahead = self.active.iter().filter(|&&a| a < session.seq).count();
+        Some((Status::Waiting, index - active_ahead + 1))
     }
 
     /// Refreshes `last_seen`; false when the session is not tracked.
@@ -255,9 +343,22 @@ impl Queue {
         }
     }
 
-    /// The ACTIVE session (the head), if any.
+    /// The first ACTIVE session in queue order (the head, with one slot), if any.
     pub fn active(&self) -> Option<SessionId> {
-        self.order.front().map(|&(_, id)| id)
+        self.actives().next()
+    }
+
+    /// The ACTIVE sessions, in queue order.
+    pub fn actives(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.order
+            .iter()
+            .map(|&(_, id)| id)
+            .filter(|id| self.sessions.get(id).is_some_and(|s| s.active))
+    }
+
+    /// Whether a session is ACTIVE.
+    pub fn is_active(&self, id: &SessionId) -> bool {
+        self.sessions.get(id).is_some_and(|s| s.active)
     }
 
     /// Marks a session as having a `POST /lab` in progress (never reaped) or not.
@@ -268,7 +369,7 @@ impl Queue {
     }
 
     /// Removes a session wherever it stands; the next one is promoted at once when the
-    /// removed one was the head.
+    /// removed one was ACTIVE.
     #[cfg(test)]
     pub fn remove(&mut self, id: &SessionId) -> Option<Removed> {
         self.remove_full(id).map(|(removed, _)| removed)
@@ -277,14 +378,22 @@ impl Queue {
     /// [`Queue::remove`], with what the queue knew of the removed session.
     pub fn remove_full(&mut self, id: &SessionId) -> Option<(Removed, Gone)> {
         let session = self.sessions.remove(id)?;
-        let position = self.position_of(session.seq);
-        self.order.remove(position);
-        let was_active = position == 0;
+        let index = self.position_of(session.seq);
+        self.order.remove(index);
+        let was_active = session.active;
+        let mut promoted = None;
+        if was_active {
+            self.active.retain(|&seq| seq != session.seq);
+            promoted = self.next_to_promote();
+            if let Some(next) = &promoted {
+                self.activate(next);
+            }
+        }
         Some((
             Removed {
                 id: *id,
                 was_active,
-                promoted: if was_active { self.active() } else { None },
+                promoted,
             },
             Gone {
                 info: session.info,
@@ -319,10 +428,9 @@ impl Queue {
         let stale: Vec<SessionId> = self
             .order
             .iter()
-            .enumerate()
-            .filter_map(|(position, (_, id))| {
+            .filter_map(|(_, id)| {
                 let session = &self.sessions[id];
-                let timeout = if position == 0 {
+                let timeout = if session.active {
                     active_timeout
                 } else {
                     waiting_timeout
@@ -333,12 +441,19 @@ impl Queue {
             .collect();
         let mut removed: Vec<(Removed, Gone)> =
             stale.iter().filter_map(|id| self.remove_full(id)).collect();
-        // When several sessions at the head are reaped in one sweep, only the last promotion
-        // stands: report the session that is ACTIVE now, not the ones reaped right after.
-        let head = self.active();
+        // A session promoted by one removal and reaped by a later one of the same sweep was
+        // never really ACTIVE: report, for each promotion, the session that stands now (the
+        // one the later removal promoted, and so on).
+        let promoted_by: HashMap<SessionId, Option<SessionId>> =
+            removed.iter().map(|(r, _)| (r.id, r.promoted)).collect();
         for (r, _) in removed.iter_mut() {
-            if r.promoted.is_some() {
-                r.promoted = head;
+            let mut seen = 0;
+            while let Some(p) = r.promoted
+                && let Some(next) = promoted_by.get(&p)
+                && seen < promoted_by.len()
+            {
+                r.promoted = *next;
+                seen += 1;
             }
         }
         removed
@@ -365,6 +480,7 @@ impl Queue {
                 owner: s.owner.clone(),
                 info: Arc::clone(&s.info),
                 active_since_ms: s.active_since_ms,
+                active: s.active,
             }
         })
     }

@@ -45,4 +45,6 @@ pub struct SessionRecord {
     pub info: Arc<ClientInfo>,
     /// Unix time (ms) it became ACTIVE, if it did.
     pub active_since_ms: Option<u64>,
+    /// ACTIVE (it may use a lab slot), as opposed to WAITING.
+    pub active: bool,
 }

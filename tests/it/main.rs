@@ -23,4 +23,5 @@ mod remote_lab;
 mod restart;
 mod runbook;
 mod sessions;
+mod slots;
 mod upload_props;
