@@ -250,6 +250,11 @@ fn three_labs_start_at_once_each_in_its_own_instance_directory_and_subnet() {
         let line = format!("neops_remote_lab_slot_lab_up{{slot=\"{n}\",instance=\"{n}\"}} 1");
         assert!(metrics.contains(&line), "{metrics}");
     }
+    // The status page has a card per slot.
+    let page = s.get("/").text();
+    for n in 1..=3 {
+        assert!(page.contains(&format!("slot {n} · instance {n}")), "{page}");
+    }
     // Each slot has its own live log.
     let log = s.get("/lab/log?slot=2");
     assert_eq!(log.status, 200);
