@@ -673,6 +673,32 @@ mod tests {
     }
 
     #[test]
+    fn with_three_slots_three_are_active_and_the_waiting_count_from_1() {
+        let mut q = Queue::with_slots(10, 3);
+        let positions: Vec<usize> = (1..=5).map(|n| q.create(id(n), S).unwrap()).collect();
+        assert_eq!(positions, [0, 0, 0, 1, 2]);
+        assert_eq!(q.lookup(&id(4)), Some((Status::Waiting, 1)));
+        // Ending the second ACTIVE promotes the first WAITING; the others close up.
+        let r = q.remove(&id(2)).unwrap();
+        assert_eq!(r.promoted, Some(id(4)));
+        assert_eq!(q.lookup(&id(4)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(5)), Some((Status::Waiting, 1)));
+        // A WAITING one leaving promotes nobody.
+        q.create(id(6), S).unwrap();
+        assert_eq!(q.remove(&id(5)).unwrap().promoted, None);
+        assert_eq!(q.lookup(&id(6)), Some((Status::Waiting, 1)));
+        assert_eq!((q.active_count(), q.waiting()), (3, 1));
+        let actives: Vec<_> = q.actives().collect();
+        assert_eq!(actives, [id(1), id(3), id(4)]);
+        // A roll-back keeps who was ACTIVE, as the records say.
+        let records: Vec<SessionRecord> = q.records().collect();
+        let mut other = Queue::with_slots(10, 3);
+        other.reset_to(&records, S);
+        assert_eq!(other.lookup(&id(4)), Some((Status::Active, 0)));
+        assert_eq!(other.lookup(&id(6)), Some((Status::Waiting, 1)));
+    }
+
+    #[test]
     fn only_the_canonical_spelling_of_an_id_is_accepted() {
         let id = Uuid::new_v4();
         let text = id.to_string();
