@@ -130,6 +130,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "times a waiting session may be passed over that way; 0: strict FIFO",
     },
     OptionSpec {
+        name: "slots",
+        value: Some("N"),
+        default: "1",
+        help: "labs run at once (1: netlab's default instance; more: its multilab plugin)",
+    },
+    OptionSpec {
+        name: "multilab-ids",
+        value: Some("IDS"),
+        default: "1-N",
+        help: "netlab multilab instance ids of the slots, e.g. 1-3 or 4,7,9 (never 121)",
+    },
+    OptionSpec {
         name: "token-file",
         value: Some("PATH"),
         default: "none: no authentication",
@@ -233,6 +245,10 @@ pub struct Config {
     pub affinity_window: usize,
     /// `--max-skips`: how often a waiting session may be passed over; 0 is strict FIFO.
     pub max_skips: u32,
+    /// `--slots`: labs that may run at once, each in a slot of its own.
+    pub slots: usize,
+    /// `--multilab-ids`: the netlab instance ids of the slots (used when `slots > 1`).
+    pub multilab_ids: Vec<u16>,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
     /// `--debug`: netlab's output is logged line by line.
@@ -267,6 +283,8 @@ impl Config {
             idle_lab_timeout: Duration::from_secs(3600),
             affinity_window: 8,
             max_skips: 2,
+            slots: 1,
+            multilab_ids: Vec::new(),
             log_level: LevelFilter::Info,
             log_file: None,
             stream_netlab_output: false,
@@ -275,6 +293,79 @@ impl Config {
             public_read: false,
         }
     }
+}
+
+impl Config {
+    /// The netlab instance of each slot, in slot order: netlab's `default` (`None`) for one
+    /// slot, else the first `slots` of `--multilab-ids` (default `1-N`).
+    pub fn instances(&self) -> Vec<Option<u16>> {
+        if self.slots <= 1 {
+            return vec![None];
+        }
+        if self.multilab_ids.is_empty() {
+            (1..=MAX_MULTILAB_ID)
+                .filter(|id| *id != RESERVED_MULTILAB_ID)
+                .take(self.slots)
+                .map(Some)
+                .collect()
+        } else {
+            self.multilab_ids
+                .iter()
+                .take(self.slots)
+                .copied()
+                .map(Some)
+                .collect()
+        }
+    }
+}
+
+/// The largest multilab id netlab accepts.
+pub const MAX_MULTILAB_ID: u16 = 200;
+
+/// Most slots: every multilab id but the reserved one.
+pub const MAX_SLOTS: usize = MAX_MULTILAB_ID as usize - 1;
+
+/// The management subnet netlab uses without the multilab plugin (192.168.121.0/24): the id
+/// that would give a slot the same subnet as a `default` lab.
+pub const RESERVED_MULTILAB_ID: u16 = 121;
+
+/// `--multilab-ids`: ids and ranges separated by commas (`1-3,7`), each 1–200, not 121, no
+/// id twice.
+pub fn parse_multilab_ids(text: &str) -> Result<Vec<u16>, String> {
+    let mut ids: Vec<u16> = Vec::new();
+    let number = |t: &str| -> Result<u16, String> {
+        t.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=MAX_MULTILAB_ID).contains(n))
+            .ok_or_else(|| format!("{:?} is not an id from 1 to 200", t.trim()))
+    };
+    for part in text.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err("an empty entry".into());
+        }
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(part)?;
+                (n, n)
+            }
+        };
+        if first > last {
+            return Err(format!("{part:?} is a range that goes down"));
+        }
+        for id in first..=last {
+            if id == RESERVED_MULTILAB_ID {
+                return Err("121 is netlab's default management subnet (192.168.121.0/24)".into());
+            }
+            if ids.contains(&id) {
+                return Err(format!("{id} is named twice"));
+            }
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 fn default_workers() -> usize {
@@ -433,6 +524,28 @@ where
     }
     if let Some((v, e)) = lookup("max-skips") {
         config.max_skips = parse_count(&v, "max-skips", e, 0, 1_000_000)? as u32;
+    }
+    if let Some((v, e)) = lookup("slots") {
+        config.slots = parse_count(&v, "slots", e, 1, MAX_SLOTS)?;
+    }
+    if let Some((v, e)) = lookup("multilab-ids") {
+        config.multilab_ids = parse_multilab_ids(&v).map_err(|why| {
+            ConfigError(format!(
+                "{}: {why} (want ids 1-200 such as 1-3 or 4,7,9, never 121)",
+                source_name("multilab-ids", e)
+            ))
+        })?;
+    }
+    if config.slots > 1
+        && !config.multilab_ids.is_empty()
+        && config.multilab_ids.len() < config.slots
+    {
+        return Err(ConfigError(format!(
+            "--slots {} needs {} multilab ids, --multilab-ids names {}",
+            config.slots,
+            config.slots,
+            config.multilab_ids.len()
+        )));
     }
     if let Some((v, e)) = lookup("on-exit") {
         config.on_exit = match v.trim().to_ascii_lowercase().as_str() {
@@ -614,6 +727,40 @@ mod tests {
         assert_eq!(c.host, "::1");
         let c = serve(&["--port=9001"], &[]).unwrap();
         assert_eq!(c.port, 9001);
+    }
+
+    #[test]
+    fn slots_and_their_multilab_ids() {
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!((c.slots, c.instances()), (1, vec![None]));
+        let c = serve(&["--slots", "3"], &[]).unwrap();
+        assert_eq!(c.instances(), vec![Some(1), Some(2), Some(3)]);
+        let c = serve(&["--slots", "2", "--multilab-ids", "4,7-9"], &[]).unwrap();
+        assert_eq!(c.instances(), vec![Some(4), Some(7)]);
+        let c = serve(&[], &[("NEOPS_REMOTE_LAB_SLOTS", "199")]).unwrap();
+        let ids = c.instances();
+        assert_eq!(ids.len(), 199);
+        assert!(!ids.contains(&Some(121)) && ids.contains(&Some(200)));
+        for (args, why) in [
+            (&["--slots", "0"][..], "--slots: invalid value"),
+            (&["--slots", "200"][..], "--slots: invalid value"),
+            (
+                &["--multilab-ids", "120-122"][..],
+                "121 is netlab's default",
+            ),
+            (&["--multilab-ids", "0"][..], "not an id from 1 to 200"),
+            (&["--multilab-ids", "201"][..], "not an id from 1 to 200"),
+            (&["--multilab-ids", "1,2,1"][..], "1 is named twice"),
+            (&["--multilab-ids", "3-1"][..], "goes down"),
+            (&["--multilab-ids", "1,,2"][..], "an empty entry"),
+            (
+                &["--slots", "3", "--multilab-ids", "1,2"][..],
+                "needs 3 multilab ids",
+            ),
+        ] {
+            let e = serve(args, &[]).unwrap_err();
+            assert!(e.0.contains(why), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -193,6 +193,8 @@ pub struct LabView {
 #[serde(default)]
 pub struct Operation {
     pub command: Cow<'static, str>,
+    /// The slot it runs in (1 for the first); none for an upload.
+    pub slot: Option<usize>,
     pub since: f64,
     pub session: Option<String>,
 }
@@ -250,18 +252,28 @@ impl HostState {
     }
 }
 
-/// One lab slot of a host that runs several labs.
+/// One lab slot (`--slots`; a host with one lab has one).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SlotView {
-    pub slot: u32,
+    /// 1 for the first.
+    pub slot: usize,
+    /// netlab's instance: `default`, or the multilab id.
     pub instance: String,
-    pub state: String,
+    /// `empty`, `starting`, `running` or `tearing_down`.
+    pub state: Cow<'static, str>,
     pub topology: Option<String>,
     pub hash: Option<String>,
+    /// The session whose slot it is (8-character prefix).
     pub holder: Option<String>,
     pub holder_name: Option<String>,
     pub ref_count: u32,
+    /// Unix seconds its lab was last released, while no reference is held.
+    pub idle_since: Option<f64>,
+    pub devices: usize,
+    pub device_names: Vec<String>,
+    /// Unix seconds its lab came up.
+    pub started_at: Option<f64>,
 }
 
 /// The whole `GET /queue` view.
@@ -274,6 +286,8 @@ pub struct QueueView {
     pub waiting_timeout: f64,
     pub lab: LabView,
     pub operation: Option<Operation>,
+    /// Every lab slot (one on a host without `--slots`; none from servers before slots).
+    pub slots: Vec<SlotView>,
     pub teardowns_pending: usize,
     pub total: usize,
     pub truncated: bool,
@@ -284,9 +298,6 @@ pub struct QueueView {
     /// Why the host is not `ok` (for `unhealthy`, netlab's last error).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_state_reason: Option<String>,
-    /// The lab slots, on a host that has several.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub slots: Option<Vec<SlotView>>,
 }
 
 #[cfg(test)]

@@ -27,18 +27,19 @@ use crate::api::routes;
 use crate::config::{self, Command, Config};
 use crate::core::auth::Access;
 use crate::core::clock::{Clock, MonotonicClock};
+use crate::core::queue::SessionId;
 use crate::core::state::{LabJob, Shared, State, plural};
 use crate::core::timer;
 use crate::http::listener;
 use crate::http::pool;
 use crate::lab::netlab::Netlab;
 use crate::lab::procgroup;
-use crate::lab::record::{LabRecord, Teardown};
+use crate::lab::record::{self, LabRecord, Teardown};
 use crate::lab::upload;
 use crate::logging;
 use crate::notify;
 use crate::store::lockfile;
-use crate::store::persist::{self, Snapshot};
+use crate::store::persist::{self, Snapshot, Starting};
 use crate::store::statedir;
 
 /// How long a deliberate exit waits for the event writer (a hung disk must not keep a
@@ -161,7 +162,7 @@ fn serve(config: Config) -> i32 {
         return fail("the listener has no IP address");
     };
 
-    let (lab_tx, lab_rx) = unbounded();
+    let (lab_tx, lab_rx): (Vec<_>, Vec<_>) = config.instances().iter().map(|_| unbounded()).unzip();
     let pending: Vec<Teardown> = state.teardowns.clone();
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
     shared.access = access;
@@ -238,14 +239,27 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the signal thread");
     }
 
-    let netlab = netlab.with_live_log(Arc::clone(&shared.lab_log));
-    let lab_thread = {
-        let shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("lab".into())
-            .spawn(move || lab_thread::run(&shared, &netlab, lab_rx))
-            .expect("cannot start the lab thread")
-    };
+    // One lab worker per slot, each with its slot's live log.
+    let single = lab_rx.len() == 1;
+    let lab_threads: Vec<_> = lab_rx
+        .into_iter()
+        .enumerate()
+        .map(|(slot, rx)| {
+            let shared = Arc::clone(&shared);
+            let netlab = netlab
+                .clone()
+                .with_live_log(Arc::clone(shared.lab_log(slot)));
+            let name = if single {
+                "lab".to_owned()
+            } else {
+                format!("lab-{}", slot + 1)
+            };
+            thread::Builder::new()
+                .name(name)
+                .spawn(move || lab_thread::run(&shared, &netlab, rx, slot))
+                .expect("cannot start a lab worker")
+        })
+        .collect();
     let (timer_stop, timer_rx) = crossbeam_channel::bounded::<()>(1);
     let timer = {
         let shared = Arc::clone(&shared);
@@ -319,7 +333,9 @@ fn serve(config: Config) -> i32 {
     let _ = timer_stop.send(());
     let _ = timer.join();
     shared.send_lab_job(LabJob::Shutdown);
-    let _ = lab_thread.join();
+    for lab_thread in lab_threads {
+        let _ = lab_thread.join();
+    }
     shared.events.close();
     match listened {
         Ok(()) => {
@@ -431,7 +447,8 @@ fn watch_listener(shared: &Shared, probe: SocketAddr, every: Duration, stop: &Re
 ///
 /// Also returns what became of the lab: `readopted`, `dropped` or `none`.
 fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State, &'static str) {
-    let mut state = State::new(config.max_sessions);
+    let instances = config.instances();
+    let mut state = State::with_slots(config.max_sessions, &instances);
     let saved = match persist::load(&config.state_dir) {
         Ok(saved) => saved.unwrap_or_default(),
         Err(message) => {
@@ -440,19 +457,30 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
-    for (i, session) in saved.sessions.iter().enumerate() {
-        // The head was ACTIVE before the restart; if the file does not say since when, it
+    for session in &saved.sessions {
+        // An ACTIVE session before the restart; if the file does not say since when, it
         // is since now.
         let active_since = session
             .active_since_ms
-            .or_else(|| (i == 0).then(crate::observe::events::now_ms));
-        state
-            .queue
-            .restore_with(session.id, now, Arc::clone(&session.info), active_since);
+            .or_else(|| session.active.then(crate::observe::events::now_ms));
+        state.queue.restore_with(
+            session.id,
+            now,
+            Arc::clone(&session.info),
+            active_since,
+            session.active,
+        );
         state.queue.set_owner(&session.id, session.owner.clone());
         state
             .queue
             .set_schedule(&session.id, session.skips, session.ahead);
+    }
+    // Slots the file's ACTIVE sessions left free (more slots now, or an older file) go to
+    // the next in line.
+    for id in state.queue.fill() {
+        state
+            .queue
+            .set_active_since(&id, crate::observe::events::now_ms());
     }
     if let Some(active) = state.queue.active() {
         let n = state.queue.len();
@@ -462,7 +490,8 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         );
     }
     let mut keep: Vec<PathBuf> = Vec::new();
-    if let Some(start) = &saved.starting {
+    let (labs, starts) = saved_slots(&saved);
+    for start in starts {
         if let Some(pgid) = start.pgid {
             kill_orphaned_up(config, pgid);
         }
@@ -471,25 +500,59 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
             start.session,
             start.work_dir.display()
         );
-        let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
+        let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32], start.instance);
         discard_dir(netlab, t, &mut state, &mut keep);
     }
-    let mut lab_outcome = "none";
-    if let Some(lab) = saved.lab {
-        lab_outcome = "dropped";
-        match netlab.check_running(&lab.work_dir) {
+    let mut outcome = (0, 0);
+    for (lab, holder, started_ms, last_used_ms) in labs {
+        outcome.1 += 1;
+        let slot = instances.iter().position(|i| *i == lab.instance);
+        let free = slot.filter(|&i| state.slots[i].lab.is_none());
+        let Some(slot) = free else {
+            log::warn!(
+                "the lab {} of the last run is in netlab instance {}, which no slot of this run \
+                 has: tearing it down",
+                lab.topology.display(),
+                record::instance_name(lab.instance)
+            );
+            keep.push(lab.work_dir.clone());
+            state.teardowns.push(Teardown::new(lab, false));
+            continue;
+        };
+        match netlab.check_running(&lab.work_dir, lab.instance) {
             Ok(()) => {
+                // Its holder, if that session is still ACTIVE; with one slot the ACTIVE
+                // session's, as it always was.
+                let holder = holder
+                    .filter(|h| state.queue.is_active(h))
+                    .or_else(|| state.queue.active().filter(|_| instances.len() == 1));
+                if holder.is_none() && lab.ref_count > 0 && instances.len() > 1 {
+                    log::warn!(
+                        "the lab {} of slot {} is held by a session that is gone: tearing it down",
+                        lab.topology.display(),
+                        slot + 1
+                    );
+                    keep.push(lab.work_dir.clone());
+                    state.teardowns.push(Teardown::new(lab, false));
+                    continue;
+                }
                 log::info!(
-                    "re-adopted the running lab {} (ref_count {})",
+                    "re-adopted the running lab {} (ref_count {}){}",
                     lab.topology.display(),
-                    lab.ref_count
+                    lab.ref_count,
+                    if instances.len() > 1 {
+                        format!(" in slot {}", slot + 1)
+                    } else {
+                        String::new()
+                    }
                 );
                 keep.push(lab.work_dir.clone());
-                state.lab = Some(lab);
-                state.lab_started_ms = saved
-                    .lab_started_ms
-                    .or_else(|| Some(crate::observe::events::now_ms()));
-                lab_outcome = "readopted";
+                let s = &mut state.slots[slot];
+                s.lab = Some(lab);
+                s.holder = holder;
+                s.last_used_ms = last_used_ms;
+                s.lab_started_ms = started_ms.or_else(|| Some(crate::observe::events::now_ms()));
+                outcome.0 += 1;
             }
             Err(why) => {
                 log::warn!(
@@ -504,13 +567,87 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         keep.push(t.work_dir().to_path_buf());
         state.teardowns.push(t);
     }
-    if state.lab.is_none()
-        && let Err(why) = lab_thread::clear_default(netlab, config)
-    {
-        log::warn!("{why}; a POST /lab gets 409 until it is gone");
-    }
+    clear_free_instances(config, netlab, &state);
     remove_leftover_work_dirs(config, &keep);
+    let lab_outcome = match outcome {
+        (0, 0) => "none",
+        (0, _) => "dropped",
+        _ => "readopted",
+    };
     (state, lab_outcome)
+}
+
+/// A lab the state file records: the lab, its holder, when it came up, when last used.
+type SavedLab = (LabRecord, Option<SessionId>, Option<u64>, u64);
+
+/// Every slot's lab and start, as the state file records them.
+fn saved_slots(saved: &Snapshot) -> (Vec<SavedLab>, Vec<Starting>) {
+    let mut labs: Vec<SavedLab> = Vec::new();
+    let mut starts: Vec<Starting> = Vec::new();
+    labs.extend(
+        saved
+            .lab
+            .clone()
+            .map(|lab| (lab, saved.holder, saved.lab_started_ms, saved.last_used_ms)),
+    );
+    starts.extend(saved.starting.clone());
+    for slot in &saved.slots {
+        labs.extend(
+            slot.lab
+                .clone()
+                .map(|lab| (lab, slot.holder, slot.lab_started_ms, slot.last_used_ms)),
+        );
+        starts.extend(slot.starting.clone());
+    }
+    (labs, starts)
+}
+
+/// netlab instances of this server's slots that run no lab of ours now: what netlab still
+/// registers there is cleared if it is ours (in `labs/`), or anyone's with
+/// `--cleanup-foreign`. With several slots, a numbered instance no slot has is left alone
+/// unless it is in our `labs/` or `--cleanup-foreign` says otherwise.
+fn clear_free_instances(config: &Config, netlab: &Netlab, state: &State) {
+    let free: Vec<Option<u16>> = state
+        .slots
+        .iter()
+        .filter(|s| s.lab.is_none())
+        .map(|s| s.instance)
+        .collect();
+    if state.slots.len() == 1 {
+        for instance in free {
+            if let Err(why) = lab_thread::clear_instance(netlab, config, instance) {
+                log::warn!("{why}; a POST /lab gets 409 until it is gone");
+            }
+        }
+        return;
+    }
+    let registered = match netlab.instances(&config.state_dir) {
+        Ok(registered) => registered,
+        Err(e) => {
+            log::warn!("cannot tell which netlab instances run: {e}");
+            return;
+        }
+    };
+    let labs = config.state_dir.join("labs");
+    let ours = |dir: &Path| statedir::is_work_dir(&labs, dir);
+    for (name, dir) in registered {
+        let instance = name.parse::<u16>().ok();
+        let slot = state.slots.iter().find(|s| s.instance == instance);
+        let adopted = slot.is_some_and(|s| s.lab.is_some());
+        if adopted || name == "default" {
+            continue;
+        }
+        if slot.is_some() || ours(&dir) || config.cleanup_foreign {
+            if let Err(why) = lab_thread::clear_instance(netlab, config, instance) {
+                log::warn!("{why}; a POST /lab in its slot gets 409 until it is gone");
+            }
+        } else {
+            log::info!(
+                "netlab instance {name} runs in {}, outside this server's slots: left alone",
+                logging::escape(&dir.to_string_lossy())
+            );
+        }
+    }
 }
 
 /// Drops every record of the state file that names a directory outside `labs` (or a
@@ -540,6 +677,22 @@ fn confine(mut saved: Snapshot, labs: &Path) -> Snapshot {
             saved.starting = Some(start);
         } else {
             refuse("a start in", &start.work_dir);
+        }
+    }
+    for slot in &mut saved.slots {
+        if let Some(lab) = slot.lab.take() {
+            if lab_ok(&lab) {
+                slot.lab = Some(lab);
+            } else {
+                refuse("the lab", &lab.work_dir);
+            }
+        }
+        if let Some(start) = slot.starting.take() {
+            if statedir::is_work_dir(labs, &start.work_dir) {
+                slot.starting = Some(start);
+            } else {
+                refuse("a start in", &start.work_dir);
+            }
         }
     }
     saved.teardowns.retain(|t| {
@@ -631,7 +784,7 @@ fn group_has_live_members(pgid: u32) -> bool {
 /// goes once netlab is done. When it fails, the directory is kept and the teardown stays
 /// pending in `state`, for the lab thread to retry.
 fn discard_dir(netlab: &Netlab, mut t: Teardown, state: &mut State, keep: &mut Vec<PathBuf>) {
-    match netlab.tear_down(t.work_dir(), t.force) {
+    match netlab.tear_down(t.work_dir(), t.force, t.lab.instance) {
         Ok(()) => upload::remove_dir(t.work_dir()),
         Err(e) => {
             log::error!(
@@ -682,13 +835,18 @@ fn cleanup(config: Config) -> i32 {
     let saved = confine(saved, &config.state_dir.join("labs"));
     // The running lab is torn down like the server would (one `down --cleanup`); pending
     // teardowns as they were queued; a half-made start with `--force`.
+    let (running, starts) = saved_slots(&saved);
     let mut labs: Vec<Teardown> = Vec::new();
-    labs.extend(saved.lab.map(|lab| Teardown::new(lab, false)));
+    labs.extend(
+        running
+            .into_iter()
+            .map(|(lab, ..)| Teardown::new(lab, false)),
+    );
     labs.extend(saved.teardowns);
     labs.extend(
-        saved
-            .starting
-            .map(|s| Teardown::of_failed_start(&s.work_dir, None, [0; 32])),
+        starts
+            .into_iter()
+            .map(|s| Teardown::of_failed_start(&s.work_dir, None, [0; 32], s.instance)),
     );
     let mut left: Vec<Teardown> = Vec::new();
     for mut t in labs {
@@ -707,31 +865,33 @@ fn cleanup(config: Config) -> i32 {
             }
         }
     }
-    // netlab's `default` instance, unless it is a lab that just failed: trying again would
-    // only fail again, and report the same lab twice.
-    let default_is_left = !left.is_empty()
-        && netlab
-            .default_instance_dir(&config.state_dir)
-            .ok()
-            .flatten()
-            .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
-    let default_error = if default_is_left {
-        None
-    } else {
-        netlab
-            .cleanup_default(&config.state_dir)
-            .err()
-            .map(|e| e.to_string())
-    };
-    if let Some(e) = &default_error {
-        log::error!(
-            "cannot clear netlab's 'default' instance: {}",
-            crate::lab::netlab::for_log(e)
-        );
+    // netlab's `default` instance and every slot's, unless it is a lab that just failed:
+    // trying again would only fail again, and report the same lab twice.
+    let mut instances: Vec<Option<u16>> = vec![None];
+    instances.extend(config.instances().into_iter().flatten().map(Some));
+    let mut instance_errors: Vec<(String, String)> = Vec::new();
+    for instance in instances {
+        let is_left = !left.is_empty()
+            && netlab
+                .instance_dir(&config.state_dir, instance)
+                .ok()
+                .flatten()
+                .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
+        if is_left {
+            continue;
+        }
+        if let Err(e) = netlab.cleanup_instance(&config.state_dir, instance) {
+            let name = record::instance_name(instance);
+            log::error!(
+                "cannot clear netlab's '{name}' instance: {}",
+                crate::lab::netlab::for_log(&e)
+            );
+            instance_errors.push((name, e.to_string()));
+        }
     }
     let keep: Vec<PathBuf> = left.iter().map(|t| t.work_dir().to_path_buf()).collect();
     remove_leftover_work_dirs(&config, &keep);
-    if left.is_empty() && default_error.is_none() {
+    if left.is_empty() && instance_errors.is_empty() {
         if let Err(e) = persist::remove(&config.state_dir) {
             return fail(format!("cannot remove the state file: {e}"));
         }
@@ -751,15 +911,17 @@ fn cleanup(config: Config) -> i32 {
     if let Err(e) = written {
         log::error!("cannot write the state file: {e}");
     }
-    eprint!(
-        "{}",
-        unfinished_report(&config, &left, default_error.as_deref())
-    );
+    eprint!("{}", unfinished_report(&config, &left, &instance_errors));
     1
 }
 
-/// What `cleanup` could not finish, and the commands that finish it by hand.
-fn unfinished_report(config: &Config, left: &[Teardown], default_error: Option<&str>) -> String {
+/// What `cleanup` could not finish (labs, and netlab instances with netlab's words), and the
+/// commands that finish it by hand.
+fn unfinished_report(
+    config: &Config,
+    left: &[Teardown],
+    instance_errors: &[(String, String)],
+) -> String {
     let home = std::env::var("HOME").unwrap_or_else(|_| "~".into());
     let netlab = shell_quote(&config.netlab.to_string_lossy());
     let env = format!("HOME={}", shell_quote(&home));
@@ -773,9 +935,9 @@ fn unfinished_report(config: &Config, left: &[Teardown], default_error: Option<&
             t.error.as_deref().unwrap_or("").replace('\n', "\n      ")
         ));
     }
-    if let Some(e) = default_error {
+    for (name, e) in instance_errors {
         out.push_str(&format!(
-            "  * netlab's 'default' instance:\n      {}\n",
+            "  * netlab's '{name}' instance:\n      {}\n",
             e.replace('\n', "\n      ")
         ));
     }
@@ -792,9 +954,9 @@ fn unfinished_report(config: &Config, left: &[Teardown], default_error: Option<&
             "       cd {dir} && {env} {netlab} down --cleanup --force\n"
         ));
     }
-    if default_error.is_some() {
+    for (name, _) in instance_errors {
         out.push_str(&format!(
-            "       {env} {netlab} down --instance default --cleanup --force\n"
+            "       {env} {netlab} down --instance {name} --cleanup --force\n"
         ));
     }
     out.push_str("  2. if netlab cannot, the back end by hand, then drop netlab's registration:\n");

@@ -30,9 +30,9 @@ use crate::core::auth::Caller;
 use crate::core::queue::Status;
 use crate::core::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob};
 use crate::http::reply::{Reply, Responder, header_value};
-use crate::lab::record::{self, Acquire, Hash};
+use crate::lab::record::{self, Acquire, Hash, SlotChoice, SlotView};
 use crate::lab::upload::{self, UploadError};
-use crate::observe::events::{self, who};
+use crate::observe::events::{self, now_ms, who};
 use crate::observe::metrics::{METRICS, Outcome};
 use crate::store::persist::Starting;
 
@@ -54,11 +54,13 @@ struct Pending {
 /// What the upload thread decided.
 enum Decision {
     Reply(Reply),
-    /// Run `netlab up` on the lab thread.
+    /// Run `netlab up` on the lab worker of slot `lab_slot`.
     Start {
         slot: AcquireSlot,
         hash: Hash,
         topology: PathBuf,
+        lab_slot: usize,
+        instance: Option<u16>,
     },
 }
 
@@ -193,8 +195,12 @@ fn run_upload(shared: &Arc<Shared>, mut responder: Responder, pending: Pending) 
             slot,
             hash,
             topology,
+            lab_slot,
+            instance,
         }) => shared.send_lab_job(LabJob::Start(StartJob {
             slot,
+            lab_slot,
+            instance,
             responder,
             hash,
             work_dir,
@@ -274,18 +280,51 @@ fn receive_and_decide(
             .into();
         }
     }
-    let decision = record::decide(state.lab.as_ref(), &upload.hash, upload.reuse);
+    let single = state.slots.len() == 1;
+    let views: Vec<SlotView<'_>> = state
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SlotView {
+            lab: s.lab.as_ref(),
+            // With one slot the lab is the ACTIVE session's, whoever started it.
+            mine: single || s.holder == Some(session),
+            held: s.holder.is_some_and(|h| h != session),
+            starting: s.starting.is_some(),
+            tearing_down: state.tearing_down(i),
+            wanted_at: s.lab.as_ref().and_then(|l| {
+                state
+                    .queue
+                    .waiting_declared()
+                    .position(|d| d == Some(&l.hash))
+            }),
+            last_used_ms: s.last_used_ms,
+        })
+        .collect();
+    let (lab_slot, acquire) = match record::choose_slot(&views, &upload.hash, upload.reuse) {
+        SlotChoice::Own { slot, acquire } => (slot, acquire),
+        SlotChoice::Attach { slot } => (slot, Acquire::Attach),
+        SlotChoice::Empty { slot } => (slot, Acquire::Start { replace: false }),
+        SlotChoice::Evict { slot } => (slot, Acquire::Start { replace: true }),
+        SlotChoice::Busy => (0, Acquire::Busy),
+    };
+    drop(views);
     // The first acquire of a session promoted ahead tells whether that saved an `up`.
-    let promoted_ahead = decision != Acquire::Busy && state.queue.first_use_of_ahead(&session);
-    match decision {
+    let promoted_ahead = acquire != Acquire::Busy && state.queue.first_use_of_ahead(&session);
+    match acquire {
         Acquire::Attach => {
             if promoted_ahead {
                 METRICS.up_avoided();
             }
-            let lab = state
+            let now = now_ms();
+            let target = &mut state.slots[lab_slot];
+            target.holder = Some(session);
+            target.last_used_ms = now;
+            target.idle_since = None;
+            let lab = target
                 .lab
                 .as_mut()
-                .expect("decide() attaches to a running lab");
+                .expect("choose_slot() attaches to a running lab");
             lab.ref_count += 1;
             let reply = Reply::json(
                 200,
@@ -295,8 +334,9 @@ fn receive_and_decide(
                 },
             );
             log::info!(
-                "session {session} attached to the running lab {} (ref_count {})",
+                "session {session} attached to the running lab {} in slot {} (ref_count {})",
                 lab.topology.display(),
+                lab_slot + 1,
                 lab.ref_count
             );
             let refs = lab.ref_count;
@@ -309,7 +349,7 @@ fn receive_and_decide(
                 "lab_reused",
                 events::with(
                     who(&session, info.name.as_deref(), info.owner.as_deref()),
-                    serde_json::json!({ "ref_count": refs }),
+                    serde_json::json!({ "slot": lab_slot + 1, "ref_count": refs }),
                 ),
             );
             let version = state.changed();
@@ -332,25 +372,23 @@ fn receive_and_decide(
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
-            let evicted = if replace {
-                state.lab_to_replace()
-            } else {
-                None
-            };
-            if let Some((_, wanted)) = evicted
-                && let Some(old) = state.lab.take()
-            {
+            if replace && let Some(old) = state.slots[lab_slot].lab.take() {
                 log::info!(
-                    "replacing the idle lab {} for session {session} ({wanted} waiting {} declared it)",
+                    "replacing the idle lab {} in slot {} for session {session}",
                     old.topology.display(),
-                    crate::core::state::plural(wanted, "session", "sessions")
+                    lab_slot + 1
                 );
                 shared.queue_teardown(&mut state, old);
             }
-            state.starting = Some(Starting {
+            let instance = state.slots[lab_slot].instance;
+            let target = &mut state.slots[lab_slot];
+            target.holder = Some(session);
+            target.idle_since = None;
+            target.starting = Some(Starting {
                 session,
                 work_dir: work_dir.clone(),
                 pgid: None,
+                instance,
             });
             let version = state.changed();
             drop(state);
@@ -364,6 +402,8 @@ fn receive_and_decide(
                 slot,
                 hash: upload.hash,
                 topology: upload.topology,
+                lab_slot,
+                instance,
             }
         }
     }

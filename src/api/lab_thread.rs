@@ -1,6 +1,8 @@
-//! The lab thread: the one thread that runs netlab. Jobs (start, teardown) come over a channel
-//! and run one at a time, in order, so starts and teardowns never overlap and a start queued
-//! behind a teardown waits for it. A start carries the client's responder and the acquire
+//! The lab workers: one thread per lab slot runs that slot's netlab commands (with one slot,
+//! the one thread that runs netlab). Jobs (start, teardown) come over the slot's channel and
+//! run one at a time, in order, so a slot's starts and teardowns never overlap and a start
+//! queued behind a teardown waits for it; different slots start and tear down at the same
+//! time. A start carries the client's responder and the acquire
 //! slot; this thread answers the client when netlab is done (no worker ever waits for
 //! netlab) and frees the slot by dropping it. A panic during a job ends that job only: the
 //! unwinding drops the start's responder (the client gets our 500) and its slot (freed; the
@@ -28,52 +30,75 @@ use crate::observe::metrics::{METRICS, Outcome};
 use crate::store::persist::NotPersisted;
 
 /// What the lab thread asks of netlab; [`Netlab`] does it, a unit test can stand in.
+/// Every call names the netlab instance (`None`: `default`).
 pub trait Driver {
     /// `netlab up`; `spawned` gets the process group as soon as it runs.
     fn up(
         &self,
         topology: &Path,
+        instance: Option<u16>,
         cancel: &AtomicBool,
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError>;
-    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError>;
-    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError>;
-    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError>;
-    fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError>;
+    fn devices(&self, work_dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError>;
+    fn tear_down(
+        &self,
+        work_dir: &Path,
+        force: bool,
+        instance: Option<u16>,
+    ) -> Result<(), NetlabError>;
+    fn instance_dir(
+        &self,
+        cwd: &Path,
+        instance: Option<u16>,
+    ) -> Result<Option<PathBuf>, NetlabError>;
+    fn cleanup_instance(&self, cwd: &Path, instance: Option<u16>) -> Result<(), NetlabError>;
 }
 
 impl Driver for Netlab {
     fn up(
         &self,
         topology: &Path,
+        instance: Option<u16>,
         cancel: &AtomicBool,
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError> {
-        Netlab::up(self, topology, cancel, spawned)
+        Netlab::up(self, topology, instance, cancel, spawned)
     }
-    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError> {
-        Netlab::devices(self, work_dir)
+    fn devices(&self, work_dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError> {
+        Netlab::devices(self, work_dir, instance)
     }
-    fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError> {
-        Netlab::tear_down(self, work_dir, force)
+    fn tear_down(
+        &self,
+        work_dir: &Path,
+        force: bool,
+        instance: Option<u16>,
+    ) -> Result<(), NetlabError> {
+        Netlab::tear_down(self, work_dir, force, instance)
     }
-    fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError> {
-        Netlab::default_instance_dir(self, cwd)
+    fn instance_dir(
+        &self,
+        cwd: &Path,
+        instance: Option<u16>,
+    ) -> Result<Option<PathBuf>, NetlabError> {
+        Netlab::instance_dir(self, cwd, instance)
     }
-    fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError> {
-        Netlab::cleanup_default(self, cwd)
+    fn cleanup_instance(&self, cwd: &Path, instance: Option<u16>) -> Result<(), NetlabError> {
+        Netlab::cleanup_instance(self, cwd, instance)
     }
 }
 
-pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>) {
+/// The lab worker of slot `slot` (its index): takes its jobs until a shutdown.
+pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: usize) {
+    let lab_log = shared.lab_log(slot);
     for job in jobs.iter() {
         let stop = matches!(job, LabJob::Shutdown);
         let description = format!("{job:?}");
         let result = catch_unwind(AssertUnwindSafe(|| match job {
             LabJob::Start(job) => {
-                shared.lab_log.begin(Job::Up);
+                lab_log.begin(Job::Up);
                 let reply = start(shared, netlab, &job);
-                shared.lab_log.end();
+                lab_log.end();
                 METRICS.acquisition(Outcome::of_start(reply.status), Some(job.began.elapsed()));
                 let StartJob {
                     slot, responder, ..
@@ -81,15 +106,18 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>) {
                 drop(slot);
                 responder.respond(reply);
             }
-            LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t) {
+            LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t, slot) {
                 Ok(()) => shared.teardown_done(t.work_dir()),
                 Err(e) => shared.teardown_failed(&t, e),
             },
-            LabJob::Shutdown => shut_down(shared, netlab),
+            LabJob::Shutdown => shut_down(shared, netlab, slot),
         }));
         if result.is_err() {
-            shared.lab_log.end();
-            log::error!("the lab thread panicked during the {description}; taking the next job");
+            lab_log.end();
+            log::error!(
+                "the lab worker of slot {} panicked during the {description}; taking the next job",
+                slot + 1
+            );
         }
         if stop {
             break;
@@ -97,11 +125,11 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>) {
     }
 }
 
-/// The last job: tear the running lab down, unless `--on-exit keep` leaves it for the next
-/// start to adopt (the state file already says everything about it).
-fn shut_down(shared: &Shared, netlab: &dyn Driver) {
+/// The last job: tear the slot's running lab down, unless `--on-exit keep` leaves it for the
+/// next start to adopt (the state file already says everything about it).
+fn shut_down(shared: &Shared, netlab: &dyn Driver, slot: usize) {
     if shared.config.on_exit == OnExit::Keep {
-        if let Some(lab) = &shared.lock().lab {
+        if let Some(lab) = shared.lock().slots.get(slot).and_then(|s| s.lab.as_ref()) {
             log::info!(
                 "shutting down: keeping the lab {} (ref_count {}) for the next start",
                 lab.topology.display(),
@@ -110,14 +138,20 @@ fn shut_down(shared: &Shared, netlab: &dyn Driver) {
         }
         return;
     }
-    let running = shared.lock().lab.clone();
+    let running = shared.lock().slots.get(slot).and_then(|s| s.lab.clone());
     if let Some(lab) = running {
-        log::info!("shutting down: tearing down the running lab");
+        log::info!(
+            "shutting down: tearing down the running lab of slot {}",
+            slot + 1
+        );
         let t = Teardown::new(lab, false);
-        let result = observed_teardown(shared, netlab, &t);
+        let result = observed_teardown(shared, netlab, &t, slot);
         let version = {
             let mut state = shared.lock();
-            state.lab = None;
+            if let Some(s) = state.slots.get_mut(slot) {
+                s.lab = None;
+                s.holder = None;
+            }
             state.changed()
         };
         shared.persist_quietly(version);
@@ -134,7 +168,7 @@ fn shut_down(shared: &Shared, netlab: &dyn Driver) {
 pub fn teardown(netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
     let started = Instant::now();
     netlab
-        .tear_down(t.work_dir(), t.force)
+        .tear_down(t.work_dir(), t.force, t.lab.instance)
         .map_err(|e| e.to_string())?;
     log::info!(
         "lab {} torn down in {:.1} s",
@@ -146,18 +180,26 @@ pub fn teardown(netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
 }
 
 /// [`teardown`], with its output in the live log and its start and end as events.
-fn observed_teardown(shared: &Shared, netlab: &dyn Driver, t: &Teardown) -> Result<(), String> {
+fn observed_teardown(
+    shared: &Shared,
+    netlab: &dyn Driver,
+    t: &Teardown,
+    slot: usize,
+) -> Result<(), String> {
     let started = Instant::now();
     let topology = file_name(&t.lab.topology);
-    shared.lab_log.begin(Job::Down);
-    shared
-        .events
-        .emit("teardown_begun", json!({ "topology": topology }));
+    let lab_log = shared.lab_log(slot);
+    lab_log.begin(Job::Down);
+    shared.events.emit(
+        "teardown_begun",
+        json!({ "slot": slot + 1, "topology": topology }),
+    );
     let result = teardown(netlab, t);
-    shared.lab_log.end();
+    lab_log.end();
     shared.events.emit(
         "teardown_done",
         json!({
+            "slot": slot + 1,
             "topology": topology,
             "duration_s": started.elapsed().as_secs_f64(),
             "success": result.is_ok(),
@@ -170,8 +212,8 @@ fn observed_teardown(shared: &Shared, netlab: &dyn Driver, t: &Teardown) -> Resu
 /// Cleans up after a start that did not produce a lab we keep. If netlab cannot, the
 /// remains become a failed teardown, retried like any other.
 fn discard(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
-    let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash);
-    match netlab.tear_down(&job.work_dir, true) {
+    let t = Teardown::of_failed_start(&job.work_dir, Some(&job.topology), job.hash, job.instance);
+    match netlab.tear_down(&job.work_dir, true, job.instance) {
         Ok(()) => remove_dir(&job.work_dir),
         Err(e) => shared.teardown_failed(&t, e.to_string()),
     }
@@ -179,17 +221,20 @@ fn discard(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
 
 fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     let ticket = job.slot.ticket();
+    let slot = job.lab_slot;
     if shared.is_shutting_down() {
         remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &ticket, None);
+        let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let started = Instant::now();
     log::info!(
-        "starting lab {} ({}) for session {}",
+        "starting lab {} ({}) for session {} in slot {} (netlab instance {})",
         job.topology.display(),
         &record::hex(&job.hash)[..12],
-        ticket.session
+        ticket.session,
+        slot + 1,
+        record::instance_name(job.instance)
     );
     let info = shared.client_info(&ticket.session);
     let topology = file_name(&job.topology);
@@ -198,7 +243,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         "lab_start_begun",
         events::with(
             who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
-            json!({ "topology": topology, "hash": hash }),
+            json!({ "slot": slot + 1, "topology": topology, "hash": hash }),
         ),
     );
     let start_failed = |status: u16, error: &str| {
@@ -207,6 +252,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             events::with(
                 who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
                 json!({
+                    "slot": slot + 1,
                     "topology": topology,
                     "hash": hash,
                     "status": status,
@@ -216,12 +262,13 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             ),
         );
     };
-    // Whatever netlab still registers as `default` (a lab we lost track of) would make
-    // `up` fail: clear it first, if it is ours; another's is left alone and refused.
-    if let Err(why) = clear_default(netlab, &shared.config) {
+    // Whatever netlab still registers as the slot's instance (a lab we lost track of)
+    // would make `up` fail: clear it first, if it is ours; another's is left alone and
+    // refused.
+    if let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
         log::warn!("lab {}: {why}", job.topology.display());
         remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &ticket, None);
+        let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(409, why);
     }
     // The up's process group goes into the start record, so that a restart after a crash
@@ -229,7 +276,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     let record_group = |pgid: u32| {
         let version = {
             let mut state = shared.lock();
-            match state.starting.as_mut() {
+            match state.slots.get_mut(slot).and_then(|s| s.starting.as_mut()) {
                 Some(start) if start.work_dir == job.work_dir => start.pgid = Some(pgid),
                 _ => return,
             }
@@ -238,15 +285,21 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         shared.persist_quietly(version);
     };
     let result = netlab
-        .up(&job.topology, shared.shutdown_flag(), &record_group)
-        .and_then(|()| netlab.devices(&job.work_dir));
+        .up(
+            &job.topology,
+            job.instance,
+            shared.shutdown_flag(),
+            &record_group,
+        )
+        .and_then(|()| registered(netlab, job))
+        .and_then(|()| netlab.devices(&job.work_dir, job.instance));
     let devices = match result {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(job, &e);
             start_failed(e.status(), &e.to_string());
             discard(shared, netlab, job);
-            let _ = finish_start(shared, &ticket, None);
+            let _ = finish_start(shared, &ticket, slot, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -257,8 +310,9 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         topology: job.topology.clone(),
         ref_count: 1,
         devices_json: devices_json.clone(),
+        instance: job.instance,
     };
-    let (active, stored) = match finish_start(shared, &ticket, Some(record)) {
+    let (active, stored) = match finish_start(shared, &ticket, slot, Some(record)) {
         Ok(done) => done,
         Err(e) => {
             // Not recorded, so not kept: a lab nobody knows of would outlive a restart.
@@ -269,7 +323,9 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             discard(shared, netlab, job);
             let version = {
                 let mut state = shared.lock();
-                state.starting = None;
+                if let Some(s) = state.slots.get_mut(slot) {
+                    s.starting = None;
+                }
                 state.changed()
             };
             shared.persist_quietly(version);
@@ -306,6 +362,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         events::with(
             who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
             json!({
+                "slot": slot + 1,
                 "topology": topology,
                 "hash": hash,
                 "duration_s": started.elapsed().as_secs_f64(),
@@ -322,45 +379,75 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     )
 }
 
-/// Tears down netlab's `default` instance if it is in this server's `labs/` (a lab we lost
-/// track of), or anywhere with `--cleanup-foreign`. One in another directory belongs to
-/// someone else (another server, a person at the shell): it is left alone, and the reason
-/// is returned. A registration whose directory is gone is cleared either way.
-pub fn clear_default(netlab: &dyn Driver, config: &crate::config::Config) -> Result<(), String> {
+/// After `up` of a multilab instance: netlab must register the slot's id in the work dir
+/// (`status --all`), or the start failed.
+fn registered(netlab: &dyn Driver, job: &StartJob) -> Result<(), NetlabError> {
+    let Some(id) = job.instance else {
+        return Ok(());
+    };
+    let dir = netlab.instance_dir(&job.work_dir, Some(id))?;
+    if dir.as_deref() == Some(job.work_dir.as_path()) {
+        return Ok(());
+    }
+    Err(NetlabError::Failed {
+        command: "up".into(),
+        exit: "exited 0 but failed".into(),
+        output: match dir {
+            Some(other) => format!(
+                "netlab status --all registers instance {id} in {}, not in {}",
+                other.display(),
+                job.work_dir.display()
+            ),
+            None => format!("netlab status --all does not register instance {id}"),
+        },
+    })
+}
+
+/// Tears down netlab's `instance` (`default` for `None`) if it is in this server's `labs/`
+/// (a lab we lost track of), or anywhere with `--cleanup-foreign`. One in another directory
+/// belongs to someone else (another server, a person at the shell): it is left alone, and
+/// the reason is returned. A registration whose directory is gone is cleared either way.
+pub fn clear_instance(
+    netlab: &dyn Driver,
+    config: &crate::config::Config,
+    instance: Option<u16>,
+) -> Result<(), String> {
     let labs = config.state_dir.join("labs");
-    let dir = match netlab.default_instance_dir(&config.state_dir) {
+    let name = record::instance_name(instance);
+    let dir = match netlab.instance_dir(&config.state_dir, instance) {
         Ok(Some(dir)) => dir,
         Ok(None) => return Ok(()),
         Err(e) => {
-            log::warn!("cannot tell where netlab's default instance is: {e}");
+            log::warn!("cannot tell where netlab's instance {name} is: {e}");
             return Ok(());
         }
     };
     let ours = crate::store::statedir::is_work_dir(&labs, &dir);
     if ours || config.cleanup_foreign || !dir.exists() {
-        if let Err(e) = netlab.cleanup_default(&config.state_dir) {
+        if let Err(e) = netlab.cleanup_instance(&config.state_dir, instance) {
             log::error!(
-                "cannot clear netlab's 'default' instance: {}",
+                "cannot clear netlab's '{name}' instance: {}",
                 crate::lab::netlab::for_log(&e)
             );
         }
         return Ok(());
     }
     Err(format!(
-        "netlab's instance 'default' is running in {}, outside this server's {}: \
+        "netlab's instance '{name}' is running in {}, outside this server's {}: \
          not touching it (tear it down there, or start the server with --cleanup-foreign)",
         crate::logging::escape(&dir.to_string_lossy()),
         labs.display()
     ))
 }
 
-/// Ends a start: the lab (if one came up and its session is still the active one, and the
-/// server is not shutting down) becomes the running lab; the start is no longer in
-/// progress. Durable when this returns (the caller then frees the slot by dropping it).
-/// Returns (session still active, lab stored).
+/// Ends a start in slot `slot`: the lab (if one came up and its session is still ACTIVE,
+/// and the server is not shutting down) becomes the slot's running lab, held by that
+/// session; the start is no longer in progress. Durable when this returns (the caller then
+/// frees the acquire slot by dropping it). Returns (session still active, lab stored).
 fn finish_start(
     shared: &Shared,
     ticket: &Ticket,
+    slot: usize,
     lab: Option<LabRecord>,
 ) -> Result<(bool, bool), NotPersisted> {
     let session = &ticket.session;
@@ -368,11 +455,17 @@ fn finish_start(
         let mut state = shared.lock();
         let active = matches!(state.queue.lookup(session), Some((Status::Active, _)));
         let stored = lab.is_some() && active && !shared.is_shutting_down();
-        if stored {
-            state.lab = lab;
-            state.lab_started_ms = Some(now_ms());
+        if let Some(s) = state.slots.get_mut(slot) {
+            if stored {
+                s.lab = lab;
+                s.holder = Some(*session);
+                s.lab_started_ms = Some(now_ms());
+                s.last_used_ms = now_ms();
+            } else if s.lab.is_none() {
+                s.holder = None;
+            }
+            s.starting = None;
         }
-        state.starting = None;
         (active, stored, state.changed())
     };
     shared.persist(version).map(|()| (active, stored))
@@ -417,26 +510,32 @@ mod tests {
     }
 
     impl Driver for PanicsOnce {
-        fn up(&self, _: &Path, _: &AtomicBool, _: &dyn Fn(u32)) -> Result<(), NetlabError> {
+        fn up(
+            &self,
+            _: &Path,
+            _: Option<u16>,
+            _: &AtomicBool,
+            _: &dyn Fn(u32),
+        ) -> Result<(), NetlabError> {
             if self.ups.fetch_add(1, Ordering::SeqCst) == 0 {
                 panic!("a bug in the start path");
             }
             Ok(())
         }
-        fn devices(&self, _: &Path) -> Result<Vec<Device>, NetlabError> {
+        fn devices(&self, _: &Path, _: Option<u16>) -> Result<Vec<Device>, NetlabError> {
             Ok(vec![Device {
                 name: "r1".into(),
                 raw: json!({"name": "r1"}),
             }])
         }
-        fn tear_down(&self, _: &Path, _: bool) -> Result<(), NetlabError> {
+        fn tear_down(&self, _: &Path, _: bool, _: Option<u16>) -> Result<(), NetlabError> {
             self.downs.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn default_instance_dir(&self, _: &Path) -> Result<Option<PathBuf>, NetlabError> {
+        fn instance_dir(&self, _: &Path, _: Option<u16>) -> Result<Option<PathBuf>, NetlabError> {
             Ok(None)
         }
-        fn cleanup_default(&self, _: &Path) -> Result<(), NetlabError> {
+        fn cleanup_instance(&self, _: &Path, _: Option<u16>) -> Result<(), NetlabError> {
             Ok(())
         }
     }
@@ -452,10 +551,12 @@ mod tests {
         let topology = work_dir.join("topology.yml");
         let version = {
             let mut state = shared.lock();
-            state.starting = Some(Starting {
+            state.slots[0].holder = Some(session);
+            state.slots[0].starting = Some(Starting {
                 session,
                 work_dir: work_dir.clone(),
                 pgid: None,
+                instance: None,
             });
             state.changed()
         };
@@ -467,6 +568,8 @@ mod tests {
         let (responder, replies) = Responder::capture(request);
         shared.send_lab_job(LabJob::Start(StartJob {
             slot,
+            lab_slot: 0,
+            instance: None,
             responder,
             hash: [7; 32],
             work_dir,
@@ -489,7 +592,7 @@ mod tests {
         let driver = Arc::new(PanicsOnce::default());
         let lab_thread = {
             let (shared, driver) = (Arc::clone(&shared), Arc::clone(&driver));
-            std::thread::spawn(move || run(&shared, &*driver, rx))
+            std::thread::spawn(move || run(&shared, &*driver, rx, 0))
         };
         let wait = Duration::from_secs(10);
 
@@ -505,7 +608,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(driver.downs.load(Ordering::SeqCst), 1);
-        assert!(shared.lock().starting.is_none());
+        assert!(shared.lock().slots[0].starting.is_none());
 
         // The same session's next POST /lab gets the slot and its lab.
         let reply = send_start(&shared, session).recv_timeout(wait).unwrap();

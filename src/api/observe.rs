@@ -12,8 +12,8 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tiny_http::Request;
 
-use crate::core::queue::{ClientInfo, SessionId};
-use crate::core::state::{Shared, State, file_name};
+use crate::core::queue::{ClientInfo, SessionId, Status};
+use crate::core::state::{Shared, Slot, State, file_name};
 use crate::http::reply::{Reply, header_value, query_param};
 use crate::lab::record::{self, Hash};
 use crate::observe::events::{self, now_ms, prefix, secs, who};
@@ -21,7 +21,7 @@ use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
 use crate::protocol::{
     self, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation, QueueView,
-    SessionView,
+    SessionView, SlotView,
 };
 
 pub use crate::protocol::{CLIENT_NAME_HEADER, TOPOLOGY_SHA256_HEADER as TOPOLOGY_HEADER};
@@ -218,80 +218,164 @@ fn unix_now() -> f64 {
 
 // ------------------------------------------------------------------------------- GET /queue
 
+/// A slot as the lock holder copied it: the slot, whether a teardown of its instance is
+/// pending, its holder's client name.
+type SlotCopy = (Slot, bool, Option<String>);
+
+fn slot_copies(state: &State) -> Vec<SlotCopy> {
+    state
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let name = slot
+                .holder
+                .filter(|_| slot.lab.is_some() || slot.starting.is_some())
+                .and_then(|h| state.queue.info(&h))
+                .and_then(|(info, _)| info.name.clone());
+            (slot.clone(), state.tearing_down(i), name)
+        })
+        .collect()
+}
+
+fn device_names(lab: Option<&record::LabRecord>) -> Vec<String> {
+    lab.and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l.devices_json.get()).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .collect()
+}
+
+/// The slots as `GET /queue` (and `GET /lab` without a session) shows them.
+fn slot_entries(copies: &[SlotCopy]) -> Vec<SlotView> {
+    copies
+        .iter()
+        .enumerate()
+        .map(|(i, (slot, tearing_down, name))| {
+            let lab = slot.lab.as_ref();
+            let holder = slot
+                .holder
+                .filter(|_| lab.is_some() || slot.starting.is_some());
+            let names = device_names(lab);
+            SlotView {
+                slot: i + 1,
+                instance: record::instance_name(slot.instance),
+                state: slot.phase(*tearing_down).into(),
+                topology: lab.map(|l| file_name(&l.topology)),
+                hash: lab.map(|l| hash_prefix(&l.hash)),
+                holder: holder.as_ref().map(prefix),
+                holder_name: name.clone(),
+                ref_count: lab.map_or(0, |l| l.ref_count),
+                idle_since: lab
+                    .filter(|l| l.ref_count == 0 && slot.last_used_ms > 0)
+                    .map(|_| secs(slot.last_used_ms)),
+                devices: names.len(),
+                device_names: names,
+                started_at: lab.and(slot.lab_started_ms).map(secs),
+            }
+        })
+        .collect()
+}
+
+/// `GET /lab` without a session, with several slots: `{"slots": [...]}` as `GET /queue`
+/// shows them.
+pub fn slots_json(shared: &Shared) -> Reply {
+    #[derive(Serialize)]
+    struct Slots {
+        slots: Vec<SlotView>,
+    }
+    let copies = slot_copies(&shared.lock());
+    Reply::json(
+        200,
+        &Slots {
+            slots: slot_entries(&copies),
+        },
+    )
+}
+
 /// The queue view, taken with one short hold of the state lock (copies of the first `limit`
 /// rows); everything else is done after it is released.
 pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     let now = shared.clock.now();
     let wall = unix_now();
-    let (rows, total, lab, lab_started, idle_since, starting, acquiring, teardowns) = {
+    let (rows, total, copies, acquiring, teardowns) = {
         let state = shared.lock();
         (
             state.queue.rows(now, limit),
             state.queue.len(),
-            state.lab.clone(),
-            state.lab_started_ms,
-            state.idle_since,
-            state.starting.as_ref().map(|s| s.session),
+            slot_copies(&state),
             state.acquiring().map(|t| t.session),
             state.teardowns.len(),
         )
     };
-    let device_names: Vec<String> = lab
-        .as_ref()
-        .and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l.devices_json.get()).ok())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_owned))
-        .collect();
+    let (first, _, _) = &copies[0];
+    let lab = first.lab.as_ref();
+    let names = device_names(lab);
     let lab_view = LabView {
         running: lab.is_some(),
-        topology: lab.as_ref().map(|l| file_name(&l.topology)),
-        hash: lab.as_ref().map(|l| hash_prefix(&l.hash)),
-        devices: device_names.len(),
-        device_names,
-        started_at: lab.as_ref().and(lab_started).map(secs),
-        ref_count: lab.as_ref().map_or(0, |l| l.ref_count),
+        topology: lab.map(|l| file_name(&l.topology)),
+        hash: lab.map(|l| hash_prefix(&l.hash)),
+        devices: names.len(),
+        device_names: names,
+        started_at: lab.and(first.lab_started_ms).map(secs),
+        ref_count: lab.map_or(0, |l| l.ref_count),
         idle_since: lab
-            .as_ref()
-            .and(idle_since)
+            .and(first.idle_since)
             .map(|since| wall - now.saturating_sub(since).as_secs_f64()),
     };
-    let operation = match shared.lab_log.running() {
-        Some((command, since)) => Some(Operation {
+    let running = copies.iter().enumerate().find_map(|(i, (slot, _, _))| {
+        shared
+            .lab_log(i)
+            .running()
+            .map(|(command, since)| (i, slot, command, since))
+    });
+    let operation = match running {
+        Some((i, slot, command, since)) => Some(Operation {
             command: command.into(),
+            slot: Some(i + 1),
             since: secs(since),
             session: if command == "up" {
-                starting.as_ref().map(prefix)
+                slot.starting.as_ref().map(|s| prefix(&s.session))
             } else {
                 None
             },
         }),
         None => acquiring.map(|s| Operation {
             command: "upload".into(),
+            slot: None,
             since: wall,
             session: Some(prefix(&s)),
         }),
     };
-    let holds = lab.as_ref().is_some_and(|l| l.ref_count > 0);
+    let single = copies.len() == 1;
+    let holds = |id: &SessionId, active: bool| {
+        copies.iter().any(|(slot, _, _)| {
+            active
+                && (single || slot.holder == Some(*id))
+                && slot.lab.as_ref().is_some_and(|l| l.ref_count > 0)
+        })
+    };
     let sessions = rows
         .into_iter()
-        .enumerate()
-        .map(|(position, row)| SessionView {
-            position,
-            status: if position == 0 { "active" } else { "waiting" }.into(),
-            id: prefix(&row.id),
-            client_name: row.info.name.clone(),
-            owner: row.info.owner.clone(),
-            address: row.info.addr.clone(),
-            user_agent: row.info.user_agent.clone(),
-            created_at: secs(row.info.created_ms),
-            active_since: row.active_since_ms.filter(|_| position == 0).map(secs),
-            last_seen_ago: row.silent.as_secs_f64(),
-            holds_lab: position == 0 && holds,
-            acquiring: row.busy,
-            declared: row.info.declared.as_ref().map(hash_prefix),
-            skips: row.skips,
-            promoted_ahead: row.ahead,
+        .map(|row| {
+            let active = row.status == Status::Active;
+            SessionView {
+                position: row.position,
+                status: row.status.as_str().into(),
+                id: prefix(&row.id),
+                client_name: row.info.name.clone(),
+                owner: row.info.owner.clone(),
+                address: row.info.addr.clone(),
+                user_agent: row.info.user_agent.clone(),
+                created_at: secs(row.info.created_ms),
+                active_since: row.active_since_ms.filter(|_| active).map(secs),
+                last_seen_ago: row.silent.as_secs_f64(),
+                holds_lab: holds(&row.id, active),
+                acquiring: row.busy,
+                declared: row.info.declared.as_ref().map(hash_prefix),
+                skips: row.skips,
+                promoted_ahead: row.ahead,
+            }
         })
         .collect::<Vec<_>>();
     QueueView {
@@ -301,13 +385,13 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
         lab: lab_view,
         operation,
+        slots: slot_entries(&copies),
         teardowns_pending: teardowns,
         truncated: total > sessions.len(),
         total,
         sessions,
         host_state: None,
         host_state_reason: None,
-        slots: None,
     }
 }
 
@@ -373,7 +457,20 @@ pub fn lab_log(shared: &Shared, query: &str) -> Reply {
             );
         }
     };
-    let chunk = shared.lab_log.read(offset, job);
+    let slots = shared.lab_logs.len();
+    let slot = match number(query, "slot", 1, MAX_NUMBER) {
+        Ok(n) if (1..=slots as u64).contains(&n) => n as usize - 1,
+        Ok(n) => {
+            return Reply::validation(
+                "less_than_equal",
+                ["query", "slot"],
+                &format!("Input should be a slot number from 1 to {slots}"),
+                Some(&n.to_string()),
+            );
+        }
+        Err(reply) => return reply,
+    };
+    let chunk = shared.lab_log(slot).read(offset, job);
     Reply::typed(200, "text/plain; charset=utf-8", chunk.text)
         .with_header(LOG_OFFSET_HEADER, chunk.next.to_string())
         .with_header(LOG_COMMAND_HEADER, chunk.command.unwrap_or("none"))
@@ -387,20 +484,40 @@ pub fn metrics(shared: &Shared) -> Reply {
     let now = now_ms();
     let gauges = {
         let state = shared.lock();
-        let head = state.queue.rows(Duration::ZERO, 2);
+        let slots = state.slots.len();
+        let head = state.queue.rows(Duration::ZERO, slots + 1);
         let since = |ms: u64| secs(now.saturating_sub(ms));
         metrics::Gauges {
+            slots: state
+                .slots
+                .iter()
+                .map(|s| metrics::SlotGauges {
+                    instance: record::instance_name(s.instance),
+                    up: s.lab.is_some(),
+                    references: s.lab.as_ref().map_or(0, |l| l.ref_count),
+                    starting: s.starting.is_some(),
+                })
+                .collect(),
             active_for: head
-                .first()
-                .and_then(|r| r.active_since_ms)
+                .iter()
+                .filter_map(|r| r.active_since_ms.filter(|_| r.status == Status::Active))
+                .min()
                 .map_or(0.0, since),
-            oldest_wait: head.get(1).map_or(0.0, |r| since(r.info.created_ms)),
+            oldest_wait: head
+                .iter()
+                .find(|r| r.status == Status::Waiting)
+                .map_or(0.0, |r| since(r.info.created_ms)),
             active_timeout: shared.config.active_timeout.as_secs_f64(),
             waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
-            active: usize::from(!state.queue.is_empty()),
+            active: state.queue.active_count(),
             waiting: state.queue.waiting(),
-            lab_up: state.lab.is_some(),
-            lab_references: state.lab.as_ref().map_or(0, |l| l.ref_count),
+            lab_up: state.labs_running() > 0,
+            lab_references: state
+                .slots
+                .iter()
+                .filter_map(|s| s.lab.as_ref())
+                .map(|l| l.ref_count)
+                .sum(),
             start_in_progress: state.acquiring().is_some(),
             teardowns_pending: state.teardowns.len(),
             events: 0,
@@ -422,7 +539,7 @@ pub fn metrics(shared: &Shared) -> Reply {
 pub fn status_page(shared: &Shared) -> Reply {
     let view = queue_view(shared, 200);
     let events = events_json(shared, 50, 0);
-    let log = shared.lab_log.read(0, None);
+    let log = shared.lab_log(0).read(0, None);
     let html = crate::observe::status_page::render(&view, &events, &log);
     Reply::typed(200, "text/html; charset=utf-8", html)
         .with_header("Cache-Control", "no-store")

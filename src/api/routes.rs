@@ -724,12 +724,24 @@ fn gate(call: &Call<'_>, request: &Request, touch: bool) -> Result<SessionId, Re
 }
 
 fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
-    if let Err(reply) = gate(call, request, false) {
-        return reply;
-    }
+    let session = match gate(call, request, false) {
+        Ok(id) => id,
+        // With several slots, no session header: what every slot runs.
+        Err(_)
+            if call.shared.instances.len() > 1
+                && header_value(request, SESSION_HEADER).is_none()
+                && call.caller.may_use(None) =>
+        {
+            return observe::slots_json(call.shared);
+        }
+        Err(reply) => return reply,
+    };
     let none = record::no_devices();
     let state = call.shared.lock();
-    let status = match &state.lab {
+    let lab = state
+        .lab_slot(&session)
+        .and_then(|i| state.slots[i].lab.as_ref());
+    let status = match lab {
         Some(lab) => LabStatus {
             running: true,
             topology: Some(lab.topology.to_string_lossy()),
@@ -749,15 +761,17 @@ fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
 }
 
 fn lab_devices(call: &Call<'_>, request: &Request) -> Reply {
-    if let Err(reply) = gate(call, request, false) {
-        return reply;
-    }
-    let devices = call
-        .shared
-        .lock()
-        .lab
-        .as_ref()
-        .map(|l| l.devices_json.clone());
+    let session = match gate(call, request, false) {
+        Ok(id) => id,
+        Err(reply) => return reply,
+    };
+    let devices = {
+        let state = call.shared.lock();
+        state
+            .lab_slot(&session)
+            .and_then(|i| state.slots[i].lab.as_ref())
+            .map(|l| l.devices_json.clone())
+    };
     match devices {
         Some(devices) => Reply::raw_json(200, devices.get().as_bytes()),
         None => no_lab(),
@@ -780,14 +794,23 @@ fn release_lab(call: &Call<'_>, request: &Request) -> Reply {
     };
     let version = {
         let mut state = shared.lock();
-        match state.lab.as_mut() {
+        let Some(slot) = state.lab_slot(&session) else {
+            return no_lab();
+        };
+        let multi = state.slots.len() > 1;
+        match state.slots[slot].lab.as_mut() {
             Some(lab) => {
                 lab.release();
-                log::info!(
-                    "session {session} released the lab (ref_count {})",
-                    lab.ref_count
-                );
                 let refs = lab.ref_count;
+                if multi {
+                    log::info!(
+                        "session {session} released the lab of slot {} (ref_count {refs})",
+                        slot + 1
+                    );
+                } else {
+                    log::info!("session {session} released the lab (ref_count {refs})");
+                }
+                state.slots[slot].last_used_ms = crate::observe::events::now_ms();
                 observe::note_released(shared, &state, &session, refs);
                 state.changed()
             }
@@ -800,37 +823,94 @@ fn release_lab(call: &Call<'_>, request: &Request) -> Reply {
     Reply::empty(204)
 }
 
+/// `?slot=K` of `DELETE /lab`: `None` when absent, else a slot's index or the 422.
+fn slot_param(call: &Call<'_>) -> Result<Option<usize>, Reply> {
+    let Some(text) = query_param(&call.query, "slot") else {
+        return Ok(None);
+    };
+    let slots = call.shared.instances.len();
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=slots).contains(&n) => Ok(Some(n - 1)),
+        _ => Err(Reply::validation(
+            "enum",
+            ["query", "slot"],
+            &format!("Input should be a slot number from 1 to {slots}"),
+            Some(&text),
+        )),
+    }
+}
+
 fn destroy_lab(call: &Call<'_>, request: &Request) -> Reply {
     let (shared, caller) = (call.shared, &call.caller);
-    let gated = gate(call, request, true);
     let force = match query_param(&call.query, "force") {
         None => Ok(true),
         Some(text) => parse_bool(&text).ok_or(text),
     };
+    let named = match slot_param(call) {
+        Ok(named) => named,
+        Err(reply) => return reply,
+    };
+    // A slot is named by an admin (or anyone, without --token-file): the operator's rescue
+    // of one slot, whoever holds it.
+    if let Some(slot) = named {
+        if !caller.is_admin() && !matches!(caller, Caller::Open) {
+            return Reply::detail(403, "Only an admin may tear down a slot by number");
+        }
+        return match force {
+            Ok(force) => {
+                caller.admin_event(
+                    &shared.events,
+                    "destroy_lab",
+                    serde_json::json!({ "force": force, "slot": slot + 1 }),
+                );
+                tear_down_slot(shared, caller, slot, force, "none")
+            }
+            Err(text) => Reply::bad_bool("query", "force", &text),
+        };
+    }
+    let gated = gate(call, request, true);
     // The gate's errors come first, except that an admin may force a teardown without
-    // holding the active session (the operator's rescue).
+    // holding the active session (the operator's rescue; with several slots it names one).
     let (session, force) = match (gated, force) {
-        (Ok(id), Ok(force)) => (id.to_string(), force),
-        (Err(_), Ok(true)) if caller.is_admin() => {
+        (Ok(id), Ok(force)) => (Some(id), force),
+        (Err(_), Ok(true)) if caller.is_admin() && shared.instances.len() == 1 => {
             caller.admin_event(
                 &shared.events,
                 "destroy_lab",
                 serde_json::json!({ "force": true }),
             );
-            ("none".to_owned(), true)
+            (None, true)
+        }
+        (Err(_), Ok(true)) if caller.is_admin() => {
+            return Reply::missing(["query", "slot"]);
         }
         (Err(reply), _) => return reply,
         (Ok(_), Err(text)) => return Reply::bad_bool("query", "force", &text),
     };
+    let slot = match session {
+        Some(id) => match shared.lock().lab_slot(&id) {
+            Some(slot) => slot,
+            None => return Reply::empty(204),
+        },
+        None => 0,
+    };
+    let who = session.map_or_else(|| "none".to_owned(), |id| id.to_string());
+    tear_down_slot(shared, caller, slot, force, &who)
+}
+
+/// `DELETE /lab` of one slot: 204 nothing there, 409 held (without force), else 202 and the
+/// teardown queued.
+fn tear_down_slot(shared: &Shared, caller: &Caller, slot: usize, force: bool, who: &str) -> Reply {
     let version = {
         let mut state = shared.lock();
-        match record::decide_destroy(state.lab.as_ref(), force) {
+        match record::decide_destroy(state.slots[slot].lab.as_ref(), force) {
             Destroy::NothingRunning => return Reply::empty(204),
             Destroy::InUse => return Reply::detail(409, "Lab still in use"),
             Destroy::TearDown => {
-                if let Some(lab) = state.lab.take() {
+                if let Some(lab) = state.slots[slot].lab.take() {
+                    state.slots[slot].holder = None;
                     log::info!(
-                        "session {session} destroys the lab {} (force={force}){}",
+                        "session {who} destroys the lab {} (force={force}){}",
                         lab.topology.display(),
                         caller.describe()
                     );

@@ -1,11 +1,15 @@
 //! Sessions and the queue. Pure data: no I/O, no clock of its own (callers pass `now`).
 //!
-//! Only the head is ACTIVE; positions are dense. The order is the order of arrival except
+//! Up to `slots` sessions are ACTIVE at once (one, the head, unless `--slots` says more): a
+//! session becomes ACTIVE at its creation when a slot is free, else when an ACTIVE one ends
+//! and [`Queue::next_to_promote`] picks it. ACTIVE sessions are at position 0; the WAITING
+//! ones have dense positions from 1 (1 is next). The order is the order of arrival except
 //! where the scheduler promoted a session ahead (see [`crate::core::schedule`] and
-//! [`Queue::promote_ahead`]): that moves one session to the front, so that a position is
-//! always the number of sessions the scheduler will serve first as things stand. Each
-//! session has a sequence number; the queue keeps `(seq, id)` pairs sorted by `seq`, so a
-//! session's position is a binary search and removing the head is O(1).
+//! [`Queue::promote_ahead`]): that moves one session before the other waiting ones, so that
+//! a position is always the number of sessions the scheduler will serve first as things
+//! stand. Each session has a sequence number; the queue keeps `(seq, id)` pairs sorted by
+//! `seq`, so a session's position is a binary search (less the few ACTIVE sessions ahead of
+//! it).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -43,6 +47,9 @@ pub struct Gone {
 #[derive(Clone, Debug)]
 pub struct Row {
     pub id: SessionId,
+    pub status: Status,
+    /// 0 for an ACTIVE session, 1… for the WAITING ones.
+    pub position: usize,
     pub info: Arc<ClientInfo>,
     pub active_since_ms: Option<u64>,
     pub silent: Duration,
@@ -68,6 +75,8 @@ struct Session {
     ahead: bool,
     /// It has attached to a lab since (the `up` its promotion saved is counted).
     ahead_used: bool,
+    /// ACTIVE: it may use a lab slot.
+    active: bool,
 }
 
 /// A promotion ahead: who went first, for which idle lab, and whom it passed (in queue
@@ -104,22 +113,40 @@ pub struct Queue {
     order: VecDeque<(u64, SessionId)>,
     next_seq: u64,
     max_sessions: usize,
+    /// How many sessions may be ACTIVE at once (`--slots`).
+    slots: usize,
+    /// The sequence numbers of the ACTIVE sessions (at most `slots`).
+    active: Vec<u64>,
 }
 
 impl Queue {
+    #[cfg(test)]
     pub fn new(max_sessions: usize) -> Self {
+        Self::with_slots(max_sessions, 1)
+    }
+
+    /// A queue of which up to `slots` sessions are ACTIVE at once.
+    pub fn with_slots(max_sessions: usize, slots: usize) -> Self {
         Queue {
             sessions: HashMap::new(),
             order: VecDeque::new(),
             next_seq: 0,
             max_sessions,
+            slots: slots.max(1),
+            active: Vec::new(),
         }
+    }
+
+    /// How many sessions may be ACTIVE at once.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     pub fn len(&self) -> usize {
         self.order.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
@@ -141,9 +168,47 @@ impl Queue {
         if self.sessions.len() >= self.max_sessions {
             return Err(QueueFull);
         }
-        let active_since = self.order.is_empty().then_some(info.created_ms);
+        let active = self.active.len() < self.slots;
+        let active_since = active.then_some(info.created_ms);
         self.push(id, now, info, active_since);
-        Ok(self.order.len() - 1)
+        if active {
+            self.activate(&id);
+        }
+        Ok(self.lookup(&id).map_or(0, |(_, position)| position))
+    }
+
+    /// Makes a WAITING session ACTIVE.
+    fn activate(&mut self, id: &SessionId) {
+        if let Some(session) = self.sessions.get_mut(id)
+            && !session.active
+        {
+            session.active = true;
+            self.active.push(session.seq);
+        }
+    }
+
+    /// Which WAITING session becomes ACTIVE next when a slot frees: the decision of the
+    /// queue's order, in one place. First come, first served: the WAITING session created
+    /// first.
+    pub fn next_to_promote(&self) -> Option<SessionId> {
+        self.order
+            .iter()
+            .map(|(_, id)| id)
+            .find(|id| self.sessions.get(*id).is_some_and(|s| !s.active))
+            .copied()
+    }
+
+    /// Promotes WAITING sessions while fewer than `slots` are ACTIVE (after a restore or a
+    /// roll-back); returns them.
+    pub fn fill(&mut self) -> Vec<SessionId> {
+        let mut promoted = Vec::new();
+        while self.active.len() < self.slots
+            && let Some(next) = self.next_to_promote()
+        {
+            self.activate(&next);
+            promoted.push(next);
+        }
+        promoted
     }
 
     fn push(
@@ -167,6 +232,7 @@ impl Queue {
                 skips: 0,
                 ahead: false,
                 ahead_used: false,
+                active: false,
             },
         );
         self.order.push_back((seq, id));
@@ -174,16 +240,21 @@ impl Queue {
 
     /// Appends a session restored from the state file, with what the file kept of its
     /// client (the limit does not apply: nobody who was queued before a restart is turned
-    /// away after it).
+    /// away after it). One that was ACTIVE is ACTIVE again while a slot is free; call
+    /// [`Queue::fill`] once all are back.
     pub fn restore_with(
         &mut self,
         id: SessionId,
         now: Duration,
         info: Arc<ClientInfo>,
         active_since_ms: Option<u64>,
+        active: bool,
     ) {
         if !self.sessions.contains_key(&id) {
             self.push(id, now, info, active_since_ms);
+            if active && self.active.len() < self.slots {
+                self.activate(&id);
+            }
         }
     }
 
@@ -203,13 +274,22 @@ impl Queue {
 
     /// The first `limit` sessions in queue order, for the queue view.
     pub fn rows(&self, now: Duration, limit: usize) -> Vec<Row> {
+        let mut waiting = 0;
         self.order
             .iter()
             .take(limit)
             .map(|(_, id)| {
                 let s = &self.sessions[id];
+                let (status, position) = if s.active {
+                    (Status::Active, 0)
+                } else {
+                    waiting += 1;
+                    (Status::Waiting, waiting)
+                };
                 Row {
                     id: *id,
+                    status,
+                    position,
                     info: Arc::clone(&s.info),
                     active_since_ms: s.active_since_ms,
                     silent: now.saturating_sub(s.last_seen),
@@ -223,7 +303,12 @@ impl Queue {
 
     /// How many sessions are WAITING.
     pub fn waiting(&self) -> usize {
-        self.order.len().saturating_sub(1)
+        self.order.len() - self.active.len()
+    }
+
+    /// How many sessions are ACTIVE.
+    pub fn active_count(&self) -> usize {
+        self.active.len()
     }
 
     fn position_of(&self, seq: u64) -> usize {
@@ -239,6 +324,7 @@ impl Queue {
     pub fn reset_to(&mut self, records: &[SessionRecord], now: Duration) {
         let mut old = std::mem::take(&mut self.sessions);
         self.order.clear();
+        self.active.clear();
         for record in records {
             let id = &record.id;
             if self.sessions.contains_key(id) {
@@ -259,19 +345,22 @@ impl Queue {
                 s.skips = record.skips;
                 s.ahead = record.ahead;
             }
+            if record.active && self.active.len() < self.slots {
+                self.activate(id);
+            }
         }
+        self.fill();
     }
 
     /// Status and position of a session, if it is tracked.
     pub fn lookup(&self, id: &SessionId) -> Option<(Status, usize)> {
         let session = self.sessions.get(id)?;
-        let position = self.position_of(session.seq);
-        let status = if position == 0 {
-            Status::Active
-        } else {
-            Status::Waiting
-        };
-        Some((status, position))
+        if session.active {
+            return Some((Status::Active, 0));
+        }
+        let index = self.position_of(session.seq);
+        let active_ahead = self.active.iter().filter(|&&a| a < session.seq).count();
+        Some((Status::Waiting, index - active_ahead + 1))
     }
 
     /// Refreshes `last_seen`; false when the session is not tracked.
@@ -285,9 +374,22 @@ impl Queue {
         }
     }
 
-    /// The ACTIVE session (the head), if any.
+    /// The first ACTIVE session in queue order (the head, with one slot), if any.
     pub fn active(&self) -> Option<SessionId> {
-        self.order.front().map(|&(_, id)| id)
+        self.actives().next()
+    }
+
+    /// The ACTIVE sessions, in queue order.
+    pub fn actives(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.order
+            .iter()
+            .map(|&(_, id)| id)
+            .filter(|id| self.sessions.get(id).is_some_and(|s| s.active))
+    }
+
+    /// Whether a session is ACTIVE.
+    pub fn is_active(&self, id: &SessionId) -> bool {
+        self.sessions.get(id).is_some_and(|s| s.active)
     }
 
     /// Marks a session as having a `POST /lab` in progress (never reaped) or not.
@@ -298,7 +400,7 @@ impl Queue {
     }
 
     /// Removes a session wherever it stands; the next one is promoted at once when the
-    /// removed one was the head.
+    /// removed one was ACTIVE.
     #[cfg(test)]
     pub fn remove(&mut self, id: &SessionId) -> Option<Removed> {
         self.remove_full(id).map(|(removed, _)| removed)
@@ -307,14 +409,22 @@ impl Queue {
     /// [`Queue::remove`], with what the queue knew of the removed session.
     pub fn remove_full(&mut self, id: &SessionId) -> Option<(Removed, Gone)> {
         let session = self.sessions.remove(id)?;
-        let position = self.position_of(session.seq);
-        self.order.remove(position);
-        let was_active = position == 0;
+        let index = self.position_of(session.seq);
+        self.order.remove(index);
+        let was_active = session.active;
+        let mut promoted = None;
+        if was_active {
+            self.active.retain(|&seq| seq != session.seq);
+            promoted = self.next_to_promote();
+            if let Some(next) = &promoted {
+                self.activate(next);
+            }
+        }
         Some((
             Removed {
                 id: *id,
                 was_active,
-                promoted: if was_active { self.active() } else { None },
+                promoted,
             },
             Gone {
                 info: session.info,
@@ -349,10 +459,9 @@ impl Queue {
         let stale: Vec<SessionId> = self
             .order
             .iter()
-            .enumerate()
-            .filter_map(|(position, (_, id))| {
+            .filter_map(|(_, id)| {
                 let session = &self.sessions[id];
-                let timeout = if position == 0 {
+                let timeout = if session.active {
                     active_timeout
                 } else {
                     waiting_timeout
@@ -363,12 +472,19 @@ impl Queue {
             .collect();
         let mut removed: Vec<(Removed, Gone)> =
             stale.iter().filter_map(|id| self.remove_full(id)).collect();
-        // When several sessions at the head are reaped in one sweep, only the last promotion
-        // stands: report the session that is ACTIVE now, not the ones reaped right after.
-        let head = self.active();
+        // A session promoted by one removal and reaped by a later one of the same sweep was
+        // never really ACTIVE: report, for each promotion, the session that stands now (the
+        // one the later removal promoted, and so on).
+        let promoted_by: HashMap<SessionId, Option<SessionId>> =
+            removed.iter().map(|(r, _)| (r.id, r.promoted)).collect();
         for (r, _) in removed.iter_mut() {
-            if r.promoted.is_some() {
-                r.promoted = head;
+            let mut seen = 0;
+            while let Some(p) = r.promoted
+                && let Some(next) = promoted_by.get(&p)
+                && seen < promoted_by.len()
+            {
+                r.promoted = *next;
+                seen += 1;
             }
         }
         removed
@@ -397,16 +513,18 @@ impl Queue {
                 active_since_ms: s.active_since_ms,
                 skips: s.skips,
                 ahead: s.ahead,
+                active: s.active,
             }
         })
     }
 
-    /// What the waiting sessions declared, in queue order (the ACTIVE head left out).
+    /// What the WAITING sessions declared, in queue order.
     pub fn waiting_declared(&self) -> impl Iterator<Item = Option<&Hash>> + '_ {
         self.order
             .iter()
-            .skip(1)
-            .map(|(_, id)| self.sessions[id].info.declared.as_ref())
+            .map(|(_, id)| &self.sessions[id])
+            .filter(|s| !s.active)
+            .map(|s| s.info.declared.as_ref())
     }
 
     /// How often a session was passed over.
@@ -431,18 +549,28 @@ impl Queue {
             .is_some_and(|s| s.ahead && !std::mem::replace(&mut s.ahead_used, true))
     }
 
-    /// Lets the scheduler choose who stands at position `first` (0 for the one ACTIVE
-    /// session, right after the head was removed): among the sessions from `first` on, the
-    /// one [`schedule::pick_next`] picks for the `idle` labs is moved to `first`, and each
-    /// session it passes counts a skip. `None` when the one at `first` stays there.
+    /// Lets the scheduler choose who takes the slot that `promoted` was just given (first
+    /// come, first served, by the queue): among `promoted` and the WAITING sessions behind
+    /// it, the one [`schedule::pick_next`] picks for the `idle` labs becomes ACTIVE in its
+    /// place, moved before the others, and each session it passes (`promoted` among them)
+    /// counts a skip. `None` when `promoted` keeps the slot (or is no longer ACTIVE).
     pub fn promote_ahead(
         &mut self,
-        first: usize,
+        promoted: SessionId,
         idle: &[Hash],
         policy: Policy,
     ) -> Option<Promotion> {
-        let candidates = self.order.iter().skip(first).map(|(_, id)| {
-            let s = &self.sessions[id];
+        let session = self.sessions.get(&promoted).filter(|s| s.active)?;
+        let first = self.position_of(session.seq);
+        // `promoted`, then the WAITING sessions after it, as indices into `order`.
+        let at: Vec<usize> = (first..self.order.len())
+            .filter(|&i| {
+                let id = &self.order[i].1;
+                *id == promoted || self.sessions.get(id).is_some_and(|s| !s.active)
+            })
+            .collect();
+        let candidates = at.iter().map(|&i| {
+            let s = &self.sessions[&self.order[i].1];
             Candidate {
                 declared: s.info.declared.as_ref(),
                 skips: s.skips,
@@ -450,7 +578,10 @@ impl Queue {
         });
         let pick = schedule::pick_next(candidates, idle, policy)?;
         let hash = pick.ahead_for?;
-        let end = first + pick.index;
+        if pick.index == 0 {
+            return None;
+        }
+        let end = at[pick.index];
         // The sequence numbers of first..=end, ascending: handed out again in the new order.
         let seqs: Vec<u64> = self.order.range(first..=end).map(|&(seq, _)| seq).collect();
         let moved = self.order.remove(end)?;
@@ -460,15 +591,26 @@ impl Queue {
             entry.0 = seq;
             if let Some(s) = self.sessions.get_mut(&entry.1) {
                 s.seq = seq;
-                if entry.1 != moved.1 {
+                if entry.1 != moved.1 && !(s.active && entry.1 != promoted) {
                     s.skips += 1;
                     passed.push(entry.1);
                 }
             }
         }
+        if let Some(s) = self.sessions.get_mut(&promoted) {
+            s.active = false;
+        }
         if let Some(s) = self.sessions.get_mut(&moved.1) {
             s.ahead = true;
+            s.active = true;
         }
+        // Sequence numbers moved: the ACTIVE list follows them.
+        self.active = self
+            .order
+            .iter()
+            .filter(|(_, id)| self.sessions.get(id).is_some_and(|s| s.active))
+            .map(|&(seq, _)| seq)
+            .collect();
         Some(Promotion {
             id: moved.1,
             hash,
@@ -688,12 +830,13 @@ mod tests {
         create_declaring(&mut q, 2, Some(A));
         create_declaring(&mut q, 3, Some(B));
         create_declaring(&mut q, 4, Some(A));
-        q.remove(&id(1));
-        assert_eq!(q.promote_ahead(0, &[A], POLICY), None);
+        let next = q.remove(&id(1)).unwrap().promoted.unwrap();
+        assert_eq!(q.promote_ahead(next, &[A], POLICY), None);
         assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 1)));
-        q.remove(&id(2));
+        let next = q.remove(&id(2)).unwrap().promoted.unwrap();
+        assert_eq!(next, id(3), "first come, first served by the queue");
         assert_eq!(
-            q.promote_ahead(0, &[A], POLICY),
+            q.promote_ahead(next, &[A], POLICY),
             Some(Promotion {
                 id: id(4),
                 hash: A,
@@ -708,7 +851,8 @@ mod tests {
         assert!(!q.first_use_of_ahead(&id(4)));
         assert!(!q.first_use_of_ahead(&id(3)));
         // Asked again, nothing changes.
-        assert_eq!(q.promote_ahead(0, &[A], POLICY), None);
+        assert_eq!(q.promote_ahead(id(4), &[A], POLICY), None);
+        assert_eq!(q.promote_ahead(id(3), &[A], POLICY), None, "not ACTIVE");
         // The records keep what the scheduler did, in the new order.
         let records: Vec<_> = q.records().map(|r| (r.id, r.skips, r.ahead)).collect();
         assert_eq!(records, [(id(4), 0, true), (id(3), 1, false)]);
@@ -724,8 +868,8 @@ mod tests {
         let mut promoted = 0;
         for round in 0..50 {
             let head = q.active().unwrap();
-            q.remove(&head);
-            if q.promote_ahead(0, &[A], POLICY).is_some() {
+            let next = q.remove(&head).unwrap().promoted.unwrap();
+            if q.promote_ahead(next, &[A], POLICY).is_some() {
                 promoted += 1;
             }
             let ids: Vec<_> = q.ids().collect();
@@ -744,13 +888,39 @@ mod tests {
         create_declaring(&mut q, 1, Some(A));
         create_declaring(&mut q, 2, Some(B));
         create_declaring(&mut q, 3, Some(A));
-        q.remove(&id(1));
+        let next = q.remove(&id(1)).unwrap().promoted.unwrap();
         let fifo = Policy {
             max_skips: 0,
             ..POLICY
         };
-        assert_eq!(q.promote_ahead(0, &[A], fifo), None);
+        assert_eq!(q.promote_ahead(next, &[A], fifo), None);
         assert_eq!(q.ids().collect::<Vec<_>>(), [id(2), id(3)]);
+    }
+
+    #[test]
+    fn with_three_slots_three_are_active_and_the_waiting_count_from_1() {
+        let mut q = Queue::with_slots(10, 3);
+        let positions: Vec<usize> = (1..=5).map(|n| q.create(id(n), S).unwrap()).collect();
+        assert_eq!(positions, [0, 0, 0, 1, 2]);
+        assert_eq!(q.lookup(&id(4)), Some((Status::Waiting, 1)));
+        // Ending the second ACTIVE promotes the first WAITING; the others close up.
+        let r = q.remove(&id(2)).unwrap();
+        assert_eq!(r.promoted, Some(id(4)));
+        assert_eq!(q.lookup(&id(4)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(5)), Some((Status::Waiting, 1)));
+        // A WAITING one leaving promotes nobody.
+        q.create(id(6), S).unwrap();
+        assert_eq!(q.remove(&id(5)).unwrap().promoted, None);
+        assert_eq!(q.lookup(&id(6)), Some((Status::Waiting, 1)));
+        assert_eq!((q.active_count(), q.waiting()), (3, 1));
+        let actives: Vec<_> = q.actives().collect();
+        assert_eq!(actives, [id(1), id(3), id(4)]);
+        // A roll-back keeps who was ACTIVE, as the records say.
+        let records: Vec<SessionRecord> = q.records().collect();
+        let mut other = Queue::with_slots(10, 3);
+        other.reset_to(&records, S);
+        assert_eq!(other.lookup(&id(4)), Some((Status::Active, 0)));
+        assert_eq!(other.lookup(&id(6)), Some((Status::Waiting, 1)));
     }
 
     #[test]

@@ -88,46 +88,6 @@ where
     Some(Pick::FIRST)
 }
 
-/// An idle lab (running, no reference) that could be torn down to make room.
-#[derive(Clone, Copy, Debug)]
-pub struct IdleLab<'a> {
-    pub hash: &'a Hash,
-    /// When it was last used (any monotonic measure: seconds, milliseconds, a counter).
-    pub last_used: u64,
-}
-
-/// Which idle lab to tear down when a new topology needs the room: one that no waiting
-/// session declared, the least recently used first; when every one is wanted, the one whose
-/// first taker stands furthest back in the queue (then the least recently used). `declared`
-/// is the waiting sessions' declarations in queue order. `None` when nothing is idle.
-pub fn evict<'a, I>(idle: &[IdleLab<'_>], declared: I) -> Option<usize>
-where
-    I: IntoIterator<Item = Option<&'a Hash>>,
-{
-    // For each idle lab, the queue index of the first waiting session that wants it.
-    let mut wanted_at: Vec<Option<usize>> = vec![None; idle.len()];
-    let mut left = idle.len();
-    for (at, hash) in declared.into_iter().enumerate() {
-        if left == 0 {
-            break;
-        }
-        let Some(hash) = hash else { continue };
-        for (lab, first) in idle.iter().zip(wanted_at.iter_mut()) {
-            if first.is_none() && lab.hash == hash {
-                *first = Some(at);
-                left -= 1;
-            }
-        }
-    }
-    // Not wanted at all ranks above any queue index; then later takers; then older use.
-    (0..idle.len()).max_by_key(|&i| {
-        (
-            wanted_at[i].map_or(usize::MAX, |at| at),
-            std::cmp::Reverse(idle[i].last_used),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,37 +207,5 @@ mod tests {
             }
             assert_eq!(passed, max_skips);
         }
-    }
-
-    fn lab(hash: &Hash, last_used: u64) -> IdleLab<'_> {
-        IdleLab { hash, last_used }
-    }
-
-    #[test]
-    fn eviction_keeps_the_lab_a_waiting_session_declared() {
-        // A is the least recently used, but a waiting session declared it: B goes.
-        let idle = [lab(&A, 10), lab(&B, 20)];
-        assert_eq!(evict(&idle, [None, Some(&A), Some(&C)]), Some(1));
-        // Nobody wants either: the least recently used goes.
-        assert_eq!(evict(&idle, [Some(&C), None]), Some(0));
-        assert_eq!(evict(&idle, []), Some(0));
-        // Several unwanted: the least recently used of them.
-        let idle = [lab(&A, 30), lab(&B, 20), lab(&C, 10)];
-        assert_eq!(evict(&idle, [Some(&C)]), Some(1));
-    }
-
-    #[test]
-    fn when_every_idle_lab_is_wanted_the_one_wanted_last_goes() {
-        let idle = [lab(&A, 10), lab(&B, 20)];
-        assert_eq!(evict(&idle, [Some(&B), Some(&A)]), Some(0));
-        assert_eq!(evict(&idle, [Some(&A), None, Some(&B)]), Some(1));
-        // Same hash twice (two slots with one topology): the older goes.
-        let idle = [lab(&A, 20), lab(&A, 10)];
-        assert_eq!(evict(&idle, [Some(&A)]), Some(1));
-    }
-
-    #[test]
-    fn nothing_idle_nothing_evicted() {
-        assert_eq!(evict(&[], [Some(&A)]), None);
     }
 }

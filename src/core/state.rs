@@ -29,13 +29,13 @@ use crate::core::longpoll::{self, Parked};
 use crate::core::queue::{
     ClientInfo, Gone, Promotion, Queue, Removed, SessionId, Status, parse_session_id,
 };
-use crate::core::schedule::{self, IdleLab, Policy};
+use crate::core::schedule::Policy;
 use crate::http::reply::{Reply, Responder};
 use crate::lab::record::{self, Hash, LabRecord, Teardown};
 use crate::observe::events::{self, EventLog, now_ms, who};
 use crate::observe::lablog::LabLog;
 use crate::observe::metrics::{Ended, METRICS};
-use crate::store::persist::{NotPersisted, Persister, Snapshot, Starting};
+use crate::store::persist::{NotPersisted, Persister, SlotRecord, Snapshot, Starting};
 
 /// One `POST /lab` in progress: the session it is for and a number of its own, so that a
 /// late end of an upload that was given up on cannot free a newer acquire's slot.
@@ -100,6 +100,10 @@ pub struct SlotBusy;
 /// slot to free when it is done.
 pub struct StartJob {
     pub slot: AcquireSlot,
+    /// The lab slot it starts in (its index in [`State::slots`]).
+    pub lab_slot: usize,
+    /// That slot's netlab instance.
+    pub instance: Option<u16>,
     pub responder: Responder,
     pub hash: Hash,
     pub work_dir: PathBuf,
@@ -127,68 +131,109 @@ impl std::fmt::Debug for LabJob {
     }
 }
 
-pub struct State {
-    pub queue: Queue,
+/// One lab slot: a netlab instance, the lab running in it and whose it is.
+#[derive(Clone, Debug, Default)]
+pub struct Slot {
+    /// netlab's multilab instance id; `None`: its `default` instance (one slot).
+    pub instance: Option<u16>,
     /// The running lab, if any. A lab being torn down is no longer here.
     pub lab: Option<LabRecord>,
-    /// The `POST /lab` in progress (only one at a time); see [`AcquireSlot`].
-    acquiring: Option<Ticket>,
-    tickets: u64,
-    /// The start the lab thread is running, once the upload is stored.
+    /// The session whose slot this is (it started or attached to the lab, or is starting
+    /// one); `None` once that session ended with the lab released.
+    pub holder: Option<SessionId>,
+    /// The start its lab worker is running, once the upload is stored.
     pub starting: Option<Starting>,
+    /// Unix ms the running lab came up (or was re-adopted).
+    pub lab_started_ms: Option<u64>,
+    /// Unix ms the lab was last acquired or released (the least recently used idle lab is
+    /// the one replaced when no slot is empty).
+    pub last_used_ms: u64,
+    /// Since when the lab has been idle with no session wanting it (`--idle-lab-timeout`).
+    pub idle_since: Option<Duration>,
+}
+
+impl Slot {
+    fn new(instance: Option<u16>) -> Self {
+        Slot {
+            instance,
+            ..Slot::default()
+        }
+    }
+
+    /// What the slot is doing: `empty`, `starting`, `running` or `tearing_down`.
+    pub fn phase(&self, tearing_down: bool) -> &'static str {
+        if self.starting.is_some() {
+            "starting"
+        } else if self.lab.is_some() {
+            "running"
+        } else if tearing_down {
+            "tearing_down"
+        } else {
+            "empty"
+        }
+    }
+}
+
+pub struct State {
+    pub queue: Queue,
+    /// The lab slots (`--slots`), in order; one unless configured otherwise.
+    pub slots: Vec<Slot>,
+    /// The `POST /lab`s in progress (one per session at most); see [`AcquireSlot`].
+    acquiring: Vec<Ticket>,
+    tickets: u64,
     /// Teardowns queued on the lab thread, or failed and waiting for their next attempt.
     pub teardowns: Vec<Teardown>,
     /// Teardowns decided but not sent to the lab thread yet, with the state version that
     /// decided them: sent once that version is on disk (a roll-back drops them).
     outbox: Vec<(u64, Teardown)>,
-    /// Since when the lab has been idle with no session left (for `--idle-lab-timeout`).
-    pub idle_since: Option<Duration>,
     /// Long-polls (`GET /session/{id}?wait=S`) waiting for their session to change.
     pub parked: Parked,
-    /// Unix ms the running lab came up (or was re-adopted).
-    pub lab_started_ms: Option<u64>,
     version: u64,
 }
 
 impl State {
-    pub fn new(max_sessions: usize) -> Self {
+    /// A slot per instance; as many sessions may be ACTIVE at once.
+    pub fn with_slots(max_sessions: usize, instances: &[Option<u16>]) -> Self {
         State {
-            queue: Queue::new(max_sessions),
-            lab: None,
-            acquiring: None,
+            queue: Queue::with_slots(max_sessions, instances.len()),
+            slots: instances.iter().map(|i| Slot::new(*i)).collect(),
+            acquiring: Vec::new(),
             tickets: 0,
-            starting: None,
             outbox: Vec::new(),
             teardowns: Vec::new(),
-            idle_since: None,
             parked: Parked::default(),
-            lab_started_ms: None,
             version: 0,
         }
     }
 
-    /// Which idle lab a start of another topology tears down (see
-    /// [`crate::core::schedule::evict`]): one no waiting session declared, the least recently
-    /// used first. With one lab that is the lab, when it is idle; the index is into the idle
-    /// labs, and how many waiting sessions declared the one chosen.
-    pub fn lab_to_replace(&self) -> Option<(usize, usize)> {
-        let lab = self.lab.as_ref().filter(|l| l.ref_count == 0)?;
-        let idle = [IdleLab {
-            hash: &lab.hash,
-            last_used: self.lab_started_ms.unwrap_or(0),
-        }];
-        let chosen = schedule::evict(&idle, self.queue.waiting_declared())?;
-        let wanted = self
-            .queue
-            .waiting_declared()
-            .filter(|d| *d == Some(idle[chosen].hash))
-            .count();
-        Some((chosen, wanted))
+    /// A `POST /lab` in progress (the first, when several are).
+    pub fn acquiring(&self) -> Option<Ticket> {
+        self.acquiring.first().copied()
     }
 
-    /// The `POST /lab` in progress.
-    pub fn acquiring(&self) -> Option<Ticket> {
-        self.acquiring
+    /// The slot a session holds (its lab, or its start), if any.
+    pub fn slot_held_by(&self, session: &SessionId) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.holder == Some(*session) && (s.lab.is_some() || s.starting.is_some()))
+    }
+
+    /// The slot the lab routes of a session address: the one it holds; with a single slot,
+    /// that slot whoever holds it (as before there were slots).
+    pub fn lab_slot(&self, session: &SessionId) -> Option<usize> {
+        self.slot_held_by(session)
+            .or_else(|| (self.slots.len() == 1).then_some(0))
+    }
+
+    /// Whether a teardown of the slot's instance is queued or waiting for a retry.
+    pub fn tearing_down(&self, slot: usize) -> bool {
+        let instance = self.slots.get(slot).and_then(|s| s.instance);
+        self.teardowns.iter().any(|t| t.lab.instance == instance)
+    }
+
+    /// How many slots run a lab.
+    pub fn labs_running(&self) -> usize {
+        self.slots.iter().filter(|s| s.lab.is_some()).count()
     }
 
     /// Marks a change that must reach the state file; returns the version to persist.
@@ -200,8 +245,34 @@ impl State {
     /// Puts the durable part of the state back as `snap` says (a failed write's roll-back).
     pub fn reset_to(&mut self, snap: &Snapshot, now: Duration) {
         self.queue.reset_to(&snap.sessions, now);
-        self.lab.clone_from(&snap.lab);
-        self.starting.clone_from(&snap.starting);
+        for slot in &mut self.slots {
+            slot.lab = None;
+            slot.starting = None;
+            slot.holder = None;
+        }
+        let first = SlotRecord {
+            slot: 1,
+            lab: snap.lab.clone(),
+            lab_started_ms: snap.lab_started_ms,
+            holder: snap.holder,
+            last_used_ms: snap.last_used_ms,
+            starting: snap.starting.clone(),
+        };
+        for record in std::iter::once(&first).chain(&snap.slots) {
+            if let Some(slot) = record
+                .slot
+                .checked_sub(1)
+                .and_then(|i| self.slots.get_mut(i))
+            {
+                slot.lab.clone_from(&record.lab);
+                slot.starting.clone_from(&record.starting);
+                slot.holder = record.holder;
+                slot.last_used_ms = record.last_used_ms;
+                if record.lab_started_ms.is_some() {
+                    slot.lab_started_ms = record.lab_started_ms;
+                }
+            }
+        }
         self.teardowns.clone_from(&snap.teardowns);
         self.outbox.clear();
     }
@@ -211,10 +282,36 @@ impl State {
         snap.state_version = self.version;
         snap.sessions.clear();
         snap.sessions.extend(self.queue.records());
-        // Only while there is a lab: the field is not cleared when a lab goes away.
-        snap.lab_started_ms = self.lab.as_ref().and(self.lab_started_ms);
-        snap.lab.clone_from(&self.lab);
-        snap.starting.clone_from(&self.starting);
+        let record = |i: usize, slot: &Slot| SlotRecord {
+            slot: i + 1,
+            lab: slot.lab.clone(),
+            // Only while there is a lab: the field is not cleared when a lab goes away.
+            lab_started_ms: slot.lab.as_ref().and(slot.lab_started_ms),
+            holder: slot
+                .holder
+                .filter(|_| slot.lab.is_some() || slot.starting.is_some()),
+            last_used_ms: if slot.lab.is_some() {
+                slot.last_used_ms
+            } else {
+                0
+            },
+            starting: slot.starting.clone(),
+        };
+        let first = record(0, &self.slots[0]);
+        snap.lab = first.lab;
+        snap.lab_started_ms = first.lab_started_ms;
+        snap.holder = first.holder;
+        snap.last_used_ms = first.last_used_ms;
+        snap.starting = first.starting;
+        snap.slots.clear();
+        snap.slots.extend(
+            self.slots
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, s)| s.lab.is_some() || s.starting.is_some())
+                .map(|(i, s)| record(i, s)),
+        );
         snap.teardowns.clone_from(&self.teardowns);
     }
 }
@@ -232,7 +329,10 @@ pub struct Shared {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
     state: Mutex<State>,
-    lab_tx: Sender<LabJob>,
+    /// One lab worker per slot, in slot order.
+    lab_tx: Vec<Sender<LabJob>>,
+    /// The slots' netlab instances, in slot order (as [`Config::instances`] gives them).
+    pub instances: Vec<Option<u16>>,
     shutting_down: AtomicBool,
     persister: Persister,
     pub started_at: SystemTime,
@@ -244,29 +344,35 @@ pub struct Shared {
     park_wake: (Sender<()>, Receiver<()>),
     /// The event history.
     pub events: EventLog,
-    /// netlab's live output.
-    pub lab_log: Arc<LabLog>,
+    /// netlab's live output, one per slot.
+    pub lab_logs: Vec<Arc<LabLog>>,
 }
 
 impl Shared {
+    /// One lab worker takes every slot's jobs (unit tests).
     #[cfg(test)]
     pub fn new(config: Config, clock: Arc<dyn Clock>, lab_tx: Sender<LabJob>) -> Self {
-        Self::with_state(config, clock, lab_tx, None)
+        let workers = vec![lab_tx; config.instances().len()];
+        Self::with_state(config, clock, workers, None)
     }
 
-    /// With a state restored from the state file.
+    /// With a state restored from the state file; `lab_tx` has a lab worker per slot.
     pub fn with_state(
         config: Config,
         clock: Arc<dyn Clock>,
-        lab_tx: Sender<LabJob>,
+        lab_tx: Vec<Sender<LabJob>>,
         state: Option<State>,
     ) -> Self {
         let labs_dir = config.state_dir.join("labs");
         let events = EventLog::open(&config.state_dir);
+        let instances = config.instances();
         Shared {
             events,
-            lab_log: Arc::new(LabLog::new()),
-            state: Mutex::new(state.unwrap_or_else(|| State::new(config.max_sessions))),
+            lab_logs: instances.iter().map(|_| Arc::new(LabLog::new())).collect(),
+            state: Mutex::new(
+                state.unwrap_or_else(|| State::with_slots(config.max_sessions, &instances)),
+            ),
+            instances,
             persister: Persister::new(config.state_dir.clone()),
             config,
             clock,
@@ -347,10 +453,25 @@ impl Shared {
         &self.shutting_down
     }
 
-    /// Takes the one acquire slot for `session` (and marks it busy: not reaped meanwhile).
+    /// netlab's live output of a slot (the first for a slot that does not exist).
+    pub fn lab_log(&self, slot: usize) -> &Arc<LabLog> {
+        self.lab_logs.get(slot).unwrap_or(&self.lab_logs[0])
+    }
+
+    /// The slot of a netlab instance (the first for one no slot has: a lab of a run with
+    /// other slots).
+    pub fn slot_of_instance(&self, instance: Option<u16>) -> usize {
+        self.instances
+            .iter()
+            .position(|i| *i == instance)
+            .unwrap_or(0)
+    }
+
+    /// Takes the acquire slot of `session`, one `POST /lab` at a time per session (and marks
+    /// it busy: not reaped meanwhile).
     pub fn take_slot(self: &Arc<Self>, session: SessionId) -> Result<AcquireSlot, SlotBusy> {
         let mut state = self.lock();
-        if state.acquiring.is_some() {
+        if state.acquiring.iter().any(|t| t.session == session) {
             return Err(SlotBusy);
         }
         state.tickets += 1;
@@ -358,7 +479,7 @@ impl Shared {
             session,
             id: state.tickets,
         };
-        state.acquiring = Some(ticket);
+        state.acquiring.push(ticket);
         state.queue.set_busy(&session, true);
         Ok(AcquireSlot {
             shared: Arc::downgrade(self),
@@ -371,21 +492,32 @@ impl Shared {
         let now = self.clock.now();
         let version = {
             let mut state = self.lock();
-            if state.acquiring != Some(*ticket) {
+            if !state.acquiring.contains(ticket) {
                 return;
             }
-            state.acquiring = None;
+            state.acquiring.retain(|t| t != ticket);
             state.queue.set_busy(&ticket.session, false);
             state.queue.touch(&ticket.session, now);
             // A finished start cleared its record before its slot was freed.
-            let Some(start) = state.starting.take() else {
+            let Some(slot) = state.slots.iter_mut().find(|s| {
+                s.starting
+                    .as_ref()
+                    .is_some_and(|st| st.session == ticket.session)
+            }) else {
                 return;
             };
+            let Some(start) = slot.starting.take() else {
+                return;
+            };
+            if slot.lab.is_none() {
+                slot.holder = None;
+            }
             log::error!(
                 "the start in {} ended without finishing it: tearing down what it left",
                 start.work_dir.display()
             );
-            let teardown = Teardown::of_failed_start(&start.work_dir, None, [0; 32]);
+            let teardown =
+                Teardown::of_failed_start(&start.work_dir, None, [0; 32], start.instance);
             state.teardowns.push(teardown.clone());
             let version = state.changed();
             state.outbox.push((version, teardown));
@@ -425,11 +557,25 @@ impl Shared {
         }
     }
 
-    /// Queues a job for the lab thread.
+    /// Queues a job for the lab worker of its slot (a shutdown for every worker). Takes no
+    /// lock: callers may hold the state lock.
     pub fn send_lab_job(&self, job: LabJob) {
-        if let Err(e) = self.lab_tx.send(job) {
-            // Only after the lab thread has exited, i.e. at the very end of a shutdown.
-            log::error!("lab thread is gone; dropped a job: {:?}", e.into_inner());
+        let worker = match &job {
+            LabJob::Start(start) => start.lab_slot,
+            LabJob::Teardown(t) => self.slot_of_instance(t.lab.instance),
+            LabJob::Shutdown => {
+                for tx in &self.lab_tx {
+                    let _ = tx.send(LabJob::Shutdown);
+                }
+                return;
+            }
+        };
+        let Some(tx) = self.lab_tx.get(worker).or_else(|| self.lab_tx.first()) else {
+            return;
+        };
+        if let Err(e) = tx.send(job) {
+            // Only after the lab worker has exited, i.e. at the very end of a shutdown.
+            log::error!("lab worker is gone; dropped a job: {:?}", e.into_inner());
         }
     }
 
@@ -655,32 +801,40 @@ impl Shared {
         }
         self.retry_teardowns(&mut state, now);
         let mut dirty = !removed.is_empty();
-        let unattended = state.queue.is_empty()
-            && state.acquiring.is_none()
-            && state.lab.as_ref().is_some_and(|l| l.ref_count == 0);
-        match (unattended, state.idle_since) {
-            (false, _) => state.idle_since = None,
-            (true, None) => state.idle_since = Some(now),
-            (true, Some(since)) if now.saturating_sub(since) > self.config.idle_lab_timeout => {
-                state.idle_since = None;
-                if let Some(lab) = state.lab.take() {
-                    log::info!(
-                        "lab {} idle with no session for more than {:.0} s: tearing it down",
-                        lab.topology.display(),
-                        self.config.idle_lab_timeout.as_secs_f64()
-                    );
-                    self.events.emit(
-                        "lab_idle_teardown",
-                        json!({
-                            "topology": file_name(&lab.topology),
-                            "idle_s": now.saturating_sub(since).as_secs_f64(),
-                        }),
-                    );
-                    self.queue_teardown(&mut state, lab);
-                    dirty = true;
+        // A lab is unattended when it is idle, no session holds it and fewer sessions exist
+        // than slots (with one slot: no session at all), with no `POST /lab` in progress.
+        let few = state.queue.len() < state.slots.len() && state.acquiring.is_empty();
+        for i in 0..state.slots.len() {
+            let slot = &state.slots[i];
+            let unattended = few
+                && slot.holder.is_none_or(|h| !state.queue.is_active(&h))
+                && slot.lab.as_ref().is_some_and(|l| l.ref_count == 0);
+            match (unattended, slot.idle_since) {
+                (false, _) => state.slots[i].idle_since = None,
+                (true, None) => state.slots[i].idle_since = Some(now),
+                (true, Some(since)) if now.saturating_sub(since) > self.config.idle_lab_timeout => {
+                    state.slots[i].idle_since = None;
+                    state.slots[i].holder = None;
+                    if let Some(lab) = state.slots[i].lab.take() {
+                        log::info!(
+                            "lab {} idle with no session for more than {:.0} s: tearing it down",
+                            lab.topology.display(),
+                            self.config.idle_lab_timeout.as_secs_f64()
+                        );
+                        self.events.emit(
+                            "lab_idle_teardown",
+                            json!({
+                                "slot": i + 1,
+                                "topology": file_name(&lab.topology),
+                                "idle_s": now.saturating_sub(since).as_secs_f64(),
+                            }),
+                        );
+                        self.queue_teardown(&mut state, lab);
+                        dirty = true;
+                    }
                 }
+                (true, Some(_)) => {}
             }
-            (true, Some(_)) => {}
         }
         if dirty {
             let version = state.changed();
@@ -702,45 +856,59 @@ impl Shared {
         if !removed.was_active {
             return;
         }
-        let held = state
-            .lab
-            .as_ref()
-            .is_some_and(LabRecord::torn_down_with_its_session);
-        if held && let Some(lab) = state.lab.take() {
-            log::info!(
-                "lab {} still held by ended session {}: tearing it down",
-                lab.topology.display(),
-                removed.id
-            );
-            self.queue_teardown(state, lab);
+        // With one slot the lab is the ACTIVE session's, whoever started it.
+        let single = state.queue.slots() == 1;
+        for i in 0..state.slots.len() {
+            let slot = &mut state.slots[i];
+            let held = match (slot.holder, &slot.lab) {
+                (_, Some(lab)) if single || slot.holder == Some(removed.id) => {
+                    lab.torn_down_with_its_session()
+                }
+                _ => false,
+            };
+            if slot.holder == Some(removed.id) && slot.starting.is_none() {
+                slot.holder = None;
+            }
+            if held && let Some(lab) = slot.lab.take() {
+                slot.holder = None;
+                log::info!(
+                    "lab {} still held by ended session {}: tearing it down",
+                    lab.topology.display(),
+                    removed.id
+                );
+                self.queue_teardown(state, lab);
+            }
         }
-        if removed.promoted.is_some()
-            && let Some(next) = self.schedule_next(state)
+        if let Some(promoted) = removed.promoted
+            && let Some(next) = self.schedule_next(state, promoted)
         {
             log::info!("session {next} is now active");
             self.note_promoted(state, &next);
         }
     }
 
-    /// The scheduler's say on who follows a removed head: the next in line, unless a waiting
-    /// session declared the lab that is idle now (see [`crate::core::schedule`]). Returns the head. Asked
-    /// twice in a row (a sweep that reaps several heads), it changes nothing the second time.
-    fn schedule_next(&self, state: &mut State) -> Option<SessionId> {
+    /// The scheduler's say on who takes the slot a removal freed: the next in line (the queue
+    /// promoted `promoted`), unless a waiting session declared a lab that is idle now (see
+    /// [`crate::core::schedule`]). Returns the session that is ACTIVE in its place, if it
+    /// still is (a sweep that reaps several sessions may have reaped it too).
+    fn schedule_next(&self, state: &mut State, promoted: SessionId) -> Option<SessionId> {
         let idle: Vec<Hash> = state
-            .lab
-            .as_ref()
+            .slots
+            .iter()
+            .filter(|s| s.starting.is_none())
+            .filter_map(|s| s.lab.as_ref())
             .filter(|l| l.ref_count == 0)
             .map(|l| l.hash)
-            .into_iter()
             .collect();
         let policy = Policy {
             affinity_window: self.config.affinity_window,
             max_skips: self.config.max_skips,
         };
-        if let Some(promotion) = state.queue.promote_ahead(0, &idle, policy) {
+        if let Some(promotion) = state.queue.promote_ahead(promoted, &idle, policy) {
             self.note_ahead(state, &promotion);
+            return Some(promotion.id);
         }
-        state.queue.active()
+        state.queue.is_active(&promoted).then_some(promoted)
     }
 
     /// A session went ahead of others for an idle lab: logged, counted, an event recorded.
@@ -866,6 +1034,7 @@ mod tests {
             topology: PathBuf::from("/x/t.yml"),
             ref_count: refs,
             devices_json: record::no_devices(),
+            instance: None,
         }
     }
 
@@ -873,14 +1042,14 @@ mod tests {
     fn an_idle_lab_with_no_session_is_torn_down_after_the_idle_timeout() {
         let clock = Arc::new(FakeClock::new());
         let (shared, jobs) = shared(clock.clone());
-        shared.lock().lab = Some(lab(0));
+        shared.lock().slots[0].lab = Some(lab(0));
         shared.sweep();
         clock.advance(Duration::from_secs(3600));
         shared.sweep();
-        assert!(shared.lock().lab.is_some());
+        assert!(shared.lock().slots[0].lab.is_some());
         clock.advance(Duration::from_secs(1));
         shared.sweep();
-        assert!(shared.lock().lab.is_none());
+        assert!(shared.lock().slots[0].lab.is_none());
         assert!(matches!(jobs.try_recv(), Ok(LabJob::Teardown(_))));
         assert_eq!(shared.lock().teardowns.len(), 1);
     }
@@ -889,21 +1058,21 @@ mod tests {
     fn a_session_or_a_reference_keeps_an_idle_lab() {
         let clock = Arc::new(FakeClock::new());
         let (shared, jobs) = shared(clock.clone());
-        shared.lock().lab = Some(lab(1));
+        shared.lock().slots[0].lab = Some(lab(1));
         shared.sweep();
         clock.advance(Duration::from_secs(5000));
         shared.sweep();
-        assert!(shared.lock().lab.is_some());
+        assert!(shared.lock().slots[0].lab.is_some());
         // Released, but a session is queued and polling: kept.
         let id = uuid::Uuid::new_v4();
-        shared.lock().lab.as_mut().unwrap().release();
+        shared.lock().slots[0].lab.as_mut().unwrap().release();
         shared.lock().queue.create(id, clock.now()).unwrap();
         for _ in 0..3 {
             clock.advance(Duration::from_secs(200));
             shared.lock().queue.touch(&id, clock.now());
             shared.sweep();
         }
-        assert!(shared.lock().lab.is_some());
+        assert!(shared.lock().slots[0].lab.is_some());
         assert!(jobs.try_recv().is_err());
     }
 
@@ -994,7 +1163,7 @@ mod tests {
         let a1 = declaring(&shared, a);
         let b1 = declaring(&shared, b);
         let a2 = declaring(&shared, a);
-        shared.lock().lab = Some(lab(0));
+        shared.lock().slots[0].lab = Some(lab(0));
         assert!(shared.end_session(&holder).unwrap());
         assert_eq!(shared.lock().queue.active(), Some(a1));
         assert!(kinds(&shared, "promoted_ahead").is_empty());
@@ -1036,7 +1205,7 @@ mod tests {
         let a = record::sha256(b"t");
         let b = record::sha256(b"other topology");
         let ids = [a, a, b, a, b, a].map(|h| declaring(&shared, h));
-        shared.lock().lab = Some(lab(0));
+        shared.lock().slots[0].lab = Some(lab(0));
         for (n, id) in ids.iter().enumerate() {
             assert_eq!(shared.lock().queue.active(), Some(*id), "turn {n}");
             assert!(shared.end_session(id).unwrap());
@@ -1054,31 +1223,10 @@ mod tests {
         let holder = declaring(&shared, a);
         let b1 = declaring(&shared, b);
         declaring(&shared, a);
-        shared.lock().lab = Some(lab(1));
+        shared.lock().slots[0].lab = Some(lab(1));
         assert!(shared.end_session(&holder).unwrap());
         assert_eq!(shared.lock().queue.active(), Some(b1));
         assert!(matches!(jobs.try_recv(), Ok(LabJob::Teardown(_))));
-    }
-
-    #[test]
-    fn the_lab_to_replace_says_who_declared_it() {
-        let clock = Arc::new(FakeClock::new());
-        let (shared, _jobs) = shared(clock.clone());
-        let a = record::sha256(b"t");
-        assert_eq!(shared.lock().lab_to_replace(), None);
-        shared.lock().lab = Some(lab(1));
-        assert_eq!(shared.lock().lab_to_replace(), None, "held: not idle");
-        shared.lock().lab.as_mut().unwrap().release();
-        declaring(&shared, a);
-        assert_eq!(
-            shared.lock().lab_to_replace(),
-            Some((0, 0)),
-            "the head counts not"
-        );
-        declaring(&shared, a);
-        declaring(&shared, record::sha256(b"x"));
-        declaring(&shared, a);
-        assert_eq!(shared.lock().lab_to_replace(), Some((0, 2)));
     }
 
     #[test]

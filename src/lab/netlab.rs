@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::lab::record::Device;
+use crate::lab::record::{Device, instance_name};
 use crate::lab::runner::{LineHook, Output, Run};
 use crate::observe::lablog::LabLog;
 use crate::observe::metrics::METRICS;
@@ -183,12 +183,14 @@ impl std::error::Error for NetlabError {
 #[derive(Debug)]
 pub enum NotRunning {
     WorkDirGone(PathBuf),
-    /// netlab's `default` instance is registered in another directory.
+    /// netlab registers the lab's instance in another directory.
     ElsewhereRegistered {
+        instance: String,
         registered: PathBuf,
         work_dir: PathBuf,
     },
-    NoDefaultInstance,
+    /// netlab does not register the lab's instance.
+    NoInstance(String),
     /// netlab could not say: it failed, or printed something unexpected.
     Unknown(NetlabError),
 }
@@ -198,15 +200,16 @@ impl fmt::Display for NotRunning {
         match self {
             NotRunning::WorkDirGone(dir) => write!(f, "its work dir {} is gone", dir.display()),
             NotRunning::ElsewhereRegistered {
+                instance,
                 registered,
                 work_dir,
             } => write!(
                 f,
-                "netlab's default instance is in {}, not in {}",
+                "netlab's instance {instance} is in {}, not in {}",
                 registered.display(),
                 work_dir.display()
             ),
-            NotRunning::NoDefaultInstance => f.write_str("netlab has no default instance"),
+            NotRunning::NoInstance(instance) => write!(f, "netlab has no instance {instance}"),
             NotRunning::Unknown(e) => e.fmt(f),
         }
     }
@@ -331,7 +334,18 @@ impl Netlab {
     /// Runs `netlab <args>` in `cwd` as `run` says, with its output in the debug log
     /// (`--debug`) and the live log (but for `inspect` and `version`), and counted in the
     /// metrics. Only a netlab that cannot be started is an error here.
-    fn run(&self, args: &[&str], cwd: &Path, mut run: Run<'_>) -> Result<Output, NetlabError> {
+    fn run(&self, args: &[&str], cwd: &Path, run: Run<'_>) -> Result<Output, NetlabError> {
+        self.run_with(args, cwd, &[], run)
+    }
+
+    /// [`Netlab::run`] with more environment variables (the multilab plugin's).
+    fn run_with(
+        &self,
+        args: &[&str],
+        cwd: &Path,
+        env: &[(&str, String)],
+        mut run: Run<'_>,
+    ) -> Result<Output, NetlabError> {
         let label = args.first().copied().unwrap_or("");
         log::debug!("running netlab {} in {}", args.join(" "), cwd.display());
         let live = self
@@ -350,7 +364,8 @@ impl Netlab {
                 Command::new(&self.program)
                     .args(args)
                     .current_dir(cwd)
-                    .env("COLUMNS", "1000"),
+                    .env("COLUMNS", "1000")
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
             )
             .map_err(|error| NetlabError::Spawn {
                 program: self.program.clone(),
@@ -427,20 +442,26 @@ impl Netlab {
         Ok(first)
     }
 
-    /// Tears down whatever netlab registers as the `default` instance, wherever it is. A
-    /// registration pointing at a directory that no longer exists is dropped with
-    /// `netlab status --reset`. "Nothing running" is the normal answer. Done only when
-    /// netlab says so; the error has netlab's words.
-    pub fn cleanup_default(&self, cwd: &Path) -> Result<(), NetlabError> {
-        const DOWN: &[&str] = &["down", "--instance", "default", "--cleanup"];
-        let out = self.run(DOWN, cwd, Run::new(DOWN_TIMEOUT))?;
+    /// Tears down whatever netlab registers as `instance` (`default` for `None`), wherever
+    /// it is. A `default` registration pointing at a directory that no longer exists is
+    /// dropped with `netlab status --reset`. "Nothing running" is the normal answer. Done
+    /// only when netlab says so; the error has netlab's words.
+    pub fn cleanup_instance(&self, cwd: &Path, instance: Option<u16>) -> Result<(), NetlabError> {
+        let name = instance_name(instance);
+        let down: &[&str] = &["down", "--instance", &name, "--cleanup"];
+        let out = self.run(down, cwd, Run::new(DOWN_TIMEOUT))?;
         if done(&out) {
-            log::info!("tore down a leftover netlab instance 'default'");
+            log::info!("tore down a leftover netlab instance '{name}'");
             return Ok(());
         }
         let all = format!("{}\n{}", out.stdout_text(), out.stderr_text());
         if !out.success() && all.contains("Unknown instance") {
             return Ok(());
+        }
+        if !out.success() && all.contains("Cannot change directory") && instance.is_some() {
+            // `status --reset` would drop every instance's registration, the other slots'
+            // too: a numbered one is left to its `down --force` in its own directory.
+            return Err(NetlabError::failure(down.join(" "), &out));
         }
         if !out.success() && all.contains("Cannot change directory") {
             log::warn!(
@@ -451,22 +472,36 @@ impl Netlab {
         }
         if out.timed_out {
             return Err(NetlabError::TimedOut {
-                command: DOWN.join(" "),
+                command: down.join(" "),
                 after: DOWN_TIMEOUT,
             });
         }
-        Err(NetlabError::failure(DOWN.join(" "), &out))
+        Err(NetlabError::failure(down.join(" "), &out))
     }
 
-    /// The directory netlab registers its `default` instance in, if any
-    /// (`netlab status --all --format json`).
-    pub fn default_instance_dir(&self, cwd: &Path) -> Result<Option<PathBuf>, NetlabError> {
+    /// The directory netlab registers `instance` in (`default` for `None`), if any.
+    pub fn instance_dir(
+        &self,
+        cwd: &Path,
+        instance: Option<u16>,
+    ) -> Result<Option<PathBuf>, NetlabError> {
+        let name = instance_name(instance);
+        Ok(self
+            .instances(cwd)?
+            .into_iter()
+            .find(|(i, _)| *i == name)
+            .map(|(_, dir)| dir))
+    }
+
+    /// Every instance netlab registers, with its directory (`netlab status --all --format
+    /// json`, whose keys are `default` and multilab ids).
+    pub fn instances(&self, cwd: &Path) -> Result<Vec<(String, PathBuf)>, NetlabError> {
         let args = ["status", "--all", "--format", "json"];
         let out = self.run(&args, cwd, Run::new(SHORT_TIMEOUT))?;
         let value: serde_json::Value = match serde_json::from_str(out.stdout_text().trim()) {
             Ok(value) => value,
             // "No netlab-managed labs" exits 1 with a warning object; anything else is odd.
-            Err(_) if !out.success() => return Ok(None),
+            Err(_) if !out.success() => return Ok(Vec::new()),
             Err(e) => {
                 return Err(NetlabError::BadOutput {
                     command: "status",
@@ -474,48 +509,64 @@ impl Netlab {
                 });
             }
         };
-        Ok(value
-            .get("default")
-            .and_then(|d| d.get("dir"))
-            .and_then(|d| d.as_str())
-            .map(PathBuf::from))
+        let Some(map) = value.as_object() else {
+            return Ok(Vec::new());
+        };
+        Ok(map
+            .iter()
+            .filter_map(|(name, entry)| {
+                let dir = entry.get("dir")?.as_str()?;
+                Some((name.clone(), PathBuf::from(dir)))
+            })
+            .collect())
     }
 
-    /// Whether the lab in `work_dir` is still there: netlab registers `default` in that
+    /// Whether the lab in `work_dir` is still there: netlab registers its instance in that
     /// directory and `inspect` answers for it.
-    pub fn check_running(&self, work_dir: &Path) -> Result<(), NotRunning> {
+    pub fn check_running(&self, work_dir: &Path, instance: Option<u16>) -> Result<(), NotRunning> {
         if !work_dir.is_dir() {
             return Err(NotRunning::WorkDirGone(work_dir.to_path_buf()));
         }
         match self
-            .default_instance_dir(work_dir)
+            .instance_dir(work_dir, instance)
             .map_err(NotRunning::Unknown)?
         {
             Some(dir) if dir == work_dir => {}
             Some(registered) => {
                 return Err(NotRunning::ElsewhereRegistered {
+                    instance: instance_name(instance),
                     registered,
                     work_dir: work_dir.to_path_buf(),
                 });
             }
-            None => return Err(NotRunning::NoDefaultInstance),
+            None => return Err(NotRunning::NoInstance(instance_name(instance))),
         }
-        self.node_names(work_dir)
+        self.node_names(work_dir, instance)
             .map(drop)
             .map_err(NotRunning::Unknown)
     }
 
     /// `netlab up <topology>` in the topology's directory, killed when `cancel` is set.
-    /// `spawned` gets its process group id as soon as it runs.
+    /// `spawned` gets its process group id as soon as it runs. A multilab `instance` gets
+    /// its id and the plugin through the environment (the plugin gives it its own name and
+    /// management subnet; the id alone would not).
     pub fn up(
         &self,
         topology: &Path,
+        instance: Option<u16>,
         cancel: &AtomicBool,
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError> {
         let (dir, name) = split(topology);
         let run = Run::new(self.up_timeout).cancel(cancel).on_spawn(spawned);
-        let out = self.run(&["up", &name], &dir, run)?;
+        let env: Vec<(&str, String)> = match instance {
+            Some(id) => vec![
+                ("NETLAB_PLUGIN", "multilab".to_owned()),
+                ("NETLAB_MULTILAB_ID", id.to_string()),
+            ],
+            None => Vec::new(),
+        };
+        let out = self.run_with(&["up", &name], &dir, &env, run)?;
         if out.cancelled {
             Err(NetlabError::Cancelled)
         } else if out.timed_out {
@@ -530,10 +581,16 @@ impl Netlab {
         }
     }
 
-    /// `netlab inspect` of the `default` instance; its stdout. A timeout is a failure (500),
-    /// not the 504 of a slow `up`.
-    fn inspect(&self, dir: &Path, args: &[&str]) -> Result<Vec<u8>, NetlabError> {
-        let mut full = vec!["inspect", "-q", "--instance", "default"];
+    /// `netlab inspect` of an instance (`default` for `None`); its stdout. A timeout is a
+    /// failure (500), not the 504 of a slow `up`.
+    fn inspect(
+        &self,
+        dir: &Path,
+        instance: Option<u16>,
+        args: &[&str],
+    ) -> Result<Vec<u8>, NetlabError> {
+        let name = instance_name(instance);
+        let mut full = vec!["inspect", "-q", "--instance", &name];
         full.extend_from_slice(args);
         let out = self.run(&full, dir, Run::new(INSPECT_TIMEOUT))?;
         if out.success() {
@@ -552,8 +609,8 @@ impl Netlab {
     }
 
     /// The lab's node names, in netlab's order.
-    fn node_names(&self, dir: &Path) -> Result<Vec<String>, NetlabError> {
-        let listing = self.inspect(dir, &["--format", "json", "list(nodes.keys())"])?;
+    fn node_names(&self, dir: &Path, instance: Option<u16>) -> Result<Vec<String>, NetlabError> {
+        let listing = self.inspect(dir, instance, &["--format", "json", "list(nodes.keys())"])?;
         parse_node_list(&String::from_utf8_lossy(&listing)).map_err(|why| NetlabError::BadOutput {
             command: "inspect",
             why,
@@ -562,8 +619,8 @@ impl Netlab {
 
     /// The lab's nodes in netlab's order, each with its `inspect --node` data. The per-node
     /// calls run in parallel, at most `parallelism` at a time.
-    pub fn devices(&self, dir: &Path) -> Result<Vec<Device>, NetlabError> {
-        let names = self.node_names(dir)?;
+    pub fn devices(&self, dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError> {
+        let names = self.node_names(dir, instance)?;
         let results: Mutex<Vec<Option<Result<serde_json::Value, NetlabError>>>> =
             Mutex::new((0..names.len()).map(|_| None).collect());
         let next = AtomicUsize::new(0);
@@ -574,7 +631,7 @@ impl Netlab {
                         let i = next.fetch_add(1, Ordering::SeqCst);
                         let Some(name) = names.get(i) else { break };
                         let result = self
-                            .inspect(dir, &["--node", name, "--format", "json"])
+                            .inspect(dir, instance, &["--node", name, "--format", "json"])
                             .and_then(|bytes| {
                                 serde_json::from_slice(&bytes).map_err(|e| NetlabError::BadOutput {
                                     command: "inspect",
@@ -603,21 +660,28 @@ impl Netlab {
     }
 
     /// Tears down the lab in `work_dir`, if netlab left anything there: one `netlab down
-    /// --cleanup` (with `--force` for the remains of a failed start), never a second pass
+    /// --cleanup` (`--instance N` for a multilab instance; with `--force` for the remains of
+    /// a failed start, which go by the directory's snapshot), never a second pass
     /// after one that succeeded. Done only when netlab says so: exit 0 and no fatal error in
     /// its output. On success the caller removes the directory; on failure it must keep it
     /// (it holds `clab.yml` and the snapshot, which netlab and containerlab need to finish
     /// by hand).
-    pub fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError> {
+    pub fn tear_down(
+        &self,
+        work_dir: &Path,
+        force: bool,
+        instance: Option<u16>,
+    ) -> Result<(), NetlabError> {
         if !work_dir.join(SNAPSHOT).exists() {
             return Ok(());
         }
-        let args: &[&str] = if force {
-            &["down", "--cleanup", "--force"]
-        } else {
-            &["down", "--cleanup"]
+        let id = instance.map(|id| id.to_string());
+        let args: Vec<&str> = match (force, &id) {
+            (true, _) => vec!["down", "--cleanup", "--force"],
+            (false, Some(id)) => vec!["down", "--instance", id, "--cleanup"],
+            (false, None) => vec!["down", "--cleanup"],
         };
-        self.run_done(args, work_dir, Run::new(DOWN_TIMEOUT))
+        self.run_done(&args, work_dir, Run::new(DOWN_TIMEOUT))
             .map(drop)
     }
 }

@@ -104,6 +104,102 @@ pub struct LabRecord {
     /// The devices, serialized once as the JSON array the API returns.
     #[serde(rename = "devices", with = "devices_text")]
     pub devices_json: Arc<RawValue>,
+    /// netlab's multilab instance id of the lab; `None`: its `default` instance (one slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u16>,
+}
+
+/// netlab's name of an instance: `default`, or the multilab id.
+pub fn instance_name(instance: Option<u16>) -> String {
+    instance.map_or_else(|| "default".to_owned(), |id| id.to_string())
+}
+
+/// One lab slot as [`choose_slot`] sees it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotView<'a> {
+    /// The running lab, if any (a lab being torn down is no longer here).
+    pub lab: Option<&'a LabRecord>,
+    /// The caller's session holds this slot.
+    pub mine: bool,
+    /// Another session holds it (it released its lab, or it would not be idle).
+    pub held: bool,
+    /// A start is running in it.
+    pub starting: bool,
+    /// A teardown of its instance is queued or waiting for a retry.
+    pub tearing_down: bool,
+    /// The queue index of the first waiting session that declared its lab's topology: an
+    /// eviction takes a lab nobody declared first, then the one whose taker stands furthest
+    /// back.
+    pub wanted_at: Option<usize>,
+    /// When its lab was last acquired or released (unix ms): the least recently used idle
+    /// lab goes first.
+    pub last_used_ms: u64,
+}
+
+/// Where a `POST /lab` goes, given every slot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlotChoice {
+    /// The caller's own slot, decided as with one lab (reuse, replace, or 423).
+    Own { slot: usize, acquire: Acquire },
+    /// An idle lab of the same topology (`reuse=true`) in another slot: attach to it.
+    Attach { slot: usize },
+    /// An empty slot: start the lab there.
+    Empty { slot: usize },
+    /// No empty slot: tear down the least recently used idle lab and start in its slot.
+    Evict { slot: usize },
+    /// Every slot is held or busy: 423.
+    Busy,
+}
+
+/// The slot a `POST /lab` of `hash` gets: the caller's own slot again if it has one; else
+/// an idle lab of the same hash (with `reuse`) in any slot; else an empty slot; else an idle
+/// lab's slot: one no waiting session declared before one that some did, then the least
+/// recently used. Labs no session holds go before those an ACTIVE session released (it may
+/// come back for them).
+pub fn choose_slot(slots: &[SlotView<'_>], hash: &Hash, reuse: bool) -> SlotChoice {
+    if let Some((slot, lab)) = slots
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.lab.filter(|_| s.mine).map(|lab| (i, lab)))
+    {
+        return SlotChoice::Own {
+            slot,
+            acquire: decide(Some(lab), hash, reuse),
+        };
+    }
+    let idle = |s: &SlotView<'_>| !s.starting && s.lab.is_some_and(|l| l.ref_count == 0);
+    let first_of = |pick: &dyn Fn(&SlotView<'_>) -> bool| {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| pick(s))
+            .min_by_key(|(_, s)| (s.held, s.last_used_ms))
+            .map(|(i, _)| i)
+    };
+    if reuse && let Some(slot) = first_of(&|s| idle(s) && s.lab.is_some_and(|l| l.hash == *hash)) {
+        return SlotChoice::Attach { slot };
+    }
+    let empty = |s: &SlotView<'_>| !s.starting && s.lab.is_none();
+    if let Some(slot) = slots
+        .iter()
+        .position(|s| empty(s) && !s.tearing_down)
+        .or_else(|| slots.iter().position(empty))
+    {
+        return SlotChoice::Empty { slot };
+    }
+    let evict = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| idle(s))
+        .min_by_key(|(_, s)| {
+            let wanted_at = s.wanted_at.unwrap_or(usize::MAX);
+            (s.held, std::cmp::Reverse(wanted_at), s.last_used_ms)
+        })
+        .map(|(i, _)| i);
+    match evict {
+        Some(slot) => SlotChoice::Evict { slot },
+        None => SlotChoice::Busy,
+    }
 }
 
 /// What `POST /lab` does, given the running lab (if any).
@@ -218,8 +314,14 @@ impl Teardown {
         }
     }
 
-    /// The remains of a start in `work_dir` that never became the running lab.
-    pub fn of_failed_start(work_dir: &Path, topology: Option<&Path>, hash: Hash) -> Self {
+    /// The remains of a start in `work_dir` (of netlab instance `instance`) that never
+    /// became the running lab.
+    pub fn of_failed_start(
+        work_dir: &Path,
+        topology: Option<&Path>,
+        hash: Hash,
+        instance: Option<u16>,
+    ) -> Self {
         Teardown::new(
             LabRecord {
                 hash,
@@ -227,6 +329,7 @@ impl Teardown {
                 topology: topology.unwrap_or(work_dir).to_path_buf(),
                 ref_count: 0,
                 devices_json: no_devices(),
+                instance,
             },
             true,
         )
@@ -267,6 +370,7 @@ mod tests {
             topology: PathBuf::from("/state/labs/x/topo.yml"),
             ref_count,
             devices_json: no_devices(),
+            instance: None,
         }
     }
 
@@ -341,6 +445,147 @@ mod tests {
     fn session_end_tears_down_only_a_held_lab() {
         assert!(lab(A, 1).torn_down_with_its_session());
         assert!(!lab(A, 0).torn_down_with_its_session());
+    }
+
+    fn view(lab: Option<&LabRecord>) -> SlotView<'_> {
+        SlotView {
+            lab,
+            ..SlotView::default()
+        }
+    }
+
+    #[test]
+    fn a_slot_for_each_post_lab() {
+        let (a0, a1, b0) = (lab(A, 0), lab(A, 1), lab(B, 0));
+        let (ha, hb) = (sha256(A), sha256(B));
+        // The caller's own slot comes first, with the rules of one lab.
+        let own = |l| SlotView {
+            mine: true,
+            ..view(Some(l))
+        };
+        let slots = [view(None), own(&a1)];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Own {
+                slot: 1,
+                acquire: Acquire::Attach
+            }
+        );
+        assert_eq!(
+            choose_slot(&slots, &hb, true),
+            SlotChoice::Own {
+                slot: 1,
+                acquire: Acquire::Busy
+            }
+        );
+        // An idle lab of the same hash anywhere, with reuse; an empty slot without.
+        let slots = [view(None), view(Some(&b0)), view(Some(&a0))];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Attach { slot: 2 }
+        );
+        assert_eq!(
+            choose_slot(&slots, &ha, false),
+            SlotChoice::Empty { slot: 0 }
+        );
+        // A held lab of the same hash is not idle.
+        let slots = [view(None), view(Some(&a1))];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Empty { slot: 0 }
+        );
+        // An empty slot whose teardown is done goes before one still tearing down.
+        let down = SlotView {
+            tearing_down: true,
+            ..view(None)
+        };
+        assert_eq!(
+            choose_slot(&[down, view(None)], &ha, true),
+            SlotChoice::Empty { slot: 1 }
+        );
+        assert_eq!(
+            choose_slot(&[down], &ha, true),
+            SlotChoice::Empty { slot: 0 }
+        );
+        // No empty slot: the least recently used idle lab, one nobody holds first.
+        let used = |l, at, held| SlotView {
+            last_used_ms: at,
+            held,
+            ..view(Some(l))
+        };
+        let (b0b, b0c) = (lab(B, 0), lab(B, 0));
+        let slots = [
+            used(&b0, 30, false),
+            used(&b0b, 10, true),
+            used(&b0c, 20, false),
+        ];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Evict { slot: 2 }
+        );
+        // Demand-aware: a lab a waiting session declared is kept while another idle lab can
+        // go, however recently that one was used.
+        let wanted = |l, at, by| SlotView {
+            wanted_at: Some(by),
+            ..used(l, at, false)
+        };
+        let slots = [
+            wanted(&b0, 10, 0),
+            used(&b0b, 50, false),
+            wanted(&b0c, 20, 3),
+        ];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Evict { slot: 1 }
+        );
+        let slots = [wanted(&b0, 10, 0), wanted(&b0c, 20, 3)];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Evict { slot: 1 },
+            "all wanted: the one whose taker stands furthest back"
+        );
+        let slots = [wanted(&b0, 30, 2), wanted(&b0c, 20, 2)];
+        assert_eq!(
+            choose_slot(&slots, &ha, true),
+            SlotChoice::Evict { slot: 1 },
+            "wanted by the same session: the least recently used"
+        );
+        // Starting or held everywhere: busy.
+        let starting = SlotView {
+            starting: true,
+            ..view(None)
+        };
+        assert_eq!(
+            choose_slot(&[starting, view(Some(&a1))], &hb, true),
+            SlotChoice::Busy
+        );
+    }
+
+    #[test]
+    fn with_one_slot_the_choice_is_the_one_lab_decision() {
+        for (refs, mine) in [(0, false), (0, true), (1, true)] {
+            for (topology, reuse) in [(A, true), (A, false), (B, true), (B, false)] {
+                let running = lab(A, refs);
+                let slot = SlotView {
+                    mine,
+                    ..view(Some(&running))
+                };
+                let hash = sha256(topology);
+                let expected = decide(Some(&running), &hash, reuse);
+                let got = match choose_slot(&[slot], &hash, reuse) {
+                    SlotChoice::Own { acquire, .. } => acquire,
+                    SlotChoice::Attach { .. } => Acquire::Attach,
+                    SlotChoice::Empty { .. } => Acquire::Start { replace: false },
+                    SlotChoice::Evict { .. } => Acquire::Start { replace: true },
+                    SlotChoice::Busy => Acquire::Busy,
+                };
+                assert_eq!(got, expected, "refs {refs} mine {mine} reuse {reuse}");
+            }
+        }
+        assert_eq!(
+            choose_slot(&[view(None)], &sha256(A), true),
+            SlotChoice::Empty { slot: 0 }
+        );
     }
 
     #[test]

@@ -277,8 +277,19 @@ impl Metrics {
     }
 }
 
+/// One lab slot's gauges.
+pub struct SlotGauges {
+    /// netlab's instance: `default` or the multilab id.
+    pub instance: String,
+    pub up: bool,
+    pub references: u32,
+    pub starting: bool,
+}
+
 /// The gauges, read from the state at scrape time.
 pub struct Gauges {
+    /// Per lab slot, in slot order.
+    pub slots: Vec<SlotGauges>,
     pub active: usize,
     pub waiting: usize,
     pub lab_up: bool,
@@ -345,15 +356,65 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "{PREFIX}sessions{{status=\"waiting\"}} {}",
         gauges.waiting
     );
-    header(&mut out, "lab_up", "gauge", "1 while a lab is running.");
+    header(
+        &mut out,
+        "lab_up",
+        "gauge",
+        "1 while a lab is running (in any slot).",
+    );
     let _ = writeln!(out, "{PREFIX}lab_up {}", u8::from(gauges.lab_up));
     header(
         &mut out,
         "lab_references",
         "gauge",
-        "References held on the running lab.",
+        "References held on the running labs (all slots).",
     );
     let _ = writeln!(out, "{PREFIX}lab_references {}", gauges.lab_references);
+    header(
+        &mut out,
+        "slot_lab_up",
+        "gauge",
+        "1 while a lab runs in the slot (labels: slot number, netlab instance).",
+    );
+    for (i, slot) in gauges.slots.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{PREFIX}slot_lab_up{{slot=\"{}\",instance=\"{}\"}} {}",
+            i + 1,
+            slot.instance,
+            u8::from(slot.up)
+        );
+    }
+    header(
+        &mut out,
+        "slot_lab_references",
+        "gauge",
+        "References held on the slot's lab.",
+    );
+    for (i, slot) in gauges.slots.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{PREFIX}slot_lab_references{{slot=\"{}\",instance=\"{}\"}} {}",
+            i + 1,
+            slot.instance,
+            slot.references
+        );
+    }
+    header(
+        &mut out,
+        "slot_lab_starting",
+        "gauge",
+        "1 while a netlab up runs in the slot.",
+    );
+    for (i, slot) in gauges.slots.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{PREFIX}slot_lab_starting{{slot=\"{}\",instance=\"{}\"}} {}",
+            i + 1,
+            slot.instance,
+            u8::from(slot.starting)
+        );
+    }
     header(
         &mut out,
         "lab_start_in_progress",

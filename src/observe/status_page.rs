@@ -103,6 +103,33 @@ fn schedule_marks(s: &SessionView) -> String {
     marks
 }
 
+/// A card per lab slot (only with several slots): topology, holder, devices, state.
+fn slot_cards(view: &QueueView) -> String {
+    if view.slots.len() < 2 {
+        return String::new();
+    }
+    let mut out = String::new();
+    for slot in &view.slots {
+        let holder = match &slot.holder {
+            Some(id) => who(slot.holder_name.as_deref(), id),
+            None => "nobody".to_owned(),
+        };
+        let _ = write!(
+            out,
+            "<div class=\"slot {}\"><strong>slot {} · instance {}</strong> <span>{}</span><div>{} · held by {} · refs {}</div><div class=\"muted\">{}</div></div>",
+            slot.state,
+            slot.slot,
+            escape(&slot.instance),
+            slot.state,
+            escape(slot.topology.as_deref().unwrap_or("no lab")),
+            escape(&holder),
+            slot.ref_count,
+            escape(&slot.device_names.join(", "))
+        );
+    }
+    out
+}
+
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     let lab = if view.lab.running {
@@ -211,7 +238,13 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         ),
         None => String::new(),
     };
+    let slots = slot_cards(view);
     TEMPLATE
+        .replace(
+            "<!--SLOTS_HIDDEN-->",
+            if slots.is_empty() { "hidden" } else { "" },
+        )
+        .replace("<!--SLOTS-->", &slots)
         .replace("<!--VERSION-->", &escape(&view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
         .replace("<!--LAB-->", &lab)

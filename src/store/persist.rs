@@ -36,6 +36,53 @@ pub struct Starting {
     /// crash kills what is left of it.
     #[serde(default)]
     pub pgid: Option<u32>,
+    /// netlab's multilab instance id of the start; `None`: `default` (one slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u16>,
+}
+
+/// A lab slot after the first, as the state file keeps it (the first slot's fields are the
+/// file's own `lab`, `holder`, `starting`, …, as they were before there were slots). Only
+/// slots with a lab or a start are written.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SlotRecord {
+    /// The slot's number (1 is the first), for whoever reads the file; a restart goes by
+    /// the netlab instance of the lab or start.
+    pub slot: usize,
+    #[serde(default)]
+    pub lab: Option<LabRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab_started_ms: Option<u64>,
+    /// The session whose slot this is.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "holder")]
+    pub holder: Option<SessionId>,
+    /// Unix ms the lab was last acquired or released.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_used_ms: u64,
+    #[serde(default)]
+    pub starting: Option<Starting>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The holder of a slot's lab in the file: a session id, or nothing.
+mod holder {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(id: &Option<SessionId>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => session_id::serialize(id, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SessionId>, D::Error> {
+        #[derive(Deserialize)]
+        struct Id(#[serde(with = "session_id")] SessionId);
+        Ok(Option::<Id>::deserialize(d)?.map(|Id(id)| id))
+    }
 }
 
 /// The durable part of the state, as the state file holds it. The writer keeps one and
@@ -63,8 +110,20 @@ pub struct Snapshot {
     /// Unix ms the lab came up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lab_started_ms: Option<u64>,
+    /// The session whose lab it is (the first slot's).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "holder")]
+    pub holder: Option<SessionId>,
+    /// Unix ms the first slot's lab was last acquired or released.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_used_ms: u64,
+    /// The other slots that have a lab or a start (`--slots` above 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotRecord>,
+    /// The first slot's lab. This and the next two fields end the file: the package's
+    /// postrm reads the file's end to tell whether it records a lab.
     #[serde(default)]
     pub lab: Option<LabRecord>,
+    /// The first slot's start in progress.
     #[serde(default)]
     pub starting: Option<Starting>,
     #[serde(default)]
@@ -120,10 +179,11 @@ mod session_list {
     struct Entry<'a> {
         #[serde(with = "session_id")]
         id: SessionId,
-        /// `active` for the first entry, `waiting` for the others (for whoever reads the
-        /// file; the order is what counts when it is read back).
-        #[serde(skip_deserializing)]
-        status: &'static str,
+        /// `active` or `waiting`. A file written before several sessions could be ACTIVE
+        /// says `active` for its first entry only; one without statuses gets its ACTIVE
+        /// sessions in queue order.
+        #[serde(default)]
+        status: Cow<'a, str>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<Cow<'a, str>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,9 +213,9 @@ mod session_list {
         fn borrowed(text: &Option<String>) -> Option<Cow<'_, str>> {
             text.as_deref().map(Cow::Borrowed)
         }
-        s.collect_seq(records.iter().enumerate().map(|(i, r)| Entry {
+        s.collect_seq(records.iter().map(|r| Entry {
             id: r.id,
-            status: if i == 0 { "active" } else { "waiting" },
+            status: Cow::Borrowed(if r.active { "active" } else { "waiting" }),
             owner: r.owner.as_deref().map(Cow::Borrowed),
             name: borrowed(&r.info.name),
             addr: borrowed(&r.info.addr),
@@ -203,6 +263,7 @@ mod session_list {
                 active_since_ms: entry.active_since_ms,
                 skips: entry.skips,
                 ahead: entry.ahead,
+                active: entry.status == "active",
             });
         }
         Ok(records)
@@ -516,6 +577,7 @@ mod tests {
                 name: "r1".into(),
                 raw: serde_json::json!({"a": 1}),
             }]),
+            instance: None,
         }
     }
 
@@ -530,6 +592,7 @@ mod tests {
             active_since_ms: active,
             skips: 0,
             ahead: false,
+            active: active.is_some(),
         }
     }
 
@@ -569,6 +632,7 @@ mod tests {
                 session: sessions[0].id,
                 work_dir: PathBuf::from("/s/labs/b"),
                 pgid: Some(4242),
+                instance: None,
             }),
             teardowns: vec![Teardown {
                 attempts: 2,
@@ -758,6 +822,7 @@ mod tests {
                     session: id,
                     work_dir: PathBuf::from("/s/labs/b"),
                     pgid: None,
+                    instance: None,
                 }),
                 ..Snapshot::default()
             },

@@ -53,4 +53,6 @@ pub struct SessionRecord {
     pub skips: u32,
     /// It was promoted ahead of others (for the lab it declared).
     pub ahead: bool,
+    /// ACTIVE (it may use a lab slot), as opposed to WAITING.
+    pub active: bool,
 }

@@ -24,4 +24,5 @@ mod restart;
 mod runbook;
 mod schedule;
 mod sessions;
+mod slots;
 mod upload_props;

@@ -15,7 +15,7 @@ use crate::{EX_NOPERM, EX_UNAVAILABLE};
 
 /// What one host said.
 enum Seen {
-    Queue(QueueView, Box<RawValue>),
+    Queue(Box<QueueView>, Box<RawValue>),
     /// No queue view (an older or a Python server): its health.
     Health(Health, Box<RawValue>),
     Rejected(Failure),
@@ -24,7 +24,7 @@ enum Seen {
 
 fn look(host: &Host) -> Seen {
     match host.queue_raw() {
-        Ok((view, raw)) => Seen::Queue(view, raw),
+        Ok((view, raw)) => Seen::Queue(Box::new(view), raw),
         Err(f) if f.rejected() => Seen::Rejected(f),
         Err(f @ Failure::Net(_)) => Seen::Unreachable(f),
         Err(_) => match host.health() {
@@ -172,7 +172,7 @@ fn print_table(hosts: &[Arc<Host>], seen: &[Seen]) {
                 if let Some(reason) = reason {
                     println!("  {}", clean(&state_text(state, Some(&reason))));
                 }
-                for slot in view.slots.iter().flatten() {
+                for slot in view.slots.iter().filter(|_| view.slots.len() > 1) {
                     let held = match (&slot.holder_name, &slot.holder) {
                         (Some(name), _) => format!(", held by {}", clean(name)),
                         (None, Some(id)) => format!(", held by session {}", clean(id)),
