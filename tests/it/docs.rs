@@ -59,7 +59,7 @@ fn about_the_client(line: &str) -> bool {
 
 /// Other tools' flags that the docs quote in their command lines (netlab's, cargo's).
 const NETLAB_FLAGS: &[&str] = &[
-    "cleanup", "instance", "reset", "force", "format", "node", "check", "release", "all",
+    "cleanup", "instance", "reset", "force", "format", "node", "check", "release", "all", "test",
 ];
 
 #[test]

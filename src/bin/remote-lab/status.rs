@@ -172,7 +172,7 @@ fn print_table(hosts: &[Arc<Host>], seen: &[Seen]) {
                 if let Some(reason) = reason {
                     println!("  {}", clean(&state_text(state, Some(&reason))));
                 }
-                for slot in view.slots.iter().filter(|_| view.slots.len() > 1) {
+                for slot in &view.slots {
                     let held = match (&slot.holder_name, &slot.holder) {
                         (Some(name), _) => format!(", held by {}", clean(name)),
                         (None, Some(id)) => format!(", held by session {}", clean(id)),
