@@ -37,6 +37,7 @@ use crate::lab::record::{LabRecord, Teardown};
 use crate::lab::upload;
 use crate::logging;
 use crate::notify;
+use crate::store::drain;
 use crate::store::lockfile;
 use crate::store::persist::{self, Snapshot};
 use crate::store::statedir;
@@ -55,6 +56,8 @@ pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
         Ok(Command::Serve(config)) => serve(*config),
         Ok(Command::Cleanup(config)) => cleanup(*config),
         Ok(Command::Reload(config)) => reload(&config),
+        Ok(Command::Drain { config, wait }) => crate::ctl::drain(&config, wait),
+        Ok(Command::Resume(config)) => crate::ctl::resume(&config),
         Err(e) => {
             eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
             2
@@ -141,6 +144,34 @@ fn serve(config: Config) -> i32 {
             ));
         }
     }
+    if let Some(topology) = &config.health_topology
+        && let Err(e) = std::fs::metadata(topology).and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a file"))
+            }
+        })
+    {
+        return fail(format!("--health-topology {}: {e}", topology.display()));
+    }
+    let draining = match drain::load(&config.state_dir) {
+        Ok(Some(drain)) => {
+            log::warn!(
+                "draining (since the last run{}): no new sessions until `neops-remote-lab resume` \
+                 or POST /admin/resume",
+                drain.by.as_deref().map(|by| format!(", by {by}")).unwrap_or_default()
+            );
+            Some(drain)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            return fail(format!(
+                "cannot read {}: {e}",
+                config.state_dir.join(drain::DRAIN_FILE).display()
+            ));
+        }
+    };
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
@@ -162,6 +193,9 @@ fn serve(config: Config) -> i32 {
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
     shared.access = access;
     let shared = Arc::new(shared);
+    if let Some(drain) = draining {
+        let _ = shared.host.set_drain(Some(drain), |_| Ok::<(), ()>(()));
+    }
     // The restored state is the new truth: write it before anyone can see it. (If that
     // fails, the server starts degraded and refuses changes until a write succeeds.)
     shared.set_durable_baseline();
@@ -174,6 +208,7 @@ fn serve(config: Config) -> i32 {
             "version": env!("CARGO_PKG_VERSION"),
             "restored_sessions": restored,
             "lab": lab_outcome,
+            "draining": shared.host.draining().is_some(),
         }),
     );
     for t in pending {

@@ -129,15 +129,15 @@ pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position
     }
 }
 
-/// A `POST /session` turned away because the queue is full.
-pub fn note_refused(shared: &Shared, info: &ClientInfo) {
-    METRICS.session_ended(Ended::Refused);
+/// A `POST /session` turned away: the queue is full (`Refused`), or the host is draining.
+pub fn note_refused(shared: &Shared, info: &ClientInfo, why: Ended) {
+    METRICS.session_ended(why);
     shared.events.emit(
         "session_ended",
         json!({
             "session": null,
             "client": info.name,
-            "reason": Ended::Refused.as_str(),
+            "reason": why.as_str(),
             "addr": info.addr,
         }),
     );
@@ -282,11 +282,14 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             acquiring: row.busy,
         })
         .collect::<Vec<_>>();
+    let (host_state, host_state_reason) = shared.host.condition();
     QueueView {
         time: wall,
         version: env!("CARGO_PKG_VERSION"),
         active_timeout: shared.config.active_timeout.as_secs_f64(),
         waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
+        host_state: host_state.as_str(),
+        host_state_reason,
         lab: lab_view,
         operation,
         teardowns_pending: teardowns,
@@ -389,10 +392,14 @@ pub fn metrics(shared: &Shared) -> Reply {
             start_in_progress: state.acquiring().is_some(),
             teardowns_pending: state.teardowns.len(),
             events: 0,
+            host_state: "ok",
+            host_start_failures: 0,
         }
     };
     let gauges = metrics::Gauges {
         events: shared.events.last_id(),
+        host_state: shared.host.condition().0.as_str(),
+        host_start_failures: shared.host.failures(),
         ..gauges
     };
     Reply::typed(

@@ -125,6 +125,14 @@ impl NetlabError {
         }
     }
 
+    /// Whether the failure says something about the host rather than the topology (or the
+    /// shutdown): netlab or its back end missing or failing (containerlab, Docker), a
+    /// timeout, another lab instance in the way. Such failures in a row make the host
+    /// unhealthy.
+    pub fn counts_against_host(&self) -> bool {
+        !matches!(self, NetlabError::Rejected(_) | NetlabError::Cancelled)
+    }
+
     /// Why `out` of `netlab <command>` is not [`done`].
     fn failure(command: String, out: &Output) -> Self {
         let exit = if out.success() {

@@ -74,6 +74,7 @@ fn event_line(e: &serde_json::Value) -> (String, bool) {
     }
     let reason = e["reason"].as_str().unwrap_or("");
     let bad = kind.contains("failed")
+        || kind == "host_unhealthy"
         || e["success"] == serde_json::Value::Bool(false)
         || matches!(reason, "reaped_active" | "reaped_waiting" | "refused");
     (text, bad)
@@ -81,6 +82,18 @@ fn event_line(e: &serde_json::Value) -> (String, bool) {
 
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
+    let host = match view.host_state {
+        "ok" => String::new(),
+        state => format!(
+            "<div class=\"big {}\">{}</div>{}",
+            if state == "draining" { "warn" } else { "bad" },
+            escape(&state.to_uppercase()),
+            view.host_state_reason
+                .as_deref()
+                .map(|r| format!("<div>{}</div>", escape(r)))
+                .unwrap_or_default()
+        ),
+    };
     let lab = if view.lab.running {
         let mut details = format!(
             "{} · {} · {} devices · refs {}",
@@ -189,6 +202,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     TEMPLATE
         .replace("<!--VERSION-->", &escape(view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
+        .replace("<!--HOST_STATE-->", &host)
         .replace("<!--LAB-->", &lab)
         .replace("<!--HOLDER-->", &holder)
         .replace("<!--OPERATION-->", &operation)

@@ -48,6 +48,10 @@ pub struct QueueView {
     pub version: &'static str,
     pub active_timeout: f64,
     pub waiting_timeout: f64,
+    /// `ok`, `draining` (no new sessions) or `unhealthy` (`POST /lab` refused).
+    pub host_state: &'static str,
+    /// Why the host is not `ok`: who drained it, or netlab's last error.
+    pub host_state_reason: Option<String>,
     pub lab: LabView,
     pub operation: Option<Operation>,
     pub teardowns_pending: usize,
