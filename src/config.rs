@@ -312,7 +312,10 @@ pub enum Command {
     /// `neops-remote-lab reload`: SIGHUP to the running server.
     Reload(Box<Config>),
     /// `neops-remote-lab drain [--wait]`: the running server takes no new sessions.
-    Drain { config: Box<Config>, wait: bool },
+    Drain {
+        config: Box<Config>,
+        wait: bool,
+    },
     /// `neops-remote-lab resume`: the running server takes new sessions again.
     Resume(Box<Config>),
     Help,

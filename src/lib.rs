@@ -7,7 +7,7 @@
 //! The folders are floors: a module uses only modules of its own folder or of a floor
 //! below it, never one above (the test at the bottom of this file checks it). From the top:
 //!
-//! 1. [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`; beside it `ctl`:
+//! 1. [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`; below it `ctl`:
 //!    `drain` and `resume`, which ask the running server over HTTP.
 //! 2. `api/`: the route table (`routes`) and its handlers, `openapi`, `acquire` (`POST /lab`
 //!    up to the lab thread), `observe` (the read-only views), `lab_thread` (the thread that
@@ -51,7 +51,8 @@ mod tests {
     /// The floors, top first: a module may use modules of its own floor or of floors below.
     /// Names are folders (`api`) or single files (`config`) under `src/`.
     const FLOORS: &[&[&str]] = &[
-        &["server", "ctl"],
+        &["server"],
+        &["ctl"],
         &["api"],
         &["core"],
         &["store"],

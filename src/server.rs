@@ -160,7 +160,11 @@ fn serve(config: Config) -> i32 {
             log::warn!(
                 "draining (since the last run{}): no new sessions until `neops-remote-lab resume` \
                  or POST /admin/resume",
-                drain.by.as_deref().map(|by| format!(", by {by}")).unwrap_or_default()
+                drain
+                    .by
+                    .as_deref()
+                    .map(|by| format!(", by {by}"))
+                    .unwrap_or_default()
             );
             Some(drain)
         }

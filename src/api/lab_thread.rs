@@ -377,7 +377,11 @@ fn health_check(shared: &Shared, netlab: &dyn Driver) {
     if let Err(e) =
         std::fs::create_dir_all(&work_dir).and_then(|()| std::fs::copy(source, &topology))
     {
-        let error = format!("cannot copy {} into {}: {e}", source.display(), work_dir.display());
+        let error = format!(
+            "cannot copy {} into {}: {e}",
+            source.display(),
+            work_dir.display()
+        );
         log::error!("health check: {error}");
         remove_dir(&work_dir);
         report(false, Some(&error));

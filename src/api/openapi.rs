@@ -198,7 +198,9 @@ fn admin(done: &str) -> Value {
 }
 
 pub fn admin_drain() -> Value {
-    admin("Draining: POST /session gets 503 until resumed, the sessions there finish; kept across restarts")
+    admin(
+        "Draining: POST /session gets 503 until resumed, the sessions there finish; kept across restarts",
+    )
 }
 
 pub fn admin_resume() -> Value {

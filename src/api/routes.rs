@@ -703,10 +703,9 @@ fn healthz(call: &Call<'_>, _: &Request) -> Reply {
     match call.shared.host.condition() {
         (Condition::Ok, _) => Reply::empty(204),
         (Condition::Draining, _) => Reply::detail(503, "draining"),
-        (Condition::Unhealthy, why) => Reply::detail(
-            503,
-            format!("unhealthy: {}", why.unwrap_or_default()),
-        ),
+        (Condition::Unhealthy, why) => {
+            Reply::detail(503, format!("unhealthy: {}", why.unwrap_or_default()))
+        }
     }
 }
 

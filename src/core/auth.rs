@@ -445,11 +445,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
-        std::fs::write(
-            &path,
-            format!("{FILE}root:AAAABBBBCCCCDDDD1111:admin\n"),
-        )
-        .unwrap();
+        std::fs::write(&path, format!("{FILE}root:AAAABBBBCCCCDDDD1111:admin\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
             Tokens::first_admin(&path).unwrap(),

@@ -7,8 +7,8 @@
 //! [`Host::start_succeeded`] when netlab brought a lab up. After `--unhealthy-after` such
 //! failures in a row the host is unhealthy; a success, an admin's reset, or a successful
 //! health check (`--health-topology`, every `--health-interval` while unhealthy) makes it
-//! healthy again. The caller ([`crate::core::state::Shared`]) records the events and the
-//! metrics of each change.
+//! healthy again. The caller (the shared state's `start_failed`, `start_succeeded` and
+//! `health_reset`) records the events and the metrics of each change.
 //!
 //! Its own small lock, never held together with the state lock.
 
@@ -246,14 +246,19 @@ mod tests {
             Ok(true)
         );
         assert_eq!(
-            host.set_drain(Some(drain), |_| -> Result<(), ()> { panic!("not written twice") }),
+            host.set_drain(Some(drain), |_| -> Result<(), ()> {
+                panic!("not written twice")
+            }),
             Ok(false)
         );
         assert_eq!(
             host.condition(),
             (Condition::Draining, Some("drained by ops".to_owned()))
         );
-        assert_eq!(host.set_drain(None, |d| Ok::<_, ()>(assert!(d.is_none()))), Ok(true));
+        assert_eq!(
+            host.set_drain(None, |d| Ok::<_, ()>(assert!(d.is_none()))),
+            Ok(true)
+        );
         assert_eq!(host.condition().0, Condition::Unhealthy);
     }
 }
