@@ -256,7 +256,10 @@ mod tests {
             (Condition::Draining, Some("drained by ops".to_owned()))
         );
         assert_eq!(
-            host.set_drain(None, |d| Ok::<_, ()>(assert!(d.is_none()))),
+            host.set_drain(None, |d| {
+                assert!(d.is_none());
+                Ok::<_, ()>(())
+            }),
             Ok(true)
         );
         assert_eq!(host.condition().0, Condition::Unhealthy);
