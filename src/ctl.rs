@@ -144,10 +144,10 @@ pub fn drain(config: &Config, wait: bool) -> i32 {
         while left > 0 {
             std::thread::sleep(POLL);
             let now = sessions(&target)?;
-            if now != left {
+            if now != left && now > 0 {
                 println!("{now} {} left", plural(now));
-                left = now;
             }
+            left = now;
         }
         println!("drained: no session left");
         Ok(())
