@@ -5,7 +5,9 @@
 //!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
 //!           [--only SCENARIO,...] [--mix-duration S]
 //! Scenarios: throughput, observe (GET /metrics and /queue, memory with a full event
-//! history; skipped on servers without GET /queue), queue, handover, mix.
+//! history; skipped on servers without GET /queue), queue, handover, mix, ciday (a day of CI
+//! in a minute: 16 jobs over three topologies, see [`ciday`]; `scripts/bench --only ciday`
+//! starts one server per set of flags and gives each its own column).
 //! The first target is "ours"; ratios are given against it. PID is read for resident
 //! memory (/proc/PID/status); FAKE_DIR is the fake netlab's control directory of that
 //! target (to make `netlab down` slow for the hand-over scenario). `--ceiling` is the bare
@@ -713,6 +715,11 @@ fn main() {
         }
     }
 
+    if wants("ciday") {
+        for (t, target) in targets.iter().enumerate() {
+            ciday(target, t, &mut table);
+        }
+    }
     if wants("longpoll") {
         parked_memory(&targets[0], &mut table);
     }
@@ -1077,4 +1084,137 @@ fn put_handover(table: &mut Table, who: &str, times: &[f64]) {
         0,
         at(1.0),
     );
+}
+
+/// The day-of-CI mix: topologies A, B and C for half, a third and the rest of 16 jobs, in this
+/// fixed shuffled order.
+const CIDAY_ORDER: &[u8; 16] = b"ABACABBACABACBAA";
+/// One job every this often.
+const CIDAY_ARRIVAL: Duration = Duration::from_millis(250);
+/// `netlab up` takes this long (the fake netlab's `up.sleep`), a test this long.
+const CIDAY_UP_S: &str = "2";
+const CIDAY_TEST: Duration = Duration::from_secs(1);
+
+fn ciday_topology(kind: u8) -> String {
+    match kind {
+        b'A' => "nodes: [a1, a2]\n".into(),
+        b'B' => "nodes: [b1, b2, b3]\n".into(),
+        _ => "nodes: [c1]\n".into(),
+    }
+}
+
+fn hex_sha256(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `netlab up` calls in a fake netlab's call log.
+fn up_calls(fake_dir: &std::path::Path) -> usize {
+    std::fs::read_to_string(fake_dir.join("calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| json(l.as_bytes())["argv"][0] == "up")
+        .count()
+}
+
+/// A day of CI in a minute against one server (a fresh one: `scripts/bench` starts one per
+/// set of flags). Each job is a thread: `POST /session` with its name and its declared
+/// topology, long-poll until active (a server without long-poll answers at once: then it
+/// polls every 50 ms), `POST /lab` with `reuse=true` (423 retried every 50 ms), a heartbeat,
+/// the test, release, end. Rows: the makespan, the mean and p95 wait for a lab (from
+/// `POST /session` to the lab's devices in hand) and the `netlab up` calls.
+fn ciday(target: &Target, t: usize, table: &mut Table) {
+    let Some(fake) = &target.fake_dir else {
+        eprintln!("   ciday needs the fake netlab's directory: skipped");
+        return;
+    };
+    eprintln!(
+        "   ciday: 16 jobs, one every {CIDAY_ARRIVAL:?}, up {CIDAY_UP_S} s, test {CIDAY_TEST:?}"
+    );
+    std::fs::write(fake.join("control").join("up.sleep"), CIDAY_UP_S).expect("up.sleep");
+    let ups_before = up_calls(fake);
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for (n, &kind) in CIDAY_ORDER.iter().enumerate() {
+        let due = start + CIDAY_ARRIVAL * n as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        let addr = target.addr;
+        jobs.push(thread::spawn(move || ciday_job(addr, n, kind)));
+    }
+    let waits: Vec<f64> = jobs
+        .into_iter()
+        .map(|j| j.join().expect("a ciday job panicked"))
+        .collect();
+    let makespan = start.elapsed().as_secs_f64();
+    let ups = up_calls(fake) - ups_before;
+    let _ = std::fs::remove_file(fake.join("control").join("up.sleep"));
+    let mut sorted = waits.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mean = waits.iter().sum::<f64>() / waits.len() as f64;
+    let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize).clamp(1, sorted.len()) - 1];
+    table.put("ciday: makespan", "s", true, t, makespan);
+    table.put("ciday: mean wait for a lab", "s", true, t, mean);
+    table.put("ciday: p95 wait for a lab", "s", true, t, p95);
+    table.put("ciday: netlab up calls", "", true, t, ups as f64);
+    // Leave no lab behind for whatever runs next on this server.
+    let mut conn = Conn::open(target.addr);
+    let id = create_session(&mut conn);
+    conn.call("DELETE", "/lab", &[("X-Session-ID", &id)], b"");
+    end_sessions(&mut conn, &[id]);
+}
+
+/// One job of [`ciday`]; returns its wait for a lab, in seconds.
+fn ciday_job(addr: SocketAddr, n: usize, kind: u8) -> f64 {
+    let topology = ciday_topology(kind);
+    let declared = hex_sha256(&topology);
+    let name = format!("ciday-{n}-{}", kind as char);
+    let mut conn = Conn::open(addr);
+    let began = Instant::now();
+    let (status, body) = conn.call(
+        "POST",
+        "/session",
+        &[("X-Client-Name", &name), ("X-Topology-SHA256", &declared)],
+        b"",
+    );
+    assert_eq!(status, 201, "{name}: POST /session");
+    let id = json(&body)["session_id"]
+        .as_str()
+        .expect("session_id")
+        .to_owned();
+    loop {
+        let asked = Instant::now();
+        let (status, body) = conn.call("GET", &format!("/session/{id}?wait=30"), &[], b"");
+        assert_eq!(status, 200, "{name}: GET /session");
+        if json(&body)["status"] == "active" {
+            break;
+        }
+        if asked.elapsed() < Duration::from_millis(20) {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (content_type, form) = multipart(&topology, true);
+    loop {
+        let (status, _) = conn.call(
+            "POST",
+            "/lab",
+            &[("X-Session-ID", &id), ("Content-Type", &content_type)],
+            &form,
+        );
+        match status {
+            200 => break,
+            423 => thread::sleep(Duration::from_millis(50)),
+            other => panic!("{name}: POST /lab answered {other}"),
+        }
+    }
+    let waited = began.elapsed().as_secs_f64();
+    conn.call("POST", "/session/heartbeat", &[("X-Session-ID", &id)], b"");
+    thread::sleep(CIDAY_TEST);
+    conn.call("POST", "/lab/release", &[("X-Session-ID", &id)], b"");
+    conn.call("DELETE", &format!("/session/{id}"), &[], b"");
+    waited
 }

@@ -136,6 +136,18 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "how often an unhealthy host tries --health-topology",
     },
     OptionSpec {
+        name: "affinity-window",
+        value: Some("N"),
+        default: "8",
+        help: "a waiting session this far up that declared the idle lab may go first",
+    },
+    OptionSpec {
+        name: "max-skips",
+        value: Some("N"),
+        default: "2",
+        help: "times a waiting session may be passed over that way; 0: strict FIFO",
+    },
+    OptionSpec {
         name: "token-file",
         value: Some("PATH"),
         default: "none: no authentication",
@@ -241,6 +253,10 @@ pub struct Config {
     pub cleanup_foreign: bool,
     pub on_exit: OnExit,
     pub idle_lab_timeout: Duration,
+    /// `--affinity-window`: how many waiting sessions a promotion ahead looks at.
+    pub affinity_window: usize,
+    /// `--max-skips`: how often a waiting session may be passed over; 0 is strict FIFO.
+    pub max_skips: u32,
     pub log_level: LevelFilter,
     pub log_file: Option<PathBuf>,
     /// `--debug`: netlab's output is logged line by line.
@@ -278,6 +294,8 @@ impl Config {
             cleanup_foreign: false,
             on_exit: OnExit::Teardown,
             idle_lab_timeout: Duration::from_secs(3600),
+            affinity_window: 8,
+            max_skips: 2,
             log_level: LevelFilter::Info,
             log_file: None,
             stream_netlab_output: false,
@@ -457,6 +475,12 @@ where
     }
     if let Some((v, e)) = lookup("idle-lab-timeout") {
         config.idle_lab_timeout = parse_seconds(&v, "idle-lab-timeout", e)?;
+    }
+    if let Some((v, e)) = lookup("affinity-window") {
+        config.affinity_window = parse_count(&v, "affinity-window", e, 0, 10_000_000)?;
+    }
+    if let Some((v, e)) = lookup("max-skips") {
+        config.max_skips = parse_count(&v, "max-skips", e, 0, 1_000_000)? as u32;
     }
     if let Some((v, e)) = lookup("on-exit") {
         config.on_exit = match v.trim().to_ascii_lowercase().as_str() {

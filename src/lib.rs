@@ -2,7 +2,8 @@
 //!
 //! The server binary calls [`server::main`]; the integration tests reach
 //! [`lab::upload`] (its property tests) and [`lab::procgroup`] (to check what a crashed
-//! server leaves). Everything else is private to the crate.
+//! server leaves); the `remote-lab` client uses [`protocol`]. Everything else is private to
+//! the crate.
 //!
 //! The folders are floors: a module uses only modules of its own folder or of a floor
 //! below it, never one above (the test at the bottom of this file checks it). From the top:
@@ -13,8 +14,8 @@
 //!    up to the lab thread), `observe` (the read-only views), `lab_thread` (the thread that
 //!    runs netlab).
 //! 3. `core/`: `state` (the shared state behind one mutex, the gate, the acquire slot, the
-//!    lab jobs), `queue` (sessions, FIFO), `auth` (tokens, callers, throttle), `host`
-//!    (draining, health), `clock`,
+//!    lab jobs), `queue` (sessions in the order they are served), `schedule` (who goes next, which idle lab goes: pure), `auth` (tokens, callers, throttle),
+//!    `host` (draining, health), `clock`,
 //!    `longpoll` (parked long-polls), `timer`.
 //! 4. `store/`: `persist` (the state file), `session` (a session as the file keeps it),
 //!    `drain` (the drain file),
@@ -24,9 +25,10 @@
 //!    the same floor, `lab/`: `record` (the lab record, acquire decisions), `netlab` (the
 //!    commands), `runner` (a process in its own group, output bounded, timeout and cancel),
 //!    [`lab::procgroup`] (signals that reach only our groups), [`lab::upload`].
-//! 6. `observe/`: `events`, `metrics`, `lablog` (netlab's live output), `status_page`,
-//!    `views` (the queue view's shape).
-//! 7. `config`, `logging`, `notify`.
+//! 6. `observe/`: `events`, `metrics`, `lablog` (netlab's live output), `status_page`.
+//! 7. `config`, `logging`, `notify`, [`protocol`] (the API's bodies, header names and the
+//!    `X-Client-Name` encoding, shared with the `remote-lab` client; it uses nothing else of
+//!    the crate).
 //!
 //! `docs/design.md` says why the threads are as they are.
 #![forbid(unsafe_code)]
@@ -40,6 +42,7 @@ pub mod lab;
 mod logging;
 mod notify;
 mod observe;
+pub mod protocol;
 pub mod server;
 mod store;
 

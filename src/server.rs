@@ -42,6 +42,10 @@ use crate::store::lockfile;
 use crate::store::persist::{self, Snapshot};
 use crate::store::statedir;
 
+/// How long a deliberate exit waits for the event writer (a hung disk must not keep a
+/// process that has to go).
+const EXIT_FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
 /// Runs the program with its arguments (without the program name); returns the exit code.
 pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
     match config::parse(args, |name| std::env::var_os(name)) {
@@ -200,6 +204,23 @@ fn serve(config: Config) -> i32 {
     if let Some(drain) = draining {
         let _ = shared.host.set_drain(Some(drain), |_| Ok::<(), ()>(()));
     }
+    // A deliberate exit (status 75, from any thread) is an event too, and takes what the
+    // event writer has queued with it to the file rather than dropping it.
+    let events = Arc::downgrade(&shared);
+    listener::before_restart(move |why, status| {
+        if let Some(shared) = events.upgrade() {
+            shared.events.emit(
+                "server_stopping",
+                serde_json::json!({ "exit_status": status, "reason": why }),
+            );
+            if !shared.events.flush(EXIT_FLUSH_LIMIT) {
+                log::warn!(
+                    "the event file took more than {} s; the last events may be missing from it",
+                    EXIT_FLUSH_LIMIT.as_secs()
+                );
+            }
+        }
+    });
     // The restored state is the new truth: write it before anyone can see it. (If that
     // fails, the server starts degraded and refuses changes until a write succeeds.)
     shared.set_durable_baseline();
@@ -468,6 +489,9 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
             .queue
             .restore_with(session.id, now, Arc::clone(&session.info), active_since);
         state.queue.set_owner(&session.id, session.owner.clone());
+        state
+            .queue
+            .set_schedule(&session.id, session.skips, session.ahead);
     }
     if let Some(active) = state.queue.active() {
         let n = state.queue.len();

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{RecvTimeoutError, bounded};
-use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -70,11 +69,7 @@ impl From<Reply> for Decision {
 }
 
 /// `{"reused": …, "devices": […]}`, the devices passed through as netlab's inspect gave them.
-#[derive(Serialize)]
-pub struct Acquired<'a> {
-    pub reused: bool,
-    pub devices: &'a RawValue,
-}
+pub type Acquired<'a> = crate::protocol::Acquired<&'a RawValue>;
 
 fn upload_error_reply(e: &UploadError) -> Reply {
     match e {
@@ -285,8 +280,14 @@ fn receive_and_decide(
             .into();
         }
     }
-    match record::decide(state.lab.as_ref(), &upload.hash, upload.reuse) {
+    let decision = record::decide(state.lab.as_ref(), &upload.hash, upload.reuse);
+    // The first acquire of a session promoted ahead tells whether that saved an `up`.
+    let promoted_ahead = decision != Acquire::Busy && state.queue.first_use_of_ahead(&session);
+    match decision {
         Acquire::Attach => {
+            if promoted_ahead {
+                METRICS.up_avoided();
+            }
             let lab = state
                 .lab
                 .as_mut()
@@ -337,10 +338,18 @@ fn receive_and_decide(
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
-            if replace && let Some(old) = state.lab.take() {
+            let evicted = if replace {
+                state.lab_to_replace()
+            } else {
+                None
+            };
+            if let Some((_, wanted)) = evicted
+                && let Some(old) = state.lab.take()
+            {
                 log::info!(
-                    "replacing the idle lab {} for session {session}",
-                    old.topology.display()
+                    "replacing the idle lab {} for session {session} ({wanted} waiting {} declared it)",
+                    old.topology.display(),
+                    crate::core::state::plural(wanted, "session", "sessions")
                 );
                 shared.queue_teardown(&mut state, old);
             }
@@ -410,29 +419,29 @@ mod tests {
         let check =
             |headers: &[(&str, &str)]| check(&shared, &post_lab(headers, ""), &Caller::Open);
         let too_large = post_lab(
-            &[("X-Session-ID", &ida), multipart],
+            &[(SESSION_HEADER, &ida), multipart],
             &*"x".repeat(1001).leak(),
         );
 
         assert_eq!(status(check(&[multipart])), 422);
-        assert_eq!(status(check(&[("X-Session-ID", &idb), multipart])), 423);
+        assert_eq!(status(check(&[(SESSION_HEADER, &idb), multipart])), 423);
         assert_eq!(
             status(super::check(&shared, &too_large, &Caller::Open)),
             413
         );
         assert_eq!(
             status(check(&[
-                ("X-Session-ID", &ida),
+                (SESSION_HEADER, &ida),
                 ("Content-Type", "multipart/form-data")
             ])),
             400
         );
 
-        let pending = check(&[("X-Session-ID", &ida), multipart]).unwrap();
+        let pending = check(&[(SESSION_HEADER, &ida), multipart]).unwrap();
         assert_eq!(pending.boundary, "x");
         assert_eq!(shared.lock().acquiring().map(|t| t.session), Some(a));
         // One acquire at a time.
-        let Err(busy) = check(&[("X-Session-ID", &ida), multipart]) else {
+        let Err(busy) = check(&[(SESSION_HEADER, &ida), multipart]) else {
             panic!("a second acquire while one is in progress");
         };
         assert_eq!(
@@ -442,7 +451,7 @@ mod tests {
         // Dropped (the upload ended, however): the slot is free, the session reapable.
         drop(pending);
         assert!(shared.lock().acquiring().is_none());
-        assert_eq!(status(check(&[("X-Session-ID", &ida), multipart])), 200);
+        assert_eq!(status(check(&[(SESSION_HEADER, &ida), multipart])), 200);
     }
 
     #[test]

@@ -12,18 +12,22 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tiny_http::Request;
 
+use crate::core::host::Condition;
 use crate::core::queue::{ClientInfo, SessionId};
 use crate::core::state::{Shared, State, file_name};
 use crate::http::reply::{Reply, header_value, query_param};
-use crate::lab::record;
+use crate::lab::record::{self, Hash};
 use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
-use crate::observe::views::{LabView, Operation, QueueView, SessionView};
+use crate::protocol::{
+    self, HostState, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation,
+    QueueView, SessionView,
+};
 
-pub const CLIENT_NAME_HEADER: &str = "X-Client-Name";
+pub use crate::protocol::{CLIENT_NAME_HEADER, TOPOLOGY_SHA256_HEADER as TOPOLOGY_HEADER};
 /// Longest client name, in characters.
-pub const MAX_NAME: usize = 200;
+pub const MAX_NAME: usize = protocol::MAX_CLIENT_NAME;
 /// Default and largest `limit` of `GET /queue`.
 pub const QUEUE_LIMIT: usize = 1000;
 pub const QUEUE_LIMIT_MAX: u64 = 1_000_000;
@@ -44,22 +48,7 @@ pub fn parse_client_name(raw: &str) -> Result<Option<String>, Reply> {
     if raw.len() > MAX_NAME * 12 {
         return Err(too_long());
     }
-    let mut bytes = Vec::with_capacity(raw.len());
-    let b = raw.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex_digit(b[i + 1]), hex_digit(b[i + 2]))
-        {
-            bytes.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        bytes.push(b[i]);
-        i += 1;
-    }
-    let name = String::from_utf8(bytes).map_err(|_| {
+    let name = String::from_utf8(protocol::decode_client_name(raw)).map_err(|_| {
         name_error(
             "string_unicode",
             "X-Client-Name must be valid UTF-8 (percent-encode characters beyond ASCII)",
@@ -84,12 +73,22 @@ fn too_long() -> Reply {
     )
 }
 
-fn hex_digit(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
+/// Checks an `X-Topology-SHA256` value: the SHA-256 of the topology file the session will
+/// upload, 64 hexadecimal digits (either case). Anything else is a 422 naming the header.
+pub fn parse_declared(raw: &str) -> Result<Hash, Reply> {
+    record::parse_hex(raw.trim()).ok_or_else(|| {
+        Reply::validation(
+            "string_pattern_mismatch",
+            ["header", TOPOLOGY_HEADER],
+            "String should match pattern '^[0-9a-fA-F]{64}$'",
+            Some(cut(raw)),
+        )
+    })
 }
 
 /// Who is calling `POST /session`: the name it gives, its address, its `User-Agent` (cut to
-/// 200 characters, control characters dropped: it is shown, never judged).
+/// 200 characters, control characters dropped: it is shown, never judged), and the topology
+/// it declares.
 pub fn client_info(request: &Request) -> Result<ClientInfo, Reply> {
     let name = match header_value(request, CLIENT_NAME_HEADER) {
         Some(raw) => parse_client_name(raw)?,
@@ -101,12 +100,17 @@ pub fn client_info(request: &Request) -> Result<ClientInfo, Reply> {
             .take(MAX_NAME)
             .collect::<String>()
     });
+    let declared = match header_value(request, TOPOLOGY_HEADER) {
+        Some(raw) => Some(parse_declared(raw)?),
+        None => None,
+    };
     Ok(ClientInfo {
         name,
         addr: request.remote_addr().map(|a| a.ip().to_string()),
         user_agent,
         created_ms: now_ms(),
         owner: None,
+        declared,
     })
 }
 
@@ -121,6 +125,7 @@ pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position
                 "position": position,
                 "addr": info.addr,
                 "user_agent": info.user_agent,
+                "declared": info.declared.as_ref().map(hash_prefix),
             }),
         ),
     );
@@ -153,6 +158,11 @@ pub fn note_released(shared: &Shared, state: &State, id: &SessionId, ref_count: 
             json!({ "ref_count": ref_count }),
         ),
     );
+}
+
+/// The 12-character prefix of a hash that views show.
+pub fn hash_prefix(hash: &Hash) -> String {
+    record::hex(hash)[..12].to_owned()
 }
 
 // ------------------------------------------------------------------------------- queries
@@ -237,7 +247,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     let lab_view = LabView {
         running: lab.is_some(),
         topology: lab.as_ref().map(|l| file_name(&l.topology)),
-        hash: lab.as_ref().map(|l| record::hex(&l.hash)[..12].to_owned()),
+        hash: lab.as_ref().map(|l| hash_prefix(&l.hash)),
         devices: device_names.len(),
         device_names,
         started_at: lab.as_ref().and(lab_started).map(secs),
@@ -249,7 +259,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     };
     let operation = match shared.lab_log.running() {
         Some((command, since)) => Some(Operation {
-            command,
+            command: command.into(),
             since: secs(since),
             session: if command == "up" {
                 starting.as_ref().map(prefix)
@@ -258,7 +268,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             },
         }),
         None => acquiring.map(|s| Operation {
-            command: "upload",
+            command: "upload".into(),
             since: wall,
             session: Some(prefix(&s)),
         }),
@@ -269,7 +279,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         .enumerate()
         .map(|(position, row)| SessionView {
             position,
-            status: if position == 0 { "active" } else { "waiting" },
+            status: if position == 0 { "active" } else { "waiting" }.into(),
             id: prefix(&row.id),
             client_name: row.info.name.clone(),
             owner: row.info.owner.clone(),
@@ -280,15 +290,22 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             last_seen_ago: row.silent.as_secs_f64(),
             holds_lab: position == 0 && holds,
             acquiring: row.busy,
+            declared: row.info.declared.as_ref().map(hash_prefix),
+            skips: row.skips,
+            promoted_ahead: row.ahead,
         })
         .collect::<Vec<_>>();
     let (host_state, host_state_reason) = shared.host.condition();
     QueueView {
         time: wall,
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").into(),
         active_timeout: shared.config.active_timeout.as_secs_f64(),
         waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
-        host_state: host_state.as_str(),
+        host_state: Some(match host_state {
+            Condition::Ok => HostState::Ok,
+            Condition::Draining => HostState::Draining,
+            Condition::Unhealthy => HostState::Unhealthy,
+        }),
         host_state_reason,
         lab: lab_view,
         operation,
@@ -296,6 +313,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         truncated: total > sessions.len(),
         total,
         sessions,
+        slots: None,
     }
 }
 
@@ -363,9 +381,9 @@ pub fn lab_log(shared: &Shared, query: &str) -> Reply {
     };
     let chunk = shared.lab_log.read(offset, job);
     Reply::typed(200, "text/plain; charset=utf-8", chunk.text)
-        .with_header("X-Log-Offset", chunk.next.to_string())
-        .with_header("X-Log-Command", chunk.command.unwrap_or("none"))
-        .with_header("X-Log-Done", if chunk.done { "true" } else { "false" })
+        .with_header(LOG_OFFSET_HEADER, chunk.next.to_string())
+        .with_header(LOG_COMMAND_HEADER, chunk.command.unwrap_or("none"))
+        .with_header(LOG_DONE_HEADER, if chunk.done { "true" } else { "false" })
         .with_header("Cache-Control", "no-store")
 }
 
@@ -456,6 +474,32 @@ mod tests {
             status(parse_client_name(&"%C3%A9".repeat(200))),
             Ok(Some("é".repeat(200)))
         );
+    }
+
+    #[test]
+    fn declared_topologies() {
+        let hex = "0123456789abcdefABCDEF0123456789abcdef0123456789abcdef0123456789";
+        let hash = parse_declared(hex).unwrap();
+        assert_eq!(record::hex(&hash), hex.to_ascii_lowercase());
+        assert_eq!(parse_declared(&format!(" {hex} ")).ok(), Some(hash));
+        for bad in [
+            "",
+            &hex[1..],
+            &format!("{hex}0"),
+            &format!("{}g", &hex[1..]),
+            &format!("+{}", &hex[1..]),
+            &format!("{hex}  topology.yml"),
+        ] {
+            let e = parse_declared(bad).unwrap_err();
+            assert_eq!(e.status, 422, "{bad}");
+            let body: serde_json::Value =
+                serde_json::from_slice(e.body.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                body["detail"][0]["loc"],
+                json!(["header", "X-Topology-SHA256"])
+            );
+            assert_eq!(body["detail"][0]["type"], "string_pattern_mismatch");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use serde_json::{Value, json};
 
+use crate::protocol::{CLIENT_NAME_HEADER, SESSION_HEADER};
+
 fn detail(description: &str) -> Value {
     json!({
         "description": description,
@@ -26,7 +28,7 @@ fn body(description: &str, schema: &str) -> Value {
 }
 
 fn session_header() -> Value {
-    json!({"name": "X-Session-ID", "in": "header", "required": true, "schema": {"type": "string"}})
+    json!({"name": SESSION_HEADER, "in": "header", "required": true, "schema": {"type": "string"}})
 }
 
 /// The gate's answers, shared by every `/lab*` operation.
@@ -69,9 +71,12 @@ pub fn document<'a>(operations: impl Iterator<Item = (&'a str, &'a str, &'a str,
 
 pub fn create_session() -> Value {
     json!({
-        "parameters": [{"name": "X-Client-Name", "in": "header", "required": false,
+        "parameters": [{"name": CLIENT_NAME_HEADER, "in": "header", "required": false,
             "description": "Who is asking (a CI job URL, a host name, a person): at most 200 printable characters; characters beyond ASCII percent-encoded as UTF-8. Shown in the queue view, the events and the status page.",
-            "schema": {"type": "string", "maxLength": 200}}],
+            "schema": {"type": "string", "maxLength": 200}},
+            {"name": "X-Topology-SHA256", "in": "header", "required": false,
+            "description": "The SHA-256 of the topology file the session will upload (64 hexadecimal digits). When a lab with that hash is idle as a session becomes active, a session that declared it may be promoted ahead of up to --affinity-window others, each passed over at most --max-skips times. Nothing is enforced: the session may upload anything.",
+            "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
         "responses": {
             "201": body("Session created", "SessionCreated"),
             "422": validation(),
@@ -336,14 +341,17 @@ fn observe_schemas() -> Value {
                     "active_since": {"type": ["number", "null"]},
                     "last_seen_ago": {"type": "number", "description": "Seconds since the session was last seen"},
                     "holds_lab": {"type": "boolean", "description": "Holds references on the running lab"},
-                    "acquiring": {"type": "boolean", "description": "Its POST /lab is in progress"}
+                    "acquiring": {"type": "boolean", "description": "Its POST /lab is in progress"},
+                    "declared": {"type": ["string", "null"], "description": "The first 12 hex digits of the topology hash it declared (X-Topology-SHA256)"},
+                    "skips": {"type": "integer", "description": "How often a promotion ahead passed it over (at most --max-skips)"},
+                    "promoted_ahead": {"type": "boolean", "description": "It went ahead of others because it declared the idle lab"}
                 }}}
             }},
             "Events": {"type": "object", "required": ["last_id", "events"], "properties": {
                 "last_id": {"type": "integer"},
                 "events": {"type": "array", "items": {"type": "object", "required": ["id", "time", "kind"], "properties": {
                     "id": {"type": "integer"}, "time": {"type": "number"},
-                    "kind": {"enum": ["server_started", "server_stopping", "session_created", "session_promoted", "session_ended", "lab_start_begun", "lab_started", "lab_reused", "lab_start_failed", "lab_released", "teardown_begun", "teardown_done", "lab_idle_teardown", "host_draining", "host_resumed", "host_unhealthy", "host_healthy", "health_check"]},
+                    "kind": {"enum": ["server_started", "server_stopping", "session_created", "session_promoted", "session_ended", "lab_start_begun", "lab_started", "lab_reused", "lab_start_failed", "lab_released", "teardown_begun", "teardown_done", "lab_idle_teardown", "promoted_ahead", "host_draining", "host_resumed", "host_unhealthy", "host_healthy", "health_check"]},
                     "session": {"type": ["string", "null"]}, "client": {"type": ["string", "null"]}
                 }}}
             }}

@@ -27,6 +27,7 @@ use crate::core::state::{SESSION_HEADER, Shared};
 use crate::http::reply::{Reply, Responder, header_value, percent_decode, query_param};
 use crate::lab::record::{self, Destroy};
 use crate::observe::metrics::{self, Ended};
+use crate::protocol::{Health, PendingTeardown, SessionCreated};
 use crate::store::drain::{self, Drain};
 use crate::store::persist::NotPersisted;
 
@@ -518,11 +519,6 @@ fn authorize(
 
 fn create_session(call: &Call<'_>, request: &Request) -> Reply {
     let (shared, caller) = (call.shared, &call.caller);
-    #[derive(Serialize)]
-    struct Created {
-        session_id: String,
-        position: usize,
-    }
     let info = match observe::client_info(request) {
         Ok(mut info) => {
             info.owner = caller.owner().map(|o| o.to_string());
@@ -565,7 +561,7 @@ fn create_session(call: &Call<'_>, request: &Request) -> Reply {
             }
             Reply::json(
                 201,
-                &Created {
+                &SessionCreated {
                     session_id: id.to_string(),
                     position,
                 },
@@ -792,30 +788,6 @@ fn admin_health_reset(call: &Call<'_>, _: &Request) -> Reply {
 
 fn debug_health(call: &Call<'_>, _: &Request) -> Reply {
     let shared = call.shared;
-    /// A teardown not done yet: queued, or failed and waiting for its next attempt.
-    #[derive(Serialize)]
-    struct PendingTeardown {
-        work_dir: String,
-        attempts: u32,
-        error: Option<String>,
-        retry_in: Option<f64>,
-    }
-    #[derive(Serialize)]
-    struct Health {
-        status: &'static str,
-        timestamp: f64,
-        uptime: f64,
-        sessions: usize,
-        queue_length: usize,
-        /// Seconds; so that a client can choose its heartbeat interval.
-        active_timeout: f64,
-        waiting_timeout: f64,
-        /// Long-polls parked right now.
-        long_polls: usize,
-        teardowns: Vec<PendingTeardown>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        detail: Option<String>,
-    }
     let now = SystemTime::now();
     let timestamp = now
         .duration_since(UNIX_EPOCH)
@@ -844,7 +816,7 @@ fn debug_health(call: &Call<'_>, _: &Request) -> Reply {
     Reply::json(
         200,
         &Health {
-            status: if degraded.is_some() { "degraded" } else { "ok" },
+            status: if degraded.is_some() { "degraded" } else { "ok" }.into(),
             detail: degraded.map(|why| NotPersisted(why).to_string()),
             timestamp,
             uptime,
@@ -1057,7 +1029,7 @@ mod tests {
         assert_eq!(serve(&shared, Method::Get, "/nope").status, 404);
         assert_eq!(
             body(&serve(&shared, Method::Get, "/lab")),
-            serde_json::json!({"detail": [{"type": "missing", "loc": ["header", "X-Session-ID"], "msg": "Field required", "input": null}]})
+            serde_json::json!({"detail": [{"type": "missing", "loc": ["header", SESSION_HEADER], "msg": "Field required", "input": null}]})
         );
 
         assert_eq!(

@@ -124,15 +124,10 @@ impl Parked {
 
 /// `200 {"status":…,"position":…}`.
 pub fn status_reply((status, position): (Status, usize)) -> Reply {
-    #[derive(serde::Serialize)]
-    struct SessionStatus {
-        status: &'static str,
-        position: usize,
-    }
     Reply::json(
         200,
-        &SessionStatus {
-            status: status.as_str(),
+        &crate::protocol::SessionStatus {
+            status: status.as_str().into(),
             position,
         },
     )

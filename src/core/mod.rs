@@ -5,5 +5,6 @@ pub mod clock;
 pub mod host;
 pub mod longpoll;
 pub mod queue;
+pub mod schedule;
 pub mod state;
 pub mod timer;

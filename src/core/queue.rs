@@ -1,14 +1,19 @@
-//! Sessions and the FIFO queue. Pure data: no I/O, no clock of its own (callers pass `now`).
+//! Sessions and the queue. Pure data: no I/O, no clock of its own (callers pass `now`).
 //!
-//! The queue order never changes; only the head is ACTIVE; positions are dense. Each session
-//! gets a sequence number when it is created; the queue keeps `(seq, id)` pairs sorted by
-//! `seq`, so a session's position is a binary search and removing the head is O(1).
+//! Only the head is ACTIVE; positions are dense. The order is the order of arrival except
+//! where the scheduler promoted a session ahead (see [`crate::core::schedule`] and
+//! [`Queue::promote_ahead`]): that moves one session to the front, so that a position is
+//! always the number of sessions the scheduler will serve first as things stand. Each
+//! session has a sequence number; the queue keeps `(seq, id)` pairs sorted by `seq`, so a
+//! session's position is a binary search and removing the head is O(1).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::core::schedule::{self, Candidate, Policy};
+use crate::lab::record::Hash;
 pub use crate::store::session::{ClientInfo, SessionId, SessionRecord, parse_session_id};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +47,9 @@ pub struct Row {
     pub active_since_ms: Option<u64>,
     pub silent: Duration,
     pub busy: bool,
+    /// How often it was passed over; whether it was promoted ahead.
+    pub skips: u32,
+    pub ahead: bool,
 }
 
 #[derive(Debug)]
@@ -54,6 +62,21 @@ struct Session {
     owner: Option<Arc<str>>,
     info: Arc<ClientInfo>,
     active_since_ms: Option<u64>,
+    /// How often a promotion ahead passed it over.
+    skips: u32,
+    /// It was promoted ahead of others.
+    ahead: bool,
+    /// It has attached to a lab since (the `up` its promotion saved is counted).
+    ahead_used: bool,
+}
+
+/// A promotion ahead: who went first, for which idle lab, and whom it passed (in queue
+/// order).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Promotion {
+    pub id: SessionId,
+    pub hash: Hash,
+    pub passed: Vec<SessionId>,
 }
 
 /// `POST /session` when `--max-sessions` sessions already exist.
@@ -141,6 +164,9 @@ impl Queue {
                 owner: None,
                 info,
                 active_since_ms,
+                skips: 0,
+                ahead: false,
+                ahead_used: false,
             },
         );
         self.order.push_back((seq, id));
@@ -188,6 +214,8 @@ impl Queue {
                     active_since_ms: s.active_since_ms,
                     silent: now.saturating_sub(s.last_seen),
                     busy: s.busy,
+                    skips: s.skips,
+                    ahead: s.ahead,
                 }
             })
             .collect()
@@ -228,6 +256,8 @@ impl Queue {
                     s.busy = before.busy;
                 }
                 s.owner.clone_from(&record.owner);
+                s.skips = record.skips;
+                s.ahead = record.ahead;
             }
         }
     }
@@ -365,7 +395,84 @@ impl Queue {
                 owner: s.owner.clone(),
                 info: Arc::clone(&s.info),
                 active_since_ms: s.active_since_ms,
+                skips: s.skips,
+                ahead: s.ahead,
             }
+        })
+    }
+
+    /// What the waiting sessions declared, in queue order (the ACTIVE head left out).
+    pub fn waiting_declared(&self) -> impl Iterator<Item = Option<&Hash>> + '_ {
+        self.order
+            .iter()
+            .skip(1)
+            .map(|(_, id)| self.sessions[id].info.declared.as_ref())
+    }
+
+    /// How often a session was passed over.
+    pub fn skips(&self, id: &SessionId) -> Option<u32> {
+        self.sessions.get(id).map(|s| s.skips)
+    }
+
+    /// Restores what the state file kept of a session's scheduling: its skips, and whether
+    /// it was promoted ahead.
+    pub fn set_schedule(&mut self, id: &SessionId, skips: u32, ahead: bool) {
+        if let Some(session) = self.sessions.get_mut(id) {
+            session.skips = skips;
+            session.ahead = ahead;
+        }
+    }
+
+    /// Whether the session was promoted ahead and this is the first time it says so (so
+    /// that the `up` a promotion saved is counted once).
+    pub fn first_use_of_ahead(&mut self, id: &SessionId) -> bool {
+        self.sessions
+            .get_mut(id)
+            .is_some_and(|s| s.ahead && !std::mem::replace(&mut s.ahead_used, true))
+    }
+
+    /// Lets the scheduler choose who stands at position `first` (0 for the one ACTIVE
+    /// session, right after the head was removed): among the sessions from `first` on, the
+    /// one [`schedule::pick_next`] picks for the `idle` labs is moved to `first`, and each
+    /// session it passes counts a skip. `None` when the one at `first` stays there.
+    pub fn promote_ahead(
+        &mut self,
+        first: usize,
+        idle: &[Hash],
+        policy: Policy,
+    ) -> Option<Promotion> {
+        let candidates = self.order.iter().skip(first).map(|(_, id)| {
+            let s = &self.sessions[id];
+            Candidate {
+                declared: s.info.declared.as_ref(),
+                skips: s.skips,
+            }
+        });
+        let pick = schedule::pick_next(candidates, idle, policy)?;
+        let hash = pick.ahead_for?;
+        let end = first + pick.index;
+        // The sequence numbers of first..=end, ascending: handed out again in the new order.
+        let seqs: Vec<u64> = self.order.range(first..=end).map(|&(seq, _)| seq).collect();
+        let moved = self.order.remove(end)?;
+        self.order.insert(first, moved);
+        let mut passed = Vec::with_capacity(pick.index);
+        for (entry, seq) in self.order.range_mut(first..=end).zip(seqs) {
+            entry.0 = seq;
+            if let Some(s) = self.sessions.get_mut(&entry.1) {
+                s.seq = seq;
+                if entry.1 != moved.1 {
+                    s.skips += 1;
+                    passed.push(entry.1);
+                }
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(&moved.1) {
+            s.ahead = true;
+        }
+        Some(Promotion {
+            id: moved.1,
+            hash,
+            passed,
         })
     }
 
@@ -554,6 +661,96 @@ mod tests {
             assert_eq!(p, position);
             assert_eq!(status == Status::Active, position == 0);
         }
+    }
+
+    const A: Hash = [0xa; 32];
+    const B: Hash = [0xb; 32];
+    const POLICY: Policy = Policy {
+        affinity_window: 8,
+        max_skips: 2,
+    };
+
+    fn create_declaring(q: &mut Queue, n: u128, declared: Option<Hash>) {
+        let info = Arc::new(ClientInfo {
+            declared,
+            ..ClientInfo::default()
+        });
+        q.create_with(id(n), S, info).unwrap();
+    }
+
+    /// A holder of A, then A, B, A waiting. The holder ends: the first A is next anyway;
+    /// it ends: the second A goes ahead of B, and B's position stays where it was (it
+    /// never grows).
+    #[test]
+    fn a_promotion_ahead_moves_one_session_to_the_front_and_counts_the_skips() {
+        let mut q = Queue::new(10);
+        create_declaring(&mut q, 1, Some(A));
+        create_declaring(&mut q, 2, Some(A));
+        create_declaring(&mut q, 3, Some(B));
+        create_declaring(&mut q, 4, Some(A));
+        q.remove(&id(1));
+        assert_eq!(q.promote_ahead(0, &[A], POLICY), None);
+        assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 1)));
+        q.remove(&id(2));
+        assert_eq!(
+            q.promote_ahead(0, &[A], POLICY),
+            Some(Promotion {
+                id: id(4),
+                hash: A,
+                passed: vec![id(3)]
+            })
+        );
+        assert_eq!(q.ids().collect::<Vec<_>>(), [id(4), id(3)]);
+        assert_eq!(q.lookup(&id(4)), Some((Status::Active, 0)));
+        assert_eq!(q.lookup(&id(3)), Some((Status::Waiting, 1)));
+        assert_eq!(q.skips(&id(3)), Some(1));
+        assert!(q.first_use_of_ahead(&id(4)));
+        assert!(!q.first_use_of_ahead(&id(4)));
+        assert!(!q.first_use_of_ahead(&id(3)));
+        // Asked again, nothing changes.
+        assert_eq!(q.promote_ahead(0, &[A], POLICY), None);
+        // The records keep what the scheduler did, in the new order.
+        let records: Vec<_> = q.records().map(|r| (r.id, r.skips, r.ahead)).collect();
+        assert_eq!(records, [(id(4), 0, true), (id(3), 1, false)]);
+    }
+
+    /// Positions stay dense and binary-searchable after moves in the middle of a long queue.
+    #[test]
+    fn positions_stay_consistent_after_promotions_ahead() {
+        let mut q = Queue::new(1000);
+        for n in 0..100 {
+            create_declaring(&mut q, n, Some(if n % 5 == 4 { A } else { B }));
+        }
+        let mut promoted = 0;
+        for round in 0..50 {
+            let head = q.active().unwrap();
+            q.remove(&head);
+            if q.promote_ahead(0, &[A], POLICY).is_some() {
+                promoted += 1;
+            }
+            let ids: Vec<_> = q.ids().collect();
+            for (position, sid) in ids.iter().enumerate() {
+                assert_eq!(q.lookup(sid).unwrap().1, position);
+                assert!(q.skips(sid).unwrap() <= POLICY.max_skips);
+            }
+            create_declaring(&mut q, 1000 + round, Some(A));
+        }
+        assert!(promoted > 0);
+    }
+
+    #[test]
+    fn strict_fifo_never_reorders() {
+        let mut q = Queue::new(10);
+        create_declaring(&mut q, 1, Some(A));
+        create_declaring(&mut q, 2, Some(B));
+        create_declaring(&mut q, 3, Some(A));
+        q.remove(&id(1));
+        let fifo = Policy {
+            max_skips: 0,
+            ..POLICY
+        };
+        assert_eq!(q.promote_ahead(0, &[A], fifo), None);
+        assert_eq!(q.ids().collect::<Vec<_>>(), [id(2), id(3)]);
     }
 
     #[test]

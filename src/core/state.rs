@@ -27,7 +27,10 @@ use crate::core::auth::{Access, Caller};
 use crate::core::clock::Clock;
 use crate::core::host::Host;
 use crate::core::longpoll::{self, Parked};
-use crate::core::queue::{ClientInfo, Gone, Queue, Removed, SessionId, Status, parse_session_id};
+use crate::core::queue::{
+    ClientInfo, Gone, Promotion, Queue, Removed, SessionId, Status, parse_session_id,
+};
+use crate::core::schedule::{self, IdleLab, Policy};
 use crate::http::reply::{Reply, Responder};
 use crate::lab::record::{self, Hash, LabRecord, Teardown};
 use crate::observe::events::{self, EventLog, now_ms, who};
@@ -169,6 +172,25 @@ impl State {
         }
     }
 
+    /// Which idle lab a start of another topology tears down (see
+    /// [`crate::core::schedule::evict`]): one no waiting session declared, the least recently
+    /// used first. With one lab that is the lab, when it is idle; the index is into the idle
+    /// labs, and how many waiting sessions declared the one chosen.
+    pub fn lab_to_replace(&self) -> Option<(usize, usize)> {
+        let lab = self.lab.as_ref().filter(|l| l.ref_count == 0)?;
+        let idle = [IdleLab {
+            hash: &lab.hash,
+            last_used: self.lab_started_ms.unwrap_or(0),
+        }];
+        let chosen = schedule::evict(&idle, self.queue.waiting_declared())?;
+        let wanted = self
+            .queue
+            .waiting_declared()
+            .filter(|d| *d == Some(idle[chosen].hash))
+            .count();
+        Some((chosen, wanted))
+    }
+
     /// The `POST /lab` in progress.
     pub fn acquiring(&self) -> Option<Ticket> {
         self.acquiring
@@ -209,8 +231,7 @@ impl From<NotPersisted> for Reply {
     }
 }
 
-/// The header that names the caller's session.
-pub const SESSION_HEADER: &str = "X-Session-ID";
+pub use crate::protocol::SESSION_HEADER;
 
 pub struct Shared {
     pub config: Config,
@@ -604,7 +625,18 @@ impl Shared {
 
     /// The timer's round: reaps stale sessions and tears down a lab left idle with no session
     /// for longer than `--idle-lab-timeout`. Returns how many sessions were reaped.
+    ///
+    /// While the state file cannot be written, it only tries the write again: a reap or a
+    /// teardown decided then would be rolled back by the failed write and decided again at
+    /// every round (each time logged and recorded as an event), so they wait for the disk.
     pub fn sweep(&self) -> usize {
+        if self.degraded().is_some() {
+            let version = self.lock().changed();
+            self.persist_quietly(version);
+            if self.degraded().is_some() {
+                return 0;
+            }
+        }
         let now = self.clock.now();
         let mut state = self.lock();
         let removed =
@@ -663,12 +695,6 @@ impl Shared {
             let version = state.changed();
             drop(state);
             self.persist_quietly(version);
-        } else if self.degraded().is_some() {
-            // Nobody may be changing anything: try the write again, so that the server
-            // leaves the degraded state as soon as the disk takes writes again.
-            let version = state.changed();
-            drop(state);
-            self.persist_quietly(version);
         } else {
             drop(state);
         }
@@ -697,10 +723,68 @@ impl Shared {
             );
             self.queue_teardown(state, lab);
         }
-        if let Some(next) = removed.promoted {
+        if removed.promoted.is_some()
+            && let Some(next) = self.schedule_next(state)
+        {
             log::info!("session {next} is now active");
             self.note_promoted(state, &next);
         }
+    }
+
+    /// The scheduler's say on who follows a removed head: the next in line, unless a waiting
+    /// session declared the lab that is idle now (see [`crate::core::schedule`]). Returns the head. Asked
+    /// twice in a row (a sweep that reaps several heads), it changes nothing the second time.
+    fn schedule_next(&self, state: &mut State) -> Option<SessionId> {
+        let idle: Vec<Hash> = state
+            .lab
+            .as_ref()
+            .filter(|l| l.ref_count == 0)
+            .map(|l| l.hash)
+            .into_iter()
+            .collect();
+        let policy = Policy {
+            affinity_window: self.config.affinity_window,
+            max_skips: self.config.max_skips,
+        };
+        if let Some(promotion) = state.queue.promote_ahead(0, &idle, policy) {
+            self.note_ahead(state, &promotion);
+        }
+        state.queue.active()
+    }
+
+    /// A session went ahead of others for an idle lab: logged, counted, an event recorded.
+    fn note_ahead(&self, state: &State, promotion: &Promotion) {
+        let hash = record::hex(&promotion.hash)[..12].to_owned();
+        let info = state
+            .queue
+            .info(&promotion.id)
+            .map(|(i, _)| i)
+            .unwrap_or_default();
+        log::info!(
+            "session {} promoted ahead of {} for the idle lab {hash}",
+            promotion.id,
+            promotion.passed.len(),
+        );
+        METRICS.promoted_ahead(promotion.passed.len());
+        let passed: Vec<serde_json::Value> = promotion
+            .passed
+            .iter()
+            .map(|id| {
+                let info = state.queue.info(id).map(|(i, _)| i).unwrap_or_default();
+                let skips = state.queue.skips(id).unwrap_or(0);
+                events::with(
+                    who(id, info.name.as_deref(), info.owner.as_deref()),
+                    json!({ "skips": skips }),
+                )
+            })
+            .collect();
+        self.events.emit(
+            "promoted_ahead",
+            events::with(
+                who(&promotion.id, info.name.as_deref(), info.owner.as_deref()),
+                json!({ "hash": hash, "passed": passed }),
+            ),
+        );
     }
 
     /// A session became ACTIVE (not at its creation): since when, how long it waited.
@@ -945,6 +1029,129 @@ mod tests {
             0,
             "every refused change is rolled back"
         );
+    }
+
+    fn declaring(shared: &Shared, declared: Hash) -> SessionId {
+        let id = uuid::Uuid::new_v4();
+        let info = Arc::new(ClientInfo {
+            declared: Some(declared),
+            created_ms: now_ms(),
+            ..ClientInfo::default()
+        });
+        let now = shared.clock.now();
+        shared.lock().queue.create_with(id, now, info).unwrap();
+        id
+    }
+
+    fn kinds(shared: &Shared, kind: &str) -> Vec<serde_json::Value> {
+        shared
+            .events
+            .newest(1000, 0)
+            .iter()
+            .map(|e| serde_json::from_str::<serde_json::Value>(e.json.get()).unwrap())
+            .filter(|v| v["kind"] == kind)
+            .collect()
+    }
+
+    /// A holder of A (released: the lab is idle) with A, B, A waiting. When it ends the first
+    /// A is next anyway; when that one ends the second A goes before B. Then A's keep
+    /// arriving: B is passed exactly `--max-skips` times, then served.
+    #[test]
+    fn the_idle_lab_is_served_first_and_nobody_is_passed_more_than_max_skips() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, jobs) = shared(clock.clone());
+        assert_eq!(shared.config.max_skips, 2);
+        let a = record::sha256(b"t");
+        let b = record::sha256(b"other topology");
+        let holder = declaring(&shared, a);
+        let a1 = declaring(&shared, a);
+        let b1 = declaring(&shared, b);
+        let a2 = declaring(&shared, a);
+        shared.lock().lab = Some(lab(0));
+        assert!(shared.end_session(&holder).unwrap());
+        assert_eq!(shared.lock().queue.active(), Some(a1));
+        assert!(kinds(&shared, "promoted_ahead").is_empty());
+        assert!(shared.end_session(&a1).unwrap());
+        assert_eq!(shared.lock().queue.active(), Some(a2));
+        assert_eq!(shared.lock().queue.lookup(&b1), Some((Status::Waiting, 1)));
+        let ahead = kinds(&shared, "promoted_ahead");
+        assert_eq!(ahead.len(), 1);
+        assert_eq!(ahead[0]["session"], events::prefix(&a2));
+        assert_eq!(ahead[0]["hash"], &record::hex(&a)[..12]);
+        assert_eq!(ahead[0]["passed"][0]["session"], events::prefix(&b1));
+        assert_eq!(ahead[0]["passed"][0]["skips"], 1);
+        // A stream of A's: one more arrives before each hand-over.
+        let mut served_before_b = 0;
+        loop {
+            declaring(&shared, a);
+            let head = shared.lock().queue.active().unwrap();
+            if head == b1 {
+                break;
+            }
+            assert!(shared.end_session(&head).unwrap());
+            served_before_b += 1;
+            assert!(served_before_b < 10, "B is never served");
+            // Its position never grows.
+            assert!(shared.lock().queue.lookup(&b1).unwrap().1 <= 1);
+        }
+        assert_eq!(shared.lock().queue.skips(&b1), Some(2));
+        assert_eq!(kinds(&shared, "promoted_ahead").len(), 2);
+        // The lab stayed up through it all: nothing was torn down.
+        assert!(jobs.try_recv().is_err());
+    }
+
+    /// With `--max-skips 0` the queue is served in order whatever is declared.
+    #[test]
+    fn max_skips_zero_is_strict_fifo() {
+        let clock = Arc::new(FakeClock::new());
+        let (mut shared, _jobs) = shared(clock.clone());
+        shared.config.max_skips = 0;
+        let a = record::sha256(b"t");
+        let b = record::sha256(b"other topology");
+        let ids = [a, a, b, a, b, a].map(|h| declaring(&shared, h));
+        shared.lock().lab = Some(lab(0));
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(shared.lock().queue.active(), Some(*id), "turn {n}");
+            assert!(shared.end_session(id).unwrap());
+        }
+        assert!(kinds(&shared, "promoted_ahead").is_empty());
+    }
+
+    /// No lab idle (the holder still held it: it is torn down), so nobody goes ahead.
+    #[test]
+    fn a_lab_torn_down_with_its_holder_promotes_nobody_ahead() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, jobs) = shared(clock.clone());
+        let a = record::sha256(b"t");
+        let b = record::sha256(b"other topology");
+        let holder = declaring(&shared, a);
+        let b1 = declaring(&shared, b);
+        declaring(&shared, a);
+        shared.lock().lab = Some(lab(1));
+        assert!(shared.end_session(&holder).unwrap());
+        assert_eq!(shared.lock().queue.active(), Some(b1));
+        assert!(matches!(jobs.try_recv(), Ok(LabJob::Teardown(_))));
+    }
+
+    #[test]
+    fn the_lab_to_replace_says_who_declared_it() {
+        let clock = Arc::new(FakeClock::new());
+        let (shared, _jobs) = shared(clock.clone());
+        let a = record::sha256(b"t");
+        assert_eq!(shared.lock().lab_to_replace(), None);
+        shared.lock().lab = Some(lab(1));
+        assert_eq!(shared.lock().lab_to_replace(), None, "held: not idle");
+        shared.lock().lab.as_mut().unwrap().release();
+        declaring(&shared, a);
+        assert_eq!(
+            shared.lock().lab_to_replace(),
+            Some((0, 0)),
+            "the head counts not"
+        );
+        declaring(&shared, a);
+        declaring(&shared, record::sha256(b"x"));
+        declaring(&shared, a);
+        assert_eq!(shared.lock().lab_to_replace(), Some((0, 2)));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,19 @@ pub fn judge(verdict: Verdict, last_alive: &mut Instant, now: Instant) -> Option
     }
 }
 
+/// What runs before a deliberate exit, with its reason: see [`before_restart`].
+type Hook = Box<dyn Fn(&str, i32) + Send + Sync>;
+
+static BEFORE_RESTART: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// Sets what [`restart_now`] does before the process ends, given the reason and the exit
+/// status: the server records the exit as an event and waits for the event writer, whose
+/// queue would otherwise die with the process. This module knows nothing above it, hence a
+/// hook; it may run on any thread (a worker, a dropper, the watch).
+pub fn before_restart(hook: impl Fn(&str, i32) + Send + Sync + 'static) {
+    *BEFORE_RESTART.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(hook));
+}
+
 /// Ends the process at once for the service manager to restart it. Everything a client was
 /// told is already in the state file; a `netlab up` still running is killed by the next
 /// start (its process group is in the state file too).
@@ -167,6 +181,12 @@ pub fn restart_now(why: &str) -> ! {
     log::error!(
         "{why}: exiting with status {EXIT_RESTART} so that the service manager restarts the server"
     );
+    // Two threads may get here at once: the first runs the hook and ends the process with
+    // the lock held, so the second waits instead of ending it before the hook is done.
+    let mut hook = BEFORE_RESTART.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(hook) = hook.take() {
+        hook(why, EXIT_RESTART);
+    }
     log::logger().flush();
     std::process::exit(EXIT_RESTART)
 }

@@ -101,7 +101,7 @@ impl Reply {
         )
     }
 
-    /// 422: a required field (`["header", "X-Session-ID"]`, `["body", "topology"]`) is absent.
+    /// 422: a required field (the session header, the topology of the body) is absent.
     pub fn missing(loc: [&str; 2]) -> Self {
         Self::validation("missing", loc, "Field required", None)
     }

@@ -32,9 +32,10 @@ pub fn hex(hash: &Hash) -> String {
     Hex(hash).to_string()
 }
 
-/// The hash that `text` spells in 64 hexadecimal digits.
-fn parse_hex(text: &str) -> Option<Hash> {
-    if text.len() != 64 {
+/// The hash that `text` spells in 64 hexadecimal digits (either case; nothing else, not
+/// even a sign).
+pub fn parse_hex(text: &str) -> Option<Hash> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut hash = [0u8; 32];

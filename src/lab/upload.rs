@@ -446,38 +446,26 @@ pub fn receive<R: Read>(
     };
     let mut multipart = Multipart::with_body(limited, boundary);
     fs::create_dir_all(work_dir).map_err(UploadError::Io)?;
-
-    let mut topology: Option<(PathBuf, Hash)> = None;
-    let mut reuse = true;
-    let mut extra_files = Vec::new();
-    let mut layout = Layout::default();
-    let mut parts = 0usize;
-
-    // Turns a parse error into the right answer: a limit, or a body cut short.
-    let failed = |e: io::Error, topology_seen: bool| {
-        let seen = seen.borrow();
-        if seen.over {
-            UploadError::TooLarge(limits.max_bytes)
-        } else if let Some(problem) = part_header_problem(&e, seen.ended) {
-            UploadError::BadPartHeaders(problem)
-        } else if !topology_seen {
-            UploadError::MissingTopology
-        } else {
-            UploadError::Malformed(e.to_string())
-        }
+    let mut parts = Parts {
+        seen: &seen,
+        limits,
+        work_dir,
+        topology: None,
+        reuse: true,
+        extra_files: Vec::new(),
+        layout: Layout::default(),
+        count: 0,
     };
-
     loop {
-        let entry = match multipart.read_entry() {
+        let mut field = match multipart.read_entry() {
             Ok(Some(entry)) => entry,
             Ok(None) => break,
-            Err(e) => return Err(failed(e, topology.is_some())),
+            Err(e) => return Err(parts.parse_failed(e)),
         };
-        parts += 1;
-        if parts > limits.max_parts {
+        parts.count += 1;
+        if parts.count > limits.max_parts {
             return Err(UploadError::TooManyParts(limits.max_parts));
         }
-        let mut field = entry;
         let name = field.headers.name.to_string();
         let mut filename = field.headers.filename.clone();
         // The crate cuts a quoted file name at its first ';' ("a;b.yml" becomes "a"): the
@@ -490,96 +478,145 @@ pub fn receive<R: Read>(
             filename = Some(raw_filename);
         }
         match name.as_str() {
-            "topology" => {
-                let Some(filename) = filename else {
-                    return Err(UploadError::TopologyNotAFile);
-                };
-                check_topology_name(&filename)?;
-                if topology.is_some() {
-                    return Err(UploadError::DuplicateTopology);
-                }
-                let relative = PathBuf::from(&filename);
-                if !layout.is_free(&relative) {
-                    return Err(UploadError::ExtraName {
-                        name: filename,
-                        reason: "the same path as the topology",
-                    });
-                }
-                layout.take(&relative);
-                let path = work_dir.join(&relative);
-                let mut hasher = Sha256::new();
-                let size = store(&mut field.data, &path, Some(&mut hasher))
-                    .map_err(|e| store_error(e, &seen, limits, false))?;
-                if size == 0 {
-                    return Err(UploadError::EmptyTopology);
-                }
-                topology = Some((path, hasher.finalize().into()));
-            }
-            "extra_files" => {
-                let Some(filename) = filename else {
-                    return Err(UploadError::ExtraName {
-                        name: String::new(),
-                        reason: "an extra file must be a file upload with a file name",
-                    });
-                };
-                let relative = extra_file_path(&filename)?;
-                if !layout.is_free(&relative) {
-                    let reason = if topology
-                        .as_ref()
-                        .is_some_and(|(t, _)| t == &work_dir.join(&relative))
-                    {
-                        "the same path as the topology"
-                    } else {
-                        "clashes with another uploaded file"
-                    };
-                    return Err(UploadError::ExtraName {
-                        name: filename,
-                        reason,
-                    });
-                }
-                layout.take(&relative);
-                let path = work_dir.join(&relative);
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(UploadError::Io)?;
-                }
-                store(&mut field.data, &path, None)
-                    .map_err(|e| store_error(e, &seen, limits, topology.is_some()))?;
-                extra_files.push(relative);
-            }
-            "reuse" => {
-                let mut text = Vec::new();
-                (&mut field.data)
-                    .take(256)
-                    .read_to_end(&mut text)
-                    .map_err(|e| store_error(e.into(), &seen, limits, topology.is_some()))?;
-                let text = String::from_utf8_lossy(&text).into_owned();
-                reuse = crate::config::parse_bool(&text).ok_or(UploadError::BadBool(text))?;
-            }
-            _ => {
-                // Unknown parts are read past (they count against the byte limit).
-                io::copy(&mut field.data, &mut io::sink())
-                    .map_err(|e| store_error(e.into(), &seen, limits, topology.is_some()))?;
-            }
+            "topology" => parts.topology(&mut field.data, filename)?,
+            "extra_files" => parts.extra_file(&mut field.data, filename)?,
+            "reuse" => parts.reuse(&mut field.data)?,
+            // Unknown parts are read past (they count against the byte limit).
+            _ => parts.skip(&mut field.data)?,
         }
     }
-    if seen.borrow().over {
-        return Err(UploadError::TooLarge(limits.max_bytes));
+    parts.finish()
+}
+
+/// What [`receive`] has taken from the body so far, one method per kind of part.
+struct Parts<'a> {
+    seen: &'a RefCell<Seen>,
+    limits: &'a Limits,
+    work_dir: &'a Path,
+    topology: Option<(PathBuf, Hash)>,
+    reuse: bool,
+    extra_files: Vec<PathBuf>,
+    layout: Layout,
+    count: usize,
+}
+
+impl Parts<'_> {
+    /// Turns a parse error into the right answer: a limit, or a body cut short.
+    fn parse_failed(&self, e: io::Error) -> UploadError {
+        let seen = self.seen.borrow();
+        if seen.over {
+            UploadError::TooLarge(self.limits.max_bytes)
+        } else if let Some(problem) = part_header_problem(&e, seen.ended) {
+            UploadError::BadPartHeaders(problem)
+        } else if self.topology.is_none() {
+            UploadError::MissingTopology
+        } else {
+            UploadError::Malformed(e.to_string())
+        }
     }
-    let (topology, hash) = topology.ok_or(UploadError::MissingTopology)?;
-    if let Some(name) = topology.file_name()
-        && layout.dirs.contains(Path::new(name))
-    {
-        return Err(UploadError::ExtraName {
-            name: name.to_string_lossy().into_owned(),
-            reason: "the same path as the topology",
-        });
+
+    fn failed(&self, e: StoreError) -> UploadError {
+        store_error(e, self.seen, self.limits, self.topology.is_some())
     }
-    Ok(Upload {
-        topology,
-        hash,
-        reuse,
-        extra_files,
-    })
+
+    fn topology(
+        &mut self,
+        data: &mut impl Read,
+        filename: Option<String>,
+    ) -> Result<(), UploadError> {
+        let Some(filename) = filename else {
+            return Err(UploadError::TopologyNotAFile);
+        };
+        check_topology_name(&filename)?;
+        if self.topology.is_some() {
+            return Err(UploadError::DuplicateTopology);
+        }
+        let relative = PathBuf::from(&filename);
+        if !self.layout.is_free(&relative) {
+            return Err(UploadError::ExtraName {
+                name: filename,
+                reason: "the same path as the topology",
+            });
+        }
+        self.layout.take(&relative);
+        let path = self.work_dir.join(&relative);
+        let mut hasher = Sha256::new();
+        let size = store(data, &path, Some(&mut hasher)).map_err(|e| self.failed(e))?;
+        if size == 0 {
+            return Err(UploadError::EmptyTopology);
+        }
+        self.topology = Some((path, hasher.finalize().into()));
+        Ok(())
+    }
+
+    fn extra_file(
+        &mut self,
+        data: &mut impl Read,
+        filename: Option<String>,
+    ) -> Result<(), UploadError> {
+        let Some(filename) = filename else {
+            return Err(UploadError::ExtraName {
+                name: String::new(),
+                reason: "an extra file must be a file upload with a file name",
+            });
+        };
+        let relative = extra_file_path(&filename)?;
+        let path = self.work_dir.join(&relative);
+        if !self.layout.is_free(&relative) {
+            let reason = if self.topology.as_ref().is_some_and(|(t, _)| *t == path) {
+                "the same path as the topology"
+            } else {
+                "clashes with another uploaded file"
+            };
+            return Err(UploadError::ExtraName {
+                name: filename,
+                reason,
+            });
+        }
+        self.layout.take(&relative);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(UploadError::Io)?;
+        }
+        store(data, &path, None).map_err(|e| self.failed(e))?;
+        self.extra_files.push(relative);
+        Ok(())
+    }
+
+    fn reuse(&mut self, data: &mut impl Read) -> Result<(), UploadError> {
+        let mut text = Vec::new();
+        data.take(256)
+            .read_to_end(&mut text)
+            .map_err(|e| self.failed(e.into()))?;
+        let text = String::from_utf8_lossy(&text).into_owned();
+        self.reuse = crate::config::parse_bool(&text).ok_or(UploadError::BadBool(text))?;
+        Ok(())
+    }
+
+    fn skip(&mut self, data: &mut impl Read) -> Result<(), UploadError> {
+        io::copy(data, &mut io::sink()).map_err(|e| self.failed(e.into()))?;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Upload, UploadError> {
+        if self.seen.borrow().over {
+            return Err(UploadError::TooLarge(self.limits.max_bytes));
+        }
+        let (topology, hash) = self.topology.ok_or(UploadError::MissingTopology)?;
+        if let Some(name) = topology.file_name()
+            && self.layout.dirs.contains(Path::new(name))
+        {
+            return Err(UploadError::ExtraName {
+                name: name.to_string_lossy().into_owned(),
+                reason: "the same path as the topology",
+            });
+        }
+        Ok(Upload {
+            topology,
+            hash,
+            reuse: self.reuse,
+            extra_files: self.extra_files,
+        })
+    }
 }
 
 /// What is wrong with a part's headers, from the parser's error (its own message is no use

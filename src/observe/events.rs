@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -43,6 +43,8 @@ pub struct Event {
 
 enum Write_ {
     Line(Box<RawValue>),
+    /// Answered once every line sent before it has been written (or failed).
+    Flush(Sender<()>),
     Stop,
 }
 
@@ -187,6 +189,22 @@ impl EventLog {
             .collect()
     }
 
+    /// Waits, at most `limit`, until every event recorded so far has been written to the file
+    /// (or failed to be); whether that happened in time. For a process about to exit at
+    /// once: the writer thread does not outlive it.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (done_tx, done_rx) = bounded(1);
+        if self.tx.send(Write_::Flush(done_tx)).is_err() {
+            // The writer has stopped: nothing is queued any more.
+            return true;
+        }
+        match done_rx.recv_timeout(limit) {
+            Ok(()) => true,
+            Err(RecvTimeoutError::Disconnected) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+        }
+    }
+
     /// Writes what is queued and stops the writer (at the end of a shutdown).
     pub fn close(&self) {
         let _ = self.tx.send(Write_::Stop);
@@ -284,6 +302,12 @@ fn write_loop(path: &Path, rotate_bytes: u64, rx: &Receiver<Write_>) {
     loop {
         let line = match rx.recv() {
             Ok(Write_::Line(line)) => line,
+            Ok(Write_::Flush(done)) => {
+                // Each line is one write to an unbuffered file: written lines are in the
+                // kernel's hands already.
+                let _ = done.send(());
+                continue;
+            }
             Ok(Write_::Stop) | Err(_) => return,
         };
         if file.as_ref().is_some_and(|(_, size)| *size >= rotate_bytes) {
@@ -368,6 +392,27 @@ mod tests {
         failures.reported = Some(Instant::now() - REPORT_EVERY);
         failures.failed(Path::new("x"), "append to", &e);
         assert_eq!(failures.lost, 0, "reported again after a minute");
+    }
+
+    /// What a process exiting at once relies on: when `flush` returns, every event recorded
+    /// before it is a line in the file, while the writer keeps running.
+    #[test]
+    fn a_flush_returns_once_every_recorded_event_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        for round in 1..=3 {
+            for n in 0..2000 {
+                log.emit("x", json!({ "n": n }));
+            }
+            assert!(log.flush(Duration::from_secs(30)));
+            let text = fs::read_to_string(dir.path().join(EVENTS_FILE)).unwrap();
+            assert_eq!(text.lines().count(), round * 2000);
+            let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            assert_eq!(last["id"], round * 2000);
+        }
+        log.close();
+        // A stopped writer has nothing queued: a flush does not wait.
+        assert!(log.flush(Duration::from_secs(30)));
     }
 
     #[test]

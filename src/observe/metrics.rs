@@ -202,6 +202,9 @@ pub struct Metrics {
     host_unhealthy: AtomicU64,
     /// Health checks, by result: success, failure.
     health_checks: [AtomicU64; 2],
+    promotions_ahead: AtomicU64,
+    skips: AtomicU64,
+    ups_avoided: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
@@ -219,6 +222,9 @@ pub static METRICS: Metrics = Metrics {
     events_not_written: AtomicU64::new(0),
     host_unhealthy: AtomicU64::new(0),
     health_checks: [const { AtomicU64::new(0) }; 2],
+    promotions_ahead: AtomicU64::new(0),
+    skips: AtomicU64::new(0),
+    ups_avoided: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
@@ -278,6 +284,18 @@ impl Metrics {
     /// A health check (`--health-topology`) ended.
     pub fn health_check(&self, ok: bool) {
         self.health_checks[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session went ahead of `passed` others for the lab it declared.
+    pub fn promoted_ahead(&self, passed: usize) {
+        self.promotions_ahead.fetch_add(1, Ordering::Relaxed);
+        self.skips.fetch_add(passed as u64, Ordering::Relaxed);
+    }
+
+    /// A session promoted ahead attached to the idle lab it was promoted for: a `netlab up`
+    /// that strict FIFO order would have run.
+    pub fn up_avoided(&self) {
+        self.ups_avoided.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn state_write(&self, ok: bool, took: Duration) {
@@ -471,6 +489,31 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         ("reason", ENDED),
         &m.sessions_ended,
     );
+    header(
+        &mut out,
+        "promotions_ahead_total",
+        "counter",
+        "Sessions promoted ahead of others because they declared the idle lab's topology.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}promotions_ahead_total {}",
+        load(&m.promotions_ahead)
+    );
+    header(
+        &mut out,
+        "skips_total",
+        "counter",
+        "Times a waiting session was passed over by a promotion ahead.",
+    );
+    let _ = writeln!(out, "{PREFIX}skips_total {}", load(&m.skips));
+    header(
+        &mut out,
+        "ups_avoided_total",
+        "counter",
+        "Sessions promoted ahead that then attached to the idle lab instead of starting one.",
+    );
+    let _ = writeln!(out, "{PREFIX}ups_avoided_total {}", load(&m.ups_avoided));
     counters(
         &mut out,
         "lab_acquisitions_total",

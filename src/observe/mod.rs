@@ -4,4 +4,3 @@ pub mod events;
 pub mod lablog;
 pub mod metrics;
 pub mod status_page;
-pub mod views;

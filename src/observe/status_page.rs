@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::observe::lablog::Chunk;
-use crate::observe::views::QueueView;
+use crate::protocol::{HostState, QueueView, SessionView};
 
 const TEMPLATE: &str = include_str!("status.html");
 
@@ -80,14 +80,42 @@ fn event_line(e: &serde_json::Value) -> (String, bool) {
     (text, bad)
 }
 
+/// What the scheduler did to a session, after its name: promoted ahead for the lab it
+/// declared, passed over so many times, the topology it declared.
+fn schedule_marks(s: &SessionView) -> String {
+    let mut marks = String::new();
+    if s.promoted_ahead {
+        marks.push_str(" <span class=\"ahead warn\">⤴ promoted ahead</span>");
+    }
+    if s.skips > 0 {
+        let _ = write!(
+            marks,
+            " <span class=\"skips muted\">passed {}×</span>",
+            s.skips
+        );
+    }
+    if let Some(declared) = &s.declared {
+        let _ = write!(
+            marks,
+            " <span class=\"declared muted\">{}</span>",
+            escape(declared)
+        );
+    }
+    marks
+}
+
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
-    let host = match view.host_state {
-        "ok" => String::new(),
+    let host = match view.host_state.unwrap_or_default() {
+        HostState::Ok => String::new(),
         state => format!(
             "<div class=\"big {}\">{}</div>{}",
-            if state == "draining" { "warn" } else { "bad" },
-            escape(&state.to_uppercase()),
+            if state == HostState::Draining {
+                "warn"
+            } else {
+                "bad"
+            },
+            escape(&state.as_str().to_uppercase()),
             view.host_state_reason
                 .as_deref()
                 .map(|r| format!("<div>{}</div>", escape(r)))
@@ -126,7 +154,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     let operation = match &view.operation {
         Some(op) => format!(
             "<span class=\"warn\">netlab {} running for {}</span>",
-            escape(op.command),
+            escape(&op.command),
             dur(view.time - op.since)
         ),
         None => String::new(),
@@ -135,7 +163,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     for s in &view.sessions {
         let _ = write!(
             queue,
-            "<tr class=\"{}\"><td>{}</td><td class=\"client-name\">{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
+            "<tr class=\"{}\"><td>{}</td><td><span class=\"client-name\">{}</span>{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
             s.status,
             if s.position == 0 {
                 "active".to_owned()
@@ -143,6 +171,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
                 s.position.to_string()
             },
             escape(s.client_name.as_deref().unwrap_or("(unnamed)")),
+            schedule_marks(s),
             escape(&s.id),
             if s.position == 0 {
                 "-".to_owned()
@@ -200,7 +229,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         None => String::new(),
     };
     TEMPLATE
-        .replace("<!--VERSION-->", &escape(view.version))
+        .replace("<!--VERSION-->", &escape(&view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
         .replace("<!--HOST_STATE-->", &host)
         .replace("<!--LAB-->", &lab)

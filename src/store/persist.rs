@@ -43,8 +43,12 @@ pub struct Starting {
 /// every write; a start reads one back from the file.
 ///
 /// Fields a file written before they existed lacks take their defaults; fields this
-/// version does not know are ignored. `teardowns` comes last: the package's postrm looks
-/// for a line `"teardowns": []` that ends the file.
+/// version does not know are ignored. The file is one line of compact JSON, and `lab`,
+/// `starting` and `teardowns` come last, in that order: a file that records no lab (nor a
+/// start in progress, nor a pending teardown) ends with
+/// `,"lab":null,"starting":null,"teardowns":[]}`, which is what the package's postrm looks
+/// for. Those are the top-level fields for sure: no string in compact JSON holds a bare
+/// quote, and the file ends where the top-level object does.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     /// The state's version this is a copy of (in memory only).
@@ -56,11 +60,11 @@ pub struct Snapshot {
     /// Sessions in queue order (the first is the ACTIVE one).
     #[serde(with = "session_list")]
     pub sessions: Vec<SessionRecord>,
-    #[serde(default)]
-    pub lab: Option<LabRecord>,
     /// Unix ms the lab came up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lab_started_ms: Option<u64>,
+    #[serde(default)]
+    pub lab: Option<LabRecord>,
     #[serde(default)]
     pub starting: Option<Starting>,
     #[serde(default)]
@@ -132,6 +136,17 @@ mod session_list {
         created_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         active_since_ms: Option<u64>,
+        /// The declared topology's hash, 64 hexadecimal digits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        declared: Option<Cow<'a, str>>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skips: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ahead: bool,
+    }
+
+    fn is_zero(n: &u32) -> bool {
+        *n == 0
     }
 
     pub fn serialize<S: Serializer>(records: &[SessionRecord], s: S) -> Result<S::Ok, S::Error> {
@@ -147,6 +162,9 @@ mod session_list {
             user_agent: borrowed(&r.info.user_agent),
             created_ms: r.info.created_ms,
             active_since_ms: r.active_since_ms,
+            declared: r.info.declared.as_ref().map(|h| Cow::Owned(record::hex(h))),
+            skips: r.skips,
+            ahead: r.ahead,
         }))
     }
 
@@ -162,6 +180,15 @@ mod session_list {
                 )));
             }
             let owner = entry.owner.map(Cow::into_owned);
+            let declared = match entry.declared {
+                None => None,
+                Some(text) => Some(record::parse_hex(&text).ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "session {}: declared is not 64 hex digits",
+                        entry.id
+                    ))
+                })?),
+            };
             records.push(SessionRecord {
                 id: entry.id,
                 owner: owner.as_deref().map(Arc::from),
@@ -171,79 +198,14 @@ mod session_list {
                     user_agent: entry.user_agent.map(Cow::into_owned),
                     created_ms: entry.created_ms,
                     owner,
+                    declared,
                 }),
                 active_since_ms: entry.active_since_ms,
+                skips: entry.skips,
+                ahead: entry.ahead,
             });
         }
         Ok(records)
-    }
-}
-
-/// The file's layout: one line per top-level field and per entry of a top-level list, each
-/// compact. Operators read the file, and the package's postrm greps it for lines such as
-/// `"lab": null,`.
-#[derive(Default)]
-struct Layout {
-    /// How many objects and lists the writer is inside.
-    depth: usize,
-    /// The top-level list being written has entries.
-    entries: bool,
-}
-
-/// Writes what goes before an entry of an object or a list: a comma unless it is the first,
-/// then `line_start` where entries go one per line.
-fn separate<W: ?Sized + Write>(
-    w: &mut W,
-    first: bool,
-    line_start: Option<&[u8]>,
-) -> io::Result<()> {
-    if !first {
-        w.write_all(b",")?;
-    }
-    w.write_all(line_start.unwrap_or_default())
-}
-
-impl serde_json::ser::Formatter for Layout {
-    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth += 1;
-        w.write_all(b"{")
-    }
-
-    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth -= 1;
-        w.write_all(if self.depth == 0 { b"\n}" } else { b"}" })
-    }
-
-    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        separate(w, first, (self.depth == 1).then_some(b"\n"))
-    }
-
-    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        w.write_all(if self.depth == 1 { b": " } else { b":" })
-    }
-
-    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth += 1;
-        if self.depth == 2 {
-            self.entries = false;
-        }
-        w.write_all(b"[")
-    }
-
-    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.depth -= 1;
-        w.write_all(if self.depth == 1 && self.entries {
-            b"\n]"
-        } else {
-            b"]"
-        })
-    }
-
-    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        if self.depth == 2 {
-            self.entries = true;
-        }
-        separate(w, first, (self.depth == 2).then_some(b"\n  "))
     }
 }
 
@@ -252,10 +214,7 @@ impl Snapshot {
     /// the API serves them, byte for byte.
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.clear();
-        self.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut *out,
-            Layout::default(),
-        ))?;
+        serde_json::to_writer(&mut *out, self)?;
         out.push(b'\n');
         Ok(())
     }
@@ -569,6 +528,8 @@ mod tests {
                 ..info
             }),
             active_since_ms: active,
+            skips: 0,
+            ahead: false,
         }
     }
 
@@ -589,12 +550,17 @@ mod tests {
                     user_agent: Some("curl/8".into()),
                     created_ms: 1_700_000_000_123,
                     owner: None,
+                    declared: Some(record::sha256(b"topology")),
                 },
                 Some(1_700_000_000_456),
             ),
             session(None, ClientInfo::default(), None),
             session(Some("a \"quoted\" name"), ClientInfo::default(), None),
         ];
+        // What the scheduler keeps: a session passed over twice, one promoted ahead.
+        let mut sessions = sessions;
+        sessions[1].skips = 2;
+        sessions[2].ahead = true;
         let snap = Snapshot {
             state_version: 7,
             sessions: sessions.clone(),
@@ -613,22 +579,18 @@ mod tests {
             ..Snapshot::default()
         };
         let text = text(&snap);
-        // One line per field and per list entry; the tests and the operators read it.
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            lines[..3],
-            ["{", "\"version\": 1,", "\"sessions\": ["],
-            "{text}"
-        );
+        // One line of compact JSON, the fields in their order.
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with("]}\n"), "{text}");
         assert!(
-            lines[3].starts_with(&format!(
-                "  {{\"id\":\"{}\",\"status\":\"active\",\"owner\":\"ci\",",
+            text.starts_with(&format!(
+                "{{\"version\":1,\"sessions\":[{{\"id\":\"{}\",\"status\":\"active\",\"owner\":\"ci\",",
                 sessions[0].id
             )),
             "{text}"
         );
         assert!(
-            lines[4].ends_with("\"status\":\"waiting\",\"created_ms\":0},"),
+            text.contains(r#""status":"waiting","created_ms":0,"skips":2},"#),
             "{text}"
         );
         assert!(
@@ -636,15 +598,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""pgid":4242"#), "{text}");
-        assert_eq!(
-            lines[lines.len() - 3..],
-            [
-                "  ".to_owned() + &serde_json::to_string(&snap.teardowns[0]).unwrap(),
-                "]".into(),
-                "}".into()
-            ]
+        assert!(
+            text.ends_with(&format!(
+                ",\"teardowns\":[{}]}}\n",
+                serde_json::to_string(&snap.teardowns[0]).unwrap()
+            )),
+            "{text}"
         );
-        assert!(text.ends_with("\n]\n}\n"));
 
         let saved = parse(&text).unwrap();
         assert_eq!(saved.sessions, sessions);
@@ -700,6 +660,7 @@ mod tests {
                 user_agent: Some("curl/8".into()),
                 created_ms: 1_700_000_000_123,
                 owner: Some("ci".into()),
+                declared: None,
             }
         );
         assert_eq!(first.active_since_ms, Some(1_700_000_000_456));
@@ -763,22 +724,51 @@ mod tests {
         assert!(saved.starting.is_none() && saved.teardowns.is_empty());
     }
 
-    /// The package's postrm tells "records no lab" by these three lines.
+    /// How the package's postrm tells that a file records no lab: by its end.
+    const NO_LAB_END: &str = ",\"lab\":null,\"starting\":null,\"teardowns\":[]}\n";
+
     #[test]
-    fn a_state_without_labs_has_the_lines_the_postrm_looks_for() {
+    fn a_state_without_labs_has_the_end_the_postrm_looks_for() {
         let empty = Snapshot::default();
         assert_eq!(
             text(&empty),
-            "{\n\"version\": 1,\n\"sessions\": [],\n\"lab\": null,\n\"starting\": null,\n\"teardowns\": []\n}\n"
+            "{\"version\":1,\"sessions\":[]".to_owned() + NO_LAB_END
         );
+        // Sessions, and a start time left from an earlier lab: still no lab.
         let after_a_lab = Snapshot {
             sessions: vec![session(None, ClientInfo::default(), Some(1))],
             lab_started_ms: Some(5),
             ..Snapshot::default()
         };
-        let text = text(&after_a_lab);
-        for line in ["\"lab\": null,", "\"starting\": null,", "\"teardowns\": []"] {
-            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        assert!(text(&after_a_lab).ends_with(NO_LAB_END));
+        // A lab, a start in progress or a pending teardown: another end, whatever their
+        // records hold (a device's data with the same keys and values, here).
+        let devices = r#"[{"name":"r1","raw":{"lab":null,"starting":null,"teardowns":[]}}]"#;
+        let mut lab = record("/s/labs/a", 0);
+        lab.devices_json =
+            Arc::from(serde_json::value::RawValue::from_string(devices.into()).unwrap());
+        let id = session(None, ClientInfo::default(), Some(1)).id;
+        for snap in [
+            Snapshot {
+                lab: Some(lab.clone()),
+                ..Snapshot::default()
+            },
+            Snapshot {
+                starting: Some(Starting {
+                    session: id,
+                    work_dir: PathBuf::from("/s/labs/b"),
+                    pgid: None,
+                }),
+                ..Snapshot::default()
+            },
+            Snapshot {
+                teardowns: vec![Teardown::new(lab.clone(), false)],
+                ..Snapshot::default()
+            },
+        ] {
+            let text = text(&snap);
+            assert!(!text.ends_with(NO_LAB_END), "{text}");
+            assert_eq!(text.lines().count(), 1, "{text}");
         }
     }
 

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::lab::record::Hash;
+
 /// A session id as the clients see it: a lower-case hyphenated UUID v4.
 pub type SessionId = Uuid;
 
@@ -33,6 +35,8 @@ pub struct ClientInfo {
     pub created_ms: u64,
     /// The name of the access token that created it (with `--token-file`).
     pub owner: Option<String>,
+    /// `X-Topology-SHA256` of `POST /session`: the topology it said it would upload.
+    pub declared: Option<Hash>,
 }
 
 /// One session as the state file keeps it: its id, its owner, what is known of its client
@@ -45,4 +49,8 @@ pub struct SessionRecord {
     pub info: Arc<ClientInfo>,
     /// Unix time (ms) it became ACTIVE, if it did.
     pub active_since_ms: Option<u64>,
+    /// How often it was passed over by a promotion ahead.
+    pub skips: u32,
+    /// It was promoted ahead of others (for the lab it declared).
+    pub ahead: bool,
 }

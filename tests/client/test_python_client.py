@@ -7,7 +7,6 @@ fixtures with remote_lab_fixture) in separate pytest processes, as CI jobs would
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -93,7 +92,8 @@ def test_server_shutdown_leaves_no_lab(lab: Lab) -> None:
     """Last: bring a lab up with the fixture, then SIGTERM the server; netlab's registry is empty."""
     rc, out = lab.user_pytest("test_pair_lab.py", name="last").wait()
     assert rc == 0, out
-    time.sleep(0.2)
+    # The job has ended its session (the lab stays up, idle, for the next one).
+    wait_until(lambda: lab.api.get("/active-session").status == 404, timeout=30, what="an empty queue")
     code = lab.server.terminate(timeout=60)
     assert code == 0, lab.server.tail()
     assert not lab.sandbox.default_registered()

@@ -1,7 +1,8 @@
-"""Harness for the Python test suites: the real netlab without containers, the server under
-test, and a small stdlib HTTP client.
+"""Harness for the Python test suites: the server under test (the one launcher), the real
+netlab without containers or the fake netlab, one wait_until, and a small stdlib HTTP client.
 
-Used by tests/e2e and tests/client. Nothing here talks to anything but 127.0.0.1.
+Used by tests/e2e, tests/client and tests/observe_py. Nothing here talks to anything but
+127.0.0.1.
 
 Environment:
   NEOPS_TEST_SERVER      "rust" (default): the Rust binary; "python": the reference
@@ -32,6 +33,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
+FAKE_NETLAB = REPO_ROOT / "tests" / "fake-netlab" / "netlab"
 
 LISTENING_RE = re.compile(r"listening on (http://127\.0\.0\.1:(\d+))")
 
@@ -111,8 +113,23 @@ def netlab_lab_name(directory_name: str) -> str:
 # --------------------------------------------------------------------------- waiting
 
 
-def wait_until(pred: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll pred() until it returns something truthy; fail with `what` after `timeout` seconds."""
+def wait_until(
+    pred: Callable[[], Any] | str,
+    check: Callable[[], Any] | None = None,
+    limit: float | None = None,
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
+    """Poll pred() until it returns something truthy; fail with `what` after `timeout` seconds.
+
+    Also callable as wait_until(what, check, limit=15), the observe suite's order."""
+    if isinstance(pred, str):
+        assert check is not None, "wait_until(what, check): no check"
+        what, pred = pred, check
+        timeout = 15.0 if limit is None else limit
+        interval = 0.05
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -225,6 +242,29 @@ class Sandbox:
         return "default" in self.registered()
 
 
+class FakeNetlab:
+    """In place of a Sandbox: the fake netlab (tests/fake-netlab/netlab, no real netlab and no
+    containers) with its directory (calls.log, control/), for suites that test the server's
+    own behaviour rather than netlab's."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.netlab = FAKE_NETLAB
+        self.fake = self.root / "fake"
+        (self.fake / "control").mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / "tmp"
+        self.tmp.mkdir(exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEOPS_REMOTE_LAB_")}
+        env["FAKE_NETLAB_DIR"] = str(self.fake)
+        return env
+
+    def control(self, name: str, content: str) -> None:
+        """Tell the fake netlab what to do (see the top of tests/fake-netlab/netlab)."""
+        (self.fake / "control" / name).write_text(content)
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -236,15 +276,16 @@ def _free_port() -> int:
 
 class ServerProcess:
     """The server under test as a child process in its own process group, stderr drained
-    continuously into memory and into a log file."""
+    continuously into memory and into a log file. `sandbox` is a Sandbox (the real netlab) or
+    a FakeNetlab; a timeout given as None is left to the server's default."""
 
     def __init__(
         self,
-        sandbox: Sandbox,
+        sandbox: Sandbox | FakeNetlab,
         *,
         kind: str | None = None,
-        active_timeout: float = 120,
-        waiting_timeout: float = 120,
+        active_timeout: float | None = 120,
+        waiting_timeout: float | None = 120,
         sweep_interval: float = 1,
         extra_args: Iterable[str] = (),
     ) -> None:
@@ -257,15 +298,20 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._listening = threading.Event()
         self._reader: threading.Thread | None = None
+        if isinstance(sandbox, FakeNetlab) and self.kind != "rust":
+            raise HarnessError("the fake netlab runs only under the Rust server")
         if self.kind == "rust":
+            timeouts = [
+                *(["--active-timeout", str(active_timeout)] if active_timeout is not None else []),
+                *(["--waiting-timeout", str(waiting_timeout)] if waiting_timeout is not None else []),
+            ]
             self.argv = [
                 str(rust_binary()),
                 "--host", "127.0.0.1",
                 "--port", "0",
                 "--state-dir", str(self.state_dir),
                 "--netlab", str(sandbox.netlab),
-                "--active-timeout", str(active_timeout),
-                "--waiting-timeout", str(waiting_timeout),
+                *timeouts,
                 "--sweep-interval", str(sweep_interval),
                 "--log-level", "debug",
                 *extra_args,
@@ -335,7 +381,8 @@ class ServerProcess:
         rc = self.proc.poll() if self.proc else None
         if self.proc and rc is None:
             self.kill()
-        time.sleep(0.2)
+        if self._reader:
+            self._reader.join(5)  # its last words, once the pipe has ended
         raise HarnessError(
             f"server did not come up (exit code {rc}); argv: {' '.join(self.argv)}\n" + self.tail()
         )

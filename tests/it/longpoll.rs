@@ -23,10 +23,18 @@ fn read(stream: TcpStream) -> Resp {
     read_response(&mut BufReader::new(stream), false)
 }
 
-/// With one worker, a request answered after the long-poll was sent means the long-poll
-/// was handled (and parked) before it.
-fn settle(server: &TestServer) {
-    server.get("/healthz").expect_empty(204);
+/// Waits until `n` long-polls are parked, as `GET /debug/health` counts them.
+#[track_caller]
+fn wait_parked(server: &TestServer, n: u64) {
+    wait_until(Duration::from_secs(20), &format!("{n} parked"), || {
+        server.get("/debug/health").json()["long_polls"] == n
+    });
+}
+
+/// A bound that tells an answer woken by a change from one sent because the wait ran out:
+/// half the wait. Not a latency bound (the figure is printed; the machines are shared).
+fn before_the_wait_ran_out(wait_secs: u64) -> Duration {
+    Duration::from_secs(wait_secs) / 2
 }
 
 #[test]
@@ -59,7 +67,7 @@ fn bad_wait_values_are_422() {
     server
         .get(&format!("/session/{id}?wait=30"))
         .expect(200, "{\"status\":\"active\",\"position\":0}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < before_the_wait_ran_out(30));
     server
         .get("/session/00000000-0000-4000-8000-000000000000?wait=30")
         .expect(404, "{\"detail\":\"Session not found\"}");
@@ -70,18 +78,17 @@ fn a_parked_wait_is_answered_at_the_promotion() {
     let server = start_with(&[("--workers", "1")]);
     let (first, _) = server.create_session();
     let (second, _) = server.create_session();
-    let parked = send_wait(server.addr, &second, "30");
-    std::thread::sleep(Duration::from_millis(200));
-    settle(&server);
+    let waiting = send_wait(server.addr, &second, "30");
+    wait_parked(&server, 1);
     let ended = Instant::now();
     server
         .delete(&format!("/session/{first}"))
         .expect_empty(204);
-    let answer = read(parked);
+    let answer = read(waiting);
     let latency = ended.elapsed();
     answer.expect(200, "{\"status\":\"active\",\"position\":0}");
     println!("promotion answered after {latency:?} (from the start of the DELETE)");
-    assert!(latency < Duration::from_secs(1), "{latency:?}");
+    assert!(latency < before_the_wait_ran_out(30), "{latency:?}");
 }
 
 #[test]
@@ -91,19 +98,19 @@ fn a_position_change_or_a_removal_answers_and_the_wait_runs_out() {
     let (second, _) = server.create_session();
     let (third, _) = server.create_session();
     // The session ahead of it leaves: position 2 → 1.
-    let parked = send_wait(server.addr, &third, "30");
-    std::thread::sleep(Duration::from_millis(200));
+    let waiting = send_wait(server.addr, &third, "30");
+    wait_parked(&server, 1);
     server
         .delete(&format!("/session/{second}"))
         .expect_empty(204);
-    read(parked).expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    read(waiting).expect(200, "{\"status\":\"waiting\",\"position\":1}");
     // Its own session is ended: 404.
-    let parked = send_wait(server.addr, &third, "30");
-    std::thread::sleep(Duration::from_millis(200));
+    let waiting = send_wait(server.addr, &third, "30");
+    wait_parked(&server, 1);
     server
         .delete(&format!("/session/{third}"))
         .expect_empty(204);
-    read(parked).expect(404, "{\"detail\":\"Session not found\"}");
+    read(waiting).expect(404, "{\"detail\":\"Session not found\"}");
     // Nothing changes: answered with the state as it is when S runs out.
     let (fourth, _) = server.create_session();
     let started = Instant::now();
@@ -111,26 +118,34 @@ fn a_position_change_or_a_removal_answers_and_the_wait_runs_out() {
         .get(&format!("/session/{fourth}?wait=0.5"))
         .expect(200, "{\"status\":\"waiting\",\"position\":1}");
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    println!("a wait of 0.5 s answered after {took:?}");
+    assert!(took >= Duration::from_millis(450), "{took:?}");
 }
 
 #[test]
 fn parking_keeps_the_session_alive_at_park_and_at_answer() {
-    // Waiting timeout 1.5 s. Parked at t=0 (refreshed), answered at t=1 (refreshed), then
-    // silent until t=2: alive only because the answer refreshed it.
+    // Waiting timeout 1.5 s, a wait of 1 s: refreshed when parked, and again when answered
+    // (GET /queue, which refreshes nothing, shows it seen less than the wait ago).
     let server = start_with(&[("--waiting-timeout", "1.5")]);
     let (_first, _) = server.create_session();
     let (second, _) = server.create_session();
     server
         .get(&format!("/session/{second}?wait=1"))
         .expect(200, "{\"status\":\"waiting\",\"position\":1}");
-    std::thread::sleep(Duration::from_millis(1000));
-    server.expect_session(&second, "waiting", 1);
+    let queue = server.get("/queue").json();
+    let seen = queue["sessions"][1]["last_seen_ago"].as_f64().unwrap();
+    assert_eq!(queue["sessions"][1]["id"], second[..8]);
+    assert!(
+        seen < 1.0,
+        "last seen {seen} s ago: at the park, not the answer"
+    );
     // And without polls it is reaped: the timeout is real.
-    std::thread::sleep(Duration::from_millis(2000));
+    // (Read from the log: a poll would keep it alive.)
+    wait_until(Duration::from_secs(10), "the silent session reaped", || {
+        server
+            .log_text()
+            .contains(&format!("session {second} reaped"))
+    });
     server.expect_no_session(&second);
 }
 
@@ -150,6 +165,8 @@ fn raise_fd_limit() {
 
 #[test]
 fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
+    // Two thousand connections and a latency bound: alone.
+    let _alone = alone();
     raise_fd_limit();
     let mut server = start_with(&[("--workers", "2")]);
     let (first, _) = server.create_session();
@@ -159,9 +176,7 @@ fn a_thousand_parked_waits_hold_no_worker_and_shutdown_answers_them() {
         .collect();
     // Every one of them reached the server and was parked: a new poll still comes back at
     // once, and so does a heartbeat, through a pool of two workers.
-    wait_until(Duration::from_secs(20), "1000 parked", || {
-        server.get("/debug/health").json()["long_polls"] == 1000
-    });
+    wait_parked(&server, 1000);
     let (rss, threads, fds) = process_figures(server.child.id());
     println!(
         "server with 1000 parked long-polls: {rss} KiB resident, {threads} threads, {fds} fds"
@@ -204,7 +219,7 @@ fn the_sweep_answers_a_parked_wait_when_it_reaps_the_session_ahead() {
         .expect(200, "{\"status\":\"active\",\"position\":0}");
     let took = started.elapsed();
     println!("answered by the sweep after {took:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(took < before_the_wait_ran_out(30), "{took:?}");
     assert!(server.log_text().contains("reaped: active"));
 }
 
@@ -231,7 +246,7 @@ fn a_wait_on_a_session_of_another_token_is_404() {
     server
         .request("GET", &path, &other, b"")
         .expect(404, "{\"detail\":\"Session not found\"}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < before_the_wait_ran_out(30));
     server
         .request("GET", &format!("/session/{second}?wait=0.2"), &ci, b"")
         .expect(200, "{\"status\":\"waiting\",\"position\":1}");

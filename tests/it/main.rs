@@ -23,5 +23,6 @@ mod promises;
 mod remote_lab;
 mod restart;
 mod runbook;
+mod schedule;
 mod sessions;
 mod upload_props;

@@ -180,6 +180,9 @@ fn the_queue_view_shows_every_field_and_never_a_full_id() {
             "last_seen_ago",
             "holds_lab",
             "acquiring",
+            "declared",
+            "skips",
+            "promoted_ahead",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);

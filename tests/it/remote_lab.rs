@@ -564,9 +564,15 @@ fn tokens_and_netrc_are_sent() {
     std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let server = start_with(&[("--token-file", tokens.to_str().unwrap())]);
     let url = server.url();
-    // No credentials: the host answers 401 and is skipped.
+    // No credentials: the host answers 401, is named, and no host is left: 77.
     let (code, stderr) = run(&["run", "--url", &url, "--", "true"], dir.path());
-    assert_eq!(code, 69, "{stderr}");
+    assert_eq!(code, 77, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{url} REJECTED THE CREDENTIALS (401 Not authenticated)"
+        )),
+        "{stderr}"
+    );
     let (code, stderr) = run(
         &[
             "run",
@@ -809,4 +815,528 @@ fn on_a_terminal_the_progress_line_is_updated_in_place() {
     let active = text.find("\r\x1b[Kremote-lab: session ").expect(&text);
     assert!(waiting < active, "{text:?}");
     assert!(!text[waiting..active].contains('\n'), "{text:?}");
+}
+
+// ------------------------------------------------------------------------------ hostile hosts
+
+/// `tests/hostile-lab/server.py MODE`: a lab host that attacks its client.
+struct Hostile {
+    child: Child,
+    url: String,
+}
+
+impl Hostile {
+    fn start(mode: &str) -> Hostile {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile-lab/server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(mode)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the hostile server's port");
+        Hostile {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Nothing a terminal would act on: no ESC, BEL, C1 control, DEL, bidi override, and
+/// valid UTF-8.
+fn assert_inert(bytes: &[u8], what: &str) {
+    let text = std::str::from_utf8(bytes).unwrap_or_else(|e| panic!("{what}: not UTF-8: {e}"));
+    for (at, c) in text.char_indices() {
+        let bad = (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        assert!(
+            !bad,
+            "{what}: {c:?} at {at}: {:?}",
+            &text[at.saturating_sub(60)..(at + 60).min(text.len())]
+        );
+    }
+}
+
+/// Runs `remote-lab ARGS` under a Python parent that reports its peak memory: exit code,
+/// stderr (from a file: it may be large), peak RSS in KiB.
+fn run_measured(args: &[&str], dir: &Path) -> (i32, Vec<u8>, u64) {
+    let err = dir.join("stderr");
+    let wrapper = "import resource, subprocess, sys\n\
+                   with open(sys.argv[1], 'wb') as err:\n\
+                   \x20   code = subprocess.run(sys.argv[2:], stderr=err, stdin=subprocess.DEVNULL).returncode\n\
+                   print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n";
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(wrapper)
+        .arg(&err)
+        .arg(CLIENT)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("REMOTE_LAB_URL")
+        .env_remove("REMOTE_LAB_TOKEN")
+        .env("NETRC", dir.join("no-netrc"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut words = text.split_whitespace();
+    let code = words.next().unwrap().parse().unwrap();
+    let rss = words.next().unwrap().parse().unwrap();
+    (code, std::fs::read(&err).unwrap(), rss)
+}
+
+#[test]
+fn a_hostile_server_reaches_the_terminal_with_nothing_raw_and_memory_stays_bounded() {
+    let hostile = Hostile::start("escapes");
+    let dir = tempfile::tempdir().unwrap();
+    let topo = topology(dir.path(), "nodes: [r1]\n");
+    let (code, stderr, rss_kib) = run_measured(
+        &[
+            "run",
+            "--url",
+            &hostile.url,
+            "--topology",
+            topo.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        dir.path(),
+    );
+    let head = String::from_utf8_lossy(&stderr[..stderr.len().min(3000)]).into_owned();
+    assert_eq!(code, 0, "{head}");
+    assert_inert(&stderr, "run's stderr");
+    let text = String::from_utf8(stderr).unwrap();
+    // Every hostile field was printed, cleaned: the holder, netlab's lines (the invalid
+    // UTF-8 decoded lossily, the live log going on after it), the release's detail.
+    assert!(text.contains("held by holder\u{FFFD}]0;pwned"), "{head}");
+    assert!(text.contains("netlab| deploying \u{FFFD}"), "{head}");
+    assert!(
+        text.contains("netlab| bad \u{FFFD}\u{FFFD} bytes \u{FFFD}\n"),
+        "{head}"
+    );
+    assert!(
+        text.contains("releasing the lab: 500 release failed\u{FFFD}"),
+        "{head}"
+    );
+    // The endless line: cut into bounded pieces (how many arrive before the read's
+    // timeout depends on the machine's load).
+    let cut = text.matches(" [line cut at 64 KiB]\n").count();
+    assert!(cut >= 1, "{head}");
+    let longest = text.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest <= 64 * 1024 + 100, "{longest}");
+    println!("peak RSS of remote-lab reading a 24 MiB line: {rss_kib} KiB");
+    assert!(rss_kib < 40 * 1024, "{rss_kib} KiB");
+
+    // `status`: the table and the JSON.
+    let unhealthy = Hostile::start("unhealthy");
+    for json in [false, true] {
+        let mut args = vec!["status", "--url", &hostile.url, "--url", &unhealthy.url];
+        if json {
+            args.push("--json");
+        }
+        let output = client(&args, dir.path())
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        assert_inert(&output.stdout, "status");
+        assert_inert(&output.stderr, "status's stderr");
+        let out = String::from_utf8(output.stdout).unwrap();
+        if json {
+            let hosts: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(hosts[1]["state"], "unhealthy", "{out}");
+            // The server's strings arrive whole, escaped.
+            assert!(
+                hosts[0]["queue"]["sessions"][0]["client_name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("holder\x1b]0;pwned\x07"),
+                "{out}"
+            );
+        } else {
+            let rows: Vec<&str> = out.lines().collect();
+            assert!(rows[1].starts_with(&hostile.url), "{out}");
+            assert!(rows[1].contains(" ok "), "{out}");
+            assert!(rows[1].contains("holder\u{FFFD}]0;pwned"), "{out}");
+            assert!(
+                out.contains("unhealthy: containerlab failed\u{FFFD}"),
+                "{out}"
+            );
+            assert!(out.contains("slot 1 (1\u{FFFD}"), "{out}");
+        }
+    }
+}
+
+#[test]
+fn heartbeats_refused_past_the_active_timeout_lose_the_session_and_stop_the_command() {
+    // Every heartbeat answered 429: the server would reap the session after its active
+    // timeout (0.5 s) while the command still ran.
+    let hostile = Hostile::start("heartbeat429");
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("got-term");
+    let script = format!(
+        "trap 'echo term > {}; exit 143' TERM; while true; do sleep 0.02; done",
+        marker.display()
+    );
+    let (code, stderr) = Run::start(
+        &["run", "--url", &hostile.url, "--", "sh", "-c", &script],
+        dir.path(),
+    )
+    .finish(Duration::from_secs(20));
+    assert_eq!(code, 75, "{stderr}");
+    assert!(
+        stderr.contains("SESSION LOST: heartbeats failed for"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("429 Too many failures\u{FFFD}"), "{stderr}");
+    assert_eq!(read(&marker), "term\n");
+    assert_inert(stderr.as_bytes(), "stderr");
+}
+
+// ------------------------------------------------------------------------------ the command
+
+#[test]
+fn sigkill_of_remote_lab_leaves_no_command_running() {
+    let server = start();
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let script = format!(
+        "echo $$ > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
+        pid_file.display()
+    );
+    let mut run = Run::start(
+        &["run", "--url", &server.url(), "--", "sh", "-c", &script],
+        dir.path(),
+    );
+    wait_until(Duration::from_secs(10), "the command started", || {
+        pid_file.exists()
+    });
+    let pid: u32 = read(&pid_file).trim().parse().unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    assert!(proc_dir.exists());
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    // Gone, or a zombie waiting for its new parent to reap it: not running.
+    wait_until(
+        Duration::from_secs(5),
+        "the command gone",
+        || match std::fs::read_to_string(proc_dir.join("stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        },
+    );
+}
+
+#[test]
+fn the_devices_file_is_private_and_not_at_a_predictable_path() {
+    let server = start();
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let topo = topology(dir.path(), "nodes: [r1]\n");
+    let out = dir.path().join("out");
+    let script = format!(
+        "stat -c '%a %F' \"$REMOTE_LAB_DEVICES\" >> {o}; echo \"$REMOTE_LAB_DEVICES\" >> {o}",
+        o = out.display()
+    );
+    let mut paths = Vec::new();
+    for _ in 0..2 {
+        let output = client(
+            &[
+                "run",
+                "--url",
+                &server.url(),
+                "--topology",
+                topo.to_str().unwrap(),
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+            dir.path(),
+        )
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = read(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[lines.len() - 2], "600 regular file", "{text}");
+        let path = PathBuf::from(lines[lines.len() - 1]);
+        assert_eq!(path.parent(), Some(tmp.as_path()), "{text}");
+        // Removed at the end.
+        assert!(!path.exists());
+        paths.push(path);
+    }
+    assert_ne!(paths[0], paths[1]);
+    let name = paths[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("remote-lab-") && name.ends_with("-devices.json"));
+    // Nothing of the name is the pid: it is random.
+    let middle = &name["remote-lab-".len()..name.len() - "-devices.json".len()];
+    assert!(middle.parse::<u32>().is_err(), "{name}");
+}
+
+#[test]
+fn a_non_ascii_name_arrives_percent_encoded_and_the_server_shows_it_decoded() {
+    let server = start();
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let go = dir.path().join("go");
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.02; done",
+        started.display(),
+        go.display()
+    );
+    let name = "café ☕ job 100%";
+    let run = Run::start(
+        &[
+            "run",
+            "--url",
+            &server.url(),
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        dir.path(),
+    );
+    wait_until(Duration::from_secs(10), "the command started", || {
+        started.exists()
+    });
+    let queue = server.get("/queue").json();
+    assert_eq!(queue["sessions"][0]["client_name"], name);
+    std::fs::write(&go, "").unwrap();
+    let (code, stderr) = run.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+// ------------------------------------------------------------------------------ credentials
+
+/// A server with its own token file (`ci:TOKEN`).
+fn server_with_token(dir: &Path, name: &str, token: &str) -> TestServer {
+    let tokens = dir.join(name);
+    std::fs::write(&tokens, format!("ci:{token}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    start_with(&[("--token-file", tokens.to_str().unwrap())])
+}
+
+#[test]
+fn credentials_per_host_from_netrc_and_a_host_that_rejects_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = server_with_token(dir.path(), "tokens1", "token-of-host-one-0123456789");
+    let two = server_with_token(dir.path(), "tokens2", "token-of-host-two-0123456789");
+    // The same machine under two names: the netrc tells them apart.
+    let url_one = one.url();
+    let url_two = two.url().replace("127.0.0.1", "localhost");
+    let netrc = |password_two: &str| {
+        std::fs::write(
+            dir.path().join("no-netrc"),
+            format!(
+                "# one token per host\n\
+                 machine 127.0.0.1 login ci password \"token-of-host-one-0123456789\"\n\
+                 machine localhost\n  login ci\n  password {password_two}\n"
+            ),
+        )
+        .unwrap();
+    };
+    netrc("token-of-host-two-0123456789");
+    let urls = format!("{url_one},{url_two}");
+    // Two jobs held at once: one on each host.
+    let go = dir.path().join("go");
+    let job = |n: u32| {
+        let script = format!(
+            "echo \"$REMOTE_LAB_URL\" > {d}/url{n}; while [ ! -e {g} ]; do sleep 0.02; done",
+            d = dir.path().display(),
+            g = go.display()
+        );
+        Run::start(
+            &["run", "--url", &urls, "--", "sh", "-c", &script],
+            dir.path(),
+        )
+    };
+    let first = job(1);
+    wait_until(Duration::from_secs(10), "job 1 started", || {
+        read(&dir.path().join("url1")).ends_with('\n')
+    });
+    let second = job(2);
+    wait_until(Duration::from_secs(10), "job 2 started", || {
+        read(&dir.path().join("url2")).ends_with('\n')
+    });
+    std::fs::write(&go, "").unwrap();
+    for run in [first, second] {
+        let (code, stderr) = run.finish(Duration::from_secs(10));
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!stderr.contains("REJECTED"), "{stderr}");
+    }
+    let mut used = [
+        read(&dir.path().join("url1")),
+        read(&dir.path().join("url2")),
+    ];
+    used.sort();
+    let mut expected = [format!("{url_one}\n"), format!("{url_two}\n")];
+    expected.sort();
+    assert_eq!(used, expected);
+
+    // Host two's token is wrong: the run names it and uses host one.
+    netrc("wrong-token-000000000000000000");
+    let out = dir.path().join("url");
+    let script = format!("echo \"$REMOTE_LAB_URL\" > {}", out.display());
+    let (code, stderr) = run(
+        &["run", "--url", &urls, "--", "sh", "-c", &script],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(&out).trim(), url_one);
+    assert!(
+        stderr.contains(&format!(
+            "{url_two} REJECTED THE CREDENTIALS (401 Not authenticated) of its ~/.netrc entry"
+        )),
+        "{stderr}"
+    );
+    // `status` names it too, and fails.
+    let output = client(&["status", "--url", &urls], dir.path())
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(77));
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&url_two) && l.contains("rejected credentials: 401")),
+        "{table}"
+    );
+
+    // Both wrong: 77. The token of the URL beats the netrc; --token only fills in.
+    let (code, stderr) = run(
+        &[
+            "run",
+            "--url",
+            &format!(
+                "{},{url_two}",
+                url_one.replace("://", "://ci:bad-token-00000000000@")
+            ),
+            "--",
+            "true",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 77, "{stderr}");
+    assert!(stderr.contains("given in its URL"), "{stderr}");
+    assert!(!stderr.contains("bad-token"), "{stderr}");
+}
+
+// ------------------------------------------------------------------------------ late binding
+
+/// The sessions a host's `/queue` lists, by client name (`None`: unnamed).
+fn queue_names(server: &TestServer) -> Vec<Option<String>> {
+    server.get("/queue").json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["client_name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A late-binding job queued on both hosts, each held by the test.
+fn queued_on_both(one: &TestServer, two: &TestServer, dir: &Path, out: &Path) -> Run {
+    let script = format!("echo \"$REMOTE_LAB_URL\" > {}", out.display());
+    let run = Run::start(
+        &[
+            "run",
+            "--url",
+            &format!("{},{}", one.url(), two.url()),
+            "--choices",
+            "2",
+            "--name",
+            "late",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        dir,
+    );
+    wait_until(Duration::from_secs(10), "queued on both hosts", || {
+        one.get("/debug/health").json()["long_polls"] == 1
+            && two.get("/debug/health").json()["long_polls"] == 1
+    });
+    run
+}
+
+#[test]
+fn late_binding_starts_on_the_host_that_frees_first_and_leaves_nothing_on_the_other() {
+    let (one, two) = (start(), start());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("url");
+    let (long, _) = one.create_session();
+    let (short, _) = two.create_session();
+    let run = queued_on_both(&one, &two, dir.path(), &out);
+    assert_eq!(queue_names(&one), [None, Some("late".to_owned())]);
+    assert_eq!(queue_names(&two), [None, Some("late".to_owned())]);
+    // Host two's test ends first.
+    two.delete(&format!("/session/{short}")).expect_empty(204);
+    let (code, stderr) = run.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(&out).trim(), two.url());
+    // Its place on host one was given up at once: only the long test is there.
+    assert_eq!(queue_names(&one), [None]);
+    assert_eq!(sessions(&two), 0);
+    assert!(one.log_text().contains(" ended"), "{}", one.log_text());
+    one.delete(&format!("/session/{long}")).expect_empty(204);
+
+    // Both free at the same moment: one is kept, the other ended.
+    let (a, _) = one.create_session();
+    let (b, _) = two.create_session();
+    let run = queued_on_both(&one, &two, dir.path(), &out);
+    let ends = [
+        (&one, format!("/session/{a}")),
+        (&two, format!("/session/{b}")),
+    ];
+    std::thread::scope(|scope| {
+        for (server, path) in &ends {
+            scope.spawn(move || server.delete(path).expect_empty(204));
+        }
+    });
+    let (code, stderr) = run.finish(Duration::from_secs(10));
+    assert_eq!(code, 0, "{stderr}");
+    let chosen = read(&out).trim().to_owned();
+    assert!(chosen == one.url() || chosen == two.url(), "{chosen}");
+    assert_eq!(sessions(&one) + sessions(&two), 0);
+}
+
+#[test]
+fn sigterm_while_queued_on_two_hosts_ends_both_sessions() {
+    let (one, two) = (start(), start());
+    let dir = tempfile::tempdir().unwrap();
+    one.create_session();
+    two.create_session();
+    let run = queued_on_both(&one, &two, dir.path(), &dir.path().join("url"));
+    run.signal(Signal::TERM);
+    let (code, stderr) = run.finish(Duration::from_secs(10));
+    assert_eq!(code, 128 + 15, "{stderr}");
+    assert_eq!(queue_names(&one), [None]);
+    assert_eq!(queue_names(&two), [None]);
 }

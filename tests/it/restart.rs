@@ -54,7 +54,68 @@ fn a_state_write_happens_before_the_answer() {
         assert!(!session_ids_in_file(&s).contains(&id));
     }
     let text = std::fs::read_to_string(s.state_dir().join("state.json")).unwrap();
-    assert!(text.starts_with("{\n\"version\": 1,"), "{text}");
+    assert!(text.starts_with("{\"version\":1,"), "{text}");
+    assert!(
+        text.ends_with(",\"lab\":null,\"starting\":null,\"teardowns\":[]}\n"),
+        "what the package's postrm looks for: {text}"
+    );
+}
+
+/// Whether the package's postrm (`records_a_lab`, run by `sh`) finds that the state file in
+/// `state_dir` records a lab.
+fn postrm_finds_a_lab(state_dir: &Path) -> bool {
+    let postrm = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/debian/postrm"),
+    )
+    .unwrap();
+    let start = postrm
+        .find("records_a_lab() {")
+        .expect("records_a_lab in postrm");
+    let end = start + postrm[start..].find("\n}\n").expect("its end") + 3;
+    let script = format!("{}\nrecords_a_lab", &postrm[start..end]);
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("state_dir", state_dir)
+        .status()
+        .unwrap();
+    match status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        other => panic!("records_a_lab exited {other:?}"),
+    }
+}
+
+/// The purge keeps a state dir whose state file records a lab: the postrm tells by the
+/// file's end, and still reads the files of earlier versions (a field per line).
+#[test]
+fn the_postrm_tells_whether_the_state_file_records_a_lab() {
+    let s = start();
+    let (a, _) = s.create_session();
+    assert!(!postrm_finds_a_lab(&s.state_dir()));
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    assert!(postrm_finds_a_lab(&s.state_dir()));
+    // Released and its session gone: the lab stays up, idle, and recorded.
+    s.lab("POST", "/lab/release", &a).expect_empty(204);
+    s.delete(&format!("/session/{a}")).expect_empty(204);
+    assert!(postrm_finds_a_lab(&s.state_dir()));
+    drop(s);
+
+    let old = test_dir();
+    let state = old.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let lab = r#"{"hash": "00", "work_dir": "/s/labs/a", "topology": "/s/labs/a/t.yml", "ref_count": 1, "devices": []}"#;
+    for (lab, recorded) in [("null", false), (lab, true)] {
+        std::fs::write(
+            state.join("state.json"),
+            format!(
+                "{{\n\"version\": 1,\n\"sessions\": [],\n\"lab\": {lab},\n\"starting\": null,\n\"teardowns\": []\n}}\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(postrm_finds_a_lab(&state), recorded, "lab {lab}");
+    }
+    std::fs::remove_file(state.join("state.json")).unwrap();
+    assert!(!postrm_finds_a_lab(&state), "no file, no lab");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The session half of the contract, over real HTTP against the real binary.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -100,25 +100,29 @@ fn heartbeats_keep_sessions_alive_and_silence_reaps_them() {
     let (a, _) = s.create_session();
     let (b, _) = s.create_session();
     let (c, _) = s.create_session();
-    // Keep b and c alive past both timeouts; a (active) goes silent.
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(1300) {
-        for id in [&b, &c] {
-            s.request("POST", "/session/heartbeat", &[("X-Session-ID", id)], b"")
-                .expect_empty(204);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let beat = |id: &str| {
+        s.request("POST", "/session/heartbeat", &[("X-Session-ID", id)], b"")
+            .expect_empty(204);
+    };
+    // Whether a session was reaped is read from the log: a poll would keep it alive.
+    let reaped = |id: &str| s.log_text().contains(&format!("session {id} reaped"));
+    // b and c keep beating (every heartbeat a 204, however long it takes) until a, silent
+    // and active, is reaped, and for longer than both timeouts.
+    let started = Instant::now();
+    wait_until(Duration::from_secs(20), "a to be reaped", || {
+        beat(&b);
+        beat(&c);
+        started.elapsed() > Duration::from_secs(2) && reaped(&a)
+    });
     s.expect_no_session(&a);
     s.expect_session(&b, "active", 0);
-    assert!(s.log_text().contains(&format!("session {a} reaped")));
+    s.expect_session(&c, "waiting", 1);
 
     // Now c (waiting) goes silent while b keeps polling: c is reaped by the waiting timeout.
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(1900) {
+    wait_until(Duration::from_secs(20), "c to be reaped", || {
         s.expect_session(&b, "active", 0);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        reaped(&c)
+    });
     s.expect_no_session(&c);
     s.expect_session(&b, "active", 0);
 }

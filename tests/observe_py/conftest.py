@@ -1,5 +1,6 @@
 """Harness for the observability suite: the Rust server with the fake netlab (no real
-netlab needed), one fresh server per test, and a tiny HTTP helper.
+netlab needed), one fresh server per test, and a tiny HTTP helper. The server is launched by
+the one harness of the Python suites (tests/e2e/labserver.py).
 
 The binary comes from $NEOPS_REMOTE_LAB_BIN (scripts/run-python-suites sets it).
 """
@@ -7,10 +8,7 @@ The binary comes from $NEOPS_REMOTE_LAB_BIN (scripts/run-python-suites sets it).
 from __future__ import annotations
 
 import json
-import os
-import select
-import subprocess
-import time
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -19,53 +17,45 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from labserver import FAKE_NETLAB, FakeNetlab, HarnessError, ServerProcess, rust_binary  # noqa: E402, F401
+from labserver import wait_until  # noqa: E402, F401 (the tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[2]
-FAKE_NETLAB = ROOT / "tests" / "fake-netlab" / "netlab"
 
 
 def binary() -> Path:
-    path = Path(os.environ.get("NEOPS_REMOTE_LAB_BIN", ROOT / "target" / "debug" / "neops-remote-lab"))
-    if not path.is_file():
-        pytest.fail(f"server binary {path} not found; build it first (cargo build)", pytrace=False)
-    return path
+    try:
+        return rust_binary()
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
-class Server:
+class Server(ServerProcess):
+    """A server on the fake netlab in `tmp`, with the server's own default timeouts, a fast
+    sweep and `args` on its command line."""
+
     def __init__(self, tmp: Path, args: list[str]):
+        binary()
+        self.fake_netlab = FakeNetlab(tmp)
         self.tmp = tmp
-        self.fake = tmp / "fake"
-        (self.fake / "control").mkdir(parents=True)
-        self.log_path = tmp / "server.log"
-        self.proc = subprocess.Popen(
-            [str(binary()), "--host", "127.0.0.1", "--port", "0", "--state-dir", str(tmp / "state"),
-             "--netlab", str(FAKE_NETLAB), "--sweep-interval", "0.1", *args],
-            env={**os.environ, "FAKE_NETLAB_DIR": str(self.fake)},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self.fake = self.fake_netlab.fake
+        super().__init__(
+            self.fake_netlab,
+            kind="rust",
+            active_timeout=None,
+            waiting_timeout=None,
+            sweep_interval=0.1,
+            extra_args=args,
         )
-        self.url = self._wait_listening()
-
-    def _wait_listening(self) -> str:
-        deadline = time.monotonic() + 20
-        buf = b""
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if not ready:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            complete = buf.decode(errors="replace").rpartition("\n")[0]
-            for line in complete.splitlines():
-                if line.startswith("listening on http://"):
-                    return line.split(" ", 2)[2].strip()
-        self.close()
-        raise RuntimeError(f"server did not start: {buf.decode(errors='replace')}")
+        try:
+            self.start(timeout=20)
+        except HarnessError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     def control(self, name: str, content: str) -> None:
-        (self.fake / "control" / name).write_text(content)
+        self.fake_netlab.control(name, content)
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -97,23 +87,6 @@ class Server:
 
     def heartbeat(self, sid: str) -> int:
         return self.request("POST", "/session/heartbeat", {"X-Session-ID": sid}, b"")[0]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # our own child, by its Popen handle (a checked pid)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def wait_until(what: str, check, limit: float = 15.0) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
