@@ -118,6 +118,24 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "tear down a lab left idle with no session for this long",
     },
     OptionSpec {
+        name: "unhealthy-after",
+        value: Some("N"),
+        default: "3",
+        help: "starts failing in a row for reasons not the topology's before the host is unhealthy",
+    },
+    OptionSpec {
+        name: "health-topology",
+        value: Some("FILE"),
+        default: "none: only POST /admin/health/reset heals",
+        help: "while unhealthy, start this topology every --health-interval; a success heals",
+    },
+    OptionSpec {
+        name: "health-interval",
+        value: Some("SECONDS"),
+        default: "600",
+        help: "how often an unhealthy host tries --health-topology",
+    },
+    OptionSpec {
         name: "affinity-window",
         value: Some("N"),
         default: "8",
@@ -191,7 +209,13 @@ pub fn help_text() -> String {
         "neops-remote-lab: exclusive, queued access to this host's network lab over HTTP\n\n\
          Usage: neops-remote-lab [OPTIONS]\n       \
          neops-remote-lab cleanup [OPTIONS]\n       \
-         neops-remote-lab reload [OPTIONS]\n\n\
+         neops-remote-lab reload [OPTIONS]\n       \
+         neops-remote-lab drain [--wait] [OPTIONS]\n       \
+         neops-remote-lab resume [OPTIONS]\n\n\
+         `drain` asks the running server (at --host and --port, with the first\n\
+         NAME:TOKEN:admin line of --token-file) to take no new sessions; the ones\n\
+         there finish. With --wait it returns when the last one has ended.\n\
+         `resume` takes new sessions again.\n\
          `reload` makes the running server re-read its token file (SIGHUP to the pid\n\
          in $MAINPID, else to the one holding the state dir's lock).\n\
          `cleanup` tears down the lab a stopped server left (and netlab's `default`\n\
@@ -259,6 +283,11 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// `--public-read`: the read-only views need no token.
     pub public_read: bool,
+    /// `--unhealthy-after`: failed starts in a row that make the host unhealthy.
+    pub unhealthy_after: u32,
+    /// `--health-topology`: started while unhealthy, to find out whether the host heals.
+    pub health_topology: Option<PathBuf>,
+    pub health_interval: Duration,
 }
 
 impl Config {
@@ -291,6 +320,9 @@ impl Config {
             log_config: None,
             token_file: None,
             public_read: false,
+            unhealthy_after: 3,
+            health_topology: None,
+            health_interval: Duration::from_secs(600),
         }
     }
 }
@@ -388,6 +420,13 @@ pub enum Command {
     Cleanup(Box<Config>),
     /// `neops-remote-lab reload`: SIGHUP to the running server.
     Reload(Box<Config>),
+    /// `neops-remote-lab drain [--wait]`: the running server takes no new sessions.
+    Drain {
+        config: Box<Config>,
+        wait: bool,
+    },
+    /// `neops-remote-lab resume`: the running server takes new sessions again.
+    Resume(Box<Config>),
     Help,
     Version,
 }
@@ -421,13 +460,14 @@ where
     use lexopt::prelude::*;
 
     let mut given: Vec<(&'static str, Option<OsString>)> = Vec::new();
-    let mut cleanup = false;
-    let mut reload = false;
+    let mut command: Option<&'static str> = None;
+    let mut wait = false;
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next().map_err(|e| ConfigError(e.to_string()))? {
         match arg {
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
+            Long("wait") => wait = true,
             Long(name) => {
                 let spec = OPTIONS
                     .iter()
@@ -440,8 +480,16 @@ where
                 given.retain(|(n, _)| *n != spec.name);
                 given.push((spec.name, value));
             }
-            Value(word) if word == "cleanup" && !cleanup && !reload => cleanup = true,
-            Value(word) if word == "reload" && !cleanup && !reload => reload = true,
+            Value(word) if command.is_none() => {
+                command = Some(
+                    SUBCOMMANDS
+                        .iter()
+                        .find(|c| word == **c)
+                        .copied()
+                        .ok_or_else(|| Value(word).unexpected())
+                        .map_err(|e| ConfigError(e.to_string()))?,
+                );
+            }
             other => return Err(ConfigError(other.unexpected().to_string())),
         }
     }
@@ -577,14 +625,30 @@ where
     if let Some((v, _)) = lookup("log-config") {
         config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
     }
-    if reload {
-        Ok(Command::Reload(Box::new(config)))
-    } else if cleanup {
-        Ok(Command::Cleanup(Box::new(config)))
-    } else {
-        Ok(Command::Serve(Box::new(config)))
+    if let Some((v, e)) = lookup("unhealthy-after") {
+        config.unhealthy_after = parse_count(&v, "unhealthy-after", e, 1, 1000)? as u32;
     }
+    if let Some((v, _)) = lookup("health-topology") {
+        config.health_topology = (!v.is_empty()).then(|| PathBuf::from(v));
+    }
+    if let Some((v, e)) = lookup("health-interval") {
+        config.health_interval = parse_seconds(&v, "health-interval", e)?;
+    }
+    if wait && command != Some("drain") {
+        return Err(ConfigError("--wait goes with `drain` only".into()));
+    }
+    let config = Box::new(config);
+    Ok(match command {
+        None => Command::Serve(config),
+        Some("cleanup") => Command::Cleanup(config),
+        Some("reload") => Command::Reload(config),
+        Some("drain") => Command::Drain { config, wait },
+        Some(_) => Command::Resume(config),
+    })
 }
+
+/// The words that name a command other than serving.
+const SUBCOMMANDS: &[&str] = &["cleanup", "reload", "drain", "resume"];
 
 /// Where the state lives when `--state-dir` is not given: never in a world-writable
 /// directory such as /tmp, where another local user could prepare it. Root (the packaged
@@ -846,6 +910,34 @@ mod tests {
         let c = serve(&["--client-timeout", "2.5", "--cleanup-foreign"], &[]).unwrap();
         assert_eq!(c.client_timeout, Duration::from_millis(2500));
         assert!(c.cleanup_foreign);
+    }
+
+    #[test]
+    fn drain_resume_and_the_health_flags() {
+        let parsed = parse(args(&["drain", "--wait", "--port", "9"]), |_| None).unwrap();
+        assert!(matches!(parsed, Command::Drain { config, wait: true } if config.port == 9));
+        let parsed = parse(args(&["--port", "9", "drain"]), |_| None).unwrap();
+        assert!(matches!(parsed, Command::Drain { wait: false, .. }));
+        let parsed = parse(args(&["resume"]), |_| None).unwrap();
+        assert!(matches!(parsed, Command::Resume(_)));
+        let e = parse(args(&["resume", "--wait"]), |_| None).err().unwrap();
+        assert_eq!(e.0, "--wait goes with `drain` only");
+        assert!(parse(args(&["--wait"]), |_| None).is_err());
+        assert!(parse(args(&["drain", "resume"]), |_| None).is_err());
+
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!(c.unhealthy_after, 3);
+        assert_eq!(c.health_topology, None);
+        assert_eq!(c.health_interval, Duration::from_secs(600));
+        let c = serve(
+            &["--unhealthy-after", "5", "--health-interval", "0.5"],
+            &[("NEOPS_REMOTE_LAB_HEALTH_TOPOLOGY", "/etc/h.yml")],
+        )
+        .unwrap();
+        assert_eq!(c.unhealthy_after, 5);
+        assert_eq!(c.health_interval, Duration::from_millis(500));
+        assert_eq!(c.health_topology, Some(PathBuf::from("/etc/h.yml")));
+        assert!(serve(&["--unhealthy-after", "0"], &[]).is_err());
     }
 
     #[test]

@@ -8,14 +8,17 @@
 //! The folders are floors: a module uses only modules of its own folder or of a floor
 //! below it, never one above (the test at the bottom of this file checks it). From the top:
 //!
-//! 1. [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`.
+//! 1. [`server`]: start-up, the threads, shutdown, `cleanup` and `reload`; below it `ctl`:
+//!    `drain` and `resume`, which ask the running server over HTTP.
 //! 2. `api/`: the route table (`routes`) and its handlers, `openapi`, `acquire` (`POST /lab`
 //!    up to the lab thread), `observe` (the read-only views), `lab_thread` (the thread that
 //!    runs netlab).
 //! 3. `core/`: `state` (the shared state behind one mutex, the gate, the acquire slot, the
-//!    lab jobs), `queue` (sessions in the order they are served), `schedule` (who goes next, which idle lab goes: pure), `auth` (tokens, callers, throttle), `clock`,
+//!    lab jobs), `queue` (sessions in the order they are served), `schedule` (who goes next, which idle lab goes: pure), `auth` (tokens, callers, throttle),
+//!    `host` (draining, health), `clock`,
 //!    `longpoll` (parked long-polls), `timer`.
 //! 4. `store/`: `persist` (the state file), `session` (a session as the file keeps it),
+//!    `drain` (the drain file),
 //!    `statedir`, `lockfile`.
 //! 5. `http/`: `listener` (our listening socket), `pool` (listener thread and workers),
 //!    `reply` (replies, and the responder that answers each request exactly once); and, on
@@ -33,6 +36,7 @@
 mod api;
 mod config;
 mod core;
+mod ctl;
 mod http;
 pub mod lab;
 mod logging;
@@ -51,6 +55,7 @@ mod tests {
     /// Names are folders (`api`) or single files (`config`) under `src/`.
     const FLOORS: &[&[&str]] = &[
         &["server"],
+        &["ctl"],
         &["api"],
         &["core"],
         &["store"],

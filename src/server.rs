@@ -38,6 +38,7 @@ use crate::lab::record::{self, LabRecord, Teardown};
 use crate::lab::upload;
 use crate::logging;
 use crate::notify;
+use crate::store::drain;
 use crate::store::lockfile;
 use crate::store::persist::{self, Snapshot, Starting};
 use crate::store::statedir;
@@ -60,6 +61,8 @@ pub fn main<I: IntoIterator<Item = std::ffi::OsString>>(args: I) -> i32 {
         Ok(Command::Serve(config)) => serve(*config),
         Ok(Command::Cleanup(config)) => cleanup(*config),
         Ok(Command::Reload(config)) => reload(&config),
+        Ok(Command::Drain { config, wait }) => crate::ctl::drain(&config, wait),
+        Ok(Command::Resume(config)) => crate::ctl::resume(&config),
         Err(e) => {
             eprintln!("neops-remote-lab: {e}\nTry 'neops-remote-lab --help'.");
             2
@@ -146,6 +149,38 @@ fn serve(config: Config) -> i32 {
             ));
         }
     }
+    if let Some(topology) = &config.health_topology
+        && let Err(e) = std::fs::metadata(topology).and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a file"))
+            }
+        })
+    {
+        return fail(format!("--health-topology {}: {e}", topology.display()));
+    }
+    let draining = match drain::load(&config.state_dir) {
+        Ok(Some(drain)) => {
+            log::warn!(
+                "draining (since the last run{}): no new sessions until `neops-remote-lab resume` \
+                 or POST /admin/resume",
+                drain
+                    .by
+                    .as_deref()
+                    .map(|by| format!(", by {by}"))
+                    .unwrap_or_default()
+            );
+            Some(drain)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            return fail(format!(
+                "cannot read {}: {e}",
+                config.state_dir.join(drain::DRAIN_FILE).display()
+            ));
+        }
+    };
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
@@ -167,6 +202,9 @@ fn serve(config: Config) -> i32 {
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
     shared.access = access;
     let shared = Arc::new(shared);
+    if let Some(drain) = draining {
+        let _ = shared.host.set_drain(Some(drain), |_| Ok::<(), ()>(()));
+    }
     // A deliberate exit (status 75, from any thread) is an event too, and takes what the
     // event writer has queued with it to the file rather than dropping it.
     let events = Arc::downgrade(&shared);
@@ -196,6 +234,7 @@ fn serve(config: Config) -> i32 {
             "version": env!("CARGO_PKG_VERSION"),
             "restored_sessions": restored,
             "lab": lab_outcome,
+            "draining": shared.host.draining().is_some(),
         }),
     );
     for t in pending {

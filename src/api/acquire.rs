@@ -93,6 +93,12 @@ pub fn begin(shared: &Arc<Shared>, responder: Responder, caller: &Caller) {
 fn check(shared: &Arc<Shared>, responder: &Responder, caller: &Caller) -> Result<Pending, Reply> {
     let request = responder.request();
     let session = shared.gate(header_value(request, SESSION_HEADER), caller, true)?;
+    // An unhealthy host says so at once, before the body is read: a start would only fail
+    // again after a whole `netlab up` attempt.
+    if let Some(error) = shared.host.unhealthy() {
+        METRICS.acquisition(Outcome::Unhealthy, None);
+        return Err(Reply::detail(503, format!("lab host unhealthy: {error}")));
+    }
     let max_bytes = shared.config.max_upload_bytes;
     if let Some(length) = request.body_length()
         && length as u64 > max_bytes

@@ -93,6 +93,7 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
     let lab_log = shared.lab_log(slot);
     for job in jobs.iter() {
         let stop = matches!(job, LabJob::Shutdown);
+        let check = matches!(job, LabJob::HealthCheck);
         let description = format!("{job:?}");
         let result = catch_unwind(AssertUnwindSafe(|| match job {
             LabJob::Start(job) => {
@@ -110,6 +111,7 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
                 Ok(()) => shared.teardown_done(t.work_dir()),
                 Err(e) => shared.teardown_failed(&t, e),
             },
+            LabJob::HealthCheck => health_check(shared, netlab, slot),
             LabJob::Shutdown => shut_down(shared, netlab, slot),
         }));
         if result.is_err() {
@@ -118,6 +120,12 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
                 "the lab worker of slot {} panicked during the {description}; taking the next job",
                 slot + 1
             );
+        }
+        if check {
+            // Done, skipped or panicked: the next one is due an interval from now.
+            shared
+                .host
+                .check_done(shared.clock.now() + shared.config.health_interval);
         }
         if stop {
             break;
@@ -267,6 +275,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     // refused.
     if let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
         log::warn!("lab {}: {why}", job.topology.display());
+        shared.start_failed(&why);
         remove_dir(&job.work_dir);
         let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(409, why);
@@ -298,11 +307,16 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         Err(e) => {
             log_failure(job, &e);
             start_failed(e.status(), &e.to_string());
+            if e.counts_against_host() {
+                shared.start_failed(&e.to_string());
+            }
             discard(shared, netlab, job);
             let _ = finish_start(shared, &ticket, slot, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
+    // netlab did its part, whatever becomes of the lab: the host starts labs.
+    shared.start_succeeded("start");
     let devices_json = record::devices_json(&devices);
     let record = LabRecord {
         hash: job.hash,
@@ -377,6 +391,107 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             devices: &devices_json,
         },
     )
+}
+
+/// A health check: while the host is unhealthy, `--health-topology` is started with no
+/// session (in a work dir of its own under `labs/`, in the first slot's netlab instance)
+/// and torn down again. A success makes the host healthy; a failure that counts against the
+/// host is counted like a start's and names netlab's latest words. Put off while any slot
+/// has a lab running or starting: the next one comes an interval later.
+fn health_check(shared: &Shared, netlab: &dyn Driver, slot: usize) {
+    let Some(source) = &shared.config.health_topology else {
+        return;
+    };
+    if shared.host.unhealthy().is_none() || shared.is_shutting_down() {
+        return;
+    }
+    let (busy, instance) = {
+        let state = shared.lock();
+        let busy = state
+            .slots
+            .iter()
+            .any(|s| s.lab.is_some() || s.starting.is_some());
+        (busy, state.slots.get(slot).and_then(|s| s.instance))
+    };
+    if busy {
+        log::info!("health check put off: a lab is running or starting");
+        return;
+    }
+    let started = Instant::now();
+    let topology_name = file_name(source);
+    let work_dir = shared
+        .labs_dir
+        .join(format!("health-{}", uuid::Uuid::new_v4()));
+    let topology = work_dir.join(&topology_name);
+    let report = |success: bool, error: Option<&str>| {
+        METRICS.health_check(success);
+        shared.events.emit(
+            "health_check",
+            json!({
+                "topology": topology_name,
+                "success": success,
+                "duration_s": started.elapsed().as_secs_f64(),
+                "error": error,
+            }),
+        );
+    };
+    if let Err(e) =
+        std::fs::create_dir_all(&work_dir).and_then(|()| std::fs::copy(source, &topology))
+    {
+        let error = format!(
+            "cannot copy {} into {}: {e}",
+            source.display(),
+            work_dir.display()
+        );
+        log::error!("health check: {error}");
+        remove_dir(&work_dir);
+        report(false, Some(&error));
+        return;
+    }
+    log::info!("health check: starting {}", source.display());
+    let lab_log = shared.lab_log(slot);
+    lab_log.begin(Job::Up);
+    let outcome = match clear_instance(netlab, &shared.config, instance) {
+        Err(why) => Err((true, why)),
+        Ok(()) => netlab
+            .up(&topology, instance, shared.shutdown_flag(), &|_| {})
+            .and_then(|()| netlab.devices(&work_dir, instance))
+            .map(|devices| devices.len())
+            .map_err(|e| (e.counts_against_host(), e.to_string())),
+    };
+    lab_log.end();
+    lab_log.begin(Job::Down);
+    let down = netlab.tear_down(&work_dir, outcome.is_err(), instance);
+    lab_log.end();
+    match down {
+        Ok(()) => remove_dir(&work_dir),
+        Err(e) => shared.teardown_failed(
+            &Teardown::of_failed_start(&work_dir, Some(&topology), [0; 32], instance),
+            e.to_string(),
+        ),
+    }
+    match outcome {
+        Ok(devices) => {
+            log::info!(
+                "health check: {} came up with {devices} {} in {:.1} s",
+                topology_name,
+                crate::core::state::plural(devices, "device", "devices"),
+                started.elapsed().as_secs_f64()
+            );
+            report(true, None);
+            shared.start_succeeded("health_check");
+        }
+        Err((counts, error)) => {
+            log::warn!(
+                "health check: {topology_name} failed: {}",
+                crate::lab::netlab::for_log(&error)
+            );
+            report(false, Some(&error));
+            if counts {
+                shared.start_failed(&error);
+            }
+        }
+    }
 }
 
 /// After `up` of a multilab instance: netlab must register the slot's id in the work dir

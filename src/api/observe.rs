@@ -12,6 +12,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tiny_http::Request;
 
+use crate::core::host::Condition;
 use crate::core::queue::{ClientInfo, SessionId, Status};
 use crate::core::state::{Shared, Slot, State, file_name};
 use crate::http::reply::{Reply, header_value, query_param};
@@ -20,8 +21,8 @@ use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
 use crate::protocol::{
-    self, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation, QueueView,
-    SessionView, SlotView,
+    self, HostState, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation,
+    QueueView, SessionView, SlotView,
 };
 
 pub use crate::protocol::{CLIENT_NAME_HEADER, TOPOLOGY_SHA256_HEADER as TOPOLOGY_HEADER};
@@ -133,15 +134,15 @@ pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position
     }
 }
 
-/// A `POST /session` turned away because the queue is full.
-pub fn note_refused(shared: &Shared, info: &ClientInfo) {
-    METRICS.session_ended(Ended::Refused);
+/// A `POST /session` turned away: the queue is full (`Refused`), or the host is draining.
+pub fn note_refused(shared: &Shared, info: &ClientInfo, why: Ended) {
+    METRICS.session_ended(why);
     shared.events.emit(
         "session_ended",
         json!({
             "session": null,
             "client": info.name,
-            "reason": Ended::Refused.as_str(),
+            "reason": why.as_str(),
             "addr": info.addr,
         }),
     );
@@ -378,11 +379,18 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             }
         })
         .collect::<Vec<_>>();
+    let (host_state, host_state_reason) = shared.host.condition();
     QueueView {
         time: wall,
         version: env!("CARGO_PKG_VERSION").into(),
         active_timeout: shared.config.active_timeout.as_secs_f64(),
         waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
+        host_state: Some(match host_state {
+            Condition::Ok => HostState::Ok,
+            Condition::Draining => HostState::Draining,
+            Condition::Unhealthy => HostState::Unhealthy,
+        }),
+        host_state_reason,
         lab: lab_view,
         operation,
         slots: slot_entries(&copies),
@@ -390,8 +398,6 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         truncated: total > sessions.len(),
         total,
         sessions,
-        host_state: None,
-        host_state_reason: None,
     }
 }
 
@@ -521,10 +527,14 @@ pub fn metrics(shared: &Shared) -> Reply {
             start_in_progress: state.acquiring().is_some(),
             teardowns_pending: state.teardowns.len(),
             events: 0,
+            host_state: "ok",
+            host_start_failures: 0,
         }
     };
     let gauges = metrics::Gauges {
         events: shared.events.last_id(),
+        host_state: shared.host.condition().0.as_str(),
+        host_start_failures: shared.host.failures(),
         ..gauges
     };
     Reply::typed(

@@ -80,7 +80,7 @@ pub fn create_session() -> Value {
         "responses": {
             "201": body("Session created", "SessionCreated"),
             "422": validation(),
-            "503": detail("Session queue is full (see Retry-After)")
+            "503": detail("Session queue is full, or the host is draining (see Retry-After)")
         }
     })
 }
@@ -148,7 +148,7 @@ pub fn acquire() -> Value {
             "409": detail("Another netlab instance runs on the host"),
             "413": detail("Upload too large or too many parts"),
             "500": detail("netlab failed"),
-            "503": detail("Server is shutting down"),
+            "503": detail("Server is shutting down, or the lab host is unhealthy (answered before the body is read)"),
             "504": detail("netlab up timed out")
         }))
     })
@@ -187,7 +187,33 @@ pub fn lab_devices() -> Value {
 }
 
 pub fn healthz() -> Value {
-    json!({"responses": {"204": {"description": "Alive"}, "503": detail("Degraded: the state file cannot be written")}})
+    json!({"responses": {"204": {"description": "Alive, taking sessions and starting labs"}, "503": detail("degraded: the state file cannot be written; draining: no new sessions; unhealthy: starts keep failing (netlab's last error follows)")}})
+}
+
+/// The answers of an admin action.
+fn admin(done: &str) -> Value {
+    json!({
+        "responses": {
+            "204": {"description": done},
+            "401": detail("Not authenticated"),
+            "403": detail("Not an admin token"),
+            "503": detail("The change could not be written to the state dir")
+        }
+    })
+}
+
+pub fn admin_drain() -> Value {
+    admin(
+        "Draining: POST /session gets 503 until resumed, the sessions there finish; kept across restarts",
+    )
+}
+
+pub fn admin_resume() -> Value {
+    admin("Taking new sessions again")
+}
+
+pub fn admin_health_reset() -> Value {
+    admin("Healthy: no failed starts counted, POST /lab served again")
 }
 
 pub fn debug_health() -> Value {
@@ -280,11 +306,13 @@ fn core_schemas() -> Value {
 
 fn observe_schemas() -> Value {
     json!({
-            "QueueView": {"type": "object", "required": ["time", "version", "active_timeout", "waiting_timeout", "lab", "operation", "teardowns_pending", "total", "truncated", "sessions"], "properties": {
+            "QueueView": {"type": "object", "required": ["time", "version", "active_timeout", "waiting_timeout", "host_state", "host_state_reason", "lab", "operation", "teardowns_pending", "total", "truncated", "sessions"], "properties": {
                 "time": {"type": "number", "description": "Server time, unix seconds"},
                 "version": {"type": "string"},
                 "active_timeout": {"type": "number", "description": "Seconds of silence after which the ACTIVE session is reaped"},
                 "waiting_timeout": {"type": "number", "description": "Seconds of silence after which a WAITING session is reaped"},
+                "host_state": {"enum": ["ok", "draining", "unhealthy"], "description": "draining: no new sessions (an admin's drain); unhealthy: POST /lab refused (starts kept failing for reasons not the topology's)"},
+                "host_state_reason": {"type": ["string", "null"], "description": "Who drained the host, or netlab's last error"},
                 "lab": {"type": "object", "properties": {
                     "running": {"type": "boolean"},
                     "topology": {"type": ["string", "null"], "description": "File name of the topology"},
@@ -323,7 +351,7 @@ fn observe_schemas() -> Value {
                 "last_id": {"type": "integer"},
                 "events": {"type": "array", "items": {"type": "object", "required": ["id", "time", "kind"], "properties": {
                     "id": {"type": "integer"}, "time": {"type": "number"},
-                    "kind": {"enum": ["server_started", "server_stopping", "session_created", "session_promoted", "session_ended", "lab_start_begun", "lab_started", "lab_reused", "lab_start_failed", "lab_released", "teardown_begun", "teardown_done", "lab_idle_teardown", "promoted_ahead"]},
+                    "kind": {"enum": ["server_started", "server_stopping", "session_created", "session_promoted", "session_ended", "lab_start_begun", "lab_started", "lab_reused", "lab_start_failed", "lab_released", "teardown_begun", "teardown_done", "lab_idle_teardown", "promoted_ahead", "host_draining", "host_resumed", "host_unhealthy", "host_healthy", "health_check"]},
                     "session": {"type": ["string", "null"]}, "client": {"type": ["string", "null"]}
                 }}}
             }}

@@ -20,13 +20,15 @@ use crate::api::observe;
 use crate::api::openapi;
 use crate::config::parse_bool;
 use crate::core::auth::{self, Caller};
+use crate::core::host::Condition;
 use crate::core::longpoll;
 use crate::core::queue::{SessionId, Status, parse_session_id};
 use crate::core::state::{SESSION_HEADER, Shared};
 use crate::http::reply::{Reply, Responder, header_value, percent_decode, query_param};
 use crate::lab::record::{self, Destroy};
-use crate::observe::metrics;
+use crate::observe::metrics::{self, Ended};
 use crate::protocol::{Health, PendingTeardown, SessionCreated};
+use crate::store::drain::{self, Drain};
 use crate::store::persist::NotPersisted;
 
 // ------------------------------------------------------------------------------- the table
@@ -291,6 +293,36 @@ static ROUTES: &[Route] = &[
         )],
     },
     Route {
+        path: "/admin/drain",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(admin_drain),
+            "Drain the host: no new sessions, the ones there finish (admin)",
+            openapi::admin_drain,
+        )],
+    },
+    Route {
+        path: "/admin/resume",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(admin_resume),
+            "End a drain: take new sessions again (admin)",
+            openapi::admin_resume,
+        )],
+    },
+    Route {
+        path: "/admin/health/reset",
+        open: Open::No,
+        operations: &[op(
+            Post,
+            R(admin_health_reset),
+            "Count the host healthy again (admin)",
+            openapi::admin_health_reset,
+        )],
+    },
+    Route {
         path: "/",
         open: Open::PublicRead,
         operations: &[op(
@@ -494,6 +526,12 @@ fn create_session(call: &Call<'_>, request: &Request) -> Reply {
         }
         Err(reply) => return reply,
     };
+    if shared.host.draining().is_some() {
+        observe::note_refused(shared, &info, Ended::Draining);
+        log::info!("session refused{}: the host is draining", caller.describe());
+        return Reply::detail(503, "Lab host is draining: no new sessions")
+            .with_header("Retry-After", "60");
+    }
     let id = Uuid::new_v4();
     let now = shared.clock.now();
     let created = {
@@ -530,7 +568,7 @@ fn create_session(call: &Call<'_>, request: &Request) -> Reply {
             )
         }
         Err(full) => {
-            observe::note_refused(shared, &info);
+            observe::note_refused(shared, &info, Ended::Refused);
             log::warn!(
                 "session refused: {full} ({} sessions)",
                 shared.config.max_sessions
@@ -652,11 +690,100 @@ fn active_session(call: &Call<'_>, _: &Request) -> Reply {
     }
 }
 
+/// 204 while the host takes sessions and starts labs; 503 (for load balancers and pools)
+/// when the state file cannot be written, the host is draining, or it is unhealthy.
 fn healthz(call: &Call<'_>, _: &Request) -> Reply {
-    match call.shared.degraded() {
-        None => Reply::empty(204),
-        Some(why) => Reply::detail(503, format!("degraded: {}", NotPersisted(why))),
+    if let Some(why) = call.shared.degraded() {
+        return Reply::detail(503, format!("degraded: {}", NotPersisted(why)));
     }
+    match call.shared.host.condition() {
+        (Condition::Ok, _) => Reply::empty(204),
+        (Condition::Draining, _) => Reply::detail(503, "draining"),
+        (Condition::Unhealthy, why) => {
+            Reply::detail(503, format!("unhealthy: {}", why.unwrap_or_default()))
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------- admin
+
+/// The admin's name (`None` on a server without tokens, where everyone may), or the 403.
+fn admin_only(caller: &Caller) -> Result<Option<String>, Reply> {
+    match caller {
+        Caller::Open => Ok(None),
+        Caller::Token(id, _) if id.admin => Ok(Some(id.name.to_string())),
+        _ => Err(Reply::detail(403, "Only an admin token may do this")),
+    }
+}
+
+fn admin_drain(call: &Call<'_>, _: &Request) -> Reply {
+    let by = match admin_only(&call.caller) {
+        Ok(by) => by,
+        Err(reply) => return reply,
+    };
+    let shared = call.shared;
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let drain = Drain {
+        since,
+        by: by.clone(),
+    };
+    let dir = &shared.config.state_dir;
+    match shared.host.set_drain(Some(drain), |d| match d {
+        Some(d) => drain::save(dir, d),
+        None => Ok(()),
+    }) {
+        Ok(true) => {
+            let sessions = shared.lock().queue.len();
+            log::warn!(
+                "draining{}: no new sessions; {sessions} {} left to finish",
+                call.caller.describe(),
+                crate::core::state::plural(sessions, "session", "sessions")
+            );
+            shared.events.emit(
+                "host_draining",
+                serde_json::json!({ "by": by, "sessions": sessions }),
+            );
+        }
+        Ok(false) => {}
+        Err(e) => return drain_file_error(dir, &e),
+    }
+    Reply::empty(204)
+}
+
+fn admin_resume(call: &Call<'_>, _: &Request) -> Reply {
+    let by = match admin_only(&call.caller) {
+        Ok(by) => by,
+        Err(reply) => return reply,
+    };
+    let dir = &call.shared.config.state_dir;
+    match call.shared.host.set_drain(None, |_| drain::remove(dir)) {
+        Ok(true) => {
+            log::info!("resumed{}: taking new sessions", call.caller.describe());
+            call.shared
+                .events
+                .emit("host_resumed", serde_json::json!({ "by": by }));
+        }
+        Ok(false) => {}
+        Err(e) => return drain_file_error(dir, &e),
+    }
+    Reply::empty(204)
+}
+
+fn drain_file_error(dir: &std::path::Path, e: &std::io::Error) -> Reply {
+    let path = dir.join(drain::DRAIN_FILE);
+    log::error!("cannot change {}: {e}", path.display());
+    Reply::detail(503, format!("cannot change the drain file: {e}")).with_header("Retry-After", "5")
+}
+
+fn admin_health_reset(call: &Call<'_>, _: &Request) -> Reply {
+    let by = match admin_only(&call.caller) {
+        Ok(by) => by,
+        Err(reply) => return reply,
+    };
+    call.shared.health_reset(by.as_deref());
+    Reply::empty(204)
 }
 
 fn debug_health(call: &Call<'_>, _: &Request) -> Reply {

@@ -226,6 +226,26 @@ impl Tokens {
         })
     }
 
+    /// The name and token of the file's first `NAME:TOKEN:admin` line, for the host's own
+    /// commands that call the running server (`drain`, `resume`); `None` when it has none.
+    /// The file is checked as the server checks it.
+    pub fn first_admin(path: &Path) -> Result<Option<(String, String)>, TokenFileError> {
+        Self::load(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(text.lines().find_map(|line| {
+            let mut fields = line.trim().split(':');
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(name), Some(token), Some("admin")) if !line.trim().starts_with('#') => {
+                    Some((name.to_owned(), token.to_owned()))
+                }
+                _ => None,
+            }
+        }))
+    }
+
     /// How many tokens (never zero: a file without any is refused).
     pub fn count(&self) -> usize {
         self.entries.len()
@@ -418,6 +438,23 @@ mod tests {
         assert_eq!((&*ops.name, ops.admin), ("ops", true));
         let ci = t.identify(Some(&basic("ci:abcdefghijklmnop0123"))).unwrap();
         assert_eq!(&*ci.name, "ci");
+    }
+
+    #[test]
+    fn the_first_admin_line_is_found_for_the_hosts_own_commands() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("{FILE}root:AAAABBBBCCCCDDDD1111:admin\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            Tokens::first_admin(&path).unwrap(),
+            Some(("ops".to_owned(), "ZYXWVUTSRQPONMLK9876".to_owned()))
+        );
+        std::fs::write(&path, "ci:abcdefghijklmnop0123\n#x:y:admin\n").unwrap();
+        assert_eq!(Tokens::first_admin(&path).unwrap(), None);
+        std::fs::write(&path, "broken\n").unwrap();
+        assert!(Tokens::first_admin(&path).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod host;
 pub mod longpoll;
 pub mod queue;
 pub mod schedule;

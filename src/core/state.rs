@@ -25,6 +25,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::core::auth::{Access, Caller};
 use crate::core::clock::Clock;
+use crate::core::host::Host;
 use crate::core::longpoll::{self, Parked};
 use crate::core::queue::{
     ClientInfo, Gone, Promotion, Queue, Removed, SessionId, Status, parse_session_id,
@@ -117,6 +118,9 @@ pub struct StartJob {
 pub enum LabJob {
     Start(StartJob),
     Teardown(Teardown),
+    /// Start `--health-topology` (no session), and tear it down after a success: does the
+    /// unhealthy host start labs again?
+    HealthCheck,
     /// Finish the queued jobs, tear the running lab down and stop.
     Shutdown,
 }
@@ -126,6 +130,7 @@ impl std::fmt::Debug for LabJob {
         match self {
             LabJob::Start(job) => write!(f, "start of {}", job.topology.display()),
             LabJob::Teardown(t) => write!(f, "teardown of {}", t.lab.topology.display()),
+            LabJob::HealthCheck => f.write_str("health check"),
             LabJob::Shutdown => f.write_str("shutdown"),
         }
     }
@@ -346,6 +351,8 @@ pub struct Shared {
     pub events: EventLog,
     /// netlab's live output, one per slot.
     pub lab_logs: Vec<Arc<LabLog>>,
+    /// Draining, and the host's health.
+    pub host: Host,
 }
 
 impl Shared {
@@ -366,6 +373,7 @@ impl Shared {
         let labs_dir = config.state_dir.join("labs");
         let events = EventLog::open(&config.state_dir);
         let instances = config.instances();
+        let config_unhealthy_after = config.unhealthy_after;
         Shared {
             events,
             lab_logs: instances.iter().map(|_| Arc::new(LabLog::new())).collect(),
@@ -382,6 +390,7 @@ impl Shared {
             labs_dir,
             access: None,
             park_wake: crossbeam_channel::bounded(1),
+            host: Host::new(config_unhealthy_after),
         }
     }
 
@@ -563,6 +572,8 @@ impl Shared {
         let worker = match &job {
             LabJob::Start(start) => start.lab_slot,
             LabJob::Teardown(t) => self.slot_of_instance(t.lab.instance),
+            // Health checks run in the first slot (put off while any slot is busy).
+            LabJob::HealthCheck => 0,
             LabJob::Shutdown => {
                 for tx in &self.lab_tx {
                     let _ = tx.send(LabJob::Shutdown);
@@ -989,6 +1000,70 @@ impl Shared {
                 }),
             ),
         );
+    }
+
+    /// A start failed for a reason that counts against the host (see [`Host`]): counted,
+    /// and when this makes the host unhealthy, an event and a metric say so.
+    pub fn start_failed(&self, error: &str) {
+        let now = self.clock.now();
+        let failed = self
+            .host
+            .start_failed(error, now, self.config.health_interval);
+        if failed.became_unhealthy {
+            METRICS.host_became_unhealthy();
+            log::error!(
+                "{} starts failed in a row: the lab host is unhealthy; POST /lab gets 503 until \
+                 {}: {}",
+                failed.in_a_row,
+                match &self.config.health_topology {
+                    Some(t) => format!(
+                        "a start of {} (tried every {:.0} s) or POST /admin/health/reset succeeds",
+                        t.display(),
+                        self.config.health_interval.as_secs_f64()
+                    ),
+                    None => "POST /admin/health/reset".to_owned(),
+                },
+                crate::lab::netlab::for_log(&error)
+            );
+            self.events.emit(
+                "host_unhealthy",
+                json!({ "failures": failed.in_a_row, "error": error }),
+            );
+        } else if self.host.unhealthy().is_none() {
+            log::warn!(
+                "{} of {} failed starts in a row that count against the host",
+                failed.in_a_row,
+                self.config.unhealthy_after
+            );
+        }
+    }
+
+    /// netlab brought a lab up (`how`: `start`, `health_check`): the count starts again, and
+    /// an unhealthy host is healthy.
+    pub fn start_succeeded(&self, how: &str) {
+        if self.host.start_succeeded() {
+            self.note_healthy(how, None);
+        }
+    }
+
+    /// An admin's `POST /admin/health/reset`.
+    pub fn health_reset(&self, by: Option<&str>) {
+        if self.host.reset() {
+            self.note_healthy("reset", by);
+        }
+    }
+
+    fn note_healthy(&self, how: &str, by: Option<&str>) {
+        log::info!("the lab host is healthy again ({how})");
+        self.events
+            .emit("host_healthy", json!({ "how": how, "by": by }));
+    }
+
+    /// The timer's turn: queues a health check on the lab thread when one is due.
+    pub fn health_tick(&self) {
+        if self.config.health_topology.is_some() && self.host.check_due(self.clock.now()) {
+            self.send_lab_job(LabJob::HealthCheck);
+        }
     }
 
     /// The client name of a session, for events (`None` when unnamed or gone).

@@ -26,6 +26,7 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
         let now = Instant::now();
         if now >= next_sweep {
             shared.sweep();
+            shared.health_tick();
             next_sweep = now + shared.config.sweep_interval;
         }
         if let Some(every) = watchdog
@@ -55,7 +56,7 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
 }
 
 /// `GET /healthz` through the listener and the worker pool, within `limit`. An answer other
-/// than 204 (or 503 degraded) is an `InvalidData` error.
+/// than 204 (or our 503 degraded, draining or unhealthy) is an `InvalidData` error.
 fn self_check(addr: SocketAddr, limit: Duration) -> io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&addr, limit)?;
     stream.set_read_timeout(Some(limit))?;
@@ -64,10 +65,16 @@ fn self_check(addr: SocketAddr, limit: Duration) -> io::Result<()> {
     let mut answer = Vec::new();
     let _ = (&mut stream).take(4096).read_to_end(&mut answer);
     // Degraded (the state file cannot be written) is no reason to restart: a restart cannot
-    // write it either, and the server refuses changes meanwhile.
-    let degraded = answer.starts_with(b"HTTP/1.1 503")
-        && answer.windows(20).any(|w| w == b"{\"detail\":\"degraded:");
-    if answer.starts_with(b"HTTP/1.1 204") || degraded {
+    // write it either, and the server refuses changes meanwhile. Nor is draining (an
+    // admin's choice) or unhealthy (netlab's back end fails; a restart keeps draining and
+    // mends no back end): the server answered, which is all this checks.
+    let says = |what: &[u8]| {
+        let needle = [&b"{\"detail\":\""[..], what].concat();
+        answer.windows(needle.len()).any(|w| w == needle)
+    };
+    let alive_but_refusing = answer.starts_with(b"HTTP/1.1 503")
+        && (says(b"degraded:") || says(b"draining\"") || says(b"unhealthy:"));
+    if answer.starts_with(b"HTTP/1.1 204") || alive_but_refusing {
         Ok(())
     } else {
         Err(io::Error::new(
@@ -132,6 +139,17 @@ mod tests {
             "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 30\r\n\r\n{\"detail\":\"degraded: no disk\"}",
         ));
         assert!(self_check(degraded, limit).is_ok());
+        for body in [
+            r#"{"detail":"draining"}"#,
+            r#"{"detail":"unhealthy: netlab up failed"}"#,
+        ] {
+            let text = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let refusing = peer(Some(Box::leak(text.into_boxed_str())));
+            assert!(self_check(refusing, limit).is_ok(), "{body}");
+        }
         // A listener whose workers never answer: the check gives up within its limit.
         let stuck = peer(None);
         let started = Instant::now();

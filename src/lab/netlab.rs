@@ -125,6 +125,14 @@ impl NetlabError {
         }
     }
 
+    /// Whether the failure says something about the host rather than the topology (or the
+    /// shutdown): netlab or its back end missing or failing (containerlab, Docker), a
+    /// timeout, another lab instance in the way. Such failures in a row make the host
+    /// unhealthy.
+    pub fn counts_against_host(&self) -> bool {
+        !matches!(self, NetlabError::Rejected(_) | NetlabError::Cancelled)
+    }
+
     /// Why `out` of `netlab <command>` is not [`done`].
     fn failure(command: String, out: &Output) -> Self {
         let exit = if out.success() {
@@ -767,5 +775,30 @@ mod tests {
             classify_up_failure(&killed).to_string(),
             "netlab up failed (killed by signal 9): half done"
         );
+    }
+
+    /// What makes a host unhealthy: everything but the topology's fault and a shutdown.
+    #[test]
+    fn only_failures_not_the_topologys_count_against_the_host() {
+        let deploy = output(
+            1,
+            "provider clab: executing containerlab deploy --reconfigure -t clab.yml\n",
+            "Fatal error in netlab up: containerlab deploy --reconfigure -t clab.yml failed, aborting...\n",
+        );
+        assert!(classify_up_failure(&deploy).counts_against_host());
+        let rejected = classify_up_failure(&output(1, "", "Unknown device xyz\n"));
+        assert!(!rejected.counts_against_host());
+        assert!(!NetlabError::Cancelled.counts_against_host());
+        let timeout = NetlabError::TimedOut {
+            command: "up".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(timeout.counts_against_host());
+        let in_the_way = classify_up_failure(&output(
+            1,
+            "lab instance 'default' is already running in directory /x\n",
+            "",
+        ));
+        assert!(in_the_way.counts_against_host());
     }
 }

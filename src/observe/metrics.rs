@@ -35,9 +35,17 @@ pub enum Ended {
     ReapedActive = 1,
     ReapedWaiting = 2,
     Refused = 3,
+    /// Refused: the host is draining.
+    Draining = 4,
 }
 
-const ENDED: &[&str] = &["deleted", "reaped_active", "reaped_waiting", "refused"];
+const ENDED: &[&str] = &[
+    "deleted",
+    "reaped_active",
+    "reaped_waiting",
+    "refused",
+    "draining",
+];
 
 impl Ended {
     pub fn as_str(self) -> &'static str {
@@ -56,10 +64,12 @@ pub enum Outcome {
     Timeout,
     Busy,
     Cancelled,
+    /// Refused at once: the host is unhealthy.
+    Unhealthy,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 8] = [
+    const ALL: [Outcome; 9] = [
         Outcome::Started,
         Outcome::Reused,
         Outcome::Rejected,
@@ -68,6 +78,7 @@ impl Outcome {
         Outcome::Timeout,
         Outcome::Busy,
         Outcome::Cancelled,
+        Outcome::Unhealthy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +91,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Busy => "busy",
             Outcome::Cancelled => "cancelled",
+            Outcome::Unhealthy => "unhealthy",
         }
     }
 
@@ -182,11 +194,14 @@ pub struct Metrics {
     /// Per route (see [`register_routes`]) and status class.
     http: OnceLock<Box<[[AtomicU64; 5]]>>,
     sessions_created: AtomicU64,
-    sessions_ended: [AtomicU64; 4],
+    sessions_ended: [AtomicU64; ENDED.len()],
     acquisitions: [AtomicU64; Outcome::ALL.len()],
     netlab_commands: [[AtomicU64; 3]; 6],
     state_writes: [AtomicU64; 2],
     events_not_written: AtomicU64,
+    host_unhealthy: AtomicU64,
+    /// Health checks, by result: success, failure.
+    health_checks: [AtomicU64; 2],
     promotions_ahead: AtomicU64,
     skips: AtomicU64,
     ups_avoided: AtomicU64,
@@ -200,11 +215,13 @@ pub struct Metrics {
 pub static METRICS: Metrics = Metrics {
     http: OnceLock::new(),
     sessions_created: AtomicU64::new(0),
-    sessions_ended: [const { AtomicU64::new(0) }; 4],
+    sessions_ended: [const { AtomicU64::new(0) }; ENDED.len()],
     acquisitions: [const { AtomicU64::new(0) }; Outcome::ALL.len()],
     netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
     state_writes: [const { AtomicU64::new(0) }; 2],
     events_not_written: AtomicU64::new(0),
+    host_unhealthy: AtomicU64::new(0),
+    health_checks: [const { AtomicU64::new(0) }; 2],
     promotions_ahead: AtomicU64::new(0),
     skips: AtomicU64::new(0),
     ups_avoided: AtomicU64::new(0),
@@ -259,6 +276,16 @@ impl Metrics {
         self.events_not_written.load(Ordering::Relaxed)
     }
 
+    /// The host became unhealthy.
+    pub fn host_became_unhealthy(&self) {
+        self.host_unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A health check (`--health-topology`) ended.
+    pub fn health_check(&self, ok: bool) {
+        self.health_checks[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A session went ahead of `passed` others for the lab it declared.
     pub fn promoted_ahead(&self, passed: usize) {
         self.promotions_ahead.fetch_add(1, Ordering::Relaxed);
@@ -303,7 +330,14 @@ pub struct Gauges {
     pub oldest_wait: f64,
     pub active_timeout: f64,
     pub waiting_timeout: f64,
+    /// `ok`, `draining` or `unhealthy`.
+    pub host_state: &'static str,
+    /// Failed starts in a row that count against the host.
+    pub host_start_failures: u32,
 }
+
+/// The values of the `host_state` gauge's label.
+pub const HOST_STATES: &[&str] = &["ok", "draining", "unhealthy"];
 
 /// A counter with one label: a line per label value, in `values`' order.
 fn counters(
@@ -355,6 +389,30 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         out,
         "{PREFIX}sessions{{status=\"waiting\"}} {}",
         gauges.waiting
+    );
+    header(
+        &mut out,
+        "host_state",
+        "gauge",
+        "1 for the host's state (ok, draining: no new sessions, unhealthy: POST /lab refused), 0 for the others.",
+    );
+    for state in HOST_STATES {
+        let _ = writeln!(
+            out,
+            "{PREFIX}host_state{{state=\"{state}\"}} {}",
+            u8::from(*state == gauges.host_state)
+        );
+    }
+    header(
+        &mut out,
+        "host_start_failures",
+        "gauge",
+        "Starts failed in a row for reasons not the topology's (--unhealthy-after makes the host unhealthy).",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}host_start_failures {}",
+        gauges.host_start_failures
     );
     header(
         &mut out,
@@ -488,7 +546,7 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
     counters(
         &mut out,
         "sessions_ended_total",
-        "Sessions ended, by reason (refused: the queue was full).",
+        "Sessions ended, by reason (refused: the queue was full; draining: refused, the host is draining).",
         ("reason", ENDED),
         &m.sessions_ended,
     );
@@ -558,6 +616,24 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
             }
         }
     }
+    header(
+        &mut out,
+        "host_unhealthy_total",
+        "counter",
+        "Times the host became unhealthy.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}host_unhealthy_total {}",
+        load(&m.host_unhealthy)
+    );
+    counters(
+        &mut out,
+        "health_checks_total",
+        "Starts of --health-topology while unhealthy, by result.",
+        ("result", &["success", "failure"]),
+        &m.health_checks,
+    );
     header(
         &mut out,
         "state_file_writes_total",

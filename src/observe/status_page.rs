@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::observe::lablog::Chunk;
-use crate::protocol::{QueueView, SessionView};
+use crate::protocol::{HostState, QueueView, SessionView};
 
 const TEMPLATE: &str = include_str!("status.html");
 
@@ -74,6 +74,7 @@ fn event_line(e: &serde_json::Value) -> (String, bool) {
     }
     let reason = e["reason"].as_str().unwrap_or("");
     let bad = kind.contains("failed")
+        || kind == "host_unhealthy"
         || e["success"] == serde_json::Value::Bool(false)
         || matches!(reason, "reaped_active" | "reaped_waiting" | "refused");
     (text, bad)
@@ -132,6 +133,22 @@ fn slot_cards(view: &QueueView) -> String {
 
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
+    let host = match view.host_state.unwrap_or_default() {
+        HostState::Ok => String::new(),
+        state => format!(
+            "<div class=\"big {}\">{}</div>{}",
+            if state == HostState::Draining {
+                "warn"
+            } else {
+                "bad"
+            },
+            escape(&state.as_str().to_uppercase()),
+            view.host_state_reason
+                .as_deref()
+                .map(|r| format!("<div>{}</div>", escape(r)))
+                .unwrap_or_default()
+        ),
+    };
     let lab = if view.lab.running {
         let mut details = format!(
             "{} · {} · {} devices · refs {}",
@@ -247,6 +264,7 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         .replace("<!--SLOTS-->", &slots)
         .replace("<!--VERSION-->", &escape(&view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
+        .replace("<!--HOST_STATE-->", &host)
         .replace("<!--LAB-->", &lab)
         .replace("<!--HOLDER-->", &holder)
         .replace("<!--OPERATION-->", &operation)

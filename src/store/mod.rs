@@ -1,5 +1,6 @@
 //! What lasts on disk: the state file, the state directory and its lock file.
 
+pub mod drain;
 pub mod lockfile;
 pub mod persist;
 pub mod session;

@@ -110,9 +110,31 @@ fn entries(page: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether the server's docs may name `--flag`: one of its flags, or another tool's.
+/// The flags of the server's commands (`drain --wait`), which are no server options.
+const COMMAND_FLAGS: &[&str] = &["wait"];
+
+/// Whether the server's docs may name `--flag`: one of its flags, a command's, or another
+/// tool's.
 fn a_server_flag(flags: &BTreeSet<String>, flag: &str) -> bool {
-    flags.contains(flag) || flag == "help" || flag == "version" || NETLAB_FLAGS.contains(&flag)
+    flags.contains(flag)
+        || flag == "help"
+        || flag == "version"
+        || NETLAB_FLAGS.contains(&flag)
+        || COMMAND_FLAGS.contains(&flag)
+}
+
+#[test]
+fn the_commands_flags_are_in_the_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_neops-remote-lab"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("neops-remote-lab drain [--wait]"), "{help}");
+    assert!(help.contains("neops-remote-lab resume"), "{help}");
+    let page = man_page("man/neops-remote-lab.8");
+    assert!(page.contains(".B drain \\fR[\\fB\\-\\-wait\\fR]"));
+    assert!(page.contains(".B resume\n"));
 }
 
 #[test]

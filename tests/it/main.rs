@@ -10,6 +10,7 @@ mod common;
 
 mod auth;
 mod docs;
+mod fleet;
 mod hostile;
 mod lab;
 mod lifecycle;
