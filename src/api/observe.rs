@@ -413,7 +413,7 @@ pub fn status_page(shared: &Shared) -> Reply {
         .with_header("Cache-Control", "no-store")
         .with_header(
             "Content-Security-Policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'none'",
+            crate::observe::status_page::content_security_policy(),
         )
 }
 

@@ -365,6 +365,7 @@ pub fn handle(shared: &Arc<Shared>, mut responder: Responder) {
     }
     match resolved {
         Err(reply) => responder.respond(reply),
+        Ok(_) if let Some(reply) = cross_site(responder.request()) => responder.respond(reply),
         Ok(_) if reply::is_absurd(responder.request()) => {
             let reply = Reply::detail(
                 413,
@@ -434,6 +435,57 @@ fn resolve<'s>(
         query: query.to_owned(),
     };
     (index, Ok((handler, call)))
+}
+
+/// The refusal of a state-changing request a web page of another site could have made a
+/// browser send (with the browser's cached Basic credentials, or to an open server): an
+/// `Origin` that is not this server's own (403), or a body type an HTML form sends without
+/// a CORS preflight (415; only `POST /lab` takes a form, and it needs `X-Session-ID`, which
+/// no form can send). Reads and requests without `Origin` (every non-browser client) pass.
+fn cross_site(request: &Request) -> Option<Reply> {
+    if matches!(request.method(), Method::Get | Method::Head) {
+        return None;
+    }
+    if let Some(origin) = header_value(request, "Origin") {
+        let host = header_value(request, "Host").unwrap_or("");
+        if !same_origin(origin, host) {
+            return Some(Reply::detail(
+                403,
+                "Cross-site request refused: the Origin is not this server",
+            ));
+        }
+    }
+    let path = request.url().split('?').next().unwrap_or("");
+    let form_type = header_value(request, "Content-Type").is_some_and(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"]
+            .iter()
+            .any(|f| t.eq_ignore_ascii_case(f))
+    });
+    if form_type && !(path == "/lab" && request.method() == &Method::Post) {
+        return Some(Reply::detail(
+            415,
+            "Unsupported body type: this route takes no form (send no body, or JSON)",
+        ));
+    }
+    None
+}
+
+/// Whether an `Origin` (`scheme://host[:port]`) names the server the `Host` header names.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.trim().split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return false,
+    };
+    let strip = |a: &str| -> String {
+        let a = a.trim().to_ascii_lowercase();
+        a.strip_suffix(default_port).map_or(a.clone(), str::to_owned)
+    };
+    !host.is_empty() && strip(authority) == strip(host)
 }
 
 /// Gives the metrics the route table's templates as their `route` labels (at start-up).
@@ -1048,6 +1100,17 @@ mod tests {
         assert_eq!(label(Method::Get, "/nope"), None);
         assert_eq!(label(Method::Get, "/session/a/b"), None);
         assert_eq!(label(Method::Get, "/"), Some("/"));
+    }
+
+    #[test]
+    fn origins_match_their_host() {
+        assert!(same_origin("http://lab.example:8000", "lab.example:8000"));
+        assert!(same_origin("https://Lab.Example", "lab.example"));
+        assert!(same_origin("https://lab.example:443", "lab.example"));
+        assert!(!same_origin("https://evil.example", "lab.example"));
+        assert!(!same_origin("http://lab.example:8001", "lab.example:8000"));
+        assert!(!same_origin("null", "lab.example"));
+        assert!(!same_origin("http://lab.example", ""));
     }
 
     #[test]
