@@ -458,9 +458,13 @@ fn cross_site(request: &Request) -> Option<Reply> {
     let path = request.url().split('?').next().unwrap_or("");
     let form_type = header_value(request, "Content-Type").is_some_and(|t| {
         let t = t.split(';').next().unwrap_or("").trim();
-        ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"]
-            .iter()
-            .any(|f| t.eq_ignore_ascii_case(f))
+        [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data",
+        ]
+        .iter()
+        .any(|f| t.eq_ignore_ascii_case(f))
     });
     if form_type && !(path == "/lab" && request.method() == &Method::Post) {
         return Some(Reply::detail(
@@ -483,7 +487,8 @@ fn same_origin(origin: &str, host: &str) -> bool {
     };
     let strip = |a: &str| -> String {
         let a = a.trim().to_ascii_lowercase();
-        a.strip_suffix(default_port).map_or(a.clone(), str::to_owned)
+        a.strip_suffix(default_port)
+            .map_or(a.clone(), str::to_owned)
     };
     !host.is_empty() && strip(authority) == strip(host)
 }

@@ -19,7 +19,9 @@ pub fn content_security_policy() -> &'static str {
     CSP.get_or_init(|| {
         use base64::Engine as _;
         use sha2::Digest as _;
-        let start = TEMPLATE.find("<script>").map_or(0, |i| i + "<script>".len());
+        let start = TEMPLATE
+            .find("<script>")
+            .map_or(0, |i| i + "<script>".len());
         let end = TEMPLATE[start..]
             .find("</script>")
             .map_or(start, |i| start + i);
