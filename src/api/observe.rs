@@ -65,10 +65,11 @@ pub fn parse_client_name(raw: &str) -> Result<Option<String>, Reply> {
             "X-Client-Name must be valid UTF-8 (percent-encode characters beyond ASCII)",
         )
     })?;
-    if name.chars().any(char::is_control) {
+    let invisible = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{061c}');
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(name_error(
             "string_pattern_mismatch",
-            "X-Client-Name must be printable: no control characters",
+            "X-Client-Name must be printable: no control characters, bidi controls or line separators",
         ));
     }
     if name.chars().count() > MAX_NAME {
