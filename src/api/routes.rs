@@ -358,15 +358,17 @@ fn document() -> &'static [u8] {
 pub fn handle(shared: &Arc<Shared>, mut responder: Responder) {
     let (route, resolved) = resolve(shared, responder.request());
     responder.set_route(route);
-    if let Ok((_, call)) = &resolved
-        && matches!(call.caller, Caller::Open | Caller::Token(..))
-    {
+    // Trusted: the caller passed authorization (a 404 or 405 comes after it) as a token
+    // holder or on an open server.
+    let trusted = match &resolved {
+        Ok((_, call)) => matches!(call.caller, Caller::Open | Caller::Token(..)),
+        Err(reply) => !matches!(reply.status, 401 | 429),
+    };
+    if trusted {
         responder.set_trusted();
     }
     match resolved {
-        Err(reply) => responder.respond(reply),
-        Ok(_) if let Some(reply) = cross_site(responder.request()) => responder.respond(reply),
-        Ok(_) if reply::is_absurd(responder.request()) => {
+        _ if trusted && reply::is_absurd(responder.request()) => {
             let reply = Reply::detail(
                 413,
                 format!(
@@ -376,6 +378,8 @@ pub fn handle(shared: &Arc<Shared>, mut responder: Responder) {
             );
             responder.respond(reply);
         }
+        Err(reply) => responder.respond(reply),
+        Ok(_) if let Some(reply) = cross_site(responder.request()) => responder.respond(reply),
         Ok((Handler::Reply(f), call)) => {
             let reply = f(&call, responder.request());
             responder.respond(reply);
