@@ -172,6 +172,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "with --token-file: the read-only views need no token",
     },
     OptionSpec {
+        name: "trusted-proxy",
+        value: Some("ADDR"),
+        default: "none",
+        help: "the reverse proxy's address: its requests are keyed on X-Forwarded-For",
+    },
+    OptionSpec {
         name: "log-level",
         value: Some("LEVEL"),
         default: "info",
@@ -288,6 +294,9 @@ pub struct Config {
     /// `--health-topology`: started while unhealthy, to find out whether the host heals.
     pub health_topology: Option<PathBuf>,
     pub health_interval: Duration,
+    /// `--trusted-proxy`: requests from this address are keyed (throttle, logs, events) on
+    /// the last address of their `X-Forwarded-For`.
+    pub trusted_proxy: Option<std::net::IpAddr>,
 }
 
 impl Config {
@@ -323,6 +332,7 @@ impl Config {
             unhealthy_after: 3,
             health_topology: None,
             health_interval: Duration::from_secs(600),
+            trusted_proxy: None,
         }
     }
 }
@@ -621,6 +631,15 @@ where
     if let Some((v, e)) = lookup("public-read") {
         config.public_read =
             parse_bool(&v).ok_or_else(|| bad("public-read", e, &v, "a boolean"))?;
+    }
+    if let Some((v, e)) = lookup("trusted-proxy") {
+        config.trusted_proxy = match v.trim() {
+            "" => None,
+            text => Some(
+                text.parse()
+                    .map_err(|_| bad("trusted-proxy", e, &v, "an IP address"))?,
+            ),
+        };
     }
     if let Some((v, _)) = lookup("log-config") {
         config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));

@@ -32,6 +32,7 @@ use crate::core::state::{LabJob, Shared, State, plural};
 use crate::core::timer;
 use crate::http::listener;
 use crate::http::pool;
+use crate::http::reply;
 use crate::lab::netlab::Netlab;
 use crate::lab::procgroup;
 use crate::lab::record::{self, LabRecord, Teardown};
@@ -313,8 +314,8 @@ fn serve(config: Config) -> i32 {
         let shared = Arc::clone(&shared);
         Arc::new(move |responder| routes::handle(&shared, responder))
     };
-    let ceiling = config.max_upload_bytes.max(pool::QUARANTINE_FLOOR);
-    let workers = pool::start_workers(config.workers, &work_rx, ceiling, &handler);
+    reply::set_body_ceiling(config.max_upload_bytes);
+    let workers = pool::start_workers(config.workers, &work_rx, &handler);
     drop(handler);
     drop(work_rx);
     let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);

@@ -203,7 +203,7 @@ fn run_upload(shared: &Arc<Shared>, mut responder: Responder, pending: Pending) 
             topology,
             lab_slot,
             instance,
-        }) => shared.send_lab_job(LabJob::Start(StartJob {
+        }) => shared.send_lab_job(LabJob::Start(Box::new(StartJob {
             slot,
             lab_slot,
             instance,
@@ -212,7 +212,7 @@ fn run_upload(shared: &Arc<Shared>, mut responder: Responder, pending: Pending) 
             work_dir,
             topology,
             began,
-        })),
+        }))),
         Err(_) => {
             log::error!("the upload of POST /lab panicked; answered 500");
             upload::remove_dir(&work_dir);

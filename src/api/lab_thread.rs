@@ -103,7 +103,7 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
                 METRICS.acquisition(Outcome::of_start(reply.status), Some(job.began.elapsed()));
                 let StartJob {
                     slot, responder, ..
-                } = job;
+                } = *job;
                 drop(slot);
                 responder.respond(reply);
             }
@@ -681,7 +681,7 @@ mod tests {
             .with_path("/lab")
             .into();
         let (responder, replies) = Responder::capture(request);
-        shared.send_lab_job(LabJob::Start(StartJob {
+        shared.send_lab_job(LabJob::Start(Box::new(StartJob {
             slot,
             lab_slot: 0,
             instance: None,
@@ -690,7 +690,7 @@ mod tests {
             work_dir,
             topology,
             began: Instant::now(),
-        }));
+        })));
         replies
     }
 

@@ -54,10 +54,11 @@ pub fn parse_client_name(raw: &str) -> Result<Option<String>, Reply> {
             "X-Client-Name must be valid UTF-8 (percent-encode characters beyond ASCII)",
         )
     })?;
-    if name.chars().any(char::is_control) {
+    let invisible = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}' | '\u{061c}');
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(name_error(
             "string_pattern_mismatch",
-            "X-Client-Name must be printable: no control characters",
+            "X-Client-Name must be printable: no control characters, bidi controls or line separators",
         ));
     }
     if name.chars().count() > MAX_NAME {
@@ -555,7 +556,7 @@ pub fn status_page(shared: &Shared) -> Reply {
         .with_header("Cache-Control", "no-store")
         .with_header(
             "Content-Security-Policy",
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'none'",
+            crate::observe::status_page::content_security_policy(),
         )
 }
 

@@ -7,6 +7,7 @@
 //! elsewhere: `POST /lab` hands it to an upload thread and on to the lab thread, a
 //! long-poll parks it.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,9 +25,10 @@ use crate::core::host::Condition;
 use crate::core::longpoll;
 use crate::core::queue::{SessionId, Status, parse_session_id};
 use crate::core::state::{SESSION_HEADER, Shared};
-use crate::http::reply::{Reply, Responder, header_value, percent_decode, query_param};
+use crate::http::reply::{self, Reply, Responder, header_value, percent_decode, query_param};
 use crate::lab::record::{self, Destroy};
-use crate::observe::metrics::{self, Ended};
+use crate::logging::escape;
+use crate::observe::metrics::{self, Ended, METRICS};
 use crate::protocol::{Health, PendingTeardown, SessionCreated};
 use crate::store::drain::{self, Drain};
 use crate::store::persist::NotPersisted;
@@ -389,8 +391,28 @@ fn document() -> &'static [u8] {
 pub fn handle(shared: &Arc<Shared>, mut responder: Responder) {
     let (route, resolved) = resolve(shared, responder.request());
     responder.set_route(route);
+    // Trusted: the caller passed authorization (a 404 or 405 comes after it) as a token
+    // holder or on an open server.
+    let trusted = match &resolved {
+        Ok((_, call)) => matches!(call.caller, Caller::Open | Caller::Token(..)),
+        Err(reply) => !matches!(reply.status, 401 | 429),
+    };
+    if trusted {
+        responder.set_trusted();
+    }
     match resolved {
+        _ if trusted && reply::is_absurd(responder.request()) => {
+            let reply = Reply::detail(
+                413,
+                format!(
+                    "Request body too large: the limit is {} bytes",
+                    reply::body_ceiling()
+                ),
+            );
+            responder.respond(reply);
+        }
         Err(reply) => responder.respond(reply),
+        Ok(_) if let Some(reply) = cross_site(responder.request()) => responder.respond(reply),
         Ok((Handler::Reply(f), call)) => {
             let reply = f(&call, responder.request());
             responder.respond(reply);
@@ -452,6 +474,62 @@ fn resolve<'s>(
     (index, Ok((handler, call)))
 }
 
+/// The refusal of a state-changing request a web page of another site could have made a
+/// browser send (with the browser's cached Basic credentials, or to an open server): an
+/// `Origin` that is not this server's own (403), or a body type an HTML form sends without
+/// a CORS preflight (415; only `POST /lab` takes a form, and it needs `X-Session-ID`, which
+/// no form can send). Reads and requests without `Origin` (every non-browser client) pass.
+fn cross_site(request: &Request) -> Option<Reply> {
+    if matches!(request.method(), Method::Get | Method::Head) {
+        return None;
+    }
+    if let Some(origin) = header_value(request, "Origin") {
+        let host = header_value(request, "Host").unwrap_or("");
+        if !same_origin(origin, host) {
+            return Some(Reply::detail(
+                403,
+                "Cross-site request refused: the Origin is not this server",
+            ));
+        }
+    }
+    let path = request.url().split('?').next().unwrap_or("");
+    let form_type = header_value(request, "Content-Type").is_some_and(|t| {
+        let t = t.split(';').next().unwrap_or("").trim();
+        [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data",
+        ]
+        .iter()
+        .any(|f| t.eq_ignore_ascii_case(f))
+    });
+    if form_type && !(path == "/lab" && request.method() == &Method::Post) {
+        return Some(Reply::detail(
+            415,
+            "Unsupported body type: this route takes no form (send no body, or JSON)",
+        ));
+    }
+    None
+}
+
+/// Whether an `Origin` (`scheme://host[:port]`) names the server the `Host` header names.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.trim().split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return false,
+    };
+    let strip = |a: &str| -> String {
+        let a = a.trim().to_ascii_lowercase();
+        a.strip_suffix(default_port)
+            .map_or(a.clone(), str::to_owned)
+    };
+    !host.is_empty() && strip(authority) == strip(host)
+}
+
 /// Gives the metrics the route table's templates as their `route` labels (at start-up).
 pub fn register_metrics() {
     metrics::register_routes(ROUTES.iter().map(|r| r.path));
@@ -461,8 +539,36 @@ pub fn register_metrics() {
 
 pub const WWW_AUTHENTICATE: &str = "Basic realm=\"neops-remote-lab\", Bearer";
 
+/// The address a request comes from: its peer's, or, when the peer is `--trusted-proxy`,
+/// the last address of its `X-Forwarded-For` (the one that proxy appended).
+pub fn client_addr(shared: &Shared, request: &Request) -> Option<IpAddr> {
+    let peer = request.remote_addr().map(|a| a.ip())?;
+    if shared.config.trusted_proxy != Some(peer) {
+        return Some(peer);
+    }
+    let forwarded = header_value(request, "X-Forwarded-For")
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse().ok());
+    Some(forwarded.unwrap_or(peer))
+}
+
+/// Longest piece of a request path an `auth_failed` event or log line keeps.
+const PATH_KEPT: usize = 64;
+
+/// A request path as an event keeps it: cut to [`PATH_KEPT`] characters.
+fn short_path(path: &str) -> String {
+    let mut chars = path.chars();
+    let mut kept: String = chars.by_ref().take(PATH_KEPT).collect();
+    if chars.next().is_some() {
+        kept.push_str("...");
+    }
+    kept
+}
+
 /// With `--token-file`: the caller's identity from `Authorization`, or the 401 (429 for an
-/// address that failed too often). `/healthz` is always open.
+/// address that failed too often; never for a valid credential). `/healthz` is always open.
+/// A failure leaves at most one event and one log line per address and window, and at most
+/// [`auth::EVENTS_PER_WINDOW`] of them in all; `/metrics` counts every failure.
 fn authorize(
     shared: &Shared,
     request: &Request,
@@ -477,42 +583,70 @@ fn authorize(
     if reading && public {
         return Ok(Caller::Public);
     }
-    let addr = request.remote_addr().map(|a| a.ip());
+    let addr = client_addr(shared, request);
+    let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
+        return Ok(Caller::Token(identity, from));
+    }
+    METRICS.auth_failure();
     let now = shared.clock.now();
     if let Some(retry) = addr.and_then(|a| access.throttle.blocked(a, now)) {
+        METRICS.auth_throttled();
         return Err(
             Reply::detail(429, "Too many failed authentications; try again later")
                 .with_header("Retry-After", retry.to_string()),
         );
     }
-    let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
-    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
-        return Ok(Caller::Token(identity, from));
-    }
-    log::warn!(
-        "authentication failed: {} {:?} from {from}",
-        request.method(),
-        path
-    );
-    shared.events.emit(
-        "auth_failed",
-        serde_json::json!({ "addr": from, "method": request.method().as_str(), "path": path }),
-    );
-    if let Some(addr) = addr
-        && access.throttle.fail(addr, now)
-    {
-        log::warn!(
-            "{addr} failed to authenticate {} times within {} s: refused for {} s",
-            auth::MAX_FAILURES,
-            auth::WINDOW.as_secs(),
-            auth::WINDOW.as_secs()
-        );
-        shared.events.emit(
-            "auth_blocked",
-            serde_json::json!({ "addr": from, "seconds": auth::WINDOW.as_secs() }),
-        );
+    let failed = addr
+        .map(|a| access.throttle.fail(a, now))
+        .unwrap_or_default();
+    if failed.record {
+        if failed.first {
+            log::warn!(
+                "authentication failed: {} {} from {from} (further failures from there \
+                 within {} s are only counted)",
+                request.method(),
+                escape(&short_path(path)),
+                auth::WINDOW.as_secs()
+            );
+            shared.events.emit(
+                "auth_failed",
+                serde_json::json!({
+                    "addr": from,
+                    "method": request.method().as_str(),
+                    "path": short_path(path),
+                    "suppressed": failed.suppressed,
+                }),
+            );
+        }
+        if let Some(key) = failed.blocked {
+            log::warn!(
+                "{key} failed to authenticate {} times within {} s: refused for {} s",
+                key_limit(key),
+                auth::WINDOW.as_secs(),
+                auth::WINDOW.as_secs()
+            );
+            shared.events.emit(
+                "auth_blocked",
+                serde_json::json!({
+                    "addr": key.to_string(),
+                    "failures": key_limit(key),
+                    "seconds": auth::WINDOW.as_secs(),
+                    "suppressed": if failed.first { 0 } else { failed.suppressed },
+                }),
+            );
+        }
+    } else if failed.first || failed.blocked.is_some() {
+        METRICS.auth_event_suppressed();
     }
     Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
+}
+
+fn key_limit(key: auth::Key) -> u32 {
+    match key {
+        auth::Key::Net24(_) => auth::MAX_FAILURES_NET,
+        auth::Key::Host4(_) | auth::Key::Net64(_) => auth::MAX_FAILURES,
+    }
 }
 
 // ------------------------------------------------------------------------------- sessions
@@ -1154,6 +1288,17 @@ mod tests {
         assert_eq!(label(Method::Get, "/nope"), None);
         assert_eq!(label(Method::Get, "/session/a/b"), None);
         assert_eq!(label(Method::Get, "/"), Some("/"));
+    }
+
+    #[test]
+    fn origins_match_their_host() {
+        assert!(same_origin("http://lab.example:8000", "lab.example:8000"));
+        assert!(same_origin("https://Lab.Example", "lab.example"));
+        assert!(same_origin("https://lab.example:443", "lab.example"));
+        assert!(!same_origin("https://evil.example", "lab.example"));
+        assert!(!same_origin("http://lab.example:8001", "lab.example:8000"));
+        assert!(!same_origin("null", "lab.example"));
+        assert!(!same_origin("http://lab.example", ""));
     }
 
     #[test]

@@ -30,8 +30,12 @@ use sha2::{Digest, Sha256};
 pub const MAX_FAILURES: u32 = 20;
 /// The failure window, and how long a block lasts.
 pub const WINDOW: Duration = Duration::from_secs(60);
-/// Addresses whose failures are tracked at once; beyond, new addresses are not tracked.
+/// Failures from one IPv4 /24 within [`WINDOW`] before the whole /24 is blocked.
+pub const MAX_FAILURES_NET: u32 = 100;
+/// Keys (addresses and networks) tracked at once; beyond, the oldest make room.
 const MAX_TRACKED: usize = 4096;
+/// `auth_failed` and `auth_blocked` events recorded per [`WINDOW`], over all addresses.
+pub const EVENTS_PER_WINDOW: u32 = 20;
 /// Shortest token accepted in the file.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -252,53 +256,122 @@ impl Tokens {
     }
 }
 
-/// Failures of one address.
+/// What failures are counted under: an address (IPv4 /32, IPv6 /64) and, for IPv4, its /24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Host4(u32),
+    Net24(u32),
+    Net64(u64),
+}
+
+impl Key {
+    /// The keys an address counts under: its own, and its IPv4 /24.
+    pub fn of(addr: IpAddr) -> (Key, Option<Key>) {
+        let v4 = match addr {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => a.to_ipv4_mapped(),
+        };
+        match (v4, addr) {
+            (Some(a), _) => {
+                let n = u32::from(a);
+                (Key::Host4(n), Some(Key::Net24(n & 0xffff_ff00)))
+            }
+            (None, IpAddr::V6(a)) => (Key::Net64((u128::from(a) >> 64) as u64), None),
+            (None, IpAddr::V4(_)) => unreachable!("an IPv4 address is one"),
+        }
+    }
+
+    /// Failures within [`WINDOW`] before the key is blocked.
+    fn limit(self) -> u32 {
+        match self {
+            Key::Host4(_) | Key::Net64(_) => MAX_FAILURES,
+            Key::Net24(_) => MAX_FAILURES_NET,
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Key::Host4(n) => write!(f, "{}", std::net::Ipv4Addr::from(n)),
+            Key::Net24(n) => write!(f, "{}/24", std::net::Ipv4Addr::from(n)),
+            Key::Net64(n) => write!(f, "{}/64", std::net::Ipv6Addr::from(u128::from(n) << 64)),
+        }
+    }
+}
+
+/// Failures of one key.
 struct Failures {
     window_start: Duration,
     count: u32,
     blocked_until: Option<Duration>,
+    /// The latest failure: the oldest entries make room when the table is full.
+    last: Duration,
 }
 
-/// Tracks failed authentications by address (times are the server clock's).
+impl Failures {
+    fn blocked_at(&self, now: Duration) -> bool {
+        self.blocked_until.is_some_and(|u| u > now)
+    }
+}
+
+/// What a failure leaves to record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Failed {
+    /// The first failure of this address in its window: worth an `auth_failed` event.
+    pub first: bool,
+    /// A key this failure blocked: worth an `auth_blocked` event.
+    pub blocked: Option<Key>,
+    /// Whether the events above may be recorded: at most [`EVENTS_PER_WINDOW`] are, over
+    /// all addresses, so that no flood pushes the real history out of the event log.
+    pub record: bool,
+    /// Events left out for that reason since the last one recorded (to say so in it).
+    pub suppressed: u64,
+}
+
 #[derive(Default)]
-pub struct Throttle {
-    table: Mutex<HashMap<IpAddr, Failures>>,
-    /// The latest end of any block, in milliseconds of the clock; 0 when none was set. While
-    /// `now` is past it, nobody is blocked and the table is not looked at.
-    blocks_end_ms: AtomicU64,
+struct Table {
+    keys: HashMap<Key, Failures>,
+    /// The event budget: when its window began, events recorded in it, events left out.
+    budget_start: Duration,
+    budget_used: u32,
+    suppressed: u64,
 }
 
-fn millis(t: Duration) -> u64 {
-    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl Throttle {
-    /// Seconds until `addr` may try again, if it is blocked now.
-    pub fn blocked(&self, addr: IpAddr, now: Duration) -> Option<u64> {
-        if millis(now) >= self.blocks_end_ms.load(Ordering::Relaxed) {
-            return None;
+impl Table {
+    /// Makes room for a new key: entries whose window and block are over go first, then
+    /// the least recently failed (unblocked ones before blocked ones), an eighth at a time.
+    fn make_room(&mut self, now: Duration) {
+        self.keys
+            .retain(|_, f| f.blocked_at(now) || now.saturating_sub(f.window_start) < WINDOW);
+        if self.keys.len() < MAX_TRACKED {
+            return;
         }
-        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let until = table.get(&addr)?.blocked_until?;
-        (until > now).then(|| (until - now).as_secs().max(1))
+        let mut ages: Vec<(bool, Duration, Key)> = self
+            .keys
+            .iter()
+            .map(|(k, f)| (f.blocked_at(now), f.last, *k))
+            .collect();
+        let evict = (MAX_TRACKED / 8).max(1);
+        ages.select_nth_unstable(evict - 1);
+        for (_, _, key) in &ages[..evict] {
+            self.keys.remove(key);
+        }
     }
 
-    /// Records a failure; returns true when it makes `addr` blocked.
-    pub fn fail(&self, addr: IpAddr, now: Duration) -> bool {
-        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        if table.len() >= MAX_TRACKED && !table.contains_key(&addr) {
-            table.retain(|_, f| {
-                f.blocked_until.is_some_and(|u| u > now) || now - f.window_start < WINDOW
-            });
-            if table.len() >= MAX_TRACKED {
-                return false;
-            }
+    /// Counts a failure of `key`; whether it is the key's first in its window, and whether
+    /// it blocked the key.
+    fn count(&mut self, key: Key, now: Duration) -> (bool, bool) {
+        if !self.keys.contains_key(&key) && self.keys.len() >= MAX_TRACKED {
+            self.make_room(now);
         }
-        let f = table.entry(addr).or_insert(Failures {
+        let f = self.keys.entry(key).or_insert(Failures {
             window_start: now,
             count: 0,
             blocked_until: None,
+            last: now,
         });
+        f.last = now;
         if f.blocked_until.is_some_and(|u| u <= now) {
             f.blocked_until = None;
             f.count = 0;
@@ -309,14 +382,82 @@ impl Throttle {
             f.count = 0;
         }
         f.count = f.count.saturating_add(1);
-        if f.count >= MAX_FAILURES && f.blocked_until.is_none() {
-            let until = now + WINDOW;
-            f.blocked_until = Some(until);
-            self.blocks_end_ms
-                .fetch_max(millis(until), Ordering::Relaxed);
-            return true;
+        let blocked = f.count >= key.limit() && f.blocked_until.is_none();
+        if blocked {
+            f.blocked_until = Some(now + WINDOW);
         }
-        false
+        (f.count == 1, blocked)
+    }
+}
+
+/// Tracks failed authentications by key (times are the server clock's).
+#[derive(Default)]
+pub struct Throttle {
+    table: Mutex<Table>,
+    /// The latest end of any block, in milliseconds of the clock; 0 when none was set. While
+    /// `now` is past it, nobody is blocked and the table is not looked at.
+    blocks_end_ms: AtomicU64,
+}
+
+fn millis(t: Duration) -> u64 {
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Throttle {
+    /// Seconds until `addr` may fail again, if it (or its /24) is blocked now. Asked only
+    /// of requests without a valid credential: a right token is never throttled.
+    pub fn blocked(&self, addr: IpAddr, now: Duration) -> Option<u64> {
+        if millis(now) >= self.blocks_end_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (host, net) = Key::of(addr);
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        [Some(host), net]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| table.keys.get(&k)?.blocked_until)
+            .filter(|until| *until > now)
+            .max()
+            .map(|until| (until - now).as_secs().max(1))
+    }
+
+    /// Records a failure of `addr`; says what of it is worth recording.
+    pub fn fail(&self, addr: IpAddr, now: Duration) -> Failed {
+        let (host, net) = Key::of(addr);
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let (first, host_blocked) = table.count(host, now);
+        let net_blocked = net.is_some_and(|k| table.count(k, now).1);
+        let blocked = if host_blocked {
+            Some(host)
+        } else if net_blocked {
+            net
+        } else {
+            None
+        };
+        if blocked.is_some() {
+            self.blocks_end_ms
+                .fetch_max(millis(now + WINDOW), Ordering::Relaxed);
+        }
+        let mut failed = Failed {
+            first,
+            blocked,
+            record: false,
+            suppressed: 0,
+        };
+        if first || blocked.is_some() {
+            if now.saturating_sub(table.budget_start) >= WINDOW {
+                table.budget_start = now;
+                table.budget_used = 0;
+            }
+            if table.budget_used < EVENTS_PER_WINDOW {
+                table.budget_used += 1;
+                failed.record = true;
+                failed.suppressed = std::mem::take(&mut table.suppressed);
+            } else {
+                table.suppressed += 1;
+            }
+        }
+        failed
     }
 }
 
@@ -537,13 +678,21 @@ mod tests {
     fn the_throttle_blocks_an_address_after_repeated_failures() {
         let throttle = Throttle::default();
         let bad: IpAddr = "192.0.2.1".parse().unwrap();
-        let good: IpAddr = "192.0.2.2".parse().unwrap();
+        let good: IpAddr = "198.51.100.2".parse().unwrap();
         let t0 = Duration::from_secs(1000);
         for n in 1..MAX_FAILURES {
-            assert!(!throttle.fail(bad, t0), "failure {n}");
+            let failed = throttle.fail(bad, t0);
+            assert_eq!(
+                (failed.first, failed.blocked),
+                (n == 1, None),
+                "failure {n}"
+            );
             assert_eq!(throttle.blocked(bad, t0), None);
         }
-        assert!(throttle.fail(bad, t0));
+        assert_eq!(
+            throttle.fail(bad, t0).blocked,
+            Some(Key::Host4(0xc000_0201))
+        );
         assert_eq!(throttle.blocked(bad, t0), Some(60));
         assert_eq!(throttle.blocked(good, t0), None);
         let later = t0 + Duration::from_secs(45);
@@ -553,20 +702,89 @@ mod tests {
         let throttle = Throttle::default();
         for n in 0..3 * MAX_FAILURES {
             let at = t0 + Duration::from_secs(u64::from(n) * 4);
-            assert!(!throttle.fail(bad, at));
+            assert_eq!(throttle.fail(bad, at).blocked, None);
         }
     }
 
     #[test]
-    fn the_throttle_table_is_bounded() {
+    fn a_slash_24_and_an_ipv6_slash_64_count_as_one() {
+        let throttle = Throttle::default();
+        let t0 = Duration::from_secs(10);
+        // Five failures from each of twenty addresses of one /24: the /24 is blocked, and
+        // with it an address of it that never failed; the next /24 is not.
+        let mut blocked = None;
+        for host in 1..=20u8 {
+            for _ in 0..5 {
+                blocked = blocked.or(throttle.fail(IpAddr::from([192, 0, 2, host]), t0).blocked);
+            }
+        }
+        assert_eq!(blocked, Some(Key::Net24(0xc000_0200)));
+        assert_eq!(
+            throttle.blocked(IpAddr::from([192, 0, 2, 200]), t0),
+            Some(60)
+        );
+        assert_eq!(throttle.blocked(IpAddr::from([192, 0, 3, 1]), t0), None);
+        // IPv6: one /64, whatever the low bits.
+        let throttle = Throttle::default();
+        for n in 0..MAX_FAILURES {
+            let addr: IpAddr = format!("2001:db8:0:1::{:x}", n + 1).parse().unwrap();
+            throttle.fail(addr, t0);
+        }
+        assert_eq!(
+            throttle.blocked("2001:db8:0:1:ffff::1".parse().unwrap(), t0),
+            Some(60)
+        );
+        assert_eq!(
+            throttle.blocked("2001:db8:0:2::1".parse().unwrap(), t0),
+            None
+        );
+        assert_eq!(
+            Key::of("2001:db8:0:1::9".parse().unwrap()).0.to_string(),
+            "2001:db8:0:1::/64"
+        );
+    }
+
+    #[test]
+    fn a_full_table_makes_room_and_still_blocks_a_new_address() {
         let throttle = Throttle::default();
         let t0 = Duration::from_secs(5);
-        for n in 0..(MAX_TRACKED as u32 + 100) {
-            throttle.fail(IpAddr::from(n.to_be_bytes()), t0);
+        for n in 0..(MAX_TRACKED as u32 * 2) {
+            // Each in a /24 of its own: two keys per address.
+            throttle.fail(IpAddr::from((n << 8 | 1).to_be_bytes()), t0);
         }
-        assert_eq!(throttle.table.lock().unwrap().len(), MAX_TRACKED);
-        // Once the window is over, old entries make room.
-        throttle.fail("198.51.100.7".parse().unwrap(), t0 + WINDOW);
-        assert_eq!(throttle.table.lock().unwrap().len(), 1);
+        assert!(throttle.table.lock().unwrap().keys.len() <= MAX_TRACKED);
+        let new: IpAddr = "203.0.113.9".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            throttle.fail(new, t0);
+        }
+        assert_eq!(throttle.blocked(new, t0), Some(60));
+        // The blocked address kept its entry while newer ones came and went.
+        for n in 0..(MAX_TRACKED as u32) {
+            throttle.fail(IpAddr::from((0x0a00_0000 | n << 8).to_be_bytes()), t0);
+        }
+        assert_eq!(throttle.blocked(new, t0), Some(60));
+        assert!(throttle.table.lock().unwrap().keys.len() <= MAX_TRACKED);
+    }
+
+    #[test]
+    fn events_are_one_per_address_per_window_and_bounded_over_all() {
+        let throttle = Throttle::default();
+        let t0 = Duration::from_secs(5);
+        let one: IpAddr = "192.0.2.1".parse().unwrap();
+        let recorded: Vec<bool> = (0..10).map(|_| throttle.fail(one, t0).record).collect();
+        assert_eq!(recorded.iter().filter(|r| **r).count(), 1);
+        // A flood from many addresses: EVENTS_PER_WINDOW recorded, the rest counted.
+        let mut recorded = 1;
+        for n in 0..1000u32 {
+            recorded += u32::from(
+                throttle
+                    .fail(IpAddr::from((0x0a00_0000 | n << 8).to_be_bytes()), t0)
+                    .record,
+            );
+        }
+        assert_eq!(recorded, EVENTS_PER_WINDOW);
+        let next = throttle.fail("203.0.113.1".parse().unwrap(), t0 + WINDOW);
+        assert!(next.record);
+        assert_eq!(next.suppressed, 1001 - u64::from(EVENTS_PER_WINDOW));
     }
 }

@@ -116,7 +116,8 @@ pub struct StartJob {
 
 /// The lab thread's work, in order.
 pub enum LabJob {
-    Start(StartJob),
+    /// Boxed: the request and its responder travel with it.
+    Start(Box<StartJob>),
     Teardown(Teardown),
     /// Start `--health-topology` (no session), and tear it down after a success: does the
     /// unhealthy host start labs again?

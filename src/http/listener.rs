@@ -29,7 +29,7 @@ const EXIT_RESTART: i32 = 75;
 /// Pending connections the kernel keeps for us (std uses 128).
 const BACKLOG: i32 = 1024;
 
-/// Connections abandoned on purpose (see `reply`'s `Responder::abandon`); each keeps a thread and two
+/// Connections abandoned on purpose (see `reply`'s `is_absurd`; only trusted callers'); each keeps a thread and two
 /// descriptors until the process ends.
 pub static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 

@@ -89,11 +89,9 @@ pub fn work_channel() -> (Sender<Request>, Receiver<Request>) {
 }
 
 /// Starts the worker pool. Each worker runs until the channel is closed and drained.
-/// Requests declaring a body over `ceiling` bytes are quarantined (see [`quarantine`]).
 pub fn start_workers(
     count: usize,
     rx: &Receiver<Request>,
-    ceiling: u64,
     handler: &Arc<Handler>,
 ) -> Vec<JoinHandle<()>> {
     (0..count)
@@ -105,7 +103,7 @@ pub fn start_workers(
                 .spawn(move || {
                     let mut waiter = Waiter::new();
                     while let Some(request) = next_request(&mut waiter, &rx) {
-                        serve_one(&*handler, request, ceiling);
+                        serve_one(&*handler, request);
                     }
                 })
                 .expect("cannot start a worker thread")
@@ -192,11 +190,46 @@ fn next_incoming(
     )
 }
 
+/// Longest request line (method, target and version) served; longer ones get 414.
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Largest header block (names, values and their separators) served; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Most header lines served; more get 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// The answer to a request whose head is over our limits, if it is: 414 for a long request
+/// line, 431 for too many or too large headers. Checked before anything else looks at the
+/// request (no token check, no event, no log line with its path, no body read).
+pub fn over_limits(request: &Request) -> Option<Reply> {
+    let line = request.method().as_str().len() + 1 + request.url().len() + " HTTP/1.1".len();
+    if line > MAX_REQUEST_LINE {
+        return Some(Reply::detail(
+            414,
+            format!("Request line too long: the limit is {MAX_REQUEST_LINE} bytes"),
+        ));
+    }
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|h| h.field.as_str().as_str().len() + 2 + h.value.as_str().len() + 2)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return Some(Reply::detail(
+            431,
+            format!(
+                "Request header fields too large: the limits are {MAX_HEADERS} fields and \
+                 {MAX_HEADER_BYTES} bytes"
+            ),
+        ));
+    }
+    None
+}
+
 /// Handles one request. A panic in the handler leaves the worker alive; the request's
 /// responder, dropped unanswered by the panic, answers 500.
-fn serve_one(handler: &Handler, request: Request, ceiling: u64) {
-    if request.body_length().is_some_and(|n| n as u64 > ceiling) {
-        quarantine(request, ceiling);
+fn serve_one(handler: &Handler, request: Request) {
+    if let Some(reply) = over_limits(&request) {
+        Responder::new(request).respond(reply);
         return;
     }
     let started = Instant::now();
@@ -212,30 +245,6 @@ fn serve_one(handler: &Handler, request: Request, ceiling: u64) {
 /// how long a worker was kept from everyone else.
 pub static LONGEST_SERVE_US: AtomicU64 = AtomicU64::new(0);
 
-/// Declared bodies above this size are never read nor dropped; see [`quarantine`].
-pub const QUARANTINE_FLOOR: u64 = 256 * 1024 * 1024;
-
-/// Answers a request that declares an absurd `Content-Length`, and never drops it.
-///
-/// When tiny_http drops a request whose body was not read to the end, it reads the rest and
-/// throws it away, allocating one buffer as large as the remaining declared length first. A
-/// request declaring a terabyte would make that allocation fail, and a failed allocation aborts
-/// the process; reading the body ourselves does not help either (at the client's end of
-/// stream tiny_http drops the reader the same way). So such a request is answered and its
-/// connection abandoned (see [`Responder::abandon`]). Only requests declaring more than the
-/// larger of `--max-upload-bytes` and 256 MiB go this way; no client of this API sends those.
-fn quarantine(request: Request, ceiling: u64) {
-    let why = format!(
-        "declares a body of {} bytes (over {ceiling})",
-        request.body_length().unwrap_or(0)
-    );
-    let reply = Reply::detail(
-        413,
-        format!("Request body too large: the limit is {ceiling} bytes"),
-    );
-    Responder::new(request).abandon(reply, &why);
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -245,7 +254,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_lives_on_after_a_panic_and_absurd_bodies_never_reach_the_handler() {
+    fn a_worker_lives_on_after_a_panic_and_oversize_heads_never_reach_the_handler() {
         let (tx, rx) = work_channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handler: Arc<Handler> = {
@@ -259,13 +268,20 @@ mod tests {
                 responder.respond(Reply::empty(204));
             })
         };
-        let workers = start_workers(1, &rx, 1024, &handler);
+        let workers = start_workers(1, &rx, &handler);
         drop(rx);
-        let huge = Header::from_bytes("Content-Length", "1025").unwrap();
+        let long = format!("/{}", "a".repeat(MAX_REQUEST_LINE));
+        let big = Header::from_bytes("X-Big", "b".repeat(MAX_HEADER_BYTES)).unwrap();
+        let mut many = TestRequest::new().with_path("/many");
+        for n in 0..=MAX_HEADERS {
+            many = many.with_header(Header::from_bytes(format!("X-{n}"), "1").unwrap());
+        }
         for request in [
             TestRequest::new().with_path("/panic"),
             TestRequest::new().with_path("/after"),
-            TestRequest::new().with_path("/huge").with_header(huge),
+            TestRequest::new().with_path(&long),
+            TestRequest::new().with_path("/big").with_header(big),
+            many,
             TestRequest::new().with_path("/last"),
         ] {
             tx.send(request.into()).unwrap();

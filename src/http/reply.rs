@@ -9,11 +9,13 @@
 //! Answering a request whose body was not read makes tiny_http read the rest of that body on
 //! the answering thread, for as long as the client takes; such requests are answered on a
 //! dropper thread of their own, and absurd ones are answered and abandoned (see
-//! [`Responder::abandon`]).
+//! [`is_absurd`]).
 
 use std::borrow::Cow;
 use std::io::Cursor;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -213,6 +215,9 @@ pub fn percent_decode(text: &str) -> Cow<'_, str> {
 /// A request still to be answered; see the module documentation.
 pub struct Responder {
     request: Option<Request>,
+    /// The caller proved who it is (or the server is open): abandoning its connection
+    /// counts toward the restart limit (see [`is_absurd`]).
+    trusted: bool,
     /// The index of the route the request matched in the route table (for the metrics).
     route: Option<usize>,
     /// In unit tests: where the reply goes instead of the request's connection.
@@ -224,6 +229,7 @@ impl Responder {
     pub fn new(request: Request) -> Self {
         Responder {
             request: Some(request),
+            trusted: false,
             route: None,
             #[cfg(test)]
             capture: None,
@@ -236,6 +242,7 @@ impl Responder {
         let (tx, rx) = crossbeam_channel::unbounded();
         let responder = Responder {
             request: Some(request),
+            trusted: false,
             route: None,
             capture: Some(tx),
         };
@@ -249,6 +256,11 @@ impl Responder {
     /// Records which route of the route table the request matched (its metrics label).
     pub fn set_route(&mut self, route: Option<usize>) {
         self.route = route;
+    }
+
+    /// The caller proved who it is (a valid token, or a server without tokens).
+    pub fn set_trusted(&mut self) {
+        self.trusted = true;
     }
 
     /// The request, to read its body.
@@ -266,21 +278,17 @@ impl Responder {
         let Some(request) = self.take(&reply) else {
             return;
         };
-        if has_unread_body(&request) {
+        if is_absurd(&request) {
+            let why = format!(
+                "declares a body of {} bytes (over {})",
+                request.body_length().unwrap_or(0),
+                body_ceiling()
+            );
+            abandon(request, reply, &why, self.trusted);
+        } else if has_unread_body(&request) {
             drop_elsewhere(request, reply);
         } else {
             send(request, reply);
-        }
-    }
-
-    /// Answers the request without ever reading the rest of its body, and abandons its
-    /// connection: it costs one idle connection thread and two descriptors until the process
-    /// ends. The listener watch restarts the server past [`listener::MAX_ABANDONED`] of them.
-    /// For bodies that must never be drained (see `http`'s quarantine) or when no dropper
-    /// can take one.
-    pub fn abandon(mut self, reply: Reply, why: &str) {
-        if let Some(request) = self.take(&reply) {
-            abandon(request, reply, why);
         }
     }
 
@@ -354,7 +362,12 @@ const MAX_DROPPERS: usize = 1024;
 fn drop_elsewhere(request: Request, reply: Reply) {
     if DROPPERS.fetch_add(1, Ordering::SeqCst) >= MAX_DROPPERS {
         DROPPERS.fetch_sub(1, Ordering::SeqCst);
-        abandon(request, reply, "too many bodies are being drained at once");
+        abandon(
+            request,
+            reply,
+            "too many bodies are being drained at once",
+            false,
+        );
         return;
     }
     let (tx, rx) = bounded::<(Request, Reply)>(1);
@@ -374,29 +387,90 @@ fn drop_elsewhere(request: Request, reply: Reply) {
         }
         Err(e) => {
             DROPPERS.fetch_sub(1, Ordering::SeqCst);
-            abandon(request, reply, &format!("cannot start a thread ({e})"));
+            abandon(
+                request,
+                reply,
+                &format!("cannot start a thread ({e})"),
+                false,
+            );
         }
     }
 }
 
+/// Declared bodies above this size are never read nor dropped (see [`is_absurd`]):
+/// the larger of `--max-upload-bytes` and 256 MiB, set at start-up.
+static BODY_CEILING: AtomicU64 = AtomicU64::new(QUARANTINE_FLOOR);
+
+/// The smallest [`BODY_CEILING`]: no client of this API sends a body that large.
+pub const QUARANTINE_FLOOR: u64 = 256 * 1024 * 1024;
+
+/// Sets the body ceiling from `--max-upload-bytes` (at start-up).
+pub fn set_body_ceiling(max_upload_bytes: u64) {
+    BODY_CEILING.store(max_upload_bytes.max(QUARANTINE_FLOOR), Ordering::Relaxed);
+}
+
+pub fn body_ceiling() -> u64 {
+    BODY_CEILING.load(Ordering::Relaxed)
+}
+
+/// Whether a request declares an absurd `Content-Length`, one whose connection is answered
+/// and abandoned instead of dropped.
+///
+/// When tiny_http drops a request whose body was not read to the end, it reads the rest and
+/// throws it away, allocating one buffer as large as the remaining declared length first. A
+/// request declaring a terabyte would make that allocation fail, and a failed allocation
+/// aborts the process; reading the body ourselves does not help either (at the client's end
+/// of stream tiny_http drops the reader the same way). So such a request is answered and its
+/// connection abandoned, whoever sends it and whatever the answer (413, 401, 503).
+pub fn is_absurd(request: &Request) -> bool {
+    request
+        .body_length()
+        .is_some_and(|n| n as u64 > body_ceiling())
+}
+
+/// When an untrusted abandon was last logged, and how many were not logged since.
+static UNTRUSTED_REPORT: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+
+/// Untrusted abandons are logged at most once a minute, with a count: they cost a log line
+/// each only while they are rare.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
+
 /// Answers through `upgrade()`, which writes the response and hands back the connection
-/// (body reader included) without dropping the reader, and leaks that connection.
-fn abandon(request: Request, reply: Reply, why: &str) {
-    let count = listener::ABANDONED.fetch_add(1, Ordering::SeqCst) + 1;
-    log::warn!(
-        "{} {} from {}: {why}; answered {} and abandoned the connection ({count} so far)",
-        request.method(),
-        escape(request.url()),
-        request
-            .remote_addr()
-            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
-        reply.status,
-    );
+/// (body reader included) without dropping the reader, and leaks that connection. Only a
+/// `trusted` caller's connection counts toward the restart limit.
+fn abandon(request: Request, reply: Reply, why: &str, trusted: bool) {
+    let from = request
+        .remote_addr()
+        .map_or_else(|| "?".to_owned(), |a| a.to_string());
+    let what = format!("{} {}", request.method(), escape(request.url()));
+    let status = reply.status;
     let stream = request.upgrade(
         "none",
         reply.with_header("Connection", "close").into_response(),
     );
     std::mem::forget(stream);
+    if !trusted {
+        // Never counted toward listener::MAX_ABANDONED.
+        let total = METRICS.abandoned_untrusted();
+        let mut report = UNTRUSTED_REPORT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        report.1 += 1;
+        if report.0.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            log::warn!(
+                "{what} from {from} without a valid token: {why}; answered {status} and \
+                 abandoned the connection ({} such since the last report, {total} in all; \
+                 these never restart the server)",
+                report.1
+            );
+            *report = (Some(Instant::now()), 0);
+        }
+        return;
+    }
+    let count = listener::ABANDONED.fetch_add(1, Ordering::SeqCst) + 1;
+    log::warn!(
+        "{what} from {from}: {why}; answered {status} and abandoned the connection ({count} so far)"
+    );
     if count > listener::MAX_ABANDONED {
         listener::restart_now(&format!(
             "{count} connections were abandoned on purpose; each holds a thread and two descriptors"

@@ -205,6 +205,10 @@ pub struct Metrics {
     promotions_ahead: AtomicU64,
     skips: AtomicU64,
     ups_avoided: AtomicU64,
+    auth_failures: AtomicU64,
+    auth_throttled: AtomicU64,
+    auth_events_suppressed: AtomicU64,
+    abandoned_untrusted: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
@@ -225,6 +229,10 @@ pub static METRICS: Metrics = Metrics {
     promotions_ahead: AtomicU64::new(0),
     skips: AtomicU64::new(0),
     ups_avoided: AtomicU64::new(0),
+    auth_failures: AtomicU64::new(0),
+    auth_throttled: AtomicU64::new(0),
+    auth_events_suppressed: AtomicU64::new(0),
+    abandoned_untrusted: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
@@ -296,6 +304,26 @@ impl Metrics {
     /// that strict FIFO order would have run.
     pub fn up_avoided(&self) {
         self.ups_avoided.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request without a valid credential where one was needed.
+    pub fn auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Such a request answered 429: its address (or /24) is blocked.
+    pub fn auth_throttled(&self) {
+        self.auth_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An `auth_failed`/`auth_blocked` event left out: over the budget of its window.
+    pub fn auth_event_suppressed(&self) {
+        self.auth_events_suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection without a valid token answered and abandoned; returns how many so far.
+    pub fn abandoned_untrusted(&self) -> u64 {
+        self.abandoned_untrusted.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub fn state_write(&self, ok: bool, took: Duration) {
@@ -668,6 +696,31 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "{PREFIX}events_not_written_total {}",
         load(&m.events_not_written)
     );
+    for (name, help, value) in [
+        (
+            "auth_failures_total",
+            "Requests without a valid credential where one was needed (each one, logged or not).",
+            &m.auth_failures,
+        ),
+        (
+            "auth_throttled_total",
+            "Of those, requests answered 429 because their address or /24 was blocked.",
+            &m.auth_throttled,
+        ),
+        (
+            "auth_events_suppressed_total",
+            "auth_failed/auth_blocked events left out: over the per-minute budget of such events.",
+            &m.auth_events_suppressed,
+        ),
+        (
+            "connections_abandoned_untrusted_total",
+            "Connections without a valid token that declared an absurd body, answered and abandoned (they never restart the server).",
+            &m.abandoned_untrusted,
+        ),
+    ] {
+        header(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{PREFIX}{name} {}", load(value));
+    }
 
     header(
         &mut out,

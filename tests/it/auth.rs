@@ -2,7 +2,7 @@
 //! Basic, malformed headers, `--public-read`, SIGHUP reload, the throttle, session ownership
 //! across a restart, and refusing a bad token file at start.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -326,9 +326,9 @@ fn every_route_with_every_kind_of_credential() {
     for token in [CI, OTHER, ADMIN, "not-a-token-of-anybody"] {
         assert!(!log.contains(token), "a token reached the log");
     }
-    assert!(!log.contains(r#"authentication failed: GET "/healthz""#));
+    assert!(!log.contains("authentication failed: GET /healthz"));
     assert!(
-        log.contains(r#"authentication failed: GET "/debug/health" from 127.0.1."#),
+        log.contains("authentication failed: GET /debug/health from 127.0.1."),
         "{log}"
     );
 }
@@ -583,8 +583,17 @@ fn repeated_failures_block_that_address_only() {
     );
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((55..=60).contains(&retry), "Retry-After {retry}");
-    // The blocked address is blocked, right token or not.
-    assert_eq!(health_from("127.0.0.3", s.addr, &bearer(CI)).status, 429);
+    // The right token is served from the blocked address too: the throttle only ever
+    // slows the guilty.
+    assert_eq!(health_from("127.0.0.3", s.addr, &bearer(CI)).status, 200);
+    let hb = request_from(
+        "127.0.0.3",
+        s.addr,
+        "POST",
+        "/session",
+        &[("Authorization", &basic("ci", CI))],
+    );
+    assert_eq!(hb.status, 201, "{}", hb.text());
     // Another address with the right token is not slowed, and not blocked even when wrong.
     assert_eq!(health_from("127.0.0.4", s.addr, &bearer(CI)).status, 200);
     assert_eq!(health_from("127.0.0.4", s.addr, &wrong).status, 401);
@@ -660,4 +669,241 @@ fn a_bad_token_file_stops_the_start_naming_the_file_and_line_but_never_the_token
         stderr.contains("cannot read token file /nonexistent/tokens"),
         "{stderr}"
     );
+}
+
+fn events_of(s: &TestServer, kind: &str) -> Vec<serde_json::Value> {
+    let r = s.request(
+        "GET",
+        "/events?limit=10000",
+        &[("Authorization", &bearer(ADMIN))],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+fn metric(s: &TestServer, name: &str) -> u64 {
+    let r = s.request("GET", "/metrics", &[("Authorization", &bearer(ADMIN))], b"");
+    let text = r.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("neops_remote_lab_{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Behind the reverse proxy every client has the proxy's address: with `--trusted-proxy`,
+/// the throttle keys on the address the proxy forwards, so one client's bad tokens block
+/// that client, and the right token (heartbeats too) is served to everyone.
+#[test]
+fn twenty_bad_tokens_through_the_proxy_block_only_that_client() {
+    let s = start_with_tokens(&["--trusted-proxy", "127.0.0.5"]);
+    let proxy = |xff: &str, auth: &str, method: &str, path: &str, extra: Option<(&str, &str)>| {
+        let mut headers = vec![("X-Forwarded-For", xff), ("Authorization", auth)];
+        headers.extend(extra);
+        request_from("127.0.0.5", s.addr, method, path, &headers)
+    };
+    let wrong = bearer("stale-token-0123456789ab");
+    let session = {
+        let r = proxy("10.1.1.1", &bearer(CI), "POST", "/session", None);
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["session_id"].as_str().unwrap().to_owned()
+    };
+    for n in 0..20 {
+        let r = proxy("203.0.113.9, 10.9.9.9", &wrong, "GET", "/queue", None);
+        assert_eq!(r.status, 401, "failure {n}");
+    }
+    assert_eq!(proxy("10.9.9.9", &wrong, "GET", "/queue", None).status, 429);
+    // Another client behind the same proxy fails without being blocked...
+    assert_eq!(proxy("10.1.1.2", &wrong, "GET", "/queue", None).status, 401);
+    // ...and the right token is served, heartbeats included, to the guilty one too.
+    let hb = proxy(
+        "10.1.1.1",
+        &bearer(CI),
+        "POST",
+        "/session/heartbeat",
+        Some(("X-Session-ID", &session)),
+    );
+    assert_eq!(hb.status, 204, "{}", hb.text());
+    assert_eq!(
+        proxy("10.9.9.9", &bearer(CI), "GET", "/queue", None).status,
+        200
+    );
+    // A client that is not the proxy cannot pick its address by sending the header.
+    for _ in 0..20 {
+        let r = request_from(
+            "127.0.0.6",
+            s.addr,
+            "GET",
+            "/queue",
+            &[("X-Forwarded-For", "10.7.7.7"), ("Authorization", &wrong)],
+        );
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(proxy("10.7.7.7", &wrong, "GET", "/queue", None).status, 401);
+    let blocked = events_of(&s, "auth_blocked");
+    let addrs: Vec<&str> = blocked
+        .iter()
+        .map(|e| e["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(addrs, ["127.0.0.6", "10.9.9.9"]);
+}
+
+/// Thousands of addresses failing once fill the throttle's table; a new address failing
+/// twenty times is still blocked (the oldest entries made room).
+#[test]
+fn a_full_throttle_table_still_throttles_a_new_address() {
+    let s = start_with_tokens(&[]);
+    let wrong = bearer("not-a-token-of-anybody");
+    // Each in a /24 of its own: 2 entries each, 8 400 in all, over the table's 4 096.
+    for n in 0..4200u32 {
+        let source = format!("127.{}.{}.1", 1 + n / 250, n % 250);
+        let r = health_from(&source, s.addr, &wrong);
+        assert_eq!(r.status, 401, "{source}");
+    }
+    for n in 0..20 {
+        assert_eq!(
+            health_from("127.250.0.1", s.addr, &wrong).status,
+            401,
+            "{n}"
+        );
+    }
+    assert_eq!(health_from("127.250.0.1", s.addr, &wrong).status, 429);
+    assert_eq!(health_from("127.250.0.1", s.addr, &bearer(CI)).status, 200);
+}
+
+/// A flood of failures from many addresses leaves the history in place: at most a
+/// budget of auth events per minute, every failure counted in /metrics.
+#[test]
+fn a_flood_of_failures_leaves_server_started_in_the_events() {
+    let mut options = options_with_tokens(&[]);
+    options
+        .env
+        .push(("NEOPS_REMOTE_LAB_EVENTS_ROTATE_BYTES".into(), "2000".into()));
+    let s = TestServer::start(options);
+    let wrong = bearer("not-a-token-of-anybody");
+    for n in 0..600u32 {
+        let source = format!("127.{}.{}.{}", 1 + n / 2500, n / 10 % 250, 1 + n % 10);
+        let r = request_from(
+            &source,
+            s.addr,
+            "GET",
+            &format!("/queue?{n}"),
+            &[("Authorization", &wrong)],
+        );
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(events_of(&s, "server_started").len(), 1);
+    let failed = events_of(&s, "auth_failed");
+    assert!(
+        !failed.is_empty() && failed.len() <= 20,
+        "{} auth_failed events",
+        failed.len()
+    );
+    assert_eq!(metric(&s, "auth_failures_total"), 600);
+    assert_eq!(
+        metric(&s, "auth_events_suppressed_total"),
+        600 - failed.len() as u64
+    );
+    let log = s.log_text();
+    assert!(log.matches("authentication failed").count() <= 20, "{log}");
+}
+
+/// Long paths without a token: a request line over 8 KiB is refused (414) before anything
+/// is recorded; one under it leaves an event and a log line with the path cut short, once
+/// per address and minute, however many follow.
+#[test]
+fn long_paths_without_a_token_leave_memory_and_the_event_log_bounded() {
+    let s = start_with_tokens(&[]);
+    let pid = s.child.id();
+    let (rss_before, _, _) = process_figures(pid);
+    let huge = format!("/{}", "a".repeat(1_000_000));
+    let long = format!("/{}", "b".repeat(8000));
+    for n in 0..100u32 {
+        let source = format!("127.3.{}.{}", n / 19, 1 + n % 19);
+        let mut stream = TcpStream::connect(s.addr).unwrap();
+        let _ = stream.write_all(format!("GET {huge} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let r = read_response(&mut stream, false);
+        assert_eq!(r.status, 414, "{}", r.text());
+        let r = request_from(&source, s.addr, "GET", &long, &[]);
+        assert_eq!(r.status, 401, "{source}");
+    }
+    let (rss_after, _, _) = process_figures(pid);
+    let failed = events_of(&s, "auth_failed");
+    assert!(!failed.is_empty() && failed.len() <= 20, "{}", failed.len());
+    for event in &failed {
+        let path = event["path"].as_str().unwrap();
+        assert_eq!(path, format!("/{}...", "b".repeat(63)));
+    }
+    let events = std::fs::metadata(s.state_dir().join("events.jsonl"))
+        .unwrap()
+        .len();
+    let log = s.log_text();
+    eprintln!(
+        "100 paths of 1 MB and 100 of 8 KB without a token: RSS {rss_before} -> {rss_after} KiB, \
+         log {} bytes, events.jsonl {events} bytes",
+        log.len()
+    );
+    assert!(log.len() < 16 * 1024, "{} log bytes", log.len());
+    assert!(events < 16 * 1024, "{events} event bytes");
+    assert!(!log.contains(&"b".repeat(100)));
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "{rss_before} -> {rss_after} KiB"
+    );
+}
+
+/// Requests without a token that declare an absurd body are answered 401 and their
+/// connections abandoned without ever counting toward the restart limit; with a token the
+/// answer is still 413.
+#[test]
+fn oversize_bodies_without_a_token_never_restart_the_server() {
+    let mut s = start_with_tokens(&[]);
+    for n in 0..150u32 {
+        let source = format!("127.4.{}.{}", n / 10, 1 + n % 10);
+        use rustix::net::{AddressFamily, SocketType, bind, connect, ipproto, socket};
+        let fd = socket(AddressFamily::INET, SocketType::STREAM, Some(ipproto::TCP)).unwrap();
+        bind(&fd, &format!("{source}:0").parse::<SocketAddr>().unwrap()).unwrap();
+        connect(&fd, &s.addr).unwrap();
+        let mut stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+            .write_all(
+                b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\nabc",
+            )
+            .unwrap();
+        // An abandoned connection's answer is its status line and headers (no length, no
+        // body: the connection is never closed).
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 401", "{n}");
+    }
+    assert_eq!(s.child.try_wait().unwrap(), None, "the server exited");
+    s.get("/healthz").expect_empty(204);
+    assert_eq!(metric(&s, "connections_abandoned_untrusted_total"), 150);
+
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /session HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 1000000000000\r\n\r\n",
+                bearer(CI)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    assert_eq!(s.child.try_wait().unwrap(), None, "the server exited");
+    let log = s.log_text();
+    assert_eq!(log.matches("without a valid token").count(), 1, "{log}");
 }

@@ -304,7 +304,7 @@ fn headers_byte_by_byte_and_ten_thousand_headers() {
         many.push_str(&format!("X-H{i}: {i}\r\n"));
     }
     many.push_str("\r\n");
-    raw_request(s.addr, many.as_bytes()).expect_empty(204);
+    assert_eq!(raw_request(s.addr, many.as_bytes()).status, 431);
     assert_eq!(slow.join().unwrap(), 204);
     s.finish();
 }
@@ -963,5 +963,88 @@ fn a_semicolon_in_a_quoted_file_name_is_part_of_the_name() {
         s.call_lines().contains(&"up a;b.yml".to_owned()),
         "{:?}",
         s.call_lines()
+    );
+}
+
+/// A request line over 8 KiB is 414, more than 100 header fields or 32 KiB of them 431,
+/// answered before the request reaches any route (no token check, no event).
+#[test]
+fn oversize_request_lines_and_headers_get_414_and_431() {
+    let s = start();
+    let long = format!("/session/{}", "a".repeat(9000));
+    s.get(&long).expect(
+        414,
+        r#"{"detail":"Request line too long: the limit is 8192 bytes"}"#,
+    );
+    let limits = r#"{"detail":"Request header fields too large: the limits are 100 fields and 32768 bytes"}"#;
+    let big = "b".repeat(33 * 1024);
+    s.request("GET", "/healthz", &[("X-Big", &big)], b"")
+        .expect(431, limits);
+    let names: Vec<String> = (0..101).map(|n| format!("X-H{n}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    s.request("POST", "/session", &headers, b"")
+        .expect(431, limits);
+    // Just under the limits: served.
+    let ok = format!("/session/{}", "a".repeat(8000));
+    s.get(&ok).expect(404, SESSION_NOT_FOUND);
+    let r = s.get("/queue");
+    assert_eq!(r.json()["sessions"], serde_json::json!([]), "{}", r.text());
+    let events = s.get("/events").json();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["kind"] != "session_created"),
+        "{events}"
+    );
+}
+
+/// A web page of another site cannot make a browser open a session (or end one): a foreign
+/// `Origin` is refused, and so are the body types a form sends without a preflight; the
+/// status page runs only its own script.
+#[test]
+fn a_cross_site_origin_is_refused() {
+    let s = start();
+    let host = s.addr.to_string();
+    let evil = [("Origin", "https://evil.example")];
+    s.request("POST", "/session", &evil, b"").expect(
+        403,
+        r#"{"detail":"Cross-site request refused: the Origin is not this server"}"#,
+    );
+    s.request("POST", "/session", &[("Origin", "null")], b"")
+        .expect(
+            403,
+            r#"{"detail":"Cross-site request refused: the Origin is not this server"}"#,
+        );
+    for form in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+    ] {
+        let r = s.request("POST", "/session", &[("Content-Type", form)], b"a=b");
+        assert_eq!(r.status, 415, "{form}: {}", r.text());
+    }
+    assert_eq!(s.get("/queue").json()["sessions"], serde_json::json!([]));
+    // Its own origin, and no origin at all (every non-browser client), are served.
+    let own = format!("http://{host}");
+    let (id, _) = s.create_session();
+    let r = s.request("POST", "/session", &[("Origin", &own)], b"");
+    assert_eq!(r.status, 201, "{}", r.text());
+    s.request("DELETE", &format!("/session/{id}"), &evil, b"")
+        .expect(
+            403,
+            r#"{"detail":"Cross-site request refused: the Origin is not this server"}"#,
+        );
+    s.expect_session(&id, "active", 0);
+    let page = s.get("/");
+    let csp = page.header("content-security-policy").unwrap();
+    let script = csp
+        .split(';')
+        .find(|d| d.trim().starts_with("script-src"))
+        .unwrap();
+    assert!(
+        script.contains("'sha256-") && !script.contains("unsafe-inline"),
+        "{csp}"
     );
 }

@@ -49,8 +49,13 @@ fn bad_client_names_are_422_and_nothing_is_created() {
     );
     let control = name_error(
         "string_pattern_mismatch",
-        "X-Client-Name must be printable: no control characters",
+        "X-Client-Name must be printable: no control characters, bidi controls or line separators",
     );
+    // A right-to-left override and a line separator, percent-encoded as names beyond ASCII are.
+    for name in ["job%E2%80%AEfdp", "a%E2%80%A8b"] {
+        s.request("POST", "/session", &[("X-Client-Name", name)], b"")
+            .expect(422, &control);
+    }
     s.request("POST", "/session", &[("X-Client-Name", "a\x01b")], b"")
         .expect(422, &control);
     s.request("POST", "/session", &[("X-Client-Name", "a%0Ab")], b"")
