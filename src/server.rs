@@ -130,7 +130,8 @@ fn serve(config: Config) -> i32 {
         config.netlab.clone(),
         config.netlab_timeout,
         config.stream_netlab_output,
-    );
+    )
+    .with_containerlab(config.containerlab.clone());
     match netlab.version(&config.state_dir) {
         Ok(version) => log::info!("using {version} ({})", config.netlab.display()),
         Err(e) => {
@@ -644,7 +645,8 @@ fn cleanup(config: Config) -> i32 {
         Err(e @ lockfile::LockError::Held { .. }) => return fail(format!("{e}: stop it first")),
         Err(e) => return fail(e),
     };
-    let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false);
+    let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false)
+        .with_containerlab(config.containerlab.clone());
     if let Err(e) = netlab.version(&config.state_dir) {
         return fail(format!("netlab is missing or broken: {e}"));
     }

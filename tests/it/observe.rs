@@ -634,3 +634,28 @@ fn with_tokens_the_views_name_the_owner_and_it_survives_a_restart() {
     assert_eq!(q["sessions"][0]["owner"], "ci");
     assert_eq!(q["sessions"][0]["client_name"], "job-7");
 }
+
+/// On a healthy host with no lab, `netlab status --all` answers "No netlab-managed labs"
+/// (exit 1): an answer, counted as a success, not as a failing netlab.
+#[test]
+fn no_managed_labs_is_not_a_failing_netlab_status() {
+    let s = start();
+    let (id, _) = s.create_session();
+    let r = s.acquire(&id, &Form::topology("t.yml", "name: a\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let asked = s
+        .call_lines()
+        .iter()
+        .filter(|l| l.starts_with("status --all"))
+        .count();
+    assert!(asked >= 1);
+    let text = s.get("/metrics").text();
+    for line in [
+        format!(
+            "neops_remote_lab_netlab_commands_total{{command=\"status\",result=\"success\"}} {asked}"
+        ),
+        "neops_remote_lab_netlab_commands_total{command=\"status\",result=\"failure\"} 0".into(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+}
