@@ -184,6 +184,8 @@ fn serve(config: Config) -> i32 {
         );
         shared.send_lab_job(LabJob::Teardown(t));
     }
+    // Sessions restored for a name whose token was removed while the server was down.
+    end_revoked_sessions(&shared, "start");
 
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
@@ -372,7 +374,29 @@ fn reload_tokens(shared: &Shared) {
             if count == 1 { "" } else { "s" },
             access.path().display()
         ),
-        Err(e) => log::error!("SIGHUP: {e}; the tokens in force stay"),
+        Err(e) => {
+            log::error!("SIGHUP: {e}; the tokens in force stay");
+            return;
+        }
+    }
+    end_revoked_sessions(shared, "SIGHUP");
+}
+
+/// Ends the sessions of names no longer in the token file. Such a name can no longer use
+/// its sessions, nor end them: they end now instead of holding their place (or the lab)
+/// until they are reaped. `when` starts the log line.
+fn end_revoked_sessions(shared: &Shared, when: &str) {
+    let Some(access) = &shared.access else {
+        return;
+    };
+    match shared.end_revoked(|name| access.knows(name)) {
+        Ok(ended) if ended.is_empty() => {}
+        Ok(ended) => log::warn!(
+            "{when}: ended {} {} of revoked tokens",
+            ended.len(),
+            plural(ended.len(), "session", "sessions")
+        ),
+        Err(e) => log::error!("{when}: ending the sessions of revoked tokens: {e}"),
     }
 }
 

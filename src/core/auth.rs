@@ -230,6 +230,11 @@ impl Tokens {
     pub fn count(&self) -> usize {
         self.entries.len()
     }
+
+    /// Whether a token of this name is in the file.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| &*e.name == name)
+    }
 }
 
 /// Failures of one address.
@@ -321,6 +326,14 @@ impl Access {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether a token of this name is in force.
+    pub fn knows(&self, name: &str) -> bool {
+        self.tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_name(name)
     }
 
     pub fn identify(&self, authorization: Option<&str>) -> Option<Identity> {

@@ -35,9 +35,17 @@ pub enum Ended {
     ReapedActive = 1,
     ReapedWaiting = 2,
     Refused = 3,
+    /// Its owner's token was removed from the token file (on reload).
+    Revoked = 4,
 }
 
-const ENDED: &[&str] = &["deleted", "reaped_active", "reaped_waiting", "refused"];
+const ENDED: &[&str] = &[
+    "deleted",
+    "reaped_active",
+    "reaped_waiting",
+    "refused",
+    "revoked",
+];
 
 impl Ended {
     pub fn as_str(self) -> &'static str {
@@ -182,7 +190,7 @@ pub struct Metrics {
     /// Per route (see [`register_routes`]) and status class.
     http: OnceLock<Box<[[AtomicU64; 5]]>>,
     sessions_created: AtomicU64,
-    sessions_ended: [AtomicU64; 4],
+    sessions_ended: [AtomicU64; 5],
     acquisitions: [AtomicU64; Outcome::ALL.len()],
     netlab_commands: [[AtomicU64; 3]; 6],
     state_writes: [AtomicU64; 2],
@@ -197,7 +205,7 @@ pub struct Metrics {
 pub static METRICS: Metrics = Metrics {
     http: OnceLock::new(),
     sessions_created: AtomicU64::new(0),
-    sessions_ended: [const { AtomicU64::new(0) }; 4],
+    sessions_ended: [const { AtomicU64::new(0) }; 5],
     acquisitions: [const { AtomicU64::new(0) }; Outcome::ALL.len()],
     netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
     state_writes: [const { AtomicU64::new(0) }; 2],

@@ -598,6 +598,104 @@ fn repeated_failures_block_that_address_only() {
     assert_eq!(log.matches("refused for 60 s").count(), 1);
 }
 
+/// Removing a name from the token file and reloading ends its sessions: the active one's
+/// lab is torn down as on `DELETE /session`, the next name's session is promoted, and an
+/// event names each ended session.
+#[test]
+fn revoking_a_name_ends_its_sessions_on_reload() {
+    let s = start_with_tokens(&[]);
+    let held = create_as(&s, Who::Owner);
+    let other = create_as(&s, Who::Other);
+    let queued = create_as(&s, Who::Owner);
+    assert_eq!(acquire_as(&s, Who::Owner, &held).status, 200);
+    assert!(s.registered().is_some());
+    write_tokens(
+        s.dir.path(),
+        &format!(
+            "other:{OTHER}
+ops:{ADMIN}:admin
+"
+        ),
+        0o600,
+    );
+    s.signal(Signal::HUP);
+    wait_until(
+        Duration::from_secs(5),
+        "the revoked sessions to end",
+        || {
+            s.log_text()
+                .contains("SIGHUP: ended 2 sessions of revoked tokens")
+        },
+    );
+    let as_other = |path: &str| s.request("GET", path, &[("Authorization", &bearer(OTHER))], b"");
+    as_other(&format!("/session/{other}")).expect(200, r#"{"status":"active","position":0}"#);
+    let admin = |path: &str| s.request("GET", path, &[("Authorization", &bearer(ADMIN))], b"");
+    for id in [&held, &queued] {
+        admin(&format!("/session/{id}")).expect(404, SESSION_NOT_FOUND);
+    }
+    wait_until(Duration::from_secs(10), "the held lab's teardown", || {
+        s.registered().is_none() && s.work_dirs().is_empty()
+    });
+    let events = admin("/events").json();
+    let revoked: Vec<&serde_json::Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "session_ended" && e["reason"] == "revoked")
+        .collect();
+    let mut named: Vec<(String, String, bool)> = revoked
+        .iter()
+        .map(|e| {
+            (
+                e["session"].as_str().unwrap().to_owned(),
+                e["owner"].as_str().unwrap().to_owned(),
+                e["was_active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    named.sort();
+    let mut expected = vec![
+        (held[..8].to_owned(), "ci".to_owned(), true),
+        (queued[..8].to_owned(), "ci".to_owned(), false),
+    ];
+    expected.sort();
+    assert_eq!(named, expected, "{events}");
+    let metrics = admin("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "neops_remote_lab_sessions_ended_total{reason=\"revoked\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A name removed from the token file while the server was down: its restored sessions end
+/// at start.
+#[test]
+fn sessions_of_a_name_revoked_while_stopped_end_at_start() {
+    let s = start_with_tokens(&[]);
+    let id = create_as(&s, Who::Owner);
+    let tokens = s.dir.path().join("tokens").display().to_string();
+    let dir = s.kill_keep_dir();
+    write_tokens(
+        dir.path(),
+        &format!(
+            "other:{OTHER}
+"
+        ),
+        0o600,
+    );
+    let s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
+    let path = format!("/session/{id}");
+    call(&s, Who::Other, "GET", &path, None).expect(404, SESSION_NOT_FOUND);
+    assert!(
+        s.log_text()
+            .contains("start: ended 1 session of revoked tokens"),
+        "{}",
+        s.log_text()
+    );
+}
+
 #[test]
 fn sessions_keep_their_owner_across_a_restart() {
     let s = start_with_tokens(&[]);
