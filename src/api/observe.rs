@@ -19,7 +19,7 @@ use crate::lab::record;
 use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
-use crate::observe::views::{LabView, Operation, QueueView, SessionView};
+use crate::observe::views::{DeviceView, LabView, Operation, QueueView, SessionView};
 
 pub const CLIENT_NAME_HEADER: &str = "X-Client-Name";
 /// Longest client name, in characters.
@@ -227,19 +227,21 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             state.teardowns.len(),
         )
     };
-    let device_names: Vec<String> = lab
+    let device_list: Vec<DeviceView> = lab
         .as_ref()
         .and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l.devices_json.get()).ok())
         .unwrap_or_default()
         .iter()
-        .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .filter_map(DeviceView::from_device)
         .collect();
+    let device_names: Vec<String> = device_list.iter().map(|d| d.name.clone()).collect();
     let lab_view = LabView {
         running: lab.is_some(),
         topology: lab.as_ref().map(|l| file_name(&l.topology)),
         hash: lab.as_ref().map(|l| record::hex(&l.hash)[..12].to_owned()),
         devices: device_names.len(),
         device_names,
+        device_list,
         started_at: lab.as_ref().and(lab_started).map(secs),
         ref_count: lab.as_ref().map_or(0, |l| l.ref_count),
         idle_since: lab

@@ -290,6 +290,16 @@ static ROUTES: &[Route] = &[
         )],
     },
     Route {
+        path: "/favicon.ico",
+        open: Open::Always,
+        operations: &[op(
+            Get,
+            R(|_, _| Reply::empty(204)),
+            "No icon (a browser's automatic request, answered without a challenge)",
+            openapi::favicon,
+        )],
+    },
+    Route {
         path: "/",
         open: Open::PublicRead,
         operations: &[op(
@@ -453,9 +463,21 @@ fn authorize(
         );
     }
     let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
-    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
+    let authorization = header_value(request, "Authorization");
+    if let Some(identity) = access.identify(authorization) {
         return Ok(Caller::Token(identity, from));
     }
+    let challenge =
+        Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE);
+    // No credentials at all is how HTTP asks for them (a browser's first request, a client
+    // that sends them only when challenged): counted, not an event or a warning.
+    if authorization.is_none() {
+        metrics::METRICS.auth_challenge();
+        log::debug!("challenged {} {:?} from {from}", request.method(), path);
+        return Err(challenge);
+    }
+    // Session ids in the path are credentials: logged and recorded as 8-character prefixes.
+    let path = &auth::redact_ids(path);
     log::warn!(
         "authentication failed: {} {:?} from {from}",
         request.method(),
@@ -479,7 +501,7 @@ fn authorize(
             serde_json::json!({ "addr": from, "seconds": auth::WINDOW.as_secs() }),
         );
     }
-    Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
+    Err(challenge)
 }
 
 // ------------------------------------------------------------------------------- sessions

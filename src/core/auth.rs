@@ -351,6 +351,21 @@ impl Access {
     }
 }
 
+/// `path` with each session id in it (a UUID between slashes) cut to its first 8
+/// characters, for logs and events: a full id is a credential.
+pub fn redact_ids(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.len() == 36 && uuid::Uuid::try_parse(segment).is_ok() {
+                &segment[..8]
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 // ------------------------------------------------------------------------------- callers
 
 /// Who is asking.
@@ -420,6 +435,24 @@ mod tests {
 
     fn basic(user_pass: &str) -> String {
         format!("Basic {}", STANDARD.encode(user_pass))
+    }
+
+    #[test]
+    fn session_ids_in_paths_are_cut_to_their_prefix() {
+        let id = "0f6c2b1e-9a53-4c1d-8b5e-2d7a9c4e1f00";
+        assert_eq!(redact_ids(&format!("/session/{id}")), "/session/0f6c2b1e");
+        assert_eq!(redact_ids("/session/heartbeat"), "/session/heartbeat");
+        assert_eq!(redact_ids("/"), "/");
+        // Not a UUID: left as it is (nothing of a credential).
+        let odd = "0f6c2b1e-9a53-4c1d-8b5e-2d7a9c4e1fzz";
+        assert_eq!(redact_ids(&format!("/x/{odd}")), format!("/x/{odd}"));
+    }
+
+    #[test]
+    fn names_in_force() {
+        let t = tokens();
+        assert!(t.has_name("ci") && t.has_name("ops"));
+        assert!(!t.has_name("c") && !t.has_name("other"));
     }
 
     #[test]

@@ -195,6 +195,7 @@ pub struct Metrics {
     netlab_commands: [[AtomicU64; 3]; 6],
     state_writes: [AtomicU64; 2],
     events_not_written: AtomicU64,
+    auth_challenges: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
@@ -210,6 +211,7 @@ pub static METRICS: Metrics = Metrics {
     netlab_commands: [const { [const { AtomicU64::new(0) }; 3] }; 6],
     state_writes: [const { AtomicU64::new(0) }; 2],
     events_not_written: AtomicU64::new(0),
+    auth_challenges: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
@@ -252,6 +254,11 @@ impl Metrics {
     }
 
     /// An event line the event writer could not append to `events.jsonl`.
+    /// A request without credentials got the 401 that asks for them.
+    pub fn auth_challenge(&self) {
+        self.auth_challenges.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn event_not_written(&self) {
         self.events_not_written.fetch_add(1, Ordering::Relaxed);
     }
@@ -495,6 +502,17 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         out,
         "{PREFIX}events_not_written_total {}",
         load(&m.events_not_written)
+    );
+    header(
+        &mut out,
+        "auth_challenges_total",
+        "counter",
+        "Requests without credentials answered 401 with WWW-Authenticate (a browser's first request, a client that sends credentials only when asked); not auth failures.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}auth_challenges_total {}",
+        load(&m.auth_challenges)
     );
 
     header(

@@ -293,13 +293,32 @@ fn every_route_with_every_kind_of_credential() {
             .filter(|e| e["kind"] == kind)
             .collect::<Vec<_>>()
     };
+    // Only wrong credentials are failures; a request without any is a challenge, counted
+    // in /metrics.
     let failed = kinds("auth_failed");
-    assert!(failed.len() >= 20, "{failed:?}");
+    assert!(failed.len() >= 10, "{failed:?}");
     assert!(
         failed
             .iter()
             .all(|e| e["addr"].as_str().unwrap().starts_with("127.0."))
     );
+    // Session ids in failed paths are 8-character prefixes, as everywhere else.
+    assert!(
+        failed.iter().all(|e| e["path"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .all(|segment| segment.len() <= 20)),
+        "{failed:?}"
+    );
+    let metrics = call(&s, Who::Admin, "GET", "/metrics", None).text();
+    let challenges: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("neops_remote_lab_auth_challenges_total "))
+        .expect("the challenge counter")
+        .parse()
+        .unwrap();
+    assert!(challenges >= 10, "{challenges}");
     let admin = kinds("admin_action");
     let actions: Vec<_> = admin
         .iter()
@@ -330,6 +349,81 @@ fn every_route_with_every_kind_of_credential() {
     assert!(
         log.contains(r#"authentication failed: GET "/debug/health" from 127.0.1."#),
         "{log}"
+    );
+}
+
+/// A browser's visit: its first request carries no credentials (the 401 asks for them) and it
+/// asks for /favicon.ico by itself. Neither is an auth failure: no event, no warning; the
+/// challenge is counted in /metrics, and the icon is a 204 without a challenge.
+#[test]
+fn a_page_load_without_credentials_adds_no_event() {
+    let s = start_with_tokens(&[]);
+    let admin = |path: &str| s.request("GET", path, &[("Authorization", &bearer(ADMIN))], b"");
+    let last_id = admin("/events?limit=1").json()["last_id"].clone();
+    let r = s.get("/");
+    r.expect(401, NOT_AUTHENTICATED);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Basic realm="neops-remote-lab", Bearer"#)
+    );
+    let r = s.get("/favicon.ico");
+    r.expect_empty(204);
+    assert_eq!(r.header("www-authenticate"), None);
+    // The browser sends the credentials once asked.
+    let r = s.request("GET", "/", &[("Authorization", &basic("ci", CI))], b"");
+    assert_eq!(r.status, 200);
+    let events = admin("/events").json();
+    assert_eq!(events["last_id"], last_id, "{events}");
+    let metrics = admin("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "neops_remote_lab_auth_challenges_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                == r#"neops_remote_lab_http_requests_total{route="/favicon.ico",code="2xx"} 1"#),
+        "{metrics}"
+    );
+    // The log is read as the server writes it: wait for a later line before looking.
+    let r = s.request(
+        "GET",
+        "/x",
+        &[("Authorization", "Bearer wrong-token-0123456789")],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    wait_until(Duration::from_secs(5), "the log line", || {
+        s.log_text().contains(r#"authentication failed: GET "/x""#)
+    });
+    let log = s.log_text();
+    assert_eq!(log.matches("authentication failed").count(), 1, "{log}");
+}
+
+/// An auth failure on a session's path logs and records the id's 8-character prefix only.
+#[test]
+fn a_failed_authentication_names_a_session_by_its_prefix() {
+    let s = start_with_tokens(&[]);
+    let id = create_as(&s, Who::Owner);
+    call(&s, Who::Wrong, "GET", &format!("/session/{id}"), None).expect(401, NOT_AUTHENTICATED);
+    let line = format!(r#"authentication failed: GET "/session/{}" from"#, &id[..8]);
+    wait_until(Duration::from_secs(5), "the log line", || {
+        s.log_text().contains(&line)
+    });
+    let log = s.log_text();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("authentication failed"))
+        .unwrap();
+    assert!(!failure.contains(&id), "{failure}");
+    let events = call(&s, Who::Admin, "GET", "/events", None).text();
+    assert!(!events.contains(&id), "{events}");
+    assert!(
+        events.contains(&format!(r#""path":"/session/{}""#, &id[..8])),
+        "{events}"
     );
 }
 

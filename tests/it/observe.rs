@@ -104,7 +104,8 @@ fn the_queue_view_shows_every_field_and_never_a_full_id() {
     assert_eq!(
         empty["lab"],
         serde_json::json!({"running": false, "topology": null, "hash": null, "devices": 0,
-            "device_names": [], "started_at": null, "ref_count": 0, "idle_since": null})
+            "device_names": [], "device_list": [], "started_at": null, "ref_count": 0,
+            "idle_since": null})
     );
 
     let a = named_session(&s, "https://ci.example/job/1", "agent-a");
@@ -141,6 +142,13 @@ fn the_queue_view_shows_every_field_and_never_a_full_id() {
     assert_eq!(lab["hash"], hex_sha256_prefix(TOPO));
     assert_eq!(lab["devices"], 2);
     assert_eq!(lab["device_names"], serde_json::json!(["r1", "r2"]));
+    assert_eq!(
+        lab["device_list"],
+        serde_json::json!([
+            {"name": "r1", "mgmt": "192.168.121.101", "type": "frr", "box": "fake/frr"},
+            {"name": "r2", "mgmt": "192.168.121.102", "type": "frr", "box": "fake/frr"},
+        ])
+    );
     let started = lab["started_at"].as_f64().unwrap();
     assert!(before <= started && started <= after);
     assert_eq!(lab["ref_count"], 1);
@@ -572,6 +580,25 @@ fn the_status_page_escapes_names_and_links_the_api() {
     let head = s.request("HEAD", "/", &[], b"");
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
+}
+
+/// Without JavaScript too, the page lists each device with its management address and type
+/// from netlab's data.
+#[test]
+fn the_status_page_shows_management_addresses() {
+    let s = start();
+    let (id, _) = s.create_session();
+    let r = s.acquire(&id, &Form::topology("t.yml", "nodes: [r1, h1]\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let html = s.get("/").text();
+    for (name, mgmt) in [("r1", "192.168.121.101"), ("h1", "192.168.121.102")] {
+        let item = format!(
+            "<li class=\"device\"><span class=\"device-name\">{name}</span> \
+             <span class=\"device-mgmt\">{mgmt}</span> \
+             <span class=\"device-type muted\">frr · fake/frr</span></li>"
+        );
+        assert!(html.contains(&item), "{item} missing in\n{html}");
+    }
 }
 
 #[test]
