@@ -661,6 +661,11 @@ impl Netlab {
     /// `containerlab destroy` removes the containers; its success is what lets the
     /// directory go.
     pub fn tear_down(&self, work_dir: &Path, force: bool) -> Result<(), NetlabError> {
+        if !work_dir.is_dir() {
+            // Nothing left here to run netlab or containerlab in. A registration of netlab's
+            // pointing at it is dropped where `default` is cleared (`Cannot change directory`).
+            return Ok(());
+        }
         let has_snapshot = work_dir.join(SNAPSHOT).exists();
         let has_clab = work_dir.join(CLAB_FILE).exists();
         if !has_snapshot && !has_clab {
