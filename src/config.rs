@@ -82,6 +82,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "give up on `netlab up` after this long",
     },
     OptionSpec {
+        name: "containerlab",
+        value: Some("PATH"),
+        default: "containerlab",
+        help: "the containerlab command, for a lab whose netlab snapshot is gone",
+    },
+    OptionSpec {
         name: "max-upload-bytes",
         value: Some("BYTES"),
         default: "16777216",
@@ -263,6 +269,8 @@ pub struct Config {
     pub max_sessions: usize,
     pub netlab: PathBuf,
     pub netlab_timeout: Duration,
+    /// `containerlab destroy` where netlab cannot tear a lab down (its snapshot is gone).
+    pub containerlab: PathBuf,
     pub max_upload_bytes: u64,
     pub upload_timeout: Duration,
     /// Read and write timeout of every connection (`SO_RCVTIMEO`/`SO_SNDTIMEO`).
@@ -313,6 +321,7 @@ impl Config {
             max_sessions: 1000,
             netlab: PathBuf::from("netlab"),
             netlab_timeout: Duration::from_secs(1800),
+            containerlab: PathBuf::from("containerlab"),
             max_upload_bytes: 16 * 1024 * 1024,
             upload_timeout: Duration::from_secs(60),
             client_timeout: Duration::from_secs(30),
@@ -560,6 +569,12 @@ where
             return Err(bad("netlab", e, &v, "a path or a command name"));
         }
         config.netlab = PathBuf::from(v);
+    }
+    if let Some((v, e)) = lookup("containerlab") {
+        if v.is_empty() {
+            return Err(bad("containerlab", e, &v, "a path or a command name"));
+        }
+        config.containerlab = PathBuf::from(v);
     }
     if let Some((v, e)) = lookup("max-upload-bytes") {
         config.max_upload_bytes = parse_count(&v, "max-upload-bytes", e, 1, 1 << 40)? as u64;

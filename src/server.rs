@@ -139,7 +139,8 @@ fn serve(config: Config) -> i32 {
         config.netlab.clone(),
         config.netlab_timeout,
         config.stream_netlab_output,
-    );
+    )
+    .with_containerlab(config.containerlab.clone());
     match netlab.version(&config.state_dir) {
         Ok(version) => log::info!("using {version} ({})", config.netlab.display()),
         Err(e) => {
@@ -245,6 +246,8 @@ fn serve(config: Config) -> i32 {
         );
         shared.send_lab_job(LabJob::Teardown(t));
     }
+    // Sessions restored for a name whose token was removed while the server was down.
+    end_revoked_sessions(&shared, "start");
 
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
@@ -448,7 +451,29 @@ fn reload_tokens(shared: &Shared) {
             if count == 1 { "" } else { "s" },
             access.path().display()
         ),
-        Err(e) => log::error!("SIGHUP: {e}; the tokens in force stay"),
+        Err(e) => {
+            log::error!("SIGHUP: {e}; the tokens in force stay");
+            return;
+        }
+    }
+    end_revoked_sessions(shared, "SIGHUP");
+}
+
+/// Ends the sessions of names no longer in the token file. Such a name can no longer use
+/// its sessions, nor end them: they end now instead of holding their place (or the lab)
+/// until they are reaped. `when` starts the log line.
+fn end_revoked_sessions(shared: &Shared, when: &str) {
+    let Some(access) = &shared.access else {
+        return;
+    };
+    match shared.end_revoked(|name| access.knows(name)) {
+        Ok(ended) if ended.is_empty() => {}
+        Ok(ended) => log::warn!(
+            "{when}: ended {} {} of revoked tokens",
+            ended.len(),
+            plural(ended.len(), "session", "sessions")
+        ),
+        Err(e) => log::error!("{when}: ending the sessions of revoked tokens: {e}"),
     }
 }
 
@@ -861,7 +886,8 @@ fn cleanup(config: Config) -> i32 {
         Err(e @ lockfile::LockError::Held { .. }) => return fail(format!("{e}: stop it first")),
         Err(e) => return fail(e),
     };
-    let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false);
+    let netlab = Netlab::new(config.netlab.clone(), config.netlab_timeout, false)
+        .with_containerlab(config.containerlab.clone());
     if let Err(e) = netlab.version(&config.state_dir) {
         return fail(format!("netlab is missing or broken: {e}"));
     }

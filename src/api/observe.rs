@@ -21,8 +21,8 @@ use crate::observe::events::{self, now_ms, prefix, secs, who};
 use crate::observe::lablog::Job;
 use crate::observe::metrics::{self, Ended, METRICS};
 use crate::protocol::{
-    self, HostState, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView, Operation,
-    QueueView, SessionView, SlotView,
+    self, DeviceView, HostState, LOG_COMMAND_HEADER, LOG_DONE_HEADER, LOG_OFFSET_HEADER, LabView,
+    Operation, QueueView, SessionView, SlotView,
 };
 
 pub use crate::protocol::{CLIENT_NAME_HEADER, TOPOLOGY_SHA256_HEADER as TOPOLOGY_HEADER};
@@ -240,12 +240,16 @@ fn slot_copies(state: &State) -> Vec<SlotCopy> {
         .collect()
 }
 
-fn device_names(lab: Option<&record::LabRecord>) -> Vec<String> {
+fn device_list(lab: Option<&record::LabRecord>) -> Vec<DeviceView> {
     lab.and_then(|l| serde_json::from_str::<Vec<serde_json::Value>>(l.devices_json.get()).ok())
         .unwrap_or_default()
         .iter()
-        .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .filter_map(DeviceView::from_device)
         .collect()
+}
+
+fn device_names(lab: Option<&record::LabRecord>) -> Vec<String> {
+    device_list(lab).into_iter().map(|d| d.name).collect()
 }
 
 /// The slots as `GET /queue` (and `GET /lab` without a session) shows them.
@@ -312,13 +316,15 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
     };
     let (first, _, _) = &copies[0];
     let lab = first.lab.as_ref();
-    let names = device_names(lab);
+    let device_list = device_list(lab);
+    let names: Vec<String> = device_list.iter().map(|d| d.name.clone()).collect();
     let lab_view = LabView {
         running: lab.is_some(),
         topology: lab.map(|l| file_name(&l.topology)),
         hash: lab.map(|l| hash_prefix(&l.hash)),
         devices: names.len(),
         device_names: names,
+        device_list,
         started_at: lab.and(first.lab_started_ms).map(secs),
         ref_count: lab.map_or(0, |l| l.ref_count),
         idle_since: lab

@@ -216,6 +216,10 @@ pub fn admin_health_reset() -> Value {
     admin("Healthy: no failed starts counted, POST /lab served again")
 }
 
+pub fn favicon() -> Value {
+    json!({"responses": {"204": {"description": "No icon; never needs a token"}}})
+}
+
 pub fn debug_health() -> Value {
     json!({"responses": {"200": body("Figures", "Health")}})
 }
@@ -319,6 +323,12 @@ fn observe_schemas() -> Value {
                     "hash": {"type": ["string", "null"], "description": "First 12 hex digits of the topology's SHA-256"},
                     "devices": {"type": "integer"},
                     "device_names": {"type": "array", "items": {"type": "string"}},
+                    "device_list": {"type": "array", "description": "Each device's management address and type, from netlab's data", "items": {"type": "object", "required": ["name", "mgmt", "type", "box"], "properties": {
+                        "name": {"type": "string"},
+                        "mgmt": {"type": ["string", "null"], "description": "mgmt.ipv4, else mgmt.ipv6, else ansible_host"},
+                        "type": {"type": ["string", "null"], "description": "netlab's device type (device, else ansible_network_os)"},
+                        "box": {"type": ["string", "null"], "description": "The image or box"}
+                    }}},
                     "started_at": {"type": ["number", "null"]},
                     "ref_count": {"type": "integer"},
                     "idle_since": {"type": ["number", "null"], "description": "Since when the lab is unreferenced with no session (idle-lab-timeout counts from here)"}

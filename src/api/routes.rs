@@ -325,6 +325,16 @@ static ROUTES: &[Route] = &[
         )],
     },
     Route {
+        path: "/favicon.ico",
+        open: Open::Always,
+        operations: &[op(
+            Get,
+            R(|_, _| Reply::empty(204)),
+            "No icon (a browser's automatic request, answered without a challenge)",
+            openapi::favicon,
+        )],
+    },
+    Route {
         path: "/",
         open: Open::PublicRead,
         operations: &[op(
@@ -585,9 +595,21 @@ fn authorize(
     }
     let addr = client_addr(shared, request);
     let from = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
-    if let Some(identity) = access.identify(header_value(request, "Authorization")) {
+    let authorization = header_value(request, "Authorization");
+    if let Some(identity) = access.identify(authorization) {
         return Ok(Caller::Token(identity, from));
     }
+    let challenge =
+        Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE);
+    // No credentials at all is how HTTP asks for them (a browser's first request, a client
+    // that sends them only when challenged): counted, not a failure, an event or a warning.
+    if authorization.is_none() {
+        METRICS.auth_challenge();
+        log::debug!("challenged {} {:?} from {from}", request.method(), path);
+        return Err(challenge);
+    }
+    // Session ids in the path are credentials: logged and recorded as 8-character prefixes.
+    let path = &auth::redact_ids(path);
     METRICS.auth_failure();
     let now = shared.clock.now();
     if let Some(retry) = addr.and_then(|a| access.throttle.blocked(a, now)) {
@@ -639,7 +661,7 @@ fn authorize(
     } else if failed.first || failed.blocked.is_some() {
         METRICS.auth_event_suppressed();
     }
-    Err(Reply::detail(401, "Not authenticated").with_header("WWW-Authenticate", WWW_AUTHENTICATE))
+    Err(challenge)
 }
 
 fn key_limit(key: auth::Key) -> u32 {

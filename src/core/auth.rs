@@ -254,6 +254,11 @@ impl Tokens {
     pub fn count(&self) -> usize {
         self.entries.len()
     }
+
+    /// Whether a token of this name is in the file.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| &*e.name == name)
+    }
 }
 
 /// What failures are counted under: an address (IPv4 /32, IPv6 /64) and, for IPv4, its /24.
@@ -484,6 +489,14 @@ impl Access {
         &self.path
     }
 
+    /// Whether a token of this name is in force.
+    pub fn knows(&self, name: &str) -> bool {
+        self.tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_name(name)
+    }
+
     pub fn identify(&self, authorization: Option<&str>) -> Option<Identity> {
         let tokens = Arc::clone(&self.tokens.read().unwrap_or_else(PoisonError::into_inner));
         tokens.identify(authorization)
@@ -497,6 +510,21 @@ impl Access {
         *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
         Ok(count)
     }
+}
+
+/// `path` with each session id in it (a UUID between slashes) cut to its first 8
+/// characters, for logs and events: a full id is a credential.
+pub fn redact_ids(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.len() == 36 && uuid::Uuid::try_parse(segment).is_ok() {
+                &segment[..8]
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 // ------------------------------------------------------------------------------- callers
@@ -568,6 +596,24 @@ mod tests {
 
     fn basic(user_pass: &str) -> String {
         format!("Basic {}", STANDARD.encode(user_pass))
+    }
+
+    #[test]
+    fn session_ids_in_paths_are_cut_to_their_prefix() {
+        let id = "0f6c2b1e-9a53-4c1d-8b5e-2d7a9c4e1f00";
+        assert_eq!(redact_ids(&format!("/session/{id}")), "/session/0f6c2b1e");
+        assert_eq!(redact_ids("/session/heartbeat"), "/session/heartbeat");
+        assert_eq!(redact_ids("/"), "/");
+        // Not a UUID: left as it is (nothing of a credential).
+        let odd = "0f6c2b1e-9a53-4c1d-8b5e-2d7a9c4e1fzz";
+        assert_eq!(redact_ids(&format!("/x/{odd}")), format!("/x/{odd}"));
+    }
+
+    #[test]
+    fn names_in_force() {
+        let t = tokens();
+        assert!(t.has_name("ci") && t.has_name("ops"));
+        assert!(!t.has_name("c") && !t.has_name("other"));
     }
 
     #[test]

@@ -772,6 +772,38 @@ impl Shared {
         Ok(true)
     }
 
+    /// Ends every session owned by a name `known` no longer accepts (its token was removed
+    /// from the token file), as `DELETE /session` would: the active one's held lab is torn
+    /// down, the next session promoted. Returns the ended sessions with their owners; the
+    /// change is in the state file when this returns.
+    pub fn end_revoked(
+        &self,
+        known: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(SessionId, Arc<str>)>, NotPersisted> {
+        let (ended, version) = {
+            let mut state = self.lock();
+            let revoked: Vec<(SessionId, Arc<str>)> = state
+                .queue
+                .records()
+                .filter_map(|r| r.owner.filter(|o| !known(o)).map(|o| (r.id, o)))
+                .collect();
+            if revoked.is_empty() {
+                return Ok(revoked);
+            }
+            for (id, owner) in &revoked {
+                if let Some((removed, gone)) = state.queue.remove_full(id) {
+                    log::warn!("session {id} ended: the token of '{owner}' was revoked");
+                    self.note_end(&removed, &gone, Ended::Revoked);
+                    self.after_removal(&mut state, &removed);
+                }
+            }
+            (revoked, state.changed())
+        };
+        self.persist(version)?;
+        self.wake_parked();
+        Ok(ended)
+    }
+
     /// The timer's round: reaps stale sessions and tears down a lab left idle with no session
     /// for longer than `--idle-lab-timeout`. Returns how many sessions were reaped.
     ///

@@ -36,6 +36,12 @@ fn says_fatal(out: &Output) -> bool {
         .any(|text| text.contains("Fatal error") || text.contains("FatalError"))
 }
 
+/// netlab's answer to `status --all` on a host where no lab runs: `{"warning": "No
+/// netlab-managed labs"}`, exit 1. An answer, not a failure (for the metrics too).
+fn says_nothing_runs(command: &str, out: &Output) -> bool {
+    command == "status" && out.stdout_text().contains("No netlab-managed labs")
+}
+
 /// Whether netlab did what it was asked: exit 0 and no fatal error in its output.
 fn done(out: &Output) -> bool {
     out.success() && !says_fatal(out)
@@ -82,6 +88,10 @@ pub fn for_log(text: &impl fmt::Display) -> String {
 /// successful `netlab down --cleanup` removes: where there is none, netlab has nothing to
 /// tear down (a topology it rejected, a directory already cleaned).
 const SNAPSHOT: &str = "netlab.snapshot.pickle";
+
+/// containerlab's description of the lab, which `netlab up` writes and `down --cleanup`
+/// removes: while it is there, containers may run.
+const CLAB_FILE: &str = "clab.yml";
 
 /// Why a netlab command did not do what it was asked. [`NetlabError::status`] is the HTTP
 /// answer for a failed start.
@@ -320,6 +330,8 @@ pub struct Netlab {
     /// Where the output of the lab thread's commands goes, line by line, for `GET /lab/log`
     /// (not that of `inspect`, which is node data, nor of `version`).
     live: Option<Arc<LabLog>>,
+    /// The containerlab command, for a lab netlab can no longer tear down itself.
+    containerlab: PathBuf,
 }
 
 impl Netlab {
@@ -330,7 +342,14 @@ impl Netlab {
             stream_output,
             parallelism: thread::available_parallelism().map_or(2, |n| n.get()),
             live: None,
+            containerlab: PathBuf::from("containerlab"),
         }
+    }
+
+    /// Runs `program` for `containerlab destroy` (default: `containerlab` on `PATH`).
+    pub fn with_containerlab(mut self, program: PathBuf) -> Self {
+        self.containerlab = program;
+        self
     }
 
     /// Feeds the output of the commands to `log` as it comes.
@@ -388,7 +407,7 @@ impl Netlab {
         let result = if out.timed_out {
             2
         } else {
-            usize::from(!out.success())
+            usize::from(!out.success() && !says_nothing_runs(label, &out))
         };
         METRICS.netlab_command(label, result, out.elapsed);
         Ok(out)
@@ -501,15 +520,25 @@ impl Netlab {
             .map(|(_, dir)| dir))
     }
 
-    /// Every instance netlab registers, with its directory (`netlab status --all --format
-    /// json`, whose keys are `default` and multilab ids).
+    /// The instances netlab registers, each with its directory
+    /// (`netlab status --all --format json`); none when netlab says "No netlab-managed
+    /// labs".
     pub fn instances(&self, cwd: &Path) -> Result<Vec<(String, PathBuf)>, NetlabError> {
         let args = ["status", "--all", "--format", "json"];
         let out = self.run(&args, cwd, Run::new(SHORT_TIMEOUT))?;
+        if says_nothing_runs("status", &out) {
+            return Ok(Vec::new());
+        }
+        if out.timed_out {
+            return Err(NetlabError::TimedOut {
+                command: args.join(" "),
+                after: SHORT_TIMEOUT,
+            });
+        }
         let value: serde_json::Value = match serde_json::from_str(out.stdout_text().trim()) {
-            Ok(value) => value,
-            // "No netlab-managed labs" exits 1 with a warning object; anything else is odd.
-            Err(_) if !out.success() => return Ok(Vec::new()),
+            Ok(value) if out.success() => value,
+            Ok(_) => return Err(NetlabError::failure(args.join(" "), &out)),
+            Err(_) if !out.success() => return Err(NetlabError::failure(args.join(" "), &out)),
             Err(e) => {
                 return Err(NetlabError::BadOutput {
                     command: "status",
@@ -518,13 +547,16 @@ impl Netlab {
             }
         };
         let Some(map) = value.as_object() else {
-            return Ok(Vec::new());
+            return Err(NetlabError::BadOutput {
+                command: "status",
+                why: "not a JSON object".into(),
+            });
         };
         Ok(map
             .iter()
-            .filter_map(|(name, entry)| {
+            .filter_map(|(id, entry)| {
                 let dir = entry.get("dir")?.as_str()?;
-                Some((name.clone(), PathBuf::from(dir)))
+                Some((id.clone(), PathBuf::from(dir)))
             })
             .collect())
     }
@@ -674,14 +706,35 @@ impl Netlab {
     /// its output. On success the caller removes the directory; on failure it must keep it
     /// (it holds `clab.yml` and the snapshot, which netlab and containerlab need to finish
     /// by hand).
+    ///
+    /// Without netlab's snapshot, netlab is skipped only when it says there is nothing: no
+    /// instance registered in `work_dir` and no `clab.yml`. Otherwise `netlab down` runs (and
+    /// fails, as netlab cannot load the lab), and where `clab.yml` is left,
+    /// `containerlab destroy` removes the containers; its success is what lets the
+    /// directory go.
     pub fn tear_down(
         &self,
         work_dir: &Path,
         force: bool,
         instance: Option<u16>,
     ) -> Result<(), NetlabError> {
-        if !work_dir.join(SNAPSHOT).exists() {
+        if !work_dir.is_dir() {
+            // Nothing left here to run netlab or containerlab in. A registration of netlab's
+            // pointing at it is dropped where `default` is cleared (`Cannot change directory`).
             return Ok(());
+        }
+        let has_snapshot = work_dir.join(SNAPSHOT).exists();
+        let has_clab = work_dir.join(CLAB_FILE).exists();
+        if !has_snapshot && !has_clab {
+            match self.instance_in(work_dir) {
+                Ok(None) => return Ok(()),
+                Ok(Some(id)) => log::warn!(
+                    "netlab instance '{id}' is registered in {} but its snapshot is gone",
+                    work_dir.display()
+                ),
+                // Cannot tell: `down` below decides, and its failure keeps the directory.
+                Err(e) => log::warn!("cannot ask netlab about {}: {e}", work_dir.display()),
+            }
         }
         let id = instance.map(|id| id.to_string());
         let args: Vec<&str> = match (force, &id) {
@@ -689,8 +742,71 @@ impl Netlab {
             (false, Some(id)) => vec!["down", "--instance", id, "--cleanup"],
             (false, None) => vec!["down", "--cleanup"],
         };
-        self.run_done(&args, work_dir, Run::new(DOWN_TIMEOUT))
-            .map(drop)
+        let down = self.run_done(&args, work_dir, Run::new(DOWN_TIMEOUT));
+        match down {
+            Ok(_) => Ok(()),
+            Err(e) if !has_snapshot && has_clab => {
+                log::warn!(
+                    "netlab cannot tear down the lab in {} (its snapshot is gone): \
+                     destroying its containers with containerlab",
+                    work_dir.display()
+                );
+                self.containerlab_destroy(work_dir)
+                    .map_err(|clab| NetlabError::Failed {
+                        command: args.join(" "),
+                        exit: "then containerlab destroy failed too".into(),
+                        output: format!("{e}\n{clab}"),
+                    })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The id of the instance netlab registers in `dir`, if any.
+    fn instance_in(&self, dir: &Path) -> Result<Option<String>, NetlabError> {
+        let cwd = dir.parent().unwrap_or(dir);
+        Ok(self
+            .instances(cwd)?
+            .into_iter()
+            .find(|(_, registered)| registered == dir)
+            .map(|(id, _)| id))
+    }
+
+    /// `containerlab destroy --cleanup -t clab.yml` in `work_dir`, as netlab runs it, in its
+    /// own process group with a timeout; its output goes to the live log.
+    fn containerlab_destroy(&self, work_dir: &Path) -> Result<(), String> {
+        let args = ["destroy", "--cleanup", "-t", CLAB_FILE];
+        let command = format!("{} {}", self.containerlab.display(), args.join(" "));
+        if let Some(live) = &self.live {
+            live.append(format!("$ {command}\n").as_bytes());
+        }
+        let mut run = Run::new(DOWN_TIMEOUT).keep(STDOUT_LIMIT, STDERR_TAIL);
+        if let Some(hook) = self.line_hook(self.live.clone()) {
+            run = run.on_line(hook);
+        }
+        let out = run
+            .run(
+                Command::new(&self.containerlab)
+                    .args(args)
+                    .current_dir(work_dir)
+                    .env("COLUMNS", "1000"),
+            )
+            .map_err(|e| format!("cannot run `{command}`: {e}"))?;
+        if out.timed_out {
+            return Err(format!(
+                "`{command}` timed out after {} s",
+                DOWN_TIMEOUT.as_secs()
+            ));
+        }
+        if !out.success() {
+            return Err(format!(
+                "`{command}` failed ({}): {}",
+                out.exit(),
+                output_tail(&out)
+            ));
+        }
+        log::info!("{command} in {} done", work_dir.display());
+        Ok(())
     }
 }
 
@@ -740,6 +856,14 @@ mod tests {
             cancelled: false,
             elapsed: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn no_managed_labs_is_an_answer_not_a_failure() {
+        let none = output(1, "{\"warning\": \"No netlab-managed labs\"}\n", "");
+        assert!(says_nothing_runs("status", &none));
+        assert!(!says_nothing_runs("down", &none));
+        assert!(!says_nothing_runs("status", &output(1, "", "boom\n")));
     }
 
     #[test]

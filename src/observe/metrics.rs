@@ -37,6 +37,8 @@ pub enum Ended {
     Refused = 3,
     /// Refused: the host is draining.
     Draining = 4,
+    /// Its owner's token was removed from the token file (on reload).
+    Revoked = 5,
 }
 
 const ENDED: &[&str] = &[
@@ -45,6 +47,7 @@ const ENDED: &[&str] = &[
     "reaped_waiting",
     "refused",
     "draining",
+    "revoked",
 ];
 
 impl Ended {
@@ -209,6 +212,7 @@ pub struct Metrics {
     auth_throttled: AtomicU64,
     auth_events_suppressed: AtomicU64,
     abandoned_untrusted: AtomicU64,
+    auth_challenges: AtomicU64,
     pub queue_wait: Histogram,
     pub lab_hold: Histogram,
     netlab_duration: [Histogram; 6],
@@ -233,6 +237,7 @@ pub static METRICS: Metrics = Metrics {
     auth_throttled: AtomicU64::new(0),
     auth_events_suppressed: AtomicU64::new(0),
     abandoned_untrusted: AtomicU64::new(0),
+    auth_challenges: AtomicU64::new(0),
     queue_wait: Histogram::new(LONG_BUCKETS),
     lab_hold: Histogram::new(LONG_BUCKETS),
     netlab_duration: [const { Histogram::new(LONG_BUCKETS) }; 6],
@@ -275,6 +280,11 @@ impl Metrics {
     }
 
     /// An event line the event writer could not append to `events.jsonl`.
+    /// A request without credentials got the 401 that asks for them.
+    pub fn auth_challenge(&self) {
+        self.auth_challenges.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn event_not_written(&self) {
         self.events_not_written.fetch_add(1, Ordering::Relaxed);
     }
@@ -721,6 +731,17 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{PREFIX}{name} {}", load(value));
     }
+    header(
+        &mut out,
+        "auth_challenges_total",
+        "counter",
+        "Requests without credentials answered 401 with WWW-Authenticate (a browser's first request, a client that sends credentials only when asked); not auth failures.",
+    );
+    let _ = writeln!(
+        out,
+        "{PREFIX}auth_challenges_total {}",
+        load(&m.auth_challenges)
+    );
 
     header(
         &mut out,

@@ -154,6 +154,15 @@ fn slot_cards(view: &QueueView) -> String {
     out
 }
 
+/// A device's type and image, as the page shows them: `frr · quay.io/frrouting/frr:10.7.1`.
+fn device_type(kind: Option<&str>, image: Option<&str>) -> String {
+    match (kind, image) {
+        (Some(k), Some(i)) => format!("{k} · {i}"),
+        (Some(one), None) | (None, Some(one)) => one.to_owned(),
+        (None, None) => String::new(),
+    }
+}
+
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
     let host = match view.host_state.unwrap_or_default() {
@@ -241,8 +250,15 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         )
     };
     let mut devices = String::new();
-    for d in &view.lab.device_names {
-        let _ = write!(devices, "<li class=\"device\">{}</li>", escape(d));
+    for d in &view.lab.device_list {
+        let _ = write!(
+            devices,
+            "<li class=\"device\"><span class=\"device-name\">{}</span> \
+             <span class=\"device-mgmt\">{}</span> <span class=\"device-type muted\">{}</span></li>",
+            escape(&d.name),
+            escape(d.mgmt.as_deref().unwrap_or("-")),
+            escape(&device_type(d.kind.as_deref(), d.image.as_deref()))
+        );
     }
     if !view.lab.running {
         devices.push_str("<li class=\"muted\">no lab running</li>");

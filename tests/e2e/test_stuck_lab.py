@@ -110,3 +110,58 @@ def test_the_runbooks_netlab_status_commands(
         cut = status("--all", columns=None)
         assert not any(work in line for line in cut.stdout.splitlines()), cut.stdout
     assert os.path.isdir(work)
+
+
+def _lab_without_snapshot(api: Client, topo) -> tuple[str, Path]:
+    """A running sandbox lab whose netlab.snapshot.pickle was deleted by hand."""
+    sid, _ = api.new_session()
+    r = api.post_lab(sid, "pair.yml", topo("pair.yml"))
+    assert r.status == 200, r
+    work = Path(api.get("/lab", session=sid).json()["topology"]).parent
+    (work / "netlab.snapshot.pickle").unlink()
+    assert (work / "clab.yml").is_file()
+    return sid, work
+
+
+def test_a_lab_without_snapshot_is_destroyed_with_containerlab(
+    start_server: Callable[..., ServerProcess], sandbox: Sandbox, topo
+) -> None:
+    """Real netlab's `down` exits 1 without the snapshot: the server runs `containerlab
+    destroy` from clab.yml itself, and only then deletes the work directory."""
+    server = start_server(sweep_interval=0.2)
+    api = Client(server.url)
+    sid, work = _lab_without_snapshot(api, topo)
+    before = sandbox.count_calls("containerlab destroy")
+    r = api.delete("/lab?force=true", session=sid)
+    assert (r.status, r.body) == (202, b""), r
+    wait_until(lambda: not work.exists(), timeout=60, what="the teardown")
+    assert health_teardowns(api) == []
+    assert sandbox.count_calls("containerlab destroy --cleanup -t clab.yml") == before + 1, sandbox.shim_calls()
+    assert any("its snapshot is gone" in line for line in server.lines), server.tail(40)
+
+
+def test_cleanup_destroys_a_lab_without_snapshot_with_containerlab(
+    start_server: Callable[..., ServerProcess], sandbox: Sandbox, topo
+) -> None:
+    server = start_server(extra_args=["--on-exit", "keep"])
+    api = Client(server.url)
+    _, work = _lab_without_snapshot(api, topo)
+    assert server.terminate() == 0
+    assert work.is_dir() and sandbox.default_registered()
+    before = sandbox.count_calls("containerlab destroy")
+    out = subprocess.run(
+        [server.argv[0], "cleanup", "--state-dir", str(server.state_dir), "--netlab", str(sandbox.netlab)],
+        cwd=sandbox.root,
+        env=sandbox.env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cleanup done" in out.stderr, out.stderr
+    assert sandbox.count_calls("containerlab destroy --cleanup -t clab.yml") == before + 1, sandbox.shim_calls()
+    assert not work.exists()
+    # netlab's registration of the directory that is gone is dropped too.
+    assert not sandbox.default_registered()

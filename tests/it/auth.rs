@@ -293,13 +293,32 @@ fn every_route_with_every_kind_of_credential() {
             .filter(|e| e["kind"] == kind)
             .collect::<Vec<_>>()
     };
+    // Only wrong credentials are failures; a request without any is a challenge, counted
+    // in /metrics.
     let failed = kinds("auth_failed");
-    assert!(failed.len() >= 20, "{failed:?}");
+    assert!(failed.len() >= 10, "{failed:?}");
     assert!(
         failed
             .iter()
             .all(|e| e["addr"].as_str().unwrap().starts_with("127.0."))
     );
+    // Session ids in failed paths are 8-character prefixes, as everywhere else.
+    assert!(
+        failed.iter().all(|e| e["path"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .all(|segment| segment.len() <= 20)),
+        "{failed:?}"
+    );
+    let metrics = call(&s, Who::Admin, "GET", "/metrics", None).text();
+    let challenges: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("neops_remote_lab_auth_challenges_total "))
+        .expect("the challenge counter")
+        .parse()
+        .unwrap();
+    assert!(challenges >= 10, "{challenges}");
     let admin = kinds("admin_action");
     let actions: Vec<_> = admin
         .iter()
@@ -330,6 +349,81 @@ fn every_route_with_every_kind_of_credential() {
     assert!(
         log.contains("authentication failed: GET /debug/health from 127.0.1."),
         "{log}"
+    );
+}
+
+/// A browser's visit: its first request carries no credentials (the 401 asks for them) and it
+/// asks for /favicon.ico by itself. Neither is an auth failure: no event, no warning; the
+/// challenge is counted in /metrics, and the icon is a 204 without a challenge.
+#[test]
+fn a_page_load_without_credentials_adds_no_event() {
+    let s = start_with_tokens(&[]);
+    let admin = |path: &str| s.request("GET", path, &[("Authorization", &bearer(ADMIN))], b"");
+    let last_id = admin("/events?limit=1").json()["last_id"].clone();
+    let r = s.get("/");
+    r.expect(401, NOT_AUTHENTICATED);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Basic realm="neops-remote-lab", Bearer"#)
+    );
+    let r = s.get("/favicon.ico");
+    r.expect_empty(204);
+    assert_eq!(r.header("www-authenticate"), None);
+    // The browser sends the credentials once asked.
+    let r = s.request("GET", "/", &[("Authorization", &basic("ci", CI))], b"");
+    assert_eq!(r.status, 200);
+    let events = admin("/events").json();
+    assert_eq!(events["last_id"], last_id, "{events}");
+    let metrics = admin("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "neops_remote_lab_auth_challenges_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                == r#"neops_remote_lab_http_requests_total{route="/favicon.ico",code="2xx"} 1"#),
+        "{metrics}"
+    );
+    // The log is read as the server writes it: wait for a later line before looking.
+    let r = s.request(
+        "GET",
+        "/x",
+        &[("Authorization", "Bearer wrong-token-0123456789")],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    wait_until(Duration::from_secs(5), "the log line", || {
+        s.log_text().contains(r#"authentication failed: GET "/x""#)
+    });
+    let log = s.log_text();
+    assert_eq!(log.matches("authentication failed").count(), 1, "{log}");
+}
+
+/// An auth failure on a session's path logs and records the id's 8-character prefix only.
+#[test]
+fn a_failed_authentication_names_a_session_by_its_prefix() {
+    let s = start_with_tokens(&[]);
+    let id = create_as(&s, Who::Owner);
+    call(&s, Who::Wrong, "GET", &format!("/session/{id}"), None).expect(401, NOT_AUTHENTICATED);
+    let line = format!(r#"authentication failed: GET "/session/{}" from"#, &id[..8]);
+    wait_until(Duration::from_secs(5), "the log line", || {
+        s.log_text().contains(&line)
+    });
+    let log = s.log_text();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("authentication failed"))
+        .unwrap();
+    assert!(!failure.contains(&id), "{failure}");
+    let events = call(&s, Who::Admin, "GET", "/events", None).text();
+    assert!(!events.contains(&id), "{events}");
+    assert!(
+        events.contains(&format!(r#""path":"/session/{}""#, &id[..8])),
+        "{events}"
     );
 }
 
@@ -605,6 +699,104 @@ fn repeated_failures_block_that_address_only() {
         "{log}"
     );
     assert_eq!(log.matches("refused for 60 s").count(), 1);
+}
+
+/// Removing a name from the token file and reloading ends its sessions: the active one's
+/// lab is torn down as on `DELETE /session`, the next name's session is promoted, and an
+/// event names each ended session.
+#[test]
+fn revoking_a_name_ends_its_sessions_on_reload() {
+    let s = start_with_tokens(&[]);
+    let held = create_as(&s, Who::Owner);
+    let other = create_as(&s, Who::Other);
+    let queued = create_as(&s, Who::Owner);
+    assert_eq!(acquire_as(&s, Who::Owner, &held).status, 200);
+    assert!(s.registered().is_some());
+    write_tokens(
+        s.dir.path(),
+        &format!(
+            "other:{OTHER}
+ops:{ADMIN}:admin
+"
+        ),
+        0o600,
+    );
+    s.signal(Signal::HUP);
+    wait_until(
+        Duration::from_secs(5),
+        "the revoked sessions to end",
+        || {
+            s.log_text()
+                .contains("SIGHUP: ended 2 sessions of revoked tokens")
+        },
+    );
+    let as_other = |path: &str| s.request("GET", path, &[("Authorization", &bearer(OTHER))], b"");
+    as_other(&format!("/session/{other}")).expect(200, r#"{"status":"active","position":0}"#);
+    let admin = |path: &str| s.request("GET", path, &[("Authorization", &bearer(ADMIN))], b"");
+    for id in [&held, &queued] {
+        admin(&format!("/session/{id}")).expect(404, SESSION_NOT_FOUND);
+    }
+    wait_until(Duration::from_secs(10), "the held lab's teardown", || {
+        s.registered().is_none() && s.work_dirs().is_empty()
+    });
+    let events = admin("/events").json();
+    let revoked: Vec<&serde_json::Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "session_ended" && e["reason"] == "revoked")
+        .collect();
+    let mut named: Vec<(String, String, bool)> = revoked
+        .iter()
+        .map(|e| {
+            (
+                e["session"].as_str().unwrap().to_owned(),
+                e["owner"].as_str().unwrap().to_owned(),
+                e["was_active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    named.sort();
+    let mut expected = vec![
+        (held[..8].to_owned(), "ci".to_owned(), true),
+        (queued[..8].to_owned(), "ci".to_owned(), false),
+    ];
+    expected.sort();
+    assert_eq!(named, expected, "{events}");
+    let metrics = admin("/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "neops_remote_lab_sessions_ended_total{reason=\"revoked\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A name removed from the token file while the server was down: its restored sessions end
+/// at start.
+#[test]
+fn sessions_of_a_name_revoked_while_stopped_end_at_start() {
+    let s = start_with_tokens(&[]);
+    let id = create_as(&s, Who::Owner);
+    let tokens = s.dir.path().join("tokens").display().to_string();
+    let dir = s.kill_keep_dir();
+    write_tokens(
+        dir.path(),
+        &format!(
+            "other:{OTHER}
+"
+        ),
+        0o600,
+    );
+    let s = TestServer::start(Options::default().in_dir(dir).arg("--token-file", &tokens));
+    let path = format!("/session/{id}");
+    call(&s, Who::Other, "GET", &path, None).expect(404, SESSION_NOT_FOUND);
+    assert!(
+        s.log_text()
+            .contains("start: ended 1 session of revoked tokens"),
+        "{}",
+        s.log_text()
+    );
 }
 
 #[test]

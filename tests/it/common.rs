@@ -19,6 +19,30 @@ pub fn fake_netlab() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-netlab/netlab")
 }
 
+/// The fake `containerlab` (for `--containerlab`): logs its calls to `containerlab.log` in the
+/// fake-netlab dir.
+pub fn fake_containerlab() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake-netlab/containerlab")
+}
+
+/// The fake containerlab's calls in the fake-netlab dir `fake`, as (argv joined by spaces,
+/// cwd).
+pub fn containerlab_calls(fake: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(fake.join("containerlab.log")).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let argv: Vec<&str> = v["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            (argv.join(" "), v["cwd"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
 /// `Command::new(BIN)` with the `PATH` the fake netlab (`#!/usr/bin/env python3`) starts
 /// fastest with: first the `bin` of a virtual environment of the `python3` on `PATH`, with
 /// nothing installed. Its start-up skips what the system's site-packages load (`.pth` files;

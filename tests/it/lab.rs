@@ -696,3 +696,108 @@ fn a_teardown_that_exits_0_with_a_fatal_error_is_a_failure() {
     s.lab("DELETE", "/lab", &a).expect_empty(202);
     wait_torn_down(&s);
 }
+
+/// A server whose `containerlab` is the fake one, with a lab held by a session.
+fn held_lab_with_fake_containerlab() -> (TestServer, String, PathBuf) {
+    let fake = fake_containerlab();
+    let s = start_with(&[("--containerlab", fake.to_str().unwrap())]);
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO_A)).status, 200);
+    let work = work_dir_of(&s, &a);
+    (s, a, work)
+}
+
+/// The snapshot of a running lab is gone (deleted by hand, a partial restore): netlab's
+/// `down` cannot tear it down, so containerlab destroys it from `clab.yml`, and only then
+/// does the directory go.
+#[test]
+fn a_lab_whose_snapshot_is_gone_is_destroyed_with_containerlab() {
+    let (s, a, work) = held_lab_with_fake_containerlab();
+    std::fs::remove_file(work.join("netlab.snapshot.pickle")).unwrap();
+    s.clear_calls();
+    s.lab("DELETE", "/lab?force=true", &a).expect_empty(202);
+    wait_until(Duration::from_secs(10), "the teardown", || {
+        s.work_dirs().is_empty()
+    });
+    assert_eq!(s.call_lines(), ["down --cleanup"]);
+    assert_eq!(
+        containerlab_calls(&s.fake_dir()),
+        [(
+            "destroy --cleanup -t clab.yml".to_owned(),
+            work.display().to_string()
+        )]
+    );
+    assert_eq!(
+        s.get("/debug/health").json()["teardowns"],
+        serde_json::json!([])
+    );
+    let log = s.log_text();
+    assert!(log.contains("its snapshot is gone"), "{log}");
+    assert!(!log.contains("[ERROR]"), "{log}");
+    // netlab still registers the directory that is gone: the next start clears that.
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// When containerlab fails too, the teardown failed: the directory stays with `clab.yml`,
+/// the error says what both said, and a retry finishes the job once containerlab works.
+#[test]
+fn a_lab_whose_snapshot_is_gone_is_kept_while_containerlab_fails() {
+    let (s, a, work) = held_lab_with_fake_containerlab();
+    std::fs::remove_file(work.join("netlab.snapshot.pickle")).unwrap();
+    s.set_control(
+        "clab.fail",
+        r#"{"code": 1, "stderr": "docker is not running\n"}"#,
+    );
+    s.lab("DELETE", "/lab", &a).expect_empty(202);
+    wait_until(Duration::from_secs(10), "the failed teardown", || {
+        s.get("/debug/health").json()["teardowns"][0]["attempts"] == 1
+    });
+    let error = s.get("/debug/health").json()["teardowns"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clab = fake_containerlab().display().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "netlab down --cleanup failed (then containerlab destroy failed too): \
+             netlab down --cleanup failed (exit code 1): FatalError in down: The topology \
+             snapshot file netlab.snapshot.pickle does not exist\n\
+             `{clab} destroy --cleanup -t clab.yml` failed (exit code 1): docker is not running"
+        )
+    );
+    assert_eq!(s.work_dirs(), std::slice::from_ref(&work));
+    assert!(work.join("clab.yml").exists());
+    s.clear_control("clab.fail");
+    wait_until(Duration::from_secs(15), "the retried teardown", || {
+        s.get("/debug/health").json()["teardowns"] == serde_json::json!([])
+    });
+    assert!(s.work_dirs().is_empty());
+}
+
+/// With neither snapshot nor `clab.yml` but netlab still registering the directory, netlab
+/// is asked (its `down` fails) and the directory is kept: nothing confirms the lab is gone.
+#[test]
+fn a_registered_lab_without_its_files_is_not_reported_torn_down() {
+    let (s, a, work) = held_lab_with_fake_containerlab();
+    std::fs::remove_file(work.join("netlab.snapshot.pickle")).unwrap();
+    std::fs::remove_file(work.join("clab.yml")).unwrap();
+    s.clear_calls();
+    s.lab("DELETE", "/lab", &a).expect_empty(202);
+    wait_until(Duration::from_secs(10), "the failed teardown", || {
+        s.get("/debug/health").json()["teardowns"][0]["attempts"] == 1
+    });
+    assert_eq!(
+        s.get("/debug/health").json()["teardowns"][0]["error"],
+        "netlab down --cleanup failed (exit code 1): FatalError in down: The topology \
+         snapshot file netlab.snapshot.pickle does not exist"
+    );
+    assert_eq!(
+        s.call_lines()[..2],
+        ["status --all --format json", "down --cleanup"]
+    );
+    assert!(containerlab_calls(&s.fake_dir()).is_empty());
+    assert_eq!(s.work_dirs(), std::slice::from_ref(&work));
+    assert_eq!(s.registered(), Some(work.display().to_string()));
+}

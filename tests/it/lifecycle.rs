@@ -179,6 +179,9 @@ fn start_up_clears_a_leftover_default_instance_and_old_work_dirs() {
     let old_lab = dir.path().join("state/labs/old");
     std::fs::create_dir_all(&old_lab).unwrap();
     std::fs::write(old_lab.join("t.yml"), TOPO).unwrap();
+    // What `netlab up` leaves in a lab's directory, and netlab's `down` needs.
+    std::fs::write(old_lab.join("netlab.snapshot.pickle"), "fake").unwrap();
+    std::fs::write(old_lab.join("clab.yml"), "name: old\n").unwrap();
     let s = start_in(dir);
     // The leftover is in our labs/: ours to tear down.
     assert_eq!(

@@ -109,7 +109,8 @@ fn the_queue_view_shows_every_field_and_never_a_full_id() {
     assert_eq!(
         empty["lab"],
         serde_json::json!({"running": false, "topology": null, "hash": null, "devices": 0,
-            "device_names": [], "started_at": null, "ref_count": 0, "idle_since": null})
+            "device_names": [], "device_list": [], "started_at": null, "ref_count": 0,
+            "idle_since": null})
     );
 
     let a = named_session(&s, "https://ci.example/job/1", "agent-a");
@@ -146,6 +147,13 @@ fn the_queue_view_shows_every_field_and_never_a_full_id() {
     assert_eq!(lab["hash"], hex_sha256_prefix(TOPO));
     assert_eq!(lab["devices"], 2);
     assert_eq!(lab["device_names"], serde_json::json!(["r1", "r2"]));
+    assert_eq!(
+        lab["device_list"],
+        serde_json::json!([
+            {"name": "r1", "mgmt": "192.168.121.101", "type": "frr", "box": "fake/frr"},
+            {"name": "r2", "mgmt": "192.168.121.102", "type": "frr", "box": "fake/frr"},
+        ])
+    );
     let started = lab["started_at"].as_f64().unwrap();
     assert!(before <= started && started <= after);
     assert_eq!(lab["ref_count"], 1);
@@ -582,6 +590,25 @@ fn the_status_page_escapes_names_and_links_the_api() {
     assert!(head.body.is_empty());
 }
 
+/// Without JavaScript too, the page lists each device with its management address and type
+/// from netlab's data.
+#[test]
+fn the_status_page_shows_management_addresses() {
+    let s = start();
+    let (id, _) = s.create_session();
+    let r = s.acquire(&id, &Form::topology("t.yml", "nodes: [r1, h1]\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let html = s.get("/").text();
+    for (name, mgmt) in [("r1", "192.168.121.101"), ("h1", "192.168.121.102")] {
+        let item = format!(
+            "<li class=\"device\"><span class=\"device-name\">{name}</span> \
+             <span class=\"device-mgmt\">{mgmt}</span> \
+             <span class=\"device-type muted\">frr · fake/frr</span></li>"
+        );
+        assert!(html.contains(&item), "{item} missing in\n{html}");
+    }
+}
+
 #[test]
 fn metrics_count_requests_by_route_without_a_session() {
     let s = start();
@@ -641,4 +668,29 @@ fn with_tokens_the_views_name_the_owner_and_it_survives_a_restart() {
     let q = s.request("GET", "/queue", &[auth], b"").json();
     assert_eq!(q["sessions"][0]["owner"], "ci");
     assert_eq!(q["sessions"][0]["client_name"], "job-7");
+}
+
+/// On a healthy host with no lab, `netlab status --all` answers "No netlab-managed labs"
+/// (exit 1): an answer, counted as a success, not as a failing netlab.
+#[test]
+fn no_managed_labs_is_not_a_failing_netlab_status() {
+    let s = start();
+    let (id, _) = s.create_session();
+    let r = s.acquire(&id, &Form::topology("t.yml", "name: a\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let asked = s
+        .call_lines()
+        .iter()
+        .filter(|l| l.starts_with("status --all"))
+        .count();
+    assert!(asked >= 1);
+    let text = s.get("/metrics").text();
+    for line in [
+        format!(
+            "neops_remote_lab_netlab_commands_total{{command=\"status\",result=\"success\"}} {asked}"
+        ),
+        "neops_remote_lab_netlab_commands_total{command=\"status\",result=\"failure\"} 0".into(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
 }

@@ -376,6 +376,65 @@ fn the_cleanup_command_tears_down_what_a_stopped_server_left() {
     assert!(stderr.contains("cleanup done"), "{stderr}");
 }
 
+/// `cleanup` of a lab whose netlab snapshot is gone: containerlab destroys it from
+/// `clab.yml` before the directory goes; while containerlab fails, `cleanup` exits 1 and
+/// keeps the directory with `clab.yml`.
+#[test]
+fn the_cleanup_command_destroys_a_lab_without_snapshot_with_containerlab() {
+    let mut s = start_with(&[("--on-exit", "keep")]);
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let work = s.work_dirs().pop().unwrap();
+    s.signal(Signal::TERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    std::fs::remove_file(work.join("netlab.snapshot.pickle")).unwrap();
+    let cleanup = || {
+        let mut command = server_command();
+        command
+            .arg("cleanup")
+            .arg("--state-dir")
+            .arg(s.state_dir())
+            .arg("--netlab")
+            .arg(fake_netlab())
+            .arg("--containerlab")
+            .arg(fake_containerlab())
+            .env("FAKE_NETLAB_DIR", s.fake_dir());
+        command.output().unwrap()
+    };
+
+    s.set_control(
+        "clab.fail",
+        r#"{"code": 1, "stderr": "docker is not running\n"}"#,
+    );
+    let out = cleanup();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("docker is not running"), "{stderr}");
+    assert!(work.join("clab.yml").exists());
+    assert!(s.registered().is_some());
+
+    s.clear_control("clab.fail");
+    let out = cleanup();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("cleanup done"), "{stderr}");
+    let work_text = work.display().to_string();
+    assert_eq!(
+        containerlab_calls(&s.fake_dir()),
+        [
+            (
+                "destroy --cleanup -t clab.yml".to_owned(),
+                work_text.clone()
+            ),
+            ("destroy --cleanup -t clab.yml".to_owned(), work_text)
+        ]
+    );
+    assert!(!work.exists());
+    // The registration of the directory that is gone is dropped as well.
+    assert_eq!(s.registered(), None);
+    assert!(!s.state_dir().join("state.json").exists());
+}
+
 /// `cleanup` when netlab cannot tear the lab down: exit 1, the work dir and the record kept,
 /// what is left named with the commands to finish by hand; the next `cleanup`, once netlab
 /// works, finishes the job.

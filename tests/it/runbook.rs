@@ -4,10 +4,15 @@
 //! README.md are extracted, joined per scenario in document order, and run with bash
 //! (`set -eu`) against a server with the fake netlab. Only three things are replaced: the
 //! address `127.0.0.1:8000` (by the test server's), `/var/lib/neops-remote-lab` (by a
-//! temporary state directory), `/etc/neops-remote-lab/tokens` (by a token file of its own:
-//! the guide's scenarios run with tokens on, as the package sets the service up) and
-//! `/opt/netlab/bin` (by a directory holding a `netlab` that runs the fake). `systemctl`, `docker` and `containerlab` are small stand-ins first on
-//! `PATH`; `systemctl stop|start|status neops-remote-lab` really stops and starts the server.
+//! temporary state directory), `/etc/neops-remote-lab/tokens` (by a token file of its own,
+//! `ci` and `admin` as the package makes it: the guide's scenarios run with tokens on, as
+//! the package sets the service up), `/opt/netlab/bin` (by a directory holding a `netlab`
+//! that runs the fake) and `/usr/sbin/neops-remote-lab` (by the binary under test).
+//! `systemctl`, `docker` and `containerlab` are small stand-ins first on `PATH`;
+//! `systemctl stop|start|status neops-remote-lab` really stops and starts the server. A
+//! decoy `neops-remote-lab` is first on `PATH` and in the netlab directory (where netlab's
+//! virtual environment can hold the Python server): a command that runs it instead of the
+//! full path fails.
 //!
 //! A command that fails fails the test; so does one whose output differs from what its
 //! `# → …` comment shows (`…` matches anything).
@@ -123,6 +128,14 @@ struct Host {
     token: Option<String>,
 }
 
+/// What the Python server (`neops-remote-lab` of a netlab virtual environment) answers to
+/// the Rust server's subcommands.
+const DECOY: &str = "#!/bin/sh
+    echo 'usage: neops-remote-lab [-h] [--host HOST] [--port PORT]' >&2
+    echo \"neops-remote-lab: error: unrecognized arguments: $*\" >&2
+    exit 2
+";
+
 impl Host {
     /// A host whose service runs as the package sets it up: with a token file.
     fn packaged() -> Host {
@@ -139,11 +152,16 @@ impl Host {
         let port = fixed_port();
         let token = tokens.then(|| uuid::Uuid::new_v4().simple().to_string());
         let host = Host { dir, port, token };
-        for sub in ["bin", "netlab-bin", "fake/control", "home"] {
+        for sub in ["bin", "sbin", "netlab-bin", "fake/control", "home"] {
             std::fs::create_dir_all(host.path(sub)).unwrap();
         }
         if let Some(token) = &host.token {
-            std::fs::write(host.path("tokens"), format!("ci:{token}\n")).unwrap();
+            let admin = uuid::Uuid::new_v4().simple().to_string();
+            std::fs::write(
+                host.path("tokens"),
+                format!("# as the package makes it\nci:{token}\nadmin:{admin}:admin\n"),
+            )
+            .unwrap();
             std::fs::set_permissions(host.path("tokens"), std::fs::Permissions::from_mode(0o600))
                 .unwrap();
         }
@@ -176,7 +194,9 @@ impl Host {
                 fake.display()
             ),
         );
-        std::os::unix::fs::symlink(BIN, self.path("bin/neops-remote-lab")).unwrap();
+        std::os::unix::fs::symlink(BIN, self.path("sbin/neops-remote-lab")).unwrap();
+        self.executable("bin/neops-remote-lab", DECOY);
+        self.executable("netlab-bin/neops-remote-lab", DECOY);
         // systemctl: the service is the real binary, started the way the unit starts it
         // (netlab found on PATH, HOME = the state dir, --on-exit keep).
         self.executable(
@@ -336,6 +356,10 @@ else:
 
     fn replace_paths(&self, text: &str) -> String {
         text.replace("127.0.0.1:8000", &format!("127.0.0.1:{}", self.port))
+            .replace(
+                "/usr/sbin/neops-remote-lab",
+                &self.path("sbin/neops-remote-lab").display().to_string(),
+            )
             .replace(
                 "/var/lib/neops-remote-lab",
                 &self.path("state").display().to_string(),

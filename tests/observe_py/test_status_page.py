@@ -107,7 +107,10 @@ def test_the_page_in_a_real_browser(server_factory, tmp_path):
     assert dom.body_attrs.get("data-events-refreshed") == "true"
     assert dom.by_class["holder-name"] == [f"alice@ci (pipeline 42) ({holder[:8]})"]
     assert dom.by_class["client-name"] == ["alice@ci (pipeline 42)", "bob-nightly", EVIL]
-    assert dom.by_class["device"] == ["r1", "r2", "spine1"]
+    assert dom.by_class["device-name"] == ["r1", "r2", "spine1"]
+    # Each device's management address and type, from netlab's data (the fake's).
+    assert dom.by_class["device-mgmt"] == ["192.168.121.101", "192.168.121.102", "192.168.121.103"]
+    assert dom.by_class["device-type"] == ["frr · fake/frr"] * 3
     assert "UP" in dom.by_id["lab"]
     first_event = dom.by_class["event"][0]
     assert "session_created" in first_event and EVIL in first_event and evil[:8] in first_event
