@@ -11,12 +11,68 @@ use log::LevelFilter;
 pub const ENV_PREFIX: &str = "NEOPS_REMOTE_LAB_";
 
 /// One option: its long name, the placeholder of its value (None for a switch), its default
-/// as the help shows it, and what it does.
+/// as the help shows it, what it does, and how its value is read into the [`Config`]. The
+/// table is the one place an option is named and its default given: parsing, `--help`,
+/// [`Config::defaults`] and the docs test all read it.
 pub struct OptionSpec {
     pub name: &'static str,
     pub value: Option<&'static str>,
     pub default: &'static str,
     pub help: &'static str,
+    /// `default` is a value `set` takes, applied by [`Config::defaults`]; otherwise it is
+    /// words for a default computed in code (the CPU count, the state dir) or none.
+    pub default_is_value: bool,
+    /// Reads (and checks) a value given on the command line, in the environment, or as the
+    /// default.
+    set: fn(&mut Config, &str, &Source) -> Result<(), ConfigError>,
+}
+
+/// Where a value came from, for the messages that refuse it.
+pub struct Source {
+    option: &'static str,
+    from_env: bool,
+}
+
+impl Source {
+    fn name(&self) -> String {
+        source_name(self.option, self.from_env)
+    }
+
+    fn bad(&self, value: &str, expected: &str) -> ConfigError {
+        bad(self.option, self.from_env, value, expected)
+    }
+
+    fn count(&self, v: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+        parse_count(v, self.option, self.from_env, min, max)
+    }
+
+    fn seconds(&self, v: &str) -> Result<Duration, ConfigError> {
+        parse_seconds(v, self.option, self.from_env)
+    }
+
+    fn boolean(&self, v: &str) -> Result<bool, ConfigError> {
+        parse_bool(v).ok_or_else(|| self.bad(v, "a boolean"))
+    }
+
+    /// A program: a path or a name looked up on `PATH`.
+    fn command(&self, v: &str) -> Result<PathBuf, ConfigError> {
+        if v.is_empty() {
+            return Err(self.bad(v, "a path or a command name"));
+        }
+        Ok(PathBuf::from(v))
+    }
+
+    fn state_dir(&self, v: &str) -> Result<PathBuf, ConfigError> {
+        if v.is_empty() {
+            return Err(ConfigError(format!("{}: must not be empty", self.name())));
+        }
+        Ok(PathBuf::from(v))
+    }
+}
+
+/// An optional path: empty means none.
+fn optional_path(v: &str) -> Option<PathBuf> {
+    (!v.is_empty()).then(|| PathBuf::from(v))
 }
 
 /// Every option, in the order `--help` lists them.
@@ -26,186 +82,360 @@ pub const OPTIONS: &[OptionSpec] = &[
         value: Some("ADDR"),
         default: "0.0.0.0",
         help: "address to listen on",
+        default_is_value: true,
+        set: |c, v, _| {
+            c.host = v.to_owned();
+            Ok(())
+        },
     },
     OptionSpec {
         name: "port",
         value: Some("PORT"),
         default: "8000",
         help: "TCP port to listen on (0 picks a free one)",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.port = v
+                .trim()
+                .parse()
+                .map_err(|_| src.bad(v, "a port number from 0 to 65535"))?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "workers",
         value: Some("N"),
         default: "twice the CPU count, at least 4",
         help: "worker threads answering requests",
+        default_is_value: false,
+        set: |c, v, src| {
+            c.workers = src.count(v, 1, 1024)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "state-dir",
         value: Some("DIR"),
         default: "/var/lib/neops-remote-lab as root, else ~/.local/state/neops-remote-lab",
         help: "state file, lock file and lab work directories (0700, ours alone)",
+        default_is_value: false,
+        set: |c, v, src| {
+            c.state_dir = src.state_dir(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "active-timeout",
         value: Some("SECONDS"),
         default: "300",
         help: "reap the ACTIVE session after this much silence",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.active_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "waiting-timeout",
         value: Some("SECONDS"),
         default: "600",
         help: "reap a WAITING session after this much silence",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.waiting_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "sweep-interval",
         value: Some("SECONDS"),
         default: "5",
         help: "how often stale sessions are looked for",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.sweep_interval = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "max-sessions",
         value: Some("N"),
         default: "1000",
         help: "sessions allowed at once; more get 503",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.max_sessions = src.count(v, 1, 10_000_000)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "netlab",
         value: Some("PATH"),
         default: "netlab",
         help: "the netlab command (a path, or a name looked up on PATH)",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.netlab = src.command(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "netlab-timeout",
         value: Some("SECONDS"),
         default: "1800",
         help: "give up on `netlab up` after this long",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.netlab_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "containerlab",
         value: Some("PATH"),
         default: "containerlab",
         help: "the containerlab command, for a lab whose netlab snapshot is gone",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.containerlab = src.command(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "max-upload-bytes",
         value: Some("BYTES"),
         default: "16777216",
         help: "largest POST /lab body accepted",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.max_upload_bytes = src.count(v, 1, 1 << 40)? as u64;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "upload-timeout",
         value: Some("SECONDS"),
         default: "60",
         help: "give up on a POST /lab upload that takes longer",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.upload_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "client-timeout",
         value: Some("SECONDS"),
         default: "30",
         help: "close a connection that sends or takes nothing for this long",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.client_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "cleanup-foreign",
         value: None,
         default: "off",
         help: "tear down netlab's `default` instance even when it is not in our state dir",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.cleanup_foreign = src.boolean(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "on-exit",
         value: Some("ACTION"),
         default: "teardown",
         help: "on SIGTERM: teardown the lab, or keep it for the next start to adopt",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.on_exit = match v.trim().to_ascii_lowercase().as_str() {
+                "teardown" => OnExit::Teardown,
+                "keep" => OnExit::Keep,
+                _ => return Err(src.bad(v, "teardown or keep")),
+            };
+            Ok(())
+        },
     },
     OptionSpec {
         name: "idle-lab-timeout",
         value: Some("SECONDS"),
         default: "3600",
         help: "tear down a lab left idle with no session for this long",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.idle_lab_timeout = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "unhealthy-after",
         value: Some("N"),
         default: "3",
         help: "starts failing in a row for reasons not the topology's before the host is unhealthy",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.unhealthy_after = src.count(v, 1, 1000)? as u32;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "health-topology",
         value: Some("FILE"),
         default: "none: only POST /admin/health/reset heals",
         help: "while unhealthy, start this topology every --health-interval; a success heals",
+        default_is_value: false,
+        set: |c, v, _| {
+            c.health_topology = optional_path(v);
+            Ok(())
+        },
     },
     OptionSpec {
         name: "health-interval",
         value: Some("SECONDS"),
         default: "600",
         help: "how often an unhealthy host tries --health-topology",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.health_interval = src.seconds(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "affinity-window",
         value: Some("N"),
         default: "8",
         help: "a waiting session this far up that declared the idle lab may go first",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.affinity_window = src.count(v, 0, 10_000_000)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "max-skips",
         value: Some("N"),
         default: "2",
         help: "times a waiting session may be passed over that way; 0: strict FIFO",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.max_skips = src.count(v, 0, 1_000_000)? as u32;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "slots",
         value: Some("N"),
         default: "1",
         help: "labs run at once (1: netlab's default instance; more: its multilab plugin)",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.slots = src.count(v, 1, MAX_SLOTS)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "multilab-ids",
         value: Some("IDS"),
         default: "1-N",
         help: "netlab multilab instance ids of the slots, e.g. 1-3 or 4,7,9 (never 121)",
+        default_is_value: false,
+        set: |c, v, src| {
+            c.multilab_ids = parse_multilab_ids(v).map_err(|why| {
+                ConfigError(format!(
+                    "{}: {why} (want ids 1-200 such as 1-3 or 4,7,9, never 121)",
+                    src.name()
+                ))
+            })?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "token-file",
         value: Some("PATH"),
         default: "none: no authentication",
         help: "NAME:TOKEN[:admin] lines; every route but /healthz needs a token",
+        default_is_value: false,
+        set: |c, v, _| {
+            c.token_file = optional_path(v);
+            Ok(())
+        },
     },
     OptionSpec {
         name: "public-read",
         value: None,
         default: "off",
         help: "with --token-file: the read-only views need no token",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.public_read = src.boolean(v)?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "trusted-proxy",
         value: Some("ADDR"),
         default: "none",
         help: "the reverse proxy's address: its requests are keyed on X-Forwarded-For",
+        default_is_value: false,
+        set: |c, v, src| {
+            c.trusted_proxy = match v.trim() {
+                "" => None,
+                text => Some(text.parse().map_err(|_| src.bad(v, "an IP address"))?),
+            };
+            Ok(())
+        },
     },
     OptionSpec {
         name: "log-level",
         value: Some("LEVEL"),
         default: "info",
         help: "error, warn, info, debug or trace",
+        default_is_value: true,
+        set: |c, v, src| {
+            c.log_level = parse_level(v)
+                .ok_or_else(|| src.bad(v, "one of error, warn, info, debug, trace"))?;
+            Ok(())
+        },
     },
     OptionSpec {
         name: "log-file",
         value: Some("PATH"),
         default: "none",
         help: "also append the log, with timestamps, to this file",
+        default_is_value: false,
+        set: |c, v, _| {
+            c.log_file = optional_path(v);
+            Ok(())
+        },
     },
     OptionSpec {
         name: "debug",
         value: None,
         default: "off",
         help: "same as --log-level debug, and log netlab's output as it comes",
+        default_is_value: true,
+        set: |c, v, src| {
+            if src.boolean(v)? {
+                c.stream_netlab_output = true;
+                c.log_level = c.log_level.max(LevelFilter::Debug);
+            }
+            Ok(())
+        },
     },
     OptionSpec {
         name: "log-config",
         value: Some("PATH"),
         default: "none",
         help: "accepted for compatibility with the Python server; ignored",
+        default_is_value: false,
+        set: |c, v, _| {
+            c.log_config = optional_path(v);
+            Ok(())
+        },
     },
 ];
 
@@ -308,41 +538,54 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults, with `state_dir` as given.
+    /// The defaults, with `state_dir` as given: each option's default from [`OPTIONS`], read
+    /// by the same code as a value given on the command line; those the table describes in
+    /// words are computed here.
     pub fn defaults(state_dir: PathBuf) -> Self {
-        Config {
-            host: "0.0.0.0".into(),
-            port: 8000,
+        let mut config = Config {
+            host: String::new(),
+            port: 0,
             workers: default_workers(),
             state_dir,
-            active_timeout: Duration::from_secs(300),
-            waiting_timeout: Duration::from_secs(600),
-            sweep_interval: Duration::from_secs(5),
-            max_sessions: 1000,
-            netlab: PathBuf::from("netlab"),
-            netlab_timeout: Duration::from_secs(1800),
-            containerlab: PathBuf::from("containerlab"),
-            max_upload_bytes: 16 * 1024 * 1024,
-            upload_timeout: Duration::from_secs(60),
-            client_timeout: Duration::from_secs(30),
+            active_timeout: Duration::ZERO,
+            waiting_timeout: Duration::ZERO,
+            sweep_interval: Duration::ZERO,
+            max_sessions: 0,
+            netlab: PathBuf::new(),
+            netlab_timeout: Duration::ZERO,
+            containerlab: PathBuf::new(),
+            max_upload_bytes: 0,
+            upload_timeout: Duration::ZERO,
+            client_timeout: Duration::ZERO,
             cleanup_foreign: false,
             on_exit: OnExit::Teardown,
-            idle_lab_timeout: Duration::from_secs(3600),
-            affinity_window: 8,
-            max_skips: 2,
-            slots: 1,
+            idle_lab_timeout: Duration::ZERO,
+            affinity_window: 0,
+            max_skips: 0,
+            slots: 0,
             multilab_ids: Vec::new(),
-            log_level: LevelFilter::Info,
+            log_level: LevelFilter::Off,
             log_file: None,
             stream_netlab_output: false,
             log_config: None,
             token_file: None,
             public_read: false,
-            unhealthy_after: 3,
+            unhealthy_after: 0,
             health_topology: None,
-            health_interval: Duration::from_secs(600),
+            health_interval: Duration::ZERO,
             trusted_proxy: None,
+        };
+        for opt in OPTIONS.iter().filter(|o| o.default_is_value) {
+            let source = Source {
+                option: opt.name,
+                from_env: false,
+            };
+            if let Err(e) = (opt.set)(&mut config, opt.default, &source) {
+                // The table's own defaults; a unit test reads every one.
+                unreachable!("the default of --{}: {e}", opt.name);
+            }
         }
+        config
     }
 }
 
@@ -526,88 +769,22 @@ where
     };
 
     let state_dir = match lookup("state-dir") {
-        Some((v, from_env)) if v.is_empty() => {
-            return Err(ConfigError(format!(
-                "{}: must not be empty",
-                source_name("state-dir", from_env)
-            )));
+        Some((v, from_env)) => Source {
+            option: "state-dir",
+            from_env,
         }
-        Some((v, _)) => PathBuf::from(v),
+        .state_dir(&v)?,
         None => default_state_dir(rustix::process::geteuid().is_root(), &env)?,
     };
     let mut config = Config::defaults(state_dir);
-
-    if let Some((v, _)) = lookup("host") {
-        config.host = v;
-    }
-    if let Some((v, e)) = lookup("port") {
-        config.port = v
-            .trim()
-            .parse()
-            .map_err(|_| bad("port", e, &v, "a port number from 0 to 65535"))?;
-    }
-    if let Some((v, e)) = lookup("workers") {
-        config.workers = parse_count(&v, "workers", e, 1, 1024)?;
-    }
-    if let Some((v, e)) = lookup("max-sessions") {
-        config.max_sessions = parse_count(&v, "max-sessions", e, 1, 10_000_000)?;
-    }
-    if let Some((v, e)) = lookup("active-timeout") {
-        config.active_timeout = parse_seconds(&v, "active-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("waiting-timeout") {
-        config.waiting_timeout = parse_seconds(&v, "waiting-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("sweep-interval") {
-        config.sweep_interval = parse_seconds(&v, "sweep-interval", e)?;
-    }
-    if let Some((v, e)) = lookup("netlab-timeout") {
-        config.netlab_timeout = parse_seconds(&v, "netlab-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("netlab") {
-        if v.is_empty() {
-            return Err(bad("netlab", e, &v, "a path or a command name"));
+    for opt in OPTIONS.iter().filter(|o| o.name != "state-dir") {
+        if let Some((v, from_env)) = lookup(opt.name) {
+            let source = Source {
+                option: opt.name,
+                from_env,
+            };
+            (opt.set)(&mut config, &v, &source)?;
         }
-        config.netlab = PathBuf::from(v);
-    }
-    if let Some((v, e)) = lookup("containerlab") {
-        if v.is_empty() {
-            return Err(bad("containerlab", e, &v, "a path or a command name"));
-        }
-        config.containerlab = PathBuf::from(v);
-    }
-    if let Some((v, e)) = lookup("max-upload-bytes") {
-        config.max_upload_bytes = parse_count(&v, "max-upload-bytes", e, 1, 1 << 40)? as u64;
-    }
-    if let Some((v, e)) = lookup("upload-timeout") {
-        config.upload_timeout = parse_seconds(&v, "upload-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("client-timeout") {
-        config.client_timeout = parse_seconds(&v, "client-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("cleanup-foreign") {
-        config.cleanup_foreign =
-            parse_bool(&v).ok_or_else(|| bad("cleanup-foreign", e, &v, "a boolean"))?;
-    }
-    if let Some((v, e)) = lookup("idle-lab-timeout") {
-        config.idle_lab_timeout = parse_seconds(&v, "idle-lab-timeout", e)?;
-    }
-    if let Some((v, e)) = lookup("affinity-window") {
-        config.affinity_window = parse_count(&v, "affinity-window", e, 0, 10_000_000)?;
-    }
-    if let Some((v, e)) = lookup("max-skips") {
-        config.max_skips = parse_count(&v, "max-skips", e, 0, 1_000_000)? as u32;
-    }
-    if let Some((v, e)) = lookup("slots") {
-        config.slots = parse_count(&v, "slots", e, 1, MAX_SLOTS)?;
-    }
-    if let Some((v, e)) = lookup("multilab-ids") {
-        config.multilab_ids = parse_multilab_ids(&v).map_err(|why| {
-            ConfigError(format!(
-                "{}: {why} (want ids 1-200 such as 1-3 or 4,7,9, never 121)",
-                source_name("multilab-ids", e)
-            ))
-        })?;
     }
     if config.slots > 1
         && !config.multilab_ids.is_empty()
@@ -619,54 +796,6 @@ where
             config.slots,
             config.multilab_ids.len()
         )));
-    }
-    if let Some((v, e)) = lookup("on-exit") {
-        config.on_exit = match v.trim().to_ascii_lowercase().as_str() {
-            "teardown" => OnExit::Teardown,
-            "keep" => OnExit::Keep,
-            _ => return Err(bad("on-exit", e, &v, "teardown or keep")),
-        };
-    }
-    if let Some((v, e)) = lookup("log-level") {
-        config.log_level = parse_level(&v)
-            .ok_or_else(|| bad("log-level", e, &v, "one of error, warn, info, debug, trace"))?;
-    }
-    if let Some((v, e)) = lookup("debug")
-        && parse_bool(&v).ok_or_else(|| bad("debug", e, &v, "a boolean"))?
-    {
-        config.stream_netlab_output = true;
-        config.log_level = config.log_level.max(LevelFilter::Debug);
-    }
-    if let Some((v, _)) = lookup("log-file") {
-        config.log_file = (!v.is_empty()).then(|| PathBuf::from(v));
-    }
-    if let Some((v, _)) = lookup("token-file") {
-        config.token_file = (!v.is_empty()).then(|| PathBuf::from(v));
-    }
-    if let Some((v, e)) = lookup("public-read") {
-        config.public_read =
-            parse_bool(&v).ok_or_else(|| bad("public-read", e, &v, "a boolean"))?;
-    }
-    if let Some((v, e)) = lookup("trusted-proxy") {
-        config.trusted_proxy = match v.trim() {
-            "" => None,
-            text => Some(
-                text.parse()
-                    .map_err(|_| bad("trusted-proxy", e, &v, "an IP address"))?,
-            ),
-        };
-    }
-    if let Some((v, _)) = lookup("log-config") {
-        config.log_config = (!v.is_empty()).then(|| PathBuf::from(v));
-    }
-    if let Some((v, e)) = lookup("unhealthy-after") {
-        config.unhealthy_after = parse_count(&v, "unhealthy-after", e, 1, 1000)? as u32;
-    }
-    if let Some((v, _)) = lookup("health-topology") {
-        config.health_topology = (!v.is_empty()).then(|| PathBuf::from(v));
-    }
-    if let Some((v, e)) = lookup("health-interval") {
-        config.health_interval = parse_seconds(&v, "health-interval", e)?;
     }
     if wait && command != Some("drain") {
         return Err(ConfigError("--wait goes with `drain` only".into()));

@@ -250,3 +250,66 @@ fn cargo_run_in_the_quick_start_starts_the_server() {
         "Cargo.toml must set default-run to the server binary"
     );
 }
+
+/// Each option's default as `--help` gives it (from the server's one table of options).
+fn help_defaults() -> Vec<(String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_neops-remote-lab"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    help.lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix("--")?;
+            let flag = rest.split_whitespace().next()?.to_owned();
+            let default = rest.split_once("[default: ")?.1.strip_suffix(']')?;
+            Some((flag, default.to_owned()))
+        })
+        .collect()
+}
+
+/// The defaults are given once, in the server's table of options; the man page and the
+/// README must say the same. Defaults that are words ("twice the CPU count") are not
+/// compared, values (`300`, `off`, `teardown`) are.
+#[test]
+fn the_man_page_and_the_readme_give_the_defaults_of_the_help() {
+    let page = man_page("man/neops-remote-lab.8").replace("\\-", "-");
+    let readme = read("README.md");
+    let defaults = help_defaults();
+    assert!(defaults.len() > 20, "{defaults:?}");
+    let mut wrong = Vec::new();
+    for (flag, default) in &defaults {
+        let is_value = default
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.');
+        if !is_value {
+            continue;
+        }
+        // The man page's entry: from its `.B --flag` line to the next `.TP`.
+        let entry = page
+            .split("\n.TP\n")
+            .find(|e| {
+                e.starts_with(&format!(".B --{flag} "))
+                    || e.starts_with(&format!(".B --{flag}\n"))
+                    || e.starts_with(&format!(".BI --{flag} "))
+            })
+            .unwrap_or("");
+        if !entry.contains(&format!("Default: {default}")) {
+            wrong.push(format!("man page: --{flag} should say Default: {default}"));
+        }
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `--{flag}")))
+            .unwrap_or("");
+        // The row's third cell: the default, as a value (`300`) or a word (off, none).
+        let cell = row.split('|').nth(3).unwrap_or("").trim();
+        let word = ["off", "none"].contains(&default.as_str())
+            && cell
+                .strip_prefix(default.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([';', ' ', ',']));
+        if !cell.starts_with(&format!("`{default}`")) && !word {
+            wrong.push(format!("README: --{flag} should give `{default}`: {row}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
