@@ -1072,7 +1072,7 @@ fn follow_log(
                 if !running.load(Ordering::SeqCst) {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     })
