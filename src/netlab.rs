@@ -560,9 +560,66 @@ impl Netlab {
         })
     }
 
-    /// The lab's nodes in netlab's order, each with its `inspect --node` data. The per-node
-    /// calls run in parallel, at most `parallelism` at a time.
+    /// The lab's nodes in netlab's order, each with its `inspect --node` data: read in one
+    /// netlab call ([`Netlab::devices_at_once`]), or, when that fails, node by node
+    /// ([`Netlab::devices_node_by_node`]).
     pub fn devices(&self, dir: &Path) -> Result<Vec<Device>, NetlabError> {
+        match self.devices_at_once(dir, "default") {
+            Ok(devices) => Ok(devices),
+            Err(e) => {
+                log::warn!(
+                    "reading every node in one netlab call failed, asking node by node: {}",
+                    for_log(&e)
+                );
+                self.devices_node_by_node(dir)
+            }
+        }
+    }
+
+    /// Every node of `instance`, in netlab's order, with the data `netlab inspect --node
+    /// NAME --format json` prints for it, from one `netlab inspect` (one Python start
+    /// instead of one per node and one for the list). See [`ALL_NODES`].
+    pub fn devices_at_once(&self, dir: &Path, instance: &str) -> Result<Vec<Device>, NetlabError> {
+        let out = self.run(
+            &[
+                "inspect",
+                "-q",
+                "--instance",
+                instance,
+                "--format",
+                "json",
+                ALL_NODES,
+            ],
+            dir,
+            Run::new(INSPECT_TIMEOUT),
+        )?;
+        if !out.success() {
+            let exit = if out.timed_out {
+                format!("timed out after {} s", INSPECT_TIMEOUT.as_secs())
+            } else {
+                out.exit()
+            };
+            return Err(NetlabError::Failed {
+                command: "inspect".into(),
+                exit,
+                output: output_tail(&out),
+            });
+        }
+        let pairs: Vec<(String, serde_json::Value)> =
+            serde_json::from_slice(&out.stdout).map_err(|e| NetlabError::BadOutput {
+                command: "inspect",
+                why: format!("every node at once: not a list of [name, data]: {e}"),
+            })?;
+        Ok(pairs
+            .into_iter()
+            .map(|(name, raw)| Device { name, raw })
+            .collect())
+    }
+
+    /// The lab's nodes in netlab's order, each with its `inspect --node` data, one netlab
+    /// call for the list and one per node. The per-node calls run in parallel, at most
+    /// `parallelism` at a time.
+    pub fn devices_node_by_node(&self, dir: &Path) -> Result<Vec<Device>, NetlabError> {
         let names = self.node_names(dir)?;
         let results: Mutex<Vec<Option<Result<serde_json::Value, NetlabError>>>> =
             Mutex::new((0..names.len()).map(|_| None).collect());
@@ -621,6 +678,17 @@ impl Netlab {
             .map(drop)
     }
 }
+
+/// The expression `netlab inspect --format json` evaluates (with the lab's topology as its
+/// names) to list every node as `[name, data]`, in netlab's order, where `data` is what
+/// `netlab inspect --node NAME` computes for one node: the node as the Ansible inventory
+/// shows it, group variables included, plus `_netlab_version`. netlab splits its output
+/// argument at `=` and `:`, so the expression uses neither (positional arguments, a dict
+/// built from a list of pairs).
+const ALL_NODES: &str = "__import__('box').BoxList([[n, \
+    __import__('netsim.outputs.common').outputs.common.adjust_inventory_host(\
+    nodes[n], defaults, None, None, True) \
+    + dict([['_netlab_version', _netlab_version]])] for n in nodes])";
 
 fn split(topology: &Path) -> (PathBuf, String) {
     let dir = topology
