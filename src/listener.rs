@@ -16,16 +16,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// Connections that arrive while tiny_http's connection threads are idle can be left
-/// waiting in its pool; see [`rescue`]. Between two rounds of rescue the rescuer waits at
-/// least this long, so that a steady stream of new connections costs a few extra
-/// connections a second at most.
+/// waiting in its pool; see [`rescue`]. Rounds of rescue are this far apart: while
+/// requests come in, a few requests of ours every this long.
 const RESCUE_GAP: Duration = Duration::from_millis(10);
 
 /// The exit status of a deliberate crash: the service manager should start us again.
@@ -88,12 +87,15 @@ pub fn bind(host: &str, port: u16, timeout: Duration) -> io::Result<TcpListener>
 /// the pool finishes its own connection, which for keep-alive clients may be never.
 ///
 /// So whenever connections arrive (the listening socket `listener`, a copy of tiny_http's,
-/// becomes readable), this thread waits for tiny_http to accept them and then connects to
-/// `probe` itself with one short request at a time ([`kick`]): while connections are left
-/// waiting, every thread of the pool is busy, so each such request gets a new thread, which
-/// takes the oldest waiting connection once it has answered. It stops when requests are
-/// answered without a new thread (an idle thread took them: nothing is waiting any more).
-pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool) {
+/// becomes readable, or `requests`, the count of requests taken from tiny_http, grows by
+/// more than this thread's own), this thread waits for tiny_http to accept them and then
+/// connects to `probe` itself with one short request at a time ([`kick`]): while connections
+/// are left waiting, every thread of the pool is busy, so each such request gets a new
+/// thread, which takes the oldest waiting connection once it has answered. A round stops
+/// when requests are answered without a new thread (an idle thread took them: nothing is
+/// waiting any more). While requests come in, a round is made every [`RESCUE_GAP`]: a
+/// burst that arrives while this thread is busy is accepted before it looks.
+pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool, requests: &AtomicU64) {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let readable = |timeout: &Timespec| {
         let mut fds = [PollFd::new(listener, PollFlags::IN)];
@@ -108,8 +110,23 @@ pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool) {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    let busy_wait = Timespec {
+        tv_sec: 0,
+        tv_nsec: i64::try_from(RESCUE_GAP.as_nanos()).unwrap_or(10_000_000),
+    };
+    // Whether requests came in since the last look, others than our own. tiny_http accepts
+    // a connection within microseconds of its arrival, often before this thread's poll
+    // sees the socket readable; but a burst of connections that left some waiting served
+    // the others, so while requests come in a round is made every [`RESCUE_GAP`].
+    let mut seen = requests.load(Ordering::Relaxed);
+    let mut ours = 0;
+    let mut busy = false;
     while !stop.load(Ordering::SeqCst) {
-        if !readable(&idle_wait) {
+        let arrived = readable(if busy { &busy_wait } else { &idle_wait });
+        let now = requests.load(Ordering::Relaxed);
+        busy = now.saturating_sub(seen) > ours;
+        seen = now;
+        if !arrived && !busy {
             continue;
         }
         // tiny_http accepts within microseconds; then its woken threads take their
@@ -124,34 +141,44 @@ pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut kicks = 0;
-        let mut unanswered = 0;
-        let mut idle_seen = 0;
-        while kicks < MAX_KICKS && unanswered < MAX_UNANSWERED && idle_seen < 2 {
-            let before = thread_count();
-            let answered = kick(probe);
-            kicks += 1;
-            if !answered {
-                // Queued behind the waiting connections itself: the threads the pool woke
-                // for the last arrivals have not taken theirs yet (on a loaded machine that
-                // can take a while). Once they have, the next request gets a new thread.
-                // (This one is closed: when its turn comes, its thread moves straight on
-                // to the next connection in the queue.)
-                unanswered += 1;
-                std::thread::sleep(Duration::from_millis(1 << unanswered.min(5)));
-                continue;
-            }
-            if matches!((before, thread_count()), (Some(b), Some(a)) if a > b) {
-                idle_seen = 0;
-            } else {
-                // An idle thread of the pool took it: nothing is waiting. Twice in a row,
-                // in case another thread of ours ended meanwhile.
-                idle_seen += 1;
-            }
-        }
+        let kicks = rescue_round(probe);
         RESCUE_KICKS.fetch_add(kicks, Ordering::Relaxed);
-        std::thread::sleep(RESCUE_GAP);
+        ours = kicks as u64;
+        if !busy {
+            std::thread::sleep(RESCUE_GAP);
+        }
     }
+}
+
+/// One round of [`rescue`]: requests one at a time until two in a row are answered
+/// without a new thread. Returns the requests made.
+fn rescue_round(probe: SocketAddr) -> usize {
+    let mut kicks = 0;
+    let mut unanswered = 0;
+    let mut idle_seen = 0;
+    while kicks < MAX_KICKS && unanswered < MAX_UNANSWERED && idle_seen < 2 {
+        let before = thread_count();
+        let answered = kick(probe);
+        kicks += 1;
+        if !answered {
+            // Queued behind the waiting connections itself: the threads the pool woke for
+            // the last arrivals have not taken theirs yet (on a loaded machine that can
+            // take a while). Once they have, the next request gets a new thread. (This
+            // one is closed: when its turn comes, its thread moves straight on to the
+            // next connection in the queue.)
+            unanswered += 1;
+            std::thread::sleep(Duration::from_millis(1 << unanswered.min(5)));
+            continue;
+        }
+        if matches!((before, thread_count()), (Some(b), Some(a)) if a > b) {
+            idle_seen = 0;
+        } else {
+            // An idle thread of the pool took it: nothing is waiting. Twice in a row, in
+            // case another thread of ours ended meanwhile.
+            idle_seen += 1;
+        }
+    }
+    kicks
 }
 
 /// Most requests of one round of [`rescue`]: more connections than this left waiting at
@@ -159,11 +186,11 @@ pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool) {
 const MAX_KICKS: usize = 1024;
 
 /// A round of [`rescue`] ends after this many requests that were not answered within
-/// [`KICK_LIMIT`] (several seconds: the listener is overwhelmed or gone, which the watch
-/// sees to).
+/// [`KICK_LIMIT`] (seconds: the listener is overwhelmed or gone, which the watch sees to).
 const MAX_UNANSWERED: usize = 100;
 
-/// How long [`kick`] waits for its answer.
+/// How long [`kick`] waits for its answer. One not answered by then is taken to be queued
+/// behind waiting connections (see [`rescue_round`]); one merely slow costs a request more.
 const KICK_LIMIT: Duration = Duration::from_millis(50);
 
 /// Requests [`rescue`] made so far (logged at exit).

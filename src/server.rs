@@ -255,7 +255,14 @@ fn serve(config: Config) -> i32 {
         let probe = timer::probe_address(bound);
         thread::Builder::new()
             .name("rescue".into())
-            .spawn(move || listener::rescue(&rescue_socket, probe, shared.shutdown_flag()))
+            .spawn(move || {
+                listener::rescue(
+                    &rescue_socket,
+                    probe,
+                    shared.shutdown_flag(),
+                    &http::DISPATCHED,
+                );
+            })
             .expect("cannot start the rescue thread")
     };
 
