@@ -4,7 +4,8 @@
 //! Usage (`scripts/bench` starts the servers and calls this):
 //!   loadgen --target NAME URL PID FAKE_DIR [--target ...] [--ceiling URL] [--duration S]
 //!           [--only SCENARIO,...] [--mix-duration S]
-//! Scenarios: throughput, observe (GET /metrics and /queue, memory with a full event
+//! Scenarios: throughput, tail (p99 and max when 32 or 128 connections are opened at once,
+//! median of five runs), observe (GET /metrics and /queue, memory with a full event
 //! history; skipped on servers without GET /queue), queue, handover, mix, ciday (a day of CI
 //! in a minute: 16 jobs over three topologies, see [`ciday`]; `scripts/bench --only ciday`
 //! starts one server per set of flags and gives each its own column).
@@ -187,6 +188,7 @@ struct Stats {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    max_us: f64,
     errors: u64,
 }
 
@@ -198,7 +200,9 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64
 }
 
-/// `clients` keep-alive connections hammering one request for `duration`.
+/// `clients` keep-alive connections hammering one request for `duration`. The connections
+/// are opened back to back before any is used, as wrk opens its own: a server that cannot
+/// take a burst of new connections shows it in the first request of each (in `max_us`).
 fn hammer(
     addr: SocketAddr,
     clients: usize,
@@ -210,14 +214,15 @@ fn hammer(
 ) -> Stats {
     let barrier = Arc::new(Barrier::new(clients + 1));
     let errors = Arc::new(AtomicU64::new(0));
-    let handles: Vec<_> = (0..clients)
-        .map(|_| {
+    let conns: Vec<Conn> = (0..clients).map(|_| Conn::open(addr)).collect();
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
             let barrier = Arc::clone(&barrier);
             let errors = Arc::clone(&errors);
             let path = path.clone();
             let headers = headers.clone();
             thread::spawn(move || {
-                let mut conn = Conn::open(addr);
                 let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 let mut lat = Vec::with_capacity(100_000);
                 barrier.wait();
@@ -246,6 +251,7 @@ fn hammer(
         rps: all.len() as f64 / elapsed,
         p50_us: percentile(&all, 0.50),
         p99_us: percentile(&all, 0.99),
+        max_us: all.last().map_or(f64::NAN, |&m| m as f64),
         errors: errors.load(Ordering::Relaxed),
     }
 }
@@ -437,6 +443,17 @@ fn main() {
                     );
                 }
             }
+            end_sessions(&mut conn, &[id]);
+        }
+
+        if wants("tail") {
+            let id = create_session(&mut conn);
+            tail_rows(
+                &mut table,
+                t,
+                target.addr,
+                vec![("X-Session-ID", id.clone())],
+            );
             end_sessions(&mut conn, &[id]);
         }
 
@@ -734,6 +751,10 @@ fn main() {
         }
     }
 
+    if let Some(addr) = ceiling.filter(|_| wants("tail")) {
+        eprintln!("== bare tiny_http ceiling, tail ({addr})");
+        tail_rows(&mut table, CEILING, addr, vec![]);
+    }
     if let Some(addr) = ceiling.filter(|_| wants("throughput")) {
         eprintln!("== bare tiny_http ceiling ({addr})");
         for clients in [1, 32, 128] {
@@ -847,6 +868,68 @@ fn main() {
             line.push_str(&format!(" {:>12} | {share:>12} |", fmt(c)));
         }
         println!("{line}");
+    }
+}
+
+/// Runs of each cell of the tail rows; the median is shown.
+const TAIL_RUNS: usize = 5;
+
+/// How long each run of the tail rows lasts.
+const TAIL_RUN: Duration = Duration::from_secs(2);
+
+/// The tail under a burst of new connections: `POST /session/heartbeat` on 32 and on 128
+/// connections opened back to back and driven flat out (as wrk does), [`TAIL_RUNS`] runs
+/// of [`TAIL_RUN`] each; the median p99 and max, and the worst max. A connection the server
+/// accepts but leaves unserved shows in the max (and, if long enough, the p99).
+fn tail_rows(
+    table: &mut Table,
+    column: usize,
+    addr: SocketAddr,
+    headers: Vec<(&'static str, String)>,
+) {
+    for clients in [32, 128] {
+        eprintln!("   burst of {clients} connections x{TAIL_RUNS}");
+        let runs: Vec<Stats> = (0..TAIL_RUNS)
+            .map(|_| {
+                hammer(
+                    addr,
+                    clients,
+                    TAIL_RUN,
+                    "POST",
+                    "/session/heartbeat".into(),
+                    headers.clone(),
+                    204,
+                )
+            })
+            .collect();
+        let median = |f: fn(&Stats) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let worst = runs.iter().map(|s| s.max_us).fold(0.0, f64::max);
+        let label = format!("heartbeat, burst of {clients} conns");
+        table.put(
+            &format!("{label}: p99"),
+            "ms",
+            true,
+            column,
+            median(|s| s.p99_us) / 1000.0,
+        );
+        table.put(
+            &format!("{label}: max"),
+            "ms",
+            true,
+            column,
+            median(|s| s.max_us) / 1000.0,
+        );
+        table.put(
+            &format!("{label}: worst max of {TAIL_RUNS}"),
+            "ms",
+            true,
+            column,
+            worst / 1000.0,
+        );
     }
 }
 

@@ -186,6 +186,12 @@ fn serve(config: Config) -> i32 {
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
+    // A copy of the listening socket for the rescue of connections tiny_http leaves waiting
+    // (see `listener::rescue`); closed when that thread ends.
+    let rescue_socket = match socket.try_clone() {
+        Ok(copy) => copy,
+        Err(e) => return fail(format!("cannot copy the listening socket: {e}")),
+    };
     let server = match Server::from_listener(socket, None) {
         Ok(server) => Arc::new(server),
         Err(e) => {
@@ -332,6 +338,22 @@ fn serve(config: Config) -> i32 {
             .expect("cannot start the watch thread")
     };
 
+    let rescuer = {
+        let shared = Arc::clone(&shared);
+        let probe = timer::probe_address(bound);
+        thread::Builder::new()
+            .name("rescue".into())
+            .spawn(move || {
+                listener::rescue(
+                    &rescue_socket,
+                    probe,
+                    shared.shutdown_flag(),
+                    &pool::DISPATCHED,
+                );
+            })
+            .expect("cannot start the rescue thread")
+    };
+
     // The start-up contract (tests and scripts wait for this exact line), and the same
     // event in the log's own format.
     eprintln!("listening on http://{bound}");
@@ -364,6 +386,7 @@ fn serve(config: Config) -> i32 {
     }
     let _ = watch_stop.send(());
     let _ = watch.join();
+    let _ = rescuer.join();
     if shared.begin_shutdown() {
         notify::notify("STOPPING=1");
     }
@@ -383,8 +406,10 @@ fn serve(config: Config) -> i32 {
     match listened {
         Ok(()) => {
             log::info!(
-                "stopped (the longest a worker spent on one request: {:.1} ms)",
-                pool::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+                "stopped (the longest a worker spent on one request: {:.1} ms; requests made \
+                 to serve connections tiny_http left waiting: {})",
+                pool::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
+                listener::RESCUE_KICKS.load(std::sync::atomic::Ordering::Relaxed)
             );
             0
         }

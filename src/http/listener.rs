@@ -17,11 +17,16 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+/// Connections that arrive while tiny_http's connection threads are idle can be left
+/// waiting in its pool; see [`rescue`]. Rounds of rescue are this far apart: while
+/// requests come in, a few requests of ours every this long.
+const RESCUE_GAP: Duration = Duration::from_millis(10);
 
 /// The exit status of a deliberate crash: the service manager should start us again.
 const EXIT_RESTART: i32 = 75;
@@ -70,6 +75,158 @@ pub fn bind(host: &str, port: u16, timeout: Duration) -> io::Result<TcpListener>
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, BACKLOG)?;
     Ok(TcpListener::from(fd))
+}
+
+/// Keeps tiny_http from leaving connections unserved, until `stop` is set.
+///
+/// tiny_http hands each accepted connection to a pool of threads, one connection per thread
+/// for as long as it stays open. The pool counts its idle threads, and a thread it has
+/// woken still counts as idle until it has taken its connection: when several connections
+/// are accepted back to back while some threads are idle (a client opening 32 keep-alive
+/// connections at once), the later ones are queued for threads that are already busy, and
+/// no new thread is started for them. Such a connection is served only when some thread of
+/// the pool finishes its own connection, which for keep-alive clients may be never.
+///
+/// So whenever connections arrive (the listening socket `listener`, a copy of tiny_http's,
+/// becomes readable, or `requests`, the count of requests taken from tiny_http, grows by
+/// more than this thread's own), this thread waits for tiny_http to accept them and then
+/// connects to `probe` itself with one short request at a time ([`kick`]): while connections
+/// are left waiting, every thread of the pool is busy, so each such request gets a new
+/// thread, which takes the oldest waiting connection once it has answered. A round stops
+/// when requests are answered without a new thread (an idle thread took them: nothing is
+/// waiting any more). While requests come in, a round is made every [`RESCUE_GAP`]: a
+/// burst that arrives while this thread is busy is accepted before it looks.
+pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool, requests: &AtomicU64) {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let readable = |timeout: &Timespec| {
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(timeout)), Ok(n) if n > 0)
+    };
+    // The stop flag is looked at once a second when nothing arrives.
+    let idle_wait = Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    let no_wait = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let busy_wait = Timespec {
+        tv_sec: 0,
+        tv_nsec: i64::try_from(RESCUE_GAP.as_nanos()).unwrap_or(10_000_000),
+    };
+    // Whether requests came in since the last look, others than our own. tiny_http accepts
+    // a connection within microseconds of its arrival, often before this thread's poll
+    // sees the socket readable; but a burst of connections that left some waiting served
+    // the others, so while requests come in a round is made every [`RESCUE_GAP`].
+    let mut seen = requests.load(Ordering::Relaxed);
+    let mut ours = 0;
+    let mut busy = false;
+    while !stop.load(Ordering::SeqCst) {
+        let arrived = readable(if busy { &busy_wait } else { &idle_wait });
+        let now = requests.load(Ordering::Relaxed);
+        busy = now.saturating_sub(seen) > ours;
+        seen = now;
+        if !arrived && !busy {
+            continue;
+        }
+        // tiny_http accepts within microseconds; then its woken threads take their
+        // connections.
+        for _ in 0..100 {
+            if !readable(&no_wait) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let kicks = rescue_round(probe);
+        RESCUE_KICKS.fetch_add(kicks, Ordering::Relaxed);
+        ours = kicks as u64;
+        if !busy {
+            std::thread::sleep(RESCUE_GAP);
+        }
+    }
+}
+
+/// One round of [`rescue`]: requests one at a time until two in a row are answered
+/// without a new thread. Returns the requests made.
+fn rescue_round(probe: SocketAddr) -> usize {
+    let mut kicks = 0;
+    let mut unanswered = 0;
+    let mut idle_seen = 0;
+    while kicks < MAX_KICKS && unanswered < MAX_UNANSWERED && idle_seen < 2 {
+        let before = thread_count();
+        let answered = kick(probe);
+        kicks += 1;
+        if !answered {
+            // Queued behind the waiting connections itself: the threads the pool woke for
+            // the last arrivals have not taken theirs yet (on a loaded machine that can
+            // take a while). Once they have, the next request gets a new thread. (This
+            // one is closed: when its turn comes, its thread moves straight on to the
+            // next connection in the queue.)
+            unanswered += 1;
+            std::thread::sleep(Duration::from_millis(1 << unanswered.min(5)));
+            continue;
+        }
+        if matches!((before, thread_count()), (Some(b), Some(a)) if a > b) {
+            idle_seen = 0;
+        } else {
+            // An idle thread of the pool took it: nothing is waiting. Twice in a row, in
+            // case another thread of ours ended meanwhile.
+            idle_seen += 1;
+        }
+    }
+    kicks
+}
+
+/// Most requests of one round of [`rescue`]: more connections than this left waiting at
+/// once are served over several rounds (or by the watch).
+const MAX_KICKS: usize = 1024;
+
+/// A round of [`rescue`] ends after this many requests that were not answered within
+/// [`KICK_LIMIT`] (seconds: the listener is overwhelmed or gone, which the watch sees to).
+const MAX_UNANSWERED: usize = 100;
+
+/// How long [`kick`] waits for its answer. One not answered by then is taken to be queued
+/// behind waiting connections (see [`rescue_round`]); one merely slow costs a request more.
+const KICK_LIMIT: Duration = Duration::from_millis(50);
+
+/// Requests [`rescue`] made so far (logged at exit).
+pub static RESCUE_KICKS: AtomicUsize = AtomicUsize::new(0);
+
+/// One short request to the listener: `GET /healthz` with `Connection: close`, read to its
+/// end, then closed. Returns whether it was answered within [`KICK_LIMIT`].
+fn kick(addr: SocketAddr) -> bool {
+    let limit = KICK_LIMIT;
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, limit) else {
+        return false;
+    };
+    let sent = stream
+        .set_read_timeout(Some(limit))
+        .and_then(|_| stream.set_write_timeout(Some(limit)))
+        .and_then(|_| {
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: rescue\r\nConnection: close\r\n\r\n")
+        });
+    if sent.is_err() {
+        return false;
+    }
+    let mut answer = Vec::with_capacity(256);
+    // To the end: the connection's thread in the pool has finished with it then.
+    stream.read_to_end(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.1 ")
+}
+
+/// The threads of this process (`Threads:` in /proc/self/status).
+fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Raises the soft limit on open descriptors to the hard one (a shell gives 1024, which

@@ -69,7 +69,11 @@ pub fn listen(
     Ok(())
 }
 
+/// Requests taken from tiny_http so far (the rescue in `listener` watches it).
+pub static DISPATCHED: AtomicU64 = AtomicU64::new(0);
+
 fn dispatch(request: Request, tx: &Sender<Request>) -> bool {
+    DISPATCHED.fetch_add(1, Ordering::Relaxed);
     match tx.try_send(request) {
         Ok(()) => true,
         Err(TrySendError::Full(request)) => {

@@ -657,9 +657,50 @@ impl Netlab {
         })
     }
 
-    /// The lab's nodes in netlab's order, each with its `inspect --node` data. The per-node
-    /// calls run in parallel, at most `parallelism` at a time.
+    /// The lab's nodes in netlab's order, each with its `inspect --node` data: read in one
+    /// netlab call ([`Netlab::devices_at_once`]), or, when that fails, node by node
+    /// ([`Netlab::devices_node_by_node`]).
     pub fn devices(&self, dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError> {
+        match self.devices_at_once(dir, instance) {
+            Ok(devices) => Ok(devices),
+            Err(e) => {
+                log::warn!(
+                    "reading every node in one netlab call failed, asking node by node: {}",
+                    for_log(&e)
+                );
+                self.devices_node_by_node(dir, instance)
+            }
+        }
+    }
+
+    /// Every node of `instance`, in netlab's order, with the data `netlab inspect --node
+    /// NAME --format json` prints for it, from one `netlab inspect` (one Python start
+    /// instead of one per node and one for the list). See [`ALL_NODES`].
+    pub fn devices_at_once(
+        &self,
+        dir: &Path,
+        instance: Option<u16>,
+    ) -> Result<Vec<Device>, NetlabError> {
+        let stdout = self.inspect(dir, instance, &["--format", "json", ALL_NODES])?;
+        let pairs: Vec<(String, serde_json::Value)> =
+            serde_json::from_slice(&stdout).map_err(|e| NetlabError::BadOutput {
+                command: "inspect",
+                why: format!("every node at once: not a list of [name, data]: {e}"),
+            })?;
+        Ok(pairs
+            .into_iter()
+            .map(|(name, raw)| Device { name, raw })
+            .collect())
+    }
+
+    /// The lab's nodes in netlab's order, each with its `inspect --node` data, one netlab
+    /// call for the list and one per node. The per-node calls run in parallel, at most
+    /// `parallelism` at a time.
+    pub fn devices_node_by_node(
+        &self,
+        dir: &Path,
+        instance: Option<u16>,
+    ) -> Result<Vec<Device>, NetlabError> {
         let names = self.node_names(dir, instance)?;
         let results: Mutex<Vec<Option<Result<serde_json::Value, NetlabError>>>> =
             Mutex::new((0..names.len()).map(|_| None).collect());
@@ -809,6 +850,17 @@ impl Netlab {
         Ok(())
     }
 }
+
+/// The expression `netlab inspect --format json` evaluates (with the lab's topology as its
+/// names) to list every node as `[name, data]`, in netlab's order, where `data` is what
+/// `netlab inspect --node NAME` computes for one node: the node as the Ansible inventory
+/// shows it, group variables included, plus `_netlab_version`. netlab splits its output
+/// argument at `=` and `:`, so the expression uses neither (positional arguments, a dict
+/// built from a list of pairs).
+const ALL_NODES: &str = "__import__('box').BoxList([[n, \
+    __import__('netsim.outputs.common').outputs.common.adjust_inventory_host(\
+    nodes[n], defaults, None, None, True) \
+    + dict([['_netlab_version', _netlab_version]])] for n in nodes])";
 
 fn split(topology: &Path) -> (PathBuf, String) {
     let dir = topology

@@ -7,6 +7,7 @@ are independent and can run in any order.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,39 @@ def test_acquire_with_extra_file(api: Client, server: ServerProcess, sandbox: Sa
     assert 'echo "configured clab-e2em-r1"' in rendered, rendered
     # ... and ran it on r1 as one more config step
     assert any(re.match(r"docker exec clab-e2em-r1 \S*configs/marker\S*", c) for c in calls), calls
+
+
+def test_node_data_is_what_inspect_node_prints(api: Client, server: ServerProcess, sandbox: Sandbox, topo) -> None:
+    """Every device's `raw` is exactly what `netlab inspect --node NAME --format json`
+    prints for that node (the Python client and recorded replays rely on it), for several
+    device types, in netlab's node order. Our server reads all of it in one netlab call."""
+    sid, _ = api.new_session()
+    data = acquire(api, sid, topo("devices.yml"), "devices.yml")
+    wd = work_dir(api, sid)
+
+    listing = sandbox.run_netlab(
+        "inspect", "-q", "--instance", "default", "--format", "json", "list(nodes.keys())", cwd=wd
+    )
+    assert listing.returncode == 0, listing.stderr
+    names = re.findall(r"'([^']+)'", listing.stdout)
+    assert names == ["r1", "r2", "h1", "b1"], listing.stdout
+    assert [d["name"] for d in data["devices"]] == names
+
+    kinds = set()
+    for device in data["devices"]:
+        one = sandbox.run_netlab(
+            "inspect", "-q", "--instance", "default", "--node", device["name"], "--format", "json", cwd=wd
+        )
+        assert one.returncode == 0, one.stderr
+        expected = json.loads(one.stdout)
+        assert device["raw"] == expected, device["name"]
+        kinds.add(expected["ansible_network_os"])
+    assert kinds == {"frr", "linux"}, kinds  # bird runs on a linux container
+
+    if server.kind == "rust":
+        log = server.log_path.read_text()
+        assert "__import__('box').BoxList(" in log, "the one-call read did not run"
+        assert "--node" not in log, "the server fell back to one call per node"
 
 
 def test_reuse_same_content_under_another_name(api: Client, server: ServerProcess, sandbox: Sandbox, topo) -> None:

@@ -78,27 +78,22 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
     let calls = s.calls();
     let lines: Vec<String> = calls.iter().map(|(argv, _)| argv.join(" ")).collect();
     assert_eq!(
-        lines[..3],
+        lines[..2],
         [
             "status --all --format json".to_owned(),
             "up lab.yml".to_owned(),
-            "inspect -q --instance default --format json list(nodes.keys())".to_owned(),
         ]
+    );
+    // Every node's data in one call (the expression is the server's own).
+    assert!(
+        lines[2]
+            .starts_with("inspect -q --instance default --format json __import__('box').BoxList("),
+        "{lines:?}"
     );
     assert_eq!(calls[0].1, state_dir);
     assert_eq!(calls[1].1, work);
     assert_eq!(calls[2].1, work);
-    let mut node_calls: Vec<&String> = lines[3..].iter().collect();
-    node_calls.sort();
-    assert_eq!(
-        node_calls,
-        [
-            "inspect -q --instance default --node r1 --format json",
-            "inspect -q --instance default --node r2 --format json"
-        ]
-    );
-    assert!(calls[3..].iter().all(|(_, cwd)| *cwd == work));
-    assert_eq!(calls.len(), 5);
+    assert_eq!(calls.len(), 3);
 
     // Teardown: exactly `down --cleanup` in the work dir, then the dir is gone.
     s.clear_calls();
@@ -463,6 +458,54 @@ fn assert_failed_start_cleaned(s: &TestServer, a: &str, netlab_made_something: b
     s.lab("DELETE", "/lab", a).expect_empty(202);
     wait_torn_down(s);
     s.clear_calls();
+}
+
+#[test]
+fn devices_are_read_node_by_node_when_the_one_call_fails() {
+    let s = start();
+    let (a, _) = s.create_session();
+    let at_once = s.acquire(&a, &Form::topology("lab.yml", TOPO_B));
+    assert_eq!(at_once.status, 200, "{}", at_once.text());
+    s.lab("DELETE", "/lab", &a).expect_empty(202);
+    wait_torn_down(&s);
+
+    s.set_control("all.fail", "");
+    s.clear_calls();
+    let by_node = s.acquire(&a, &Form::topology("lab.yml", TOPO_B));
+    assert_eq!(by_node.status, 200, "{}", by_node.text());
+    // The same answer, byte for byte, from the list and one call per node (but for the
+    // lab's name, which the fake netlab takes from the work directory).
+    let same = |text: String| {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let host = v["devices"][0]["raw"]["hostname"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let lab = host.strip_suffix("-s1").unwrap().to_owned();
+        text.replace(&lab, "clab-LAB")
+    };
+    assert_eq!(same(by_node.text()), same(at_once.text()));
+    let mut inspects: Vec<String> = s
+        .calls()
+        .iter()
+        .map(|(argv, _)| argv.join(" "))
+        .filter(|l| l.starts_with("inspect"))
+        .collect();
+    inspects[1..].sort();
+    assert!(
+        inspects[0].contains("__import__('box').BoxList("),
+        "{inspects:?}"
+    );
+    assert_eq!(
+        inspects[1..],
+        [
+            "inspect -q --instance default --format json list(nodes.keys())",
+            "inspect -q --instance default --node s1 --format json",
+            "inspect -q --instance default --node s2 --format json",
+            "inspect -q --instance default --node s3 --format json",
+        ]
+    );
+    s.clear_control("all.fail");
 }
 
 #[test]
