@@ -81,130 +81,75 @@ fn serve(config: Config) -> i32 {
         eprintln!("neops-remote-lab: {e}");
         return 1;
     }
+    match start(config) {
+        Ok(ready) => ready.serve_until_stopped(),
+        Err(StartError(why)) => fail(why),
+    }
+}
+
+/// Why the server could not start: logged, and the process exits 1 (nothing of netlab's
+/// has been touched unless the message says so).
+struct StartError(String);
+
+impl StartError {
+    fn of(what: impl std::fmt::Display) -> Self {
+        StartError(what.to_string())
+    }
+}
+
+/// A server that has done every check and restored its state, with its listening socket
+/// bound, ready to start its threads.
+struct Ready {
+    config: Config,
+    shared: Arc<Shared>,
+    server: Arc<Server>,
+    bound: SocketAddr,
+    /// A copy of the listening socket, for `listener::rescue`.
+    rescue_socket: std::net::TcpListener,
+    netlab: Netlab,
+    lab_rx: Vec<Receiver<LabJob>>,
+    signals: Signals,
+    nofile: Option<u64>,
+    /// Held until the process ends: one server per state dir.
+    _lock: lockfile::StateDirLock,
+}
+
+/// The start-up steps, in order; the first that fails ends the start.
+fn start(config: Config) -> Result<Ready, StartError> {
     if let Some(path) = &config.log_config {
         log::warn!(
             "--log-config {} is ignored: use --log-level, --log-file or --debug",
             path.display()
         );
     }
-    let access = match &config.token_file {
-        Some(path) => match Access::load(path, config.public_read) {
-            Ok(access) => {
-                log::info!(
-                    "access tokens from {}: every route but /healthz needs one{}",
-                    path.display(),
-                    if config.public_read {
-                        " (--public-read: the read-only views do not)"
-                    } else {
-                        ""
-                    }
-                );
-                Some(access)
-            }
-            Err(e) => return fail(e),
-        },
-        None => {
-            log::warn!(
-                "no --token-file: anyone who can reach the port can use the lab \
-                 (and a topology runs commands on this host)"
-            );
-            if config.public_read {
-                log::warn!("--public-read has no effect without --token-file");
-            }
-            None
-        }
-    };
-    if let Err(e) = statedir::prepare(&config.state_dir) {
-        return fail(e);
-    }
-    let _lock = match lockfile::acquire(&config.state_dir) {
-        Ok(lock) => lock,
-        Err(e) => return fail(e),
-    };
+    let access = load_access(&config)?;
+    statedir::prepare(&config.state_dir).map_err(StartError::of)?;
+    let lock = lockfile::acquire(&config.state_dir).map_err(StartError::of)?;
     let nofile = listener::raise_nofile_limit();
     // Bound before netlab is touched: a second server started by mistake on a port in use
     // must fail without tearing down anything.
-    let socket = match listener::bind(&config.host, config.port, listener::socket_timeout(&config))
-    {
-        Ok(socket) => socket,
-        Err(e) => {
-            return fail(format!(
-                "cannot listen on {}:{}: {e}",
-                config.host, config.port
-            ));
-        }
+    let cannot_listen = |e: &dyn std::fmt::Display| {
+        StartError(format!(
+            "cannot listen on {}:{}: {e}",
+            config.host, config.port
+        ))
     };
-
-    let netlab = Netlab::new(
-        config.netlab.clone(),
-        config.netlab_timeout,
-        config.stream_netlab_output,
-    )
-    .with_containerlab(config.containerlab.clone());
-    match netlab.version(&config.state_dir) {
-        Ok(version) => log::info!("using {version} ({})", config.netlab.display()),
-        Err(e) => {
-            return fail(format!(
-                "netlab is missing or broken: {e}\n\
-                 Install it (for example `python3 -m venv /opt/netlab && /opt/netlab/bin/pip install networklab`) \
-                 and point --netlab (or NEOPS_REMOTE_LAB_NETLAB) at the `netlab` command."
-            ));
-        }
-    }
-    if let Some(topology) = &config.health_topology
-        && let Err(e) = std::fs::metadata(topology).and_then(|m| {
-            if m.is_file() {
-                Ok(())
-            } else {
-                Err(std::io::Error::other("not a file"))
-            }
-        })
-    {
-        return fail(format!("--health-topology {}: {e}", topology.display()));
-    }
-    let draining = match drain::load(&config.state_dir) {
-        Ok(Some(drain)) => {
-            log::warn!(
-                "draining (since the last run{}): no new sessions until `neops-remote-lab resume` \
-                 or POST /admin/resume",
-                drain
-                    .by
-                    .as_deref()
-                    .map(|by| format!(", by {by}"))
-                    .unwrap_or_default()
-            );
-            Some(drain)
-        }
-        Ok(None) => None,
-        Err(e) => {
-            return fail(format!(
-                "cannot read {}: {e}",
-                config.state_dir.join(drain::DRAIN_FILE).display()
-            ));
-        }
-    };
+    let socket = listener::bind(&config.host, config.port, listener::socket_timeout(&config))
+        .map_err(|e| cannot_listen(&e))?;
+    let netlab = check_netlab(&config)?;
+    check_health_topology(&config)?;
+    let draining = load_drain(&config)?;
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
-    // A copy of the listening socket for the rescue of connections tiny_http leaves waiting
-    // (see `listener::rescue`); closed when that thread ends.
-    let rescue_socket = match socket.try_clone() {
-        Ok(copy) => copy,
-        Err(e) => return fail(format!("cannot copy the listening socket: {e}")),
-    };
-    let server = match Server::from_listener(socket, None) {
-        Ok(server) => Arc::new(server),
-        Err(e) => {
-            return fail(format!(
-                "cannot listen on {}:{}: {e}",
-                config.host, config.port
-            ));
-        }
-    };
-    let Some(bound) = server.server_addr().to_ip() else {
-        return fail("the listener has no IP address");
-    };
-
+    let rescue_socket = socket
+        .try_clone()
+        .map_err(|e| StartError(format!("cannot copy the listening socket: {e}")))?;
+    let server = Arc::new(Server::from_listener(socket, None).map_err(|e| cannot_listen(&e))?);
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| StartError::of("the listener has no IP address"))?;
     let (lab_tx, lab_rx): (Vec<_>, Vec<_>) = config.instances().iter().map(|_| unbounded()).unzip();
     let pending: Vec<Teardown> = state.teardowns.clone();
     let mut shared = Shared::with_state(config.clone(), clock, lab_tx, Some(state));
@@ -213,9 +158,113 @@ fn serve(config: Config) -> i32 {
     if let Some(drain) = draining {
         let _ = shared.host.set_drain(Some(drain), |_| Ok::<(), ()>(()));
     }
-    // A deliberate exit (status 75, from any thread) is an event too, and takes what the
-    // event writer has queued with it to the file rather than dropping it.
-    let events = Arc::downgrade(&shared);
+    record_deliberate_exits(&shared);
+    begin(&shared, lab_outcome, pending);
+    let signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| StartError(format!("cannot handle signals: {e}")))?;
+    Ok(Ready {
+        config,
+        shared,
+        server,
+        bound,
+        rescue_socket,
+        netlab,
+        lab_rx,
+        signals,
+        nofile,
+        _lock: lock,
+    })
+}
+
+/// The access tokens of `--token-file`, if any (said in the log either way).
+fn load_access(config: &Config) -> Result<Option<Access>, StartError> {
+    let Some(path) = &config.token_file else {
+        log::warn!(
+            "no --token-file: anyone who can reach the port can use the lab \
+             (and a topology runs commands on this host)"
+        );
+        if config.public_read {
+            log::warn!("--public-read has no effect without --token-file");
+        }
+        return Ok(None);
+    };
+    let access = Access::load(path, config.public_read).map_err(StartError::of)?;
+    log::info!(
+        "access tokens from {}: every route but /healthz needs one{}",
+        path.display(),
+        if config.public_read {
+            " (--public-read: the read-only views do not)"
+        } else {
+            ""
+        }
+    );
+    Ok(Some(access))
+}
+
+/// `netlab version` must answer before anything else of netlab's runs.
+fn check_netlab(config: &Config) -> Result<Netlab, StartError> {
+    let netlab = Netlab::new(
+        config.netlab.clone(),
+        config.netlab_timeout,
+        config.stream_netlab_output,
+    )
+    .with_containerlab(config.containerlab.clone());
+    match netlab.version(&config.state_dir) {
+        Ok(version) => {
+            log::info!("using {version} ({})", config.netlab.display());
+            Ok(netlab)
+        }
+        Err(e) => Err(StartError(format!(
+            "netlab is missing or broken: {e}\n\
+             Install it (for example `python3 -m venv /opt/netlab && /opt/netlab/bin/pip install networklab`) \
+             and point --netlab (or NEOPS_REMOTE_LAB_NETLAB) at the `netlab` command."
+        ))),
+    }
+}
+
+fn check_health_topology(config: &Config) -> Result<(), StartError> {
+    let Some(topology) = &config.health_topology else {
+        return Ok(());
+    };
+    match std::fs::metadata(topology) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(StartError(format!(
+            "--health-topology {}: not a file",
+            topology.display()
+        ))),
+        Err(e) => Err(StartError(format!(
+            "--health-topology {}: {e}",
+            topology.display()
+        ))),
+    }
+}
+
+/// A drain the last run left in force (it survives restarts).
+fn load_drain(config: &Config) -> Result<Option<drain::Drain>, StartError> {
+    let drain = drain::load(&config.state_dir).map_err(|e| {
+        StartError(format!(
+            "cannot read {}: {e}",
+            config.state_dir.join(drain::DRAIN_FILE).display()
+        ))
+    })?;
+    if let Some(drain) = &drain {
+        log::warn!(
+            "draining (since the last run{}): no new sessions until `neops-remote-lab resume` \
+             or POST /admin/resume",
+            drain
+                .by
+                .as_deref()
+                .map(|by| format!(", by {by}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(drain)
+}
+
+/// A deliberate exit (status 75, from any thread) is an event too, and takes what the event
+/// writer has queued with it to the file rather than dropping it.
+fn record_deliberate_exits(shared: &Arc<Shared>) {
+    let events = Arc::downgrade(shared);
     listener::before_restart(move |why, status| {
         if let Some(shared) = events.upgrade() {
             shared.events.emit(
@@ -230,8 +279,13 @@ fn serve(config: Config) -> i32 {
             }
         }
     });
-    // The restored state is the new truth: write it before anyone can see it. (If that
-    // fails, the server starts degraded and refuses changes until a write succeeds.)
+}
+
+/// The restored state becomes the new truth: written before anyone can see it (if that
+/// fails, the server starts degraded and refuses changes until a write succeeds), the start
+/// recorded, the teardowns the last run left pending sent to the lab workers, and the
+/// sessions of names revoked meanwhile ended.
+fn begin(shared: &Shared, lab_outcome: &str, pending: Vec<Teardown>) {
     shared.set_durable_baseline();
     let version = shared.lock().changed();
     shared.persist_quietly(version);
@@ -252,49 +306,163 @@ fn serve(config: Config) -> i32 {
         );
         shared.send_lab_job(LabJob::Teardown(t));
     }
-    // Sessions restored for a name whose token was removed while the server was down.
-    end_revoked_sessions(&shared, "start");
+    end_revoked_sessions(shared, "start");
+}
 
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-        Ok(signals) => signals,
-        Err(e) => return fail(format!("cannot handle signals: {e}")),
-    };
-    {
-        let shared = Arc::clone(&shared);
-        // Weak: once the listener is done, the server is dropped and its socket closed.
-        let server = Arc::downgrade(&server);
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    if signal == SIGHUP {
-                        reload_tokens(&shared);
-                    } else if shared.begin_shutdown() {
-                        let name = if signal == SIGINT {
-                            "SIGINT"
-                        } else {
-                            "SIGTERM"
-                        };
-                        log::info!("{name}: shutting down");
-                        notify::notify("STOPPING=1");
-                        if let Some(server) = server.upgrade() {
-                            server.unblock();
-                        }
-                    } else {
-                        log::info!("shutdown already in progress");
-                    }
-                }
-            })
-            .expect("cannot start the signal thread");
+/// The threads of a running server, joined in this order at shutdown.
+struct Threads {
+    watch: (crossbeam_channel::Sender<()>, thread::JoinHandle<()>),
+    rescuer: thread::JoinHandle<()>,
+    workers: Vec<thread::JoinHandle<()>>,
+    timer: (crossbeam_channel::Sender<()>, thread::JoinHandle<()>),
+    lab_workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Ready {
+    /// Starts the threads, says it listens, serves until a signal (or the accept loop's
+    /// end), and shuts down in order; the exit status.
+    fn serve_until_stopped(self) -> i32 {
+        let Ready {
+            config,
+            shared,
+            server,
+            bound,
+            rescue_socket,
+            netlab,
+            lab_rx,
+            signals,
+            nofile,
+            _lock,
+        } = self;
+        spawn_signal_thread(&shared, &server, signals);
+        let lab_workers = spawn_lab_workers(&shared, &netlab, lab_rx);
+        let timer = spawn(&shared, "timer", move |shared, stop| {
+            timer::run(shared, stop, timer::probe_address(bound));
+        });
+        let (work_tx, work_rx) = pool::work_channel();
+        routes::register_metrics();
+        let handler: Arc<pool::Handler> = {
+            let shared = Arc::clone(&shared);
+            Arc::new(move |responder| routes::handle(&shared, responder))
+        };
+        reply::set_body_ceiling(config.max_upload_bytes);
+        let workers = pool::start_workers(config.workers, &work_rx, &handler);
+        drop((handler, work_rx));
+        let every = listener::watch_interval(listener::socket_timeout(&config));
+        let watch = spawn(&shared, "watch", move |shared, stop| {
+            watch_listener(shared, timer::probe_address(bound), every, &stop);
+        });
+        let rescuer = {
+            let shared = Arc::clone(&shared);
+            let probe = timer::probe_address(bound);
+            thread::Builder::new()
+                .name("rescue".into())
+                .spawn(move || {
+                    let dispatched = &pool::DISPATCHED;
+                    listener::rescue(&rescue_socket, probe, shared.shutdown_flag(), dispatched);
+                })
+                .expect("cannot start the rescue thread")
+        };
+        say_ready(&config, bound, nofile);
+        let listener = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("listener".into())
+                .spawn(move || pool::listen(&server, shared.shutdown_flag(), &work_tx))
+                .expect("cannot start the listener thread")
+        };
+        let listened = listener
+            .join()
+            .unwrap_or_else(|_| Err(pool::ListenerFailed("its thread panicked".into())));
+        if let Err(e) = &listened
+            && !shared.is_shutting_down()
+        {
+            // tiny_http's accept loop is gone: no orderly stop (it would tear the lab down).
+            listener::restart_now(&e.to_string());
+        }
+        shut_down(
+            &shared,
+            Threads {
+                watch,
+                rescuer,
+                workers,
+                timer,
+                lab_workers,
+            },
+        );
+        match listened {
+            Ok(()) => {
+                log::info!(
+                    "stopped (the longest a worker spent on one request: {:.1} ms; requests \
+                     made to serve connections tiny_http left waiting: {})",
+                    pool::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64
+                        / 1000.0,
+                    listener::RESCUE_KICKS.load(std::sync::atomic::Ordering::Relaxed)
+                );
+                0
+            }
+            Err(e) => fail(e),
+        }
     }
+}
 
-    // One lab worker per slot, each with its slot's live log.
+/// A thread named `name` running `body` until its stop channel says so (or is dropped).
+fn spawn(
+    shared: &Arc<Shared>,
+    name: &str,
+    body: impl FnOnce(&Shared, Receiver<()>) + Send + 'static,
+) -> (crossbeam_channel::Sender<()>, thread::JoinHandle<()>) {
+    let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let shared = Arc::clone(shared);
+    let handle = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || body(&shared, stop_rx))
+        .unwrap_or_else(|e| panic!("cannot start the {name} thread: {e}"));
+    (stop, handle)
+}
+
+/// SIGTERM and SIGINT stop the server (once), SIGHUP re-reads the tokens.
+fn spawn_signal_thread(shared: &Arc<Shared>, server: &Arc<Server>, mut signals: Signals) {
+    let shared = Arc::clone(shared);
+    // Weak: once the listener is done, the server is dropped and its socket closed.
+    let server = Arc::downgrade(server);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    reload_tokens(&shared);
+                } else if shared.begin_shutdown() {
+                    let name = if signal == SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    };
+                    log::info!("{name}: shutting down");
+                    notify::notify("STOPPING=1");
+                    if let Some(server) = server.upgrade() {
+                        server.unblock();
+                    }
+                } else {
+                    log::info!("shutdown already in progress");
+                }
+            }
+        })
+        .expect("cannot start the signal thread");
+}
+
+/// One lab worker per slot, each with its slot's live log.
+fn spawn_lab_workers(
+    shared: &Arc<Shared>,
+    netlab: &Netlab,
+    lab_rx: Vec<Receiver<LabJob>>,
+) -> Vec<thread::JoinHandle<()>> {
     let single = lab_rx.len() == 1;
-    let lab_threads: Vec<_> = lab_rx
+    lab_rx
         .into_iter()
         .enumerate()
         .map(|(slot, rx)| {
-            let shared = Arc::clone(&shared);
+            let shared = Arc::clone(shared);
             let netlab = netlab
                 .clone()
                 .with_live_log(Arc::clone(shared.lab_log(slot)));
@@ -308,54 +476,12 @@ fn serve(config: Config) -> i32 {
                 .spawn(move || lab_thread::run(&shared, &netlab, rx, slot))
                 .expect("cannot start a lab worker")
         })
-        .collect();
-    let (timer_stop, timer_rx) = crossbeam_channel::bounded::<()>(1);
-    let timer = {
-        let shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("timer".into())
-            .spawn(move || timer::run(&shared, timer_rx, timer::probe_address(bound)))
-            .expect("cannot start the timer thread")
-    };
-    let (work_tx, work_rx) = pool::work_channel();
-    routes::register_metrics();
-    let handler: Arc<pool::Handler> = {
-        let shared = Arc::clone(&shared);
-        Arc::new(move |responder| routes::handle(&shared, responder))
-    };
-    reply::set_body_ceiling(config.max_upload_bytes);
-    let workers = pool::start_workers(config.workers, &work_rx, &handler);
-    drop(handler);
-    drop(work_rx);
-    let (watch_stop, watch_rx) = crossbeam_channel::bounded::<()>(1);
-    let watch = {
-        let shared = Arc::clone(&shared);
-        let every = listener::watch_interval(listener::socket_timeout(&config));
-        let probe = timer::probe_address(bound);
-        thread::Builder::new()
-            .name("watch".into())
-            .spawn(move || watch_listener(&shared, probe, every, &watch_rx))
-            .expect("cannot start the watch thread")
-    };
+        .collect()
+}
 
-    let rescuer = {
-        let shared = Arc::clone(&shared);
-        let probe = timer::probe_address(bound);
-        thread::Builder::new()
-            .name("rescue".into())
-            .spawn(move || {
-                listener::rescue(
-                    &rescue_socket,
-                    probe,
-                    shared.shutdown_flag(),
-                    &pool::DISPATCHED,
-                );
-            })
-            .expect("cannot start the rescue thread")
-    };
-
-    // The start-up contract (tests and scripts wait for this exact line), and the same
-    // event in the log's own format.
+/// The start-up contract (tests and scripts wait for the exact line on stderr), the same in
+/// the log's own format, and systemd's READY.
+fn say_ready(config: &Config, bound: SocketAddr, nofile: Option<u64>) {
     eprintln!("listening on http://{bound}");
     log::info!("listening on http://{bound}");
     log::info!(
@@ -367,54 +493,30 @@ fn serve(config: Config) -> i32 {
         nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
     );
     notify::notify("READY=1");
+}
 
-    let listener = {
-        let shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("listener".into())
-            .spawn(move || pool::listen(&server, shared.shutdown_flag(), &work_tx))
-            .expect("cannot start the listener thread")
-    };
-    let listened = listener
-        .join()
-        .unwrap_or_else(|_| Err(pool::ListenerFailed("its thread panicked".into())));
-    if let Err(e) = &listened
-        && !shared.is_shutting_down()
-    {
-        // tiny_http's accept loop is gone: no orderly stop (it would tear the lab down).
-        listener::restart_now(&e.to_string());
-    }
-    let _ = watch_stop.send(());
-    let _ = watch.join();
-    let _ = rescuer.join();
+/// The order matters: the listener is done; then the watch and rescue threads, the workers
+/// (each finishes its request), the long-polls (answered now), the timer, and last the lab
+/// workers (each finishes its job and tears its lab down unless `--on-exit keep`).
+fn shut_down(shared: &Shared, threads: Threads) {
+    let _ = threads.watch.0.send(());
+    let _ = threads.watch.1.join();
+    let _ = threads.rescuer.join();
     if shared.begin_shutdown() {
         notify::notify("STOPPING=1");
     }
     shared.events.emit("server_stopping", serde_json::json!({}));
-    for worker in workers {
+    for worker in threads.workers {
         let _ = worker.join();
     }
-    // Nobody parks any more: every long-poll gets its answer now.
     shared.expire_parked(true);
-    let _ = timer_stop.send(());
-    let _ = timer.join();
+    let _ = threads.timer.0.send(());
+    let _ = threads.timer.1.join();
     shared.send_lab_job(LabJob::Shutdown);
-    for lab_thread in lab_threads {
-        let _ = lab_thread.join();
+    for lab_worker in threads.lab_workers {
+        let _ = lab_worker.join();
     }
     shared.events.close();
-    match listened {
-        Ok(()) => {
-            log::info!(
-                "stopped (the longest a worker spent on one request: {:.1} ms; requests made \
-                 to serve connections tiny_http left waiting: {})",
-                pool::LONGEST_SERVE_US.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
-                listener::RESCUE_KICKS.load(std::sync::atomic::Ordering::Relaxed)
-            );
-            0
-        }
-        Err(e) => fail(e),
-    }
 }
 
 /// `neops-remote-lab reload`: SIGHUP to the server (systemd's `$MAINPID`, else the pid in the
