@@ -1,5 +1,8 @@
 //! Command line and environment. Every option `--some-flag` falls back to the environment
 //! variable `NEOPS_REMOTE_LAB_SOME_FLAG`; the command line wins.
+//!
+//! Why one file of this size: the table of options (one entry each: name, default, help and
+//! the reader of its value) is half of it, and a fifth is tests.
 
 use std::ffi::OsString;
 use std::fmt;

@@ -8,6 +8,9 @@
 //! Shutdown (SIGTERM/SIGINT): the listener stops taking requests (what tiny_http already
 //! parsed is still answered), the workers drain the channel, the lab thread finishes its job
 //! (a running `netlab up` is cut short) and tears the lab down, and the process exits 0.
+//!
+//! Why one file of this size: start-up (a step a function), restore, cleanup and reload each
+//! read the state file and drive netlab at the top of the program; they share its helpers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

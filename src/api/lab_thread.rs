@@ -7,6 +7,9 @@
 //! netlab) and frees the slot by dropping it. A panic during a job ends that job only: the
 //! unwinding drops the start's responder (the client gets our 500) and its slot (freed; the
 //! half-made start becomes a pending teardown), and the thread takes the next job.
+//!
+//! Why one file of this size: a start, a teardown and a health check each run netlab through
+//! the same `Driver`; a fifth is tests.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};

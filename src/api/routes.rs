@@ -6,6 +6,11 @@
 //! returns a [`Reply`] (the worker sends it) or takes the [`Responder`] to answer later
 //! elsewhere: `POST /lab` hands it to an upload thread and on to the lab thread, a
 //! long-poll parks it.
+//!
+//! Why one file of this size: the route table (with each operation's OpenAPI summary) is a
+//! third of it, and the handlers below it are short ones grouped by route family
+//! (sessions, admin, lab); they share the `Call` the table hands them. Splitting them into
+//! files of their own is the next step once the `Call` moves to a module of its own.
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};

@@ -10,6 +10,9 @@
 //! [`WINDOW`], every request from that address that needs a token gets 429 for [`WINDOW`].
 //! A request with the right token from any other address is not touched by this, and the
 //! check costs one atomic load while no address is blocked.
+//!
+//! Why one file of this size: the token file, callers and the throttle belong together;
+//! a third of it is tests.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -10,6 +10,8 @@
 //! stand. Each session has a sequence number; the queue keeps `(seq, id)` pairs sorted by
 //! `seq`, so a session's position is a binary search (less the few ACTIVE sessions ahead of
 //! it).
+//!
+//! Why one file of this size: a third of it is unit tests of the queue's order.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -12,6 +12,9 @@
 //!
 //! Every change a restart must not lose bumps the state's version; the caller then waits for
 //! [`Shared::persist`] of that version (outside the lock) before it answers the client.
+//!
+//! Why one file of this size: everything that happens under the state lock is here, so that
+//! the lock order (state before persister) can be read in one place; a fifth is tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,6 +2,9 @@
 //! [`crate::lab::runner`] (its own process group, bounded output, a timeout) with
 //! `COLUMNS=1000` (netlab prints through Rich, which cuts lines at the terminal width) and
 //! stdin from /dev/null, or a short answer such as `y\n` where netlab asks.
+//!
+//! Why one file of this size: one method per netlab command the server runs, each with the
+//! parsing of what netlab prints and the classification of its failures.
 
 use std::fmt;
 use std::io;

@@ -4,6 +4,9 @@
 //! The `multipart` crate does the parsing; it stays behind this module so that it can be
 //! replaced. This module owns the limits (total bytes, number of parts) and the file-name
 //! rules, so that nothing a client sends is ever written outside the work directory.
+//!
+//! Why one file of this size: the multipart crate is kept behind this one module, with our
+//! own reading of part headers where the crate's is wrong, and the limits around it.
 
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};

@@ -1,6 +1,9 @@
 //! `GET /metrics`: counters and histograms as plain atomics in one static, so that counting
 //! costs the hot paths one relaxed `fetch_add` and no lock; gauges are read from the state at
 //! scrape time. Rendered in the Prometheus text format 0.0.4.
+//!
+//! Why one file of this size: most of it is the exposition itself, a metric after another
+//! with its help text, in the order Prometheus shows them.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;

@@ -6,6 +6,9 @@
 //! before the client gets the answer for the change. Concurrent changes share one write
 //! (group commit): whoever finds no write in progress writes a snapshot that includes every
 //! change made so far, and everyone whose change it covers returns.
+//!
+//! Why one file of this size: over a third of it is tests of the file's format, old layouts
+//! included.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -6,6 +6,9 @@
 //! lab starts, one waiting for COMMAND. They report to the main thread on one channel of
 //! [`Event`]s; the main thread decides everything, with `select!` and timers, and ends
 //! every session it opened however the run ends.
+//!
+//! Why one file of this size: `run` is one command in sections (choosing hosts, waiting,
+//! heartbeats, ending, the lab, the command, names), each a few functions long.
 
 use std::ffi::OsString;
 use std::io::Write;
