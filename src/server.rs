@@ -860,35 +860,18 @@ fn confine(mut saved: Snapshot, labs: &Path) -> Snapshot {
             labs.display()
         );
     };
-    if let Some(lab) = saved.lab.take() {
-        if lab_ok(&lab) {
-            saved.lab = Some(lab);
-        } else {
-            refuse("the lab", &lab.work_dir);
+    // Each slot's lab and start in progress (the first slot's at the top of the file).
+    let confine_slot = |lab: &mut Option<LabRecord>, starting: &mut Option<Starting>| {
+        if let Some(l) = lab.take_if(|l| !lab_ok(l)) {
+            refuse("the lab", &l.work_dir);
         }
-    }
-    if let Some(start) = saved.starting.take() {
-        if statedir::is_work_dir(labs, &start.work_dir) {
-            saved.starting = Some(start);
-        } else {
-            refuse("a start in", &start.work_dir);
+        if let Some(s) = starting.take_if(|s| !statedir::is_work_dir(labs, &s.work_dir)) {
+            refuse("a start in", &s.work_dir);
         }
-    }
+    };
+    confine_slot(&mut saved.lab, &mut saved.starting);
     for slot in &mut saved.slots {
-        if let Some(lab) = slot.lab.take() {
-            if lab_ok(&lab) {
-                slot.lab = Some(lab);
-            } else {
-                refuse("the lab", &lab.work_dir);
-            }
-        }
-        if let Some(start) = slot.starting.take() {
-            if statedir::is_work_dir(labs, &start.work_dir) {
-                slot.starting = Some(start);
-            } else {
-                refuse("a start in", &start.work_dir);
-            }
-        }
+        confine_slot(&mut slot.lab, &mut slot.starting);
     }
     saved.teardowns.retain(|t| {
         // The remains of a failed start name their work dir as their topology.
