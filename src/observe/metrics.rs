@@ -399,6 +399,12 @@ fn counters(
     }
 }
 
+/// A metric without labels: its `# HELP` and `# TYPE` lines and its value.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{PREFIX}{name} {value}");
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
     let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
@@ -409,222 +415,170 @@ fn process_header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The whole exposition.
+/// The whole exposition: the gauges read from the state, the counters, the histograms and
+/// the process's own metrics.
 pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
-    let m = &METRICS;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let mut out = String::with_capacity(16 * 1024);
+    render_gauges(&mut out, gauges);
+    render_counters(&mut out, gauges);
+    render_histograms(&mut out);
+    process_metrics(&mut out, started_at);
+    out
+}
 
+/// The gauges: sessions, the host's state, the lab and each slot, the timeouts.
+fn render_gauges(out: &mut String, gauges: &Gauges) {
     header(
-        &mut out,
+        out,
         "sessions",
         "gauge",
         "Sessions in the queue, by status.",
     );
-    let _ = writeln!(
-        out,
-        "{PREFIX}sessions{{status=\"active\"}} {}",
-        gauges.active
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}sessions{{status=\"waiting\"}} {}",
-        gauges.waiting
-    );
+    for (status, n) in [("active", gauges.active), ("waiting", gauges.waiting)] {
+        let _ = writeln!(out, "{PREFIX}sessions{{status=\"{status}\"}} {n}");
+    }
     header(
-        &mut out,
+        out,
         "host_state",
         "gauge",
         "1 for the host's state (ok, draining: no new sessions, unhealthy: POST /lab refused), 0 for the others.",
     );
     for state in HOST_STATES {
-        let _ = writeln!(
-            out,
-            "{PREFIX}host_state{{state=\"{state}\"}} {}",
-            u8::from(*state == gauges.host_state)
-        );
+        let on = u8::from(*state == gauges.host_state);
+        let _ = writeln!(out, "{PREFIX}host_state{{state=\"{state}\"}} {on}");
     }
-    header(
-        &mut out,
-        "host_start_failures",
-        "gauge",
-        "Starts failed in a row for reasons not the topology's (--unhealthy-after makes the host unhealthy).",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}host_start_failures {}",
-        gauges.host_start_failures
-    );
-    header(
-        &mut out,
-        "lab_up",
-        "gauge",
-        "1 while a lab is running (in any slot).",
-    );
-    let _ = writeln!(out, "{PREFIX}lab_up {}", u8::from(gauges.lab_up));
-    header(
-        &mut out,
-        "lab_references",
-        "gauge",
-        "References held on the running labs (all slots).",
-    );
-    let _ = writeln!(out, "{PREFIX}lab_references {}", gauges.lab_references);
-    header(
-        &mut out,
-        "slot_lab_up",
-        "gauge",
-        "1 while a lab runs in the slot (labels: slot number, netlab instance).",
-    );
-    for (i, slot) in gauges.slots.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{PREFIX}slot_lab_up{{slot=\"{}\",instance=\"{}\"}} {}",
-            i + 1,
-            slot.instance,
-            u8::from(slot.up)
-        );
+    /// A per-slot gauge: its name, its help, its value for one slot.
+    type PerSlot = (&'static str, &'static str, fn(&SlotGauges) -> u64);
+    let per_slot: [PerSlot; 3] = [
+        (
+            "slot_lab_up",
+            "1 while a lab runs in the slot (labels: slot number, netlab instance).",
+            |s| u64::from(s.up),
+        ),
+        (
+            "slot_lab_references",
+            "References held on the slot's lab.",
+            |s| u64::from(s.references),
+        ),
+        (
+            "slot_lab_starting",
+            "1 while a netlab up runs in the slot.",
+            |s| u64::from(s.starting),
+        ),
+    ];
+    for (name, help, value) in per_slot {
+        header(out, name, "gauge", help);
+        for (i, slot) in gauges.slots.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{PREFIX}{name}{{slot=\"{}\",instance=\"{}\"}} {}",
+                i + 1,
+                slot.instance,
+                value(slot)
+            );
+        }
     }
-    header(
-        &mut out,
-        "slot_lab_references",
-        "gauge",
-        "References held on the slot's lab.",
-    );
-    for (i, slot) in gauges.slots.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{PREFIX}slot_lab_references{{slot=\"{}\",instance=\"{}\"}} {}",
-            i + 1,
-            slot.instance,
-            slot.references
-        );
+    // One value each, in the order Prometheus lists them.
+    let gauges_table: [(&str, &str, f64); 9] = [
+        (
+            "host_start_failures",
+            "Starts failed in a row for reasons not the topology's (--unhealthy-after makes the host unhealthy).",
+            f64::from(gauges.host_start_failures),
+        ),
+        (
+            "lab_up",
+            "1 while a lab is running (in any slot).",
+            f64::from(u8::from(gauges.lab_up)),
+        ),
+        (
+            "lab_references",
+            "References held on the running labs (all slots).",
+            f64::from(gauges.lab_references),
+        ),
+        (
+            "lab_start_in_progress",
+            "1 while a POST /lab is being processed.",
+            f64::from(u8::from(gauges.start_in_progress)),
+        ),
+        (
+            "lab_teardowns_pending",
+            "Lab teardowns queued and not done yet.",
+            gauges.teardowns_pending as f64,
+        ),
+        (
+            "active_session_seconds",
+            "How long the ACTIVE session has held the lab so far (0 without one).",
+            gauges.active_for,
+        ),
+        (
+            "oldest_waiting_seconds",
+            "How long the first WAITING session has waited so far (0 without one).",
+            gauges.oldest_wait,
+        ),
+        (
+            "active_timeout_seconds",
+            "The server's --active-timeout.",
+            gauges.active_timeout,
+        ),
+        (
+            "waiting_timeout_seconds",
+            "The server's --waiting-timeout.",
+            gauges.waiting_timeout,
+        ),
+    ];
+    for (name, help, value) in gauges_table {
+        metric(out, name, "gauge", help, value);
     }
-    header(
-        &mut out,
-        "slot_lab_starting",
-        "gauge",
-        "1 while a netlab up runs in the slot.",
-    );
-    for (i, slot) in gauges.slots.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{PREFIX}slot_lab_starting{{slot=\"{}\",instance=\"{}\"}} {}",
-            i + 1,
-            slot.instance,
-            u8::from(slot.starting)
-        );
-    }
-    header(
-        &mut out,
-        "lab_start_in_progress",
-        "gauge",
-        "1 while a POST /lab is being processed.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}lab_start_in_progress {}",
-        u8::from(gauges.start_in_progress)
-    );
-    header(
-        &mut out,
-        "lab_teardowns_pending",
-        "gauge",
-        "Lab teardowns queued and not done yet.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}lab_teardowns_pending {}",
-        gauges.teardowns_pending
-    );
+}
 
-    header(
-        &mut out,
-        "active_session_seconds",
-        "gauge",
-        "How long the ACTIVE session has held the lab so far (0 without one).",
-    );
-    let _ = writeln!(out, "{PREFIX}active_session_seconds {}", gauges.active_for);
-    header(
-        &mut out,
-        "oldest_waiting_seconds",
-        "gauge",
-        "How long the first WAITING session has waited so far (0 without one).",
-    );
-    let _ = writeln!(out, "{PREFIX}oldest_waiting_seconds {}", gauges.oldest_wait);
-    header(
-        &mut out,
-        "active_timeout_seconds",
-        "gauge",
-        "The server's --active-timeout.",
-    );
-    let _ = writeln!(
+/// The counters, with one label or two.
+fn render_counters(out: &mut String, gauges: &Gauges) {
+    let m = &METRICS;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    metric(
         out,
-        "{PREFIX}active_timeout_seconds {}",
-        gauges.active_timeout
-    );
-    header(
-        &mut out,
-        "waiting_timeout_seconds",
-        "gauge",
-        "The server's --waiting-timeout.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}waiting_timeout_seconds {}",
-        gauges.waiting_timeout
-    );
-    header(
-        &mut out,
         "sessions_created_total",
         "counter",
         "Sessions created.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}sessions_created_total {}",
-        load(&m.sessions_created)
+        load(&m.sessions_created),
     );
     counters(
-        &mut out,
+        out,
         "sessions_ended_total",
         "Sessions ended, by reason (refused: the queue was full; draining: refused, the host is draining).",
         ("reason", ENDED),
         &m.sessions_ended,
     );
-    header(
-        &mut out,
+    metric(
+        out,
         "promotions_ahead_total",
         "counter",
         "Sessions promoted ahead of others because they declared the idle lab's topology.",
+        load(&m.promotions_ahead),
     );
-    let _ = writeln!(
+    metric(
         out,
-        "{PREFIX}promotions_ahead_total {}",
-        load(&m.promotions_ahead)
-    );
-    header(
-        &mut out,
         "skips_total",
         "counter",
         "Times a waiting session was passed over by a promotion ahead.",
+        load(&m.skips),
     );
-    let _ = writeln!(out, "{PREFIX}skips_total {}", load(&m.skips));
-    header(
-        &mut out,
+    metric(
+        out,
         "ups_avoided_total",
         "counter",
         "Sessions promoted ahead that then attached to the idle lab instead of starting one.",
+        load(&m.ups_avoided),
     );
-    let _ = writeln!(out, "{PREFIX}ups_avoided_total {}", load(&m.ups_avoided));
     counters(
-        &mut out,
+        out,
         "lab_acquisitions_total",
         "POST /lab calls that passed the gate, by outcome.",
         ("outcome", &Outcome::ALL.map(Outcome::as_str)),
         &m.acquisitions,
     );
     header(
-        &mut out,
+        out,
         "netlab_commands_total",
         "counter",
         "netlab commands run, by command and result.",
@@ -639,7 +593,7 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         }
     }
     header(
-        &mut out,
+        out,
         "http_requests_total",
         "counter",
         "HTTP requests answered, by route template and status class.",
@@ -657,26 +611,22 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
             }
         }
     }
-    header(
-        &mut out,
+    metric(
+        out,
         "host_unhealthy_total",
         "counter",
         "Times the host became unhealthy.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}host_unhealthy_total {}",
-        load(&m.host_unhealthy)
+        load(&m.host_unhealthy),
     );
     counters(
-        &mut out,
+        out,
         "health_checks_total",
         "Starts of --health-topology while unhealthy, by result.",
         ("result", &["success", "failure"]),
         &m.health_checks,
     );
     header(
-        &mut out,
+        out,
         "state_file_writes_total",
         "counter",
         "State file writes, by result.",
@@ -691,23 +641,19 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "{PREFIX}state_file_writes_total{{result=\"error\"}} {}",
         load(&m.state_writes[1])
     );
-    header(
-        &mut out,
+    metric(
+        out,
         "events_total",
         "counter",
         "Events recorded since the event history began (the last event id).",
+        gauges.events,
     );
-    let _ = writeln!(out, "{PREFIX}events_total {}", gauges.events);
-    header(
-        &mut out,
+    metric(
+        out,
         "events_not_written_total",
         "counter",
         "Event lines that could not be appended to events.jsonl (full disk, I/O error).",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}events_not_written_total {}",
-        load(&m.events_not_written)
+        load(&m.events_not_written),
     );
     for (name, help, value) in [
         (
@@ -731,72 +677,72 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
             &m.abandoned_untrusted,
         ),
     ] {
-        header(&mut out, name, "counter", help);
+        header(out, name, "counter", help);
         let _ = writeln!(out, "{PREFIX}{name} {}", load(value));
     }
-    header(
-        &mut out,
+    metric(
+        out,
         "auth_challenges_total",
         "counter",
         "Requests without credentials answered 401 with WWW-Authenticate (a browser's first request, a client that sends credentials only when asked); not auth failures.",
+        load(&m.auth_challenges),
     );
-    let _ = writeln!(
-        out,
-        "{PREFIX}auth_challenges_total {}",
-        load(&m.auth_challenges)
-    );
+}
 
+/// The histograms, and which build this is.
+fn render_histograms(out: &mut String) {
+    let m = &METRICS;
     header(
-        &mut out,
+        out,
         "queue_wait_seconds",
         "histogram",
         "Time from session creation to ACTIVE.",
     );
-    m.queue_wait.render(&mut out, "queue_wait_seconds", "");
+    m.queue_wait.render(out, "queue_wait_seconds", "");
     header(
-        &mut out,
+        out,
         "lab_hold_seconds",
         "histogram",
         "Time a session stayed ACTIVE (held the lab), measured when it ended.",
     );
-    m.lab_hold.render(&mut out, "lab_hold_seconds", "");
+    m.lab_hold.render(out, "lab_hold_seconds", "");
     header(
-        &mut out,
+        out,
         "netlab_command_duration_seconds",
         "histogram",
         "Duration of netlab commands, by command.",
     );
     for (i, command) in COMMANDS.iter().enumerate() {
         m.netlab_duration[i].render(
-            &mut out,
+            out,
             "netlab_command_duration_seconds",
             &format!("command=\"{command}\""),
         );
     }
     header(
-        &mut out,
+        out,
         "lab_acquire_duration_seconds",
         "histogram",
         "Duration of POST /lab after the upload, by outcome.",
     );
     for outcome in Outcome::ALL {
         m.acquire_duration[outcome as usize].render(
-            &mut out,
+            out,
             "lab_acquire_duration_seconds",
             &format!("outcome=\"{}\"", outcome.as_str()),
         );
     }
     header(
-        &mut out,
+        out,
         "state_file_write_duration_seconds",
         "histogram",
         "Duration of state file writes (write, fsync, rename, fsync).",
     );
     m.state_write_duration
-        .render(&mut out, "state_file_write_duration_seconds", "");
+        .render(out, "state_file_write_duration_seconds", "");
 
     header(
-        &mut out,
+        out,
         "build_info",
         "gauge",
         "Always 1; the version is in the label.",
@@ -806,8 +752,6 @@ pub fn render(gauges: &Gauges, started_at: SystemTime) -> String {
         "{PREFIX}build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    process_metrics(&mut out, started_at);
-    out
 }
 
 /// The standard `process_*` metrics, from /proc/self.
