@@ -535,40 +535,83 @@ fn render_gauges(out: &mut String, gauges: &Gauges) {
 fn render_counters(out: &mut String, gauges: &Gauges) {
     let m = &METRICS;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // Counters without labels: a name, its help and its value each.
+    let plain: [(&str, &str, u64); 10] = [
+        (
+            "sessions_created_total",
+            "Sessions created.",
+            load(&m.sessions_created),
+        ),
+        (
+            "promotions_ahead_total",
+            "Sessions promoted ahead of others because they declared the idle lab's topology.",
+            load(&m.promotions_ahead),
+        ),
+        (
+            "skips_total",
+            "Times a waiting session was passed over by a promotion ahead.",
+            load(&m.skips),
+        ),
+        (
+            "ups_avoided_total",
+            "Sessions promoted ahead that then attached to the idle lab instead of starting one.",
+            load(&m.ups_avoided),
+        ),
+        (
+            "host_unhealthy_total",
+            "Times the host became unhealthy.",
+            load(&m.host_unhealthy),
+        ),
+        (
+            "events_total",
+            "Events recorded since the event history began (the last event id).",
+            gauges.events,
+        ),
+        (
+            "events_not_written_total",
+            "Event lines that could not be appended to events.jsonl (full disk, I/O error).",
+            load(&m.events_not_written),
+        ),
+        (
+            "auth_failures_total",
+            "Requests without a valid credential where one was needed (each one, logged or not).",
+            load(&m.auth_failures),
+        ),
+        (
+            "auth_throttled_total",
+            "Of those, requests answered 429 because their address or /24 was blocked.",
+            load(&m.auth_throttled),
+        ),
+        (
+            "auth_events_suppressed_total",
+            "auth_failed/auth_blocked events left out: over the per-minute budget of such events.",
+            load(&m.auth_events_suppressed),
+        ),
+    ];
+    for (name, help, value) in plain {
+        metric(out, name, "counter", help, value);
+    }
     metric(
         out,
-        "sessions_created_total",
+        "connections_abandoned_untrusted_total",
         "counter",
-        "Sessions created.",
-        load(&m.sessions_created),
+        "Connections without a valid token that declared an absurd body, answered and abandoned (they never restart the server).",
+        load(&m.abandoned_untrusted),
     );
+    metric(
+        out,
+        "auth_challenges_total",
+        "counter",
+        "Requests without credentials answered 401 with WWW-Authenticate (a browser's first request, a client that sends credentials only when asked); not auth failures.",
+        load(&m.auth_challenges),
+    );
+    // Counters with one label.
     counters(
         out,
         "sessions_ended_total",
         "Sessions ended, by reason (refused: the queue was full; draining: refused, the host is draining).",
         ("reason", ENDED),
         &m.sessions_ended,
-    );
-    metric(
-        out,
-        "promotions_ahead_total",
-        "counter",
-        "Sessions promoted ahead of others because they declared the idle lab's topology.",
-        load(&m.promotions_ahead),
-    );
-    metric(
-        out,
-        "skips_total",
-        "counter",
-        "Times a waiting session was passed over by a promotion ahead.",
-        load(&m.skips),
-    );
-    metric(
-        out,
-        "ups_avoided_total",
-        "counter",
-        "Sessions promoted ahead that then attached to the idle lab instead of starting one.",
-        load(&m.ups_avoided),
     );
     counters(
         out,
@@ -577,6 +620,28 @@ fn render_counters(out: &mut String, gauges: &Gauges) {
         ("outcome", &Outcome::ALL.map(Outcome::as_str)),
         &m.acquisitions,
     );
+    counters(
+        out,
+        "health_checks_total",
+        "Starts of --health-topology while unhealthy, by result.",
+        ("result", &["success", "failure"]),
+        &m.health_checks,
+    );
+    counters(
+        out,
+        "state_file_writes_total",
+        "State file writes, by result.",
+        ("result", &["ok", "error"]),
+        &m.state_writes,
+    );
+    render_two_label_counters(out);
+}
+
+/// The counters with two labels: netlab commands by command and result, HTTP answers by
+/// route and status class.
+fn render_two_label_counters(out: &mut String) {
+    let m = &METRICS;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     header(
         out,
         "netlab_commands_total",
@@ -611,82 +676,6 @@ fn render_counters(out: &mut String, gauges: &Gauges) {
             }
         }
     }
-    metric(
-        out,
-        "host_unhealthy_total",
-        "counter",
-        "Times the host became unhealthy.",
-        load(&m.host_unhealthy),
-    );
-    counters(
-        out,
-        "health_checks_total",
-        "Starts of --health-topology while unhealthy, by result.",
-        ("result", &["success", "failure"]),
-        &m.health_checks,
-    );
-    header(
-        out,
-        "state_file_writes_total",
-        "counter",
-        "State file writes, by result.",
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}state_file_writes_total{{result=\"ok\"}} {}",
-        load(&m.state_writes[0])
-    );
-    let _ = writeln!(
-        out,
-        "{PREFIX}state_file_writes_total{{result=\"error\"}} {}",
-        load(&m.state_writes[1])
-    );
-    metric(
-        out,
-        "events_total",
-        "counter",
-        "Events recorded since the event history began (the last event id).",
-        gauges.events,
-    );
-    metric(
-        out,
-        "events_not_written_total",
-        "counter",
-        "Event lines that could not be appended to events.jsonl (full disk, I/O error).",
-        load(&m.events_not_written),
-    );
-    for (name, help, value) in [
-        (
-            "auth_failures_total",
-            "Requests without a valid credential where one was needed (each one, logged or not).",
-            &m.auth_failures,
-        ),
-        (
-            "auth_throttled_total",
-            "Of those, requests answered 429 because their address or /24 was blocked.",
-            &m.auth_throttled,
-        ),
-        (
-            "auth_events_suppressed_total",
-            "auth_failed/auth_blocked events left out: over the per-minute budget of such events.",
-            &m.auth_events_suppressed,
-        ),
-        (
-            "connections_abandoned_untrusted_total",
-            "Connections without a valid token that declared an absurd body, answered and abandoned (they never restart the server).",
-            &m.abandoned_untrusted,
-        ),
-    ] {
-        header(out, name, "counter", help);
-        let _ = writeln!(out, "{PREFIX}{name} {}", load(value));
-    }
-    metric(
-        out,
-        "auth_challenges_total",
-        "counter",
-        "Requests without credentials answered 401 with WWW-Authenticate (a browser's first request, a client that sends credentials only when asked); not auth failures.",
-        load(&m.auth_challenges),
-    );
 }
 
 /// The histograms, and which build this is.
