@@ -59,7 +59,10 @@ class Server(ServerProcess):
 
     def request(self, method: str, path: str, headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        # An empty body is sent as none: urllib would label b"" as a urlencoded form, which
+        # the server refuses on state-changing routes (a browser form must not reach them).
+        req = urllib.request.Request(self.url + path, data=body or None, method=method,
+                                     headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, dict(resp.headers), resp.read()
