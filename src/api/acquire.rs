@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::core::auth::Caller;
 use crate::core::queue::Status;
-use crate::core::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob};
+use crate::core::state::{AcquireSlot, LabJob, SESSION_HEADER, Shared, SlotBusy, StartJob, State};
 use crate::http::reply::{Reply, Responder, header_value};
 use crate::lab::record::{self, Acquire, Hash, SlotChoice, SlotView};
 use crate::lab::upload::{self, UploadError};
@@ -286,35 +286,7 @@ fn receive_and_decide(
             .into();
         }
     }
-    let single = state.slots.len() == 1;
-    let views: Vec<SlotView<'_>> = state
-        .slots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| SlotView {
-            lab: s.lab.as_ref(),
-            // With one slot the lab is the ACTIVE session's, whoever started it.
-            mine: single || s.holder == Some(session),
-            held: s.holder.is_some_and(|h| h != session),
-            starting: s.starting.is_some(),
-            tearing_down: state.tearing_down(i),
-            wanted_at: s.lab.as_ref().and_then(|l| {
-                state
-                    .queue
-                    .waiting_declared()
-                    .position(|d| d == Some(&l.hash))
-            }),
-            last_used_ms: s.last_used_ms,
-        })
-        .collect();
-    let (lab_slot, acquire) = match record::choose_slot(&views, &upload.hash, upload.reuse) {
-        SlotChoice::Own { slot, acquire } => (slot, acquire),
-        SlotChoice::Attach { slot } => (slot, Acquire::Attach),
-        SlotChoice::Empty { slot } => (slot, Acquire::Start { replace: false }),
-        SlotChoice::Evict { slot } => (slot, Acquire::Start { replace: true }),
-        SlotChoice::Busy => (0, Acquire::Busy),
-    };
-    drop(views);
+    let (lab_slot, acquire) = choose(&state, &session, &upload);
     // The first acquire of a session promoted ahead tells whether that saved an `up`.
     let promoted_ahead = acquire != Acquire::Busy && state.queue.first_use_of_ahead(&session);
     match acquire {
@@ -322,42 +294,7 @@ fn receive_and_decide(
             if promoted_ahead {
                 METRICS.up_avoided();
             }
-            let now = now_ms();
-            let target = &mut state.slots[lab_slot];
-            target.holder = Some(session);
-            target.last_used_ms = now;
-            target.idle_since = None;
-            let lab = target
-                .lab
-                .as_mut()
-                .expect("choose_slot() attaches to a running lab");
-            lab.ref_count += 1;
-            let reply = Reply::json(
-                200,
-                &Acquired {
-                    reused: true,
-                    devices: &lab.devices_json,
-                },
-            );
-            log::info!(
-                "session {session} attached to the running lab {} in slot {} (ref_count {})",
-                lab.topology.display(),
-                lab_slot + 1,
-                lab.ref_count
-            );
-            let refs = lab.ref_count;
-            let info = state
-                .queue
-                .info(&session)
-                .map(|(i, _)| i)
-                .unwrap_or_default();
-            shared.events.emit(
-                "lab_reused",
-                events::with(
-                    who(&session, info.name.as_deref(), info.owner.as_deref()),
-                    serde_json::json!({ "slot": lab_slot + 1, "ref_count": refs }),
-                ),
-            );
+            let reply = attach(shared, &mut state, session, lab_slot);
             let version = state.changed();
             drop(state);
             let persisted = shared.persist(version);
@@ -378,24 +315,7 @@ fn receive_and_decide(
             Reply::detail(423, "Lab currently busy").into()
         }
         Acquire::Start { replace } => {
-            if replace && let Some(old) = state.slots[lab_slot].lab.take() {
-                log::info!(
-                    "replacing the idle lab {} in slot {} for session {session}",
-                    old.topology.display(),
-                    lab_slot + 1
-                );
-                shared.queue_teardown(&mut state, old);
-            }
-            let instance = state.slots[lab_slot].instance;
-            let target = &mut state.slots[lab_slot];
-            target.holder = Some(session);
-            target.idle_since = None;
-            target.starting = Some(Starting {
-                session,
-                work_dir: work_dir.clone(),
-                pgid: None,
-                instance,
-            });
+            let instance = begin_start(shared, &mut state, session, lab_slot, replace, &work_dir);
             let version = state.changed();
             drop(state);
             if let Err(e) = shared.persist(version) {
@@ -413,6 +333,110 @@ fn receive_and_decide(
             }
         }
     }
+}
+
+/// Which slot the upload goes to, and what happens there (see [`record::choose_slot`]).
+fn choose(state: &State, session: &Uuid, upload: &upload::Upload) -> (usize, Acquire) {
+    // With one slot the lab is the ACTIVE session's, whoever started it.
+    let single = state.slots.len() == 1;
+    let views: Vec<SlotView<'_>> = state
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SlotView {
+            lab: s.lab.as_ref(),
+            mine: single || s.holder == Some(*session),
+            held: s.holder.is_some_and(|h| h != *session),
+            starting: s.starting.is_some(),
+            tearing_down: state.tearing_down(i),
+            wanted_at: s.lab.as_ref().and_then(|l| {
+                state
+                    .queue
+                    .waiting_declared()
+                    .position(|d| d == Some(&l.hash))
+            }),
+            last_used_ms: s.last_used_ms,
+        })
+        .collect();
+    match record::choose_slot(&views, &upload.hash, upload.reuse) {
+        SlotChoice::Own { slot, acquire } => (slot, acquire),
+        SlotChoice::Attach { slot } => (slot, Acquire::Attach),
+        SlotChoice::Empty { slot } => (slot, Acquire::Start { replace: false }),
+        SlotChoice::Evict { slot } => (slot, Acquire::Start { replace: true }),
+        SlotChoice::Busy => (0, Acquire::Busy),
+    }
+}
+
+/// Takes a reference on the running lab of `lab_slot` for `session`: the answer
+/// (`reused:true` with its devices), logged and recorded as an event.
+fn attach(shared: &Shared, state: &mut State, session: Uuid, lab_slot: usize) -> Reply {
+    let target = &mut state.slots[lab_slot];
+    target.holder = Some(session);
+    target.last_used_ms = now_ms();
+    target.idle_since = None;
+    let lab = target
+        .lab
+        .as_mut()
+        .expect("choose_slot() attaches to a running lab");
+    lab.ref_count += 1;
+    let reply = Reply::json(
+        200,
+        &Acquired {
+            reused: true,
+            devices: &lab.devices_json,
+        },
+    );
+    log::info!(
+        "session {session} attached to the running lab {} in slot {} (ref_count {})",
+        lab.topology.display(),
+        lab_slot + 1,
+        lab.ref_count
+    );
+    let refs = lab.ref_count;
+    let info = state
+        .queue
+        .info(&session)
+        .map(|(i, _)| i)
+        .unwrap_or_default();
+    shared.events.emit(
+        "lab_reused",
+        events::with(
+            who(&session, info.name.as_deref(), info.owner.as_deref()),
+            serde_json::json!({ "slot": lab_slot + 1, "ref_count": refs }),
+        ),
+    );
+    reply
+}
+
+/// Records the start in `lab_slot` (its idle lab queued for teardown first when it is
+/// `replace`d); the slot's netlab instance.
+fn begin_start(
+    shared: &Shared,
+    state: &mut State,
+    session: Uuid,
+    lab_slot: usize,
+    replace: bool,
+    work_dir: &std::path::Path,
+) -> Option<u16> {
+    if replace && let Some(old) = state.slots[lab_slot].lab.take() {
+        log::info!(
+            "replacing the idle lab {} in slot {} for session {session}",
+            old.topology.display(),
+            lab_slot + 1
+        );
+        shared.queue_teardown(state, old);
+    }
+    let instance = state.slots[lab_slot].instance;
+    let target = &mut state.slots[lab_slot];
+    target.holder = Some(session);
+    target.idle_since = None;
+    target.starting = Some(Starting {
+        session,
+        work_dir: work_dir.to_path_buf(),
+        pgid: None,
+        instance,
+    });
+    instance
 }
 
 #[cfg(test)]
