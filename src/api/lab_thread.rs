@@ -13,6 +13,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -21,7 +22,7 @@ use serde_json::json;
 
 use crate::api::acquire::Acquired;
 use crate::config::OnExit;
-use crate::core::queue::Status;
+use crate::core::queue::{ClientInfo, SessionId, Status};
 use crate::core::state::{LabJob, Shared, StartJob, Ticket, file_name};
 use crate::http::reply::Reply;
 use crate::lab::netlab::{Netlab, NetlabError};
@@ -238,41 +239,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(503, "Server is shutting down");
     }
-    let started = Instant::now();
-    log::info!(
-        "starting lab {} ({}) for session {} in slot {} (netlab instance {})",
-        job.topology.display(),
-        &record::hex(&job.hash)[..12],
-        ticket.session,
-        slot + 1,
-        record::instance_name(job.instance)
-    );
-    let info = shared.client_info(&ticket.session);
-    let topology = file_name(&job.topology);
-    let hash = record::hex(&job.hash)[..12].to_owned();
-    shared.events.emit(
-        "lab_start_begun",
-        events::with(
-            who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
-            json!({ "slot": slot + 1, "topology": topology, "hash": hash }),
-        ),
-    );
-    let start_failed = |status: u16, error: &str| {
-        shared.events.emit(
-            "lab_start_failed",
-            events::with(
-                who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
-                json!({
-                    "slot": slot + 1,
-                    "topology": topology,
-                    "hash": hash,
-                    "status": status,
-                    "duration_s": started.elapsed().as_secs_f64(),
-                    "error": error,
-                }),
-            ),
-        );
-    };
+    let events = StartEvents::begin(shared, job, ticket.session);
     // Whatever netlab still registers as the slot's instance (a lab we lost track of)
     // would make `up` fail: clear it first, if it is ours; another's is left alone and
     // refused.
@@ -283,33 +250,11 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(409, why);
     }
-    // The up's process group goes into the start record, so that a restart after a crash
-    // can kill what is left of it before cleaning up.
-    let record_group = |pgid: u32| {
-        let version = {
-            let mut state = shared.lock();
-            match state.slots.get_mut(slot).and_then(|s| s.starting.as_mut()) {
-                Some(start) if start.work_dir == job.work_dir => start.pgid = Some(pgid),
-                _ => return,
-            }
-            state.changed()
-        };
-        shared.persist_quietly(version);
-    };
-    let result = netlab
-        .up(
-            &job.topology,
-            job.instance,
-            shared.shutdown_flag(),
-            &record_group,
-        )
-        .and_then(|()| registered(netlab, job))
-        .and_then(|()| netlab.devices(&job.work_dir, job.instance));
-    let devices = match result {
+    let devices = match run_netlab(shared, netlab, job) {
         Ok(devices) => devices,
         Err(e) => {
             log_failure(job, &e);
-            start_failed(e.status(), &e.to_string());
+            events.failed(e.status(), &e.to_string());
             if e.counts_against_host() {
                 shared.start_failed(&e.to_string());
             }
@@ -332,34 +277,18 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     let (active, stored) = match finish_start(shared, &ticket, slot, Some(record)) {
         Ok(done) => done,
         Err(e) => {
-            // Not recorded, so not kept: a lab nobody knows of would outlive a restart.
-            log::error!(
-                "lab {} came up but cannot be recorded: tearing it down again",
-                job.topology.display()
-            );
-            discard(shared, netlab, job);
-            let version = {
-                let mut state = shared.lock();
-                if let Some(s) = state.slots.get_mut(slot) {
-                    s.starting = None;
-                }
-                state.changed()
-            };
-            shared.persist_quietly(version);
+            not_recorded(shared, netlab, job);
             return e.into();
         }
     };
     if !stored {
-        if active {
-            start_failed(503, "the server is shutting down");
-        } else {
-            start_failed(404, "the session ended while its lab was starting");
-        }
         discard(shared, netlab, job);
         return if active {
+            events.failed(503, "the server is shutting down");
             log::warn!("the server is shutting down: tearing the new lab down again");
             Reply::detail(503, "Server is shutting down")
         } else {
+            events.failed(404, "the session ended while its lab was starting");
             log::warn!(
                 "session {} ended while its lab was starting: tore the new lab down",
                 ticket.session
@@ -367,26 +296,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             Reply::detail(404, "Session not found")
         };
     }
-    log::info!(
-        "lab {} is up with {} {} after {:.1} s",
-        job.topology.display(),
-        devices.len(),
-        crate::core::state::plural(devices.len(), "device", "devices"),
-        started.elapsed().as_secs_f64()
-    );
-    shared.events.emit(
-        "lab_started",
-        events::with(
-            who(&ticket.session, info.name.as_deref(), info.owner.as_deref()),
-            json!({
-                "slot": slot + 1,
-                "topology": topology,
-                "hash": hash,
-                "duration_s": started.elapsed().as_secs_f64(),
-                "devices": devices.len(),
-            }),
-        ),
-    );
+    events.started(devices.len());
     Reply::json(
         200,
         &Acquired {
@@ -394,6 +304,142 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             devices: &devices_json,
         },
     )
+}
+
+/// `netlab up` for the job (its process group recorded in the start record, so that a
+/// restart after a crash can kill what is left of it), the check that netlab registered the
+/// slot's instance there, and the devices.
+fn run_netlab(
+    shared: &Shared,
+    netlab: &dyn Driver,
+    job: &StartJob,
+) -> Result<Vec<Device>, NetlabError> {
+    let record_group = |pgid: u32| {
+        let version = {
+            let mut state = shared.lock();
+            match state
+                .slots
+                .get_mut(job.lab_slot)
+                .and_then(|s| s.starting.as_mut())
+            {
+                Some(start) if start.work_dir == job.work_dir => start.pgid = Some(pgid),
+                _ => return,
+            }
+            state.changed()
+        };
+        shared.persist_quietly(version);
+    };
+    netlab
+        .up(
+            &job.topology,
+            job.instance,
+            shared.shutdown_flag(),
+            &record_group,
+        )
+        .and_then(|()| registered(netlab, job))
+        .and_then(|()| netlab.devices(&job.work_dir, job.instance))
+}
+
+/// A lab that came up but could not be recorded (the state file cannot be written) is not
+/// kept: a lab nobody knows of would outlive a restart.
+fn not_recorded(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
+    log::error!(
+        "lab {} came up but cannot be recorded: tearing it down again",
+        job.topology.display()
+    );
+    discard(shared, netlab, job);
+    let version = {
+        let mut state = shared.lock();
+        if let Some(s) = state.slots.get_mut(job.lab_slot) {
+            s.starting = None;
+        }
+        state.changed()
+    };
+    shared.persist_quietly(version);
+}
+
+/// A start's log lines and events: begun, then failed or started, each naming the session,
+/// the slot, the topology and how long it took.
+struct StartEvents<'a> {
+    shared: &'a Shared,
+    job: &'a StartJob,
+    session: SessionId,
+    info: Arc<ClientInfo>,
+    topology: String,
+    hash: String,
+    started: Instant,
+}
+
+impl<'a> StartEvents<'a> {
+    fn begin(shared: &'a Shared, job: &'a StartJob, session: SessionId) -> Self {
+        let hash = record::hex(&job.hash)[..12].to_owned();
+        log::info!(
+            "starting lab {} ({hash}) for session {session} in slot {} (netlab instance {})",
+            job.topology.display(),
+            job.lab_slot + 1,
+            record::instance_name(job.instance)
+        );
+        let events = StartEvents {
+            shared,
+            job,
+            session,
+            info: shared.client_info(&session),
+            topology: file_name(&job.topology),
+            hash,
+            started: Instant::now(),
+        };
+        events.emit("lab_start_begun", json!({}));
+        events
+    }
+
+    fn emit(&self, kind: &str, more: serde_json::Value) {
+        let mut fields = json!({
+            "slot": self.job.lab_slot + 1,
+            "topology": self.topology,
+            "hash": self.hash,
+        });
+        if let (Some(fields), serde_json::Value::Object(more)) = (fields.as_object_mut(), more) {
+            fields.extend(more);
+        }
+        self.shared.events.emit(
+            kind,
+            events::with(
+                who(
+                    &self.session,
+                    self.info.name.as_deref(),
+                    self.info.owner.as_deref(),
+                ),
+                fields,
+            ),
+        );
+    }
+
+    fn failed(&self, status: u16, error: &str) {
+        self.emit(
+            "lab_start_failed",
+            json!({
+                "status": status,
+                "duration_s": self.started.elapsed().as_secs_f64(),
+                "error": error,
+            }),
+        );
+    }
+
+    fn started(&self, devices: usize) {
+        log::info!(
+            "lab {} is up with {devices} {} after {:.1} s",
+            self.job.topology.display(),
+            crate::core::state::plural(devices, "device", "devices"),
+            self.started.elapsed().as_secs_f64()
+        );
+        self.emit(
+            "lab_started",
+            json!({
+                "duration_s": self.started.elapsed().as_secs_f64(),
+                "devices": devices,
+            }),
+        );
+    }
 }
 
 /// A health check: while the host is unhealthy, `--health-topology` is started with no
