@@ -165,120 +165,6 @@ fn device_type(kind: Option<&str>, image: Option<&str>) -> String {
 
 /// The page with the state of `view`, `events_json` (`GET /events` body) and `log`.
 pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
-    let host = match view.host_state.unwrap_or_default() {
-        HostState::Ok => String::new(),
-        state => format!(
-            "<div class=\"big {}\">{}</div>{}",
-            if state == HostState::Draining {
-                "warn"
-            } else {
-                "bad"
-            },
-            escape(&state.as_str().to_uppercase()),
-            view.host_state_reason
-                .as_deref()
-                .map(|r| format!("<div>{}</div>", escape(r)))
-                .unwrap_or_default()
-        ),
-    };
-    let lab = if view.lab.running {
-        let mut details = format!(
-            "{} · {} · {} devices · refs {}",
-            view.lab.topology.as_deref().unwrap_or("?"),
-            view.lab.hash.as_deref().unwrap_or("?"),
-            view.lab.devices,
-            view.lab.ref_count
-        );
-        if let Some(started) = view.lab.started_at {
-            let _ = write!(details, " · up {}", dur(view.time - started));
-        }
-        if let Some(idle) = view.lab.idle_since {
-            let _ = write!(details, " · idle {}", dur(view.time - idle));
-        }
-        format!(
-            "<div class=\"big up\">UP</div><div>{}</div>",
-            escape(&details)
-        )
-    } else {
-        "<div class=\"big down\">DOWN</div>".to_owned()
-    };
-    let holder = match view.sessions.first() {
-        Some(head) => format!(
-            "<span>Held by </span><strong class=\"holder-name\">{}</strong><span> for {}</span>",
-            escape(&who(head.client_name.as_deref(), &head.id)),
-            dur(view.time - head.active_since.unwrap_or(head.created_at))
-        ),
-        None => "<span class=\"muted\">Nobody holds the lab.</span>".to_owned(),
-    };
-    let operation = match &view.operation {
-        Some(op) => format!(
-            "<span class=\"warn\">netlab {} running for {}</span>",
-            escape(&op.command),
-            dur(view.time - op.since)
-        ),
-        None => String::new(),
-    };
-    let mut queue = String::new();
-    for s in &view.sessions {
-        let _ = write!(
-            queue,
-            "<tr class=\"{}\"><td>{}</td><td><span class=\"client-name\">{}</span>{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
-            s.status,
-            if s.position == 0 {
-                "active".to_owned()
-            } else {
-                s.position.to_string()
-            },
-            escape(s.client_name.as_deref().unwrap_or("(unnamed)")),
-            schedule_marks(s),
-            escape(&s.id),
-            if s.position == 0 {
-                "-".to_owned()
-            } else {
-                dur(view.time - s.created_at)
-            },
-            dur(s.last_seen_ago)
-        );
-    }
-    let queue_note = if view.total == 0 {
-        "No sessions.".to_owned()
-    } else {
-        format!(
-            "{} sessions{}",
-            view.total,
-            if view.truncated { " (list cut)" } else { "" }
-        )
-    };
-    let mut devices = String::new();
-    for d in &view.lab.device_list {
-        let _ = write!(
-            devices,
-            "<li class=\"device\"><span class=\"device-name\">{}</span> \
-             <span class=\"device-mgmt\">{}</span> <span class=\"device-type muted\">{}</span></li>",
-            escape(&d.name),
-            escape(d.mgmt.as_deref().unwrap_or("-")),
-            escape(&device_type(d.kind.as_deref(), d.image.as_deref()))
-        );
-    }
-    if !view.lab.running {
-        devices.push_str("<li class=\"muted\">no lab running</li>");
-    }
-    let mut events = String::new();
-    let parsed: serde_json::Value = serde_json::from_str(events_json).unwrap_or_default();
-    if let Some(list) = parsed["events"].as_array() {
-        for e in list {
-            let (text, bad) = event_line(e);
-            let _ = write!(
-                events,
-                "<li class=\"{}\">{}</li>",
-                if bad { "event bad" } else { "event" },
-                escape(&text)
-            );
-        }
-        if list.is_empty() {
-            events.push_str("<li class=\"muted\">no events yet</li>");
-        }
-    }
     let log_text = String::from_utf8_lossy(&log.text);
     let log_tail = {
         let mut start = log_text.len().saturating_sub(65_536);
@@ -303,17 +189,166 @@ pub fn render(view: &QueueView, events_json: &str, log: &Chunk) -> String {
         .replace("<!--SLOTS-->", &slots)
         .replace("<!--VERSION-->", &escape(&view.version))
         .replace("<!--UPDATED-->", &clock(view.time))
-        .replace("<!--HOST_STATE-->", &host)
-        .replace("<!--LAB-->", &lab)
-        .replace("<!--HOLDER-->", &holder)
-        .replace("<!--OPERATION-->", &operation)
-        .replace("<!--QUEUE-->", &queue)
-        .replace("<!--QUEUE_NOTE-->", &queue_note)
-        .replace("<!--DEVICES-->", &devices)
-        .replace("<!--EVENTS-->", &events)
+        .replace("<!--HOST_STATE-->", &host_html(view))
+        .replace("<!--LAB-->", &lab_html(view))
+        .replace("<!--HOLDER-->", &holder_html(view))
+        .replace("<!--OPERATION-->", &operation_html(view))
+        .replace("<!--QUEUE-->", &queue_rows(view))
+        .replace("<!--QUEUE_NOTE-->", &queue_note(view))
+        .replace("<!--DEVICES-->", &devices_html(view))
+        .replace("<!--EVENTS-->", &events_html(events_json))
         .replace("<!--LOG_COMMAND-->", &escape(&log_command))
         .replace("<!--LOG_OFFSET-->", &log.next.to_string())
         .replace("<!--LOG-->", &escape(log_tail))
+}
+
+/// The host's state, when it is not `ok`.
+fn host_html(view: &QueueView) -> String {
+    match view.host_state.unwrap_or_default() {
+        HostState::Ok => String::new(),
+        state => format!(
+            "<div class=\"big {}\">{}</div>{}",
+            if state == HostState::Draining {
+                "warn"
+            } else {
+                "bad"
+            },
+            escape(&state.as_str().to_uppercase()),
+            view.host_state_reason
+                .as_deref()
+                .map(|r| format!("<div>{}</div>", escape(r)))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The lab: up (topology, hash, devices, references, since when) or down.
+fn lab_html(view: &QueueView) -> String {
+    if view.lab.running {
+        let mut details = format!(
+            "{} · {} · {} devices · refs {}",
+            view.lab.topology.as_deref().unwrap_or("?"),
+            view.lab.hash.as_deref().unwrap_or("?"),
+            view.lab.devices,
+            view.lab.ref_count
+        );
+        if let Some(started) = view.lab.started_at {
+            let _ = write!(details, " · up {}", dur(view.time - started));
+        }
+        if let Some(idle) = view.lab.idle_since {
+            let _ = write!(details, " · idle {}", dur(view.time - idle));
+        }
+        format!(
+            "<div class=\"big up\">UP</div><div>{}</div>",
+            escape(&details)
+        )
+    } else {
+        "<div class=\"big down\">DOWN</div>".to_owned()
+    }
+}
+
+/// Who holds the lab, and since when.
+fn holder_html(view: &QueueView) -> String {
+    match view.sessions.first() {
+        Some(head) => format!(
+            "<span>Held by </span><strong class=\"holder-name\">{}</strong><span> for {}</span>",
+            escape(&who(head.client_name.as_deref(), &head.id)),
+            dur(view.time - head.active_since.unwrap_or(head.created_at))
+        ),
+        None => "<span class=\"muted\">Nobody holds the lab.</span>".to_owned(),
+    }
+}
+
+/// The netlab command running now, if any.
+fn operation_html(view: &QueueView) -> String {
+    match &view.operation {
+        Some(op) => format!(
+            "<span class=\"warn\">netlab {} running for {}</span>",
+            escape(&op.command),
+            dur(view.time - op.since)
+        ),
+        None => String::new(),
+    }
+}
+
+/// The queue's rows, one per session.
+fn queue_rows(view: &QueueView) -> String {
+    let mut queue = String::new();
+    for s in &view.sessions {
+        let _ = write!(
+            queue,
+            "<tr class=\"{}\"><td>{}</td><td><span class=\"client-name\">{}</span>{}</td><td>{}</td><td>{}</td><td>{} ago</td></tr>",
+            s.status,
+            if s.position == 0 {
+                "active".to_owned()
+            } else {
+                s.position.to_string()
+            },
+            escape(s.client_name.as_deref().unwrap_or("(unnamed)")),
+            schedule_marks(s),
+            escape(&s.id),
+            if s.position == 0 {
+                "-".to_owned()
+            } else {
+                dur(view.time - s.created_at)
+            },
+            dur(s.last_seen_ago)
+        );
+    }
+    queue
+}
+
+/// How many sessions the queue holds.
+fn queue_note(view: &QueueView) -> String {
+    if view.total == 0 {
+        "No sessions.".to_owned()
+    } else {
+        format!(
+            "{} sessions{}",
+            view.total,
+            if view.truncated { " (list cut)" } else { "" }
+        )
+    }
+}
+
+/// The lab's devices, with their management address and type.
+fn devices_html(view: &QueueView) -> String {
+    let mut devices = String::new();
+    for d in &view.lab.device_list {
+        let _ = write!(
+            devices,
+            "<li class=\"device\"><span class=\"device-name\">{}</span> \
+             <span class=\"device-mgmt\">{}</span> <span class=\"device-type muted\">{}</span></li>",
+            escape(&d.name),
+            escape(d.mgmt.as_deref().unwrap_or("-")),
+            escape(&device_type(d.kind.as_deref(), d.image.as_deref()))
+        );
+    }
+    if !view.lab.running {
+        devices.push_str("<li class=\"muted\">no lab running</li>");
+    }
+    devices
+}
+
+/// The last events, failures marked.
+fn events_html(events_json: &str) -> String {
+    let mut events = String::new();
+    let parsed: serde_json::Value = serde_json::from_str(events_json).unwrap_or_default();
+    if let Some(list) = parsed["events"].as_array() {
+        for e in list {
+            let (text, bad) = event_line(e);
+            let _ = write!(
+                events,
+                "<li class=\"{}\">{}</li>",
+                if bad { "event bad" } else { "event" },
+                escape(&text)
+            );
+        }
+        if list.is_empty() {
+            events.push_str("<li class=\"muted\">no events yet</li>");
+        }
+    }
+    events
 }
 
 #[cfg(test)]
