@@ -652,6 +652,115 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
+    restore_sessions(&mut state, &saved, now);
+    let mut keep: Vec<PathBuf> = Vec::new();
+    let (labs, starts) = saved_slots(&saved);
+    for start in starts {
+        if let Some(pgid) = start.pgid {
+            kill_orphaned_up(config, pgid);
+        }
+        log::warn!(
+            "the last run stopped during a netlab up for session {}: cleaning up {}",
+            start.session,
+            start.work_dir.display()
+        );
+        let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32], start.instance);
+        discard_dir(netlab, t, &mut state, &mut keep);
+    }
+    let mut outcome = (0, 0);
+    for saved_lab in labs {
+        outcome.1 += 1;
+        if readopt(netlab, &instances, &mut state, &mut keep, saved_lab) {
+            outcome.0 += 1;
+        }
+    }
+    for t in saved.teardowns {
+        keep.push(t.work_dir().to_path_buf());
+        state.teardowns.push(t);
+    }
+    clear_free_instances(config, netlab, &state);
+    remove_leftover_work_dirs(config, &keep);
+    let lab_outcome = match outcome {
+        (0, 0) => "none",
+        (0, _) => "dropped",
+        _ => "readopted",
+    };
+    (state, lab_outcome)
+}
+
+/// Puts a lab the state file records back into the slot of its netlab instance, when netlab
+/// says it still runs and its holder (if it had one) is still there; otherwise it is torn
+/// down. Whether it was re-adopted.
+fn readopt(
+    netlab: &Netlab,
+    instances: &[Option<u16>],
+    state: &mut State,
+    keep: &mut Vec<PathBuf>,
+    (lab, holder, started_ms, last_used_ms): SavedLab,
+) -> bool {
+    let slot = instances.iter().position(|i| *i == lab.instance);
+    let free = slot.filter(|&i| state.slots[i].lab.is_none());
+    let Some(slot) = free else {
+        log::warn!(
+            "the lab {} of the last run is in netlab instance {}, which no slot of this run \
+             has: tearing it down",
+            lab.topology.display(),
+            record::instance_name(lab.instance)
+        );
+        keep.push(lab.work_dir.clone());
+        state.teardowns.push(Teardown::new(lab, false));
+        return false;
+    };
+    match netlab.check_running(&lab.work_dir, lab.instance) {
+        Ok(()) => {
+            // Its holder, if that session is still ACTIVE; with one slot the ACTIVE
+            // session's, as it always was.
+            let holder = holder
+                .filter(|h| state.queue.is_active(h))
+                .or_else(|| state.queue.active().filter(|_| instances.len() == 1));
+            if holder.is_none() && lab.ref_count > 0 && instances.len() > 1 {
+                log::warn!(
+                    "the lab {} of slot {} is held by a session that is gone: tearing it down",
+                    lab.topology.display(),
+                    slot + 1
+                );
+                keep.push(lab.work_dir.clone());
+                state.teardowns.push(Teardown::new(lab, false));
+                return false;
+            }
+            log::info!(
+                "re-adopted the running lab {} (ref_count {}){}",
+                lab.topology.display(),
+                lab.ref_count,
+                if instances.len() > 1 {
+                    format!(" in slot {}", slot + 1)
+                } else {
+                    String::new()
+                }
+            );
+            keep.push(lab.work_dir.clone());
+            let s = &mut state.slots[slot];
+            s.lab = Some(lab);
+            s.holder = holder;
+            s.last_used_ms = last_used_ms;
+            s.lab_started_ms = started_ms.or_else(|| Some(crate::observe::events::now_ms()));
+            true
+        }
+        Err(why) => {
+            log::warn!(
+                "the lab {} of the last run is not running any more ({why}): forgetting it",
+                lab.topology.display()
+            );
+            discard_dir(netlab, Teardown::new(lab, true), state, keep);
+            false
+        }
+    }
+}
+
+/// The sessions the state file records, in its order, with what it kept of each; slots
+/// their ACTIVE sessions left free (more slots now, or an older file) go to the next in
+/// line.
+fn restore_sessions(state: &mut State, saved: &Snapshot, now: std::time::Duration) {
     for session in &saved.sessions {
         // An ACTIVE session before the restart; if the file does not say since when, it
         // is since now.
@@ -670,8 +779,6 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
             .queue
             .set_schedule(&session.id, session.skips, session.ahead);
     }
-    // Slots the file's ACTIVE sessions left free (more slots now, or an older file) go to
-    // the next in line.
     for id in state.queue.fill() {
         state
             .queue
@@ -684,92 +791,6 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
             plural(n, "session", "sessions")
         );
     }
-    let mut keep: Vec<PathBuf> = Vec::new();
-    let (labs, starts) = saved_slots(&saved);
-    for start in starts {
-        if let Some(pgid) = start.pgid {
-            kill_orphaned_up(config, pgid);
-        }
-        log::warn!(
-            "the last run stopped during a netlab up for session {}: cleaning up {}",
-            start.session,
-            start.work_dir.display()
-        );
-        let t = Teardown::of_failed_start(&start.work_dir, None, [0; 32], start.instance);
-        discard_dir(netlab, t, &mut state, &mut keep);
-    }
-    let mut outcome = (0, 0);
-    for (lab, holder, started_ms, last_used_ms) in labs {
-        outcome.1 += 1;
-        let slot = instances.iter().position(|i| *i == lab.instance);
-        let free = slot.filter(|&i| state.slots[i].lab.is_none());
-        let Some(slot) = free else {
-            log::warn!(
-                "the lab {} of the last run is in netlab instance {}, which no slot of this run \
-                 has: tearing it down",
-                lab.topology.display(),
-                record::instance_name(lab.instance)
-            );
-            keep.push(lab.work_dir.clone());
-            state.teardowns.push(Teardown::new(lab, false));
-            continue;
-        };
-        match netlab.check_running(&lab.work_dir, lab.instance) {
-            Ok(()) => {
-                // Its holder, if that session is still ACTIVE; with one slot the ACTIVE
-                // session's, as it always was.
-                let holder = holder
-                    .filter(|h| state.queue.is_active(h))
-                    .or_else(|| state.queue.active().filter(|_| instances.len() == 1));
-                if holder.is_none() && lab.ref_count > 0 && instances.len() > 1 {
-                    log::warn!(
-                        "the lab {} of slot {} is held by a session that is gone: tearing it down",
-                        lab.topology.display(),
-                        slot + 1
-                    );
-                    keep.push(lab.work_dir.clone());
-                    state.teardowns.push(Teardown::new(lab, false));
-                    continue;
-                }
-                log::info!(
-                    "re-adopted the running lab {} (ref_count {}){}",
-                    lab.topology.display(),
-                    lab.ref_count,
-                    if instances.len() > 1 {
-                        format!(" in slot {}", slot + 1)
-                    } else {
-                        String::new()
-                    }
-                );
-                keep.push(lab.work_dir.clone());
-                let s = &mut state.slots[slot];
-                s.lab = Some(lab);
-                s.holder = holder;
-                s.last_used_ms = last_used_ms;
-                s.lab_started_ms = started_ms.or_else(|| Some(crate::observe::events::now_ms()));
-                outcome.0 += 1;
-            }
-            Err(why) => {
-                log::warn!(
-                    "the lab {} of the last run is not running any more ({why}): forgetting it",
-                    lab.topology.display()
-                );
-                discard_dir(netlab, Teardown::new(lab, true), &mut state, &mut keep);
-            }
-        }
-    }
-    for t in saved.teardowns {
-        keep.push(t.work_dir().to_path_buf());
-        state.teardowns.push(t);
-    }
-    clear_free_instances(config, netlab, &state);
-    remove_leftover_work_dirs(config, &keep);
-    let lab_outcome = match outcome {
-        (0, 0) => "none",
-        (0, _) => "dropped",
-        _ => "readopted",
-    };
-    (state, lab_outcome)
 }
 
 /// A lab the state file records: the lab, its holder, when it came up, when last used.
