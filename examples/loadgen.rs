@@ -19,6 +19,9 @@
 //! client sees it: from the holder's `DELETE /session` to the waiter's command starting on
 //! the reused lab (scenario `client`), and the memory of 1 000 parked long-polls
 //! (scenario `longpoll`).
+//! `--fleet NAME D URL,URL,... FAKE_DIR,FAKE_DIR,...` (with `--client`) adds a column to the
+//! scenario `fleet`: 12 `remote-lab run --choices D` jobs over those hosts (see [`fleet`]);
+//! `scripts/bench --only fleet` starts the servers. The fleet prints its own table.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -307,6 +310,7 @@ fn main() {
     let mut auth: Vec<(String, String)> = Vec::new();
     let mut client: Option<PathBuf> = None;
     let mut python_client: Option<PathBuf> = None;
+    let mut fleets: Vec<FleetColumn> = Vec::new();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     let addr_of = |url: &str| -> SocketAddr {
@@ -354,6 +358,16 @@ fn main() {
                 client = Some(PathBuf::from(&args[i + 1]));
                 i += 2;
             }
+            "--fleet" => {
+                let split = |s: &str| s.split(',').map(str::to_owned).collect::<Vec<_>>();
+                fleets.push(FleetColumn {
+                    name: args[i + 1].clone(),
+                    choices: args[i + 2].parse().expect("--fleet: choices"),
+                    urls: split(&args[i + 3]),
+                    fake_dirs: split(&args[i + 4]).into_iter().map(PathBuf::from).collect(),
+                });
+                i += 5;
+            }
             "--python-client" => {
                 python_client = Some(PathBuf::from(&args[i + 1]));
                 i += 2;
@@ -372,8 +386,17 @@ fn main() {
         })
         .collect();
     AUTH.set(by_addr).expect("set once");
-    assert!(!targets.is_empty(), "give at least one --target");
     let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    if wants("fleet") && !fleets.is_empty() {
+        let client = client
+            .as_ref()
+            .expect("--fleet needs --client (remote-lab)");
+        fleet(client, &fleets);
+        if targets.is_empty() {
+            return;
+        }
+    }
+    assert!(!targets.is_empty(), "give at least one --target");
     let mut table = Table { rows: Vec::new() };
     const CEILING: usize = usize::MAX;
 
@@ -1300,4 +1323,179 @@ fn ciday_job(addr: SocketAddr, n: usize, kind: u8) -> f64 {
     conn.call("POST", "/lab/release", &[("X-Session-ID", &id)], b"");
     conn.call("DELETE", &format!("/session/{id}"), &[], b"");
     waited
+}
+
+/// One column of the fleet scenario: `remote-lab run --choices D` over these hosts.
+struct FleetColumn {
+    name: String,
+    choices: usize,
+    urls: Vec<String>,
+    /// Each host's fake netlab directory (for its `netlab up` calls).
+    fake_dirs: Vec<PathBuf>,
+}
+
+/// The fleet's jobs, in arrival order: `L` tests for 4 s, `S` for 1 s (six of each, in this
+/// fixed shuffled order).
+const FLEET_ORDER: &[u8; 12] = b"LSSLSLLSSLSL";
+/// One job every this often.
+const FLEET_ARRIVAL: Duration = Duration::from_millis(250);
+
+/// What one fleet job saw: launched and ended (ns since the epoch), its command's start (the
+/// marker it wrote) and the host it ran on; `None` when it did not run.
+struct FleetJob {
+    launched: u128,
+    ended: u128,
+    started: Option<(u128, String)>,
+}
+
+/// A fleet of lab hosts as CI uses it: for each column, 12 jobs (`FLEET_ORDER`, one every
+/// `FLEET_ARRIVAL`), each a `remote-lab run --choices D --topology T -- sh -c 'mark; sleep N'`
+/// process over the column's hosts. Prints, per column, the makespan (first launch to the
+/// last job's end), the mean and max wait (launch to the command's start), the
+/// jobs and long jobs on each host and the `netlab up` calls. Columns run one after another,
+/// each on its own fresh servers.
+fn fleet(client: &PathBuf, columns: &[FleetColumn]) {
+    let dir = std::env::temp_dir().join(format!("loadgen-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let topology = dir.join("fleet.yml");
+    std::fs::write(&topology, "name: fleet\nnodes: [r1, r2]\n").expect("topology");
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut put = |row: &str, col: usize, value: String| {
+        if let Some(r) = rows.iter_mut().find(|r| r.0 == row) {
+            r.1.resize(col + 1, "-".into());
+            r.1[col] = value;
+        } else {
+            let mut values = vec!["-".to_owned(); col];
+            values.push(value);
+            rows.push((row.to_owned(), values));
+        }
+    };
+    for (c, column) in columns.iter().enumerate() {
+        eprintln!(
+            "== fleet {}: 12 jobs (6 x 4 s, 6 x 1 s) one every {FLEET_ARRIVAL:?}, --choices {} over {}",
+            column.name,
+            column.choices,
+            column.urls.join(" ")
+        );
+        let ups_before: usize = column.fake_dirs.iter().map(|d| up_calls(d)).sum();
+        let mut jobs = Vec::new();
+        let begin = Instant::now();
+        for (n, &kind) in FLEET_ORDER.iter().enumerate() {
+            let due = begin + FLEET_ARRIVAL * n as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            let marker = dir.join(format!("{}-{n}", column.name));
+            let _ = std::fs::remove_file(&marker);
+            let mut command = std::process::Command::new(client);
+            command.arg("run");
+            for url in &column.urls {
+                command.args(["--url", url]);
+            }
+            command
+                .args(["--choices", &column.choices.to_string(), "--topology"])
+                .arg(&topology)
+                .args(["--name", &format!("fleet-{}-{n}-{}", column.name, kind as char)])
+                .args([
+                    "--",
+                    "sh",
+                    "-c",
+                    "printf '%s %s\\n' \"$(date +%s%N)\" \"$REMOTE_LAB_URL\" > \"$0\"; exec sleep \"$1\"",
+                ])
+                .arg(&marker)
+                .arg(if kind == b'L' { "4" } else { "1" })
+                .env_remove("REMOTE_LAB_TOKEN")
+                .env_remove("REMOTE_LAB_URL")
+                .env("NETRC", dir.join("no-netrc"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            jobs.push(thread::spawn(move || {
+                let launched = now_ns();
+                let status = command.status().expect("start remote-lab run");
+                let ended = now_ns();
+                let started = std::fs::read_to_string(&marker).ok().and_then(|text| {
+                    let (t, url) = text.trim().split_once(' ')?;
+                    Some((t.parse().ok()?, url.to_owned()))
+                });
+                if !status.success() {
+                    eprintln!("   job {n}: remote-lab run exited with {status}");
+                }
+                FleetJob {
+                    launched,
+                    ended,
+                    started: started.filter(|_| status.success()),
+                }
+            }));
+        }
+        let jobs: Vec<FleetJob> = jobs
+            .into_iter()
+            .map(|j| j.join().expect("a fleet job panicked"))
+            .collect();
+        let first = jobs.iter().map(|j| j.launched).min().unwrap_or(0);
+        let last = jobs.iter().map(|j| j.ended).max().unwrap_or(0);
+        let mut waits: Vec<f64> = jobs
+            .iter()
+            .filter_map(|j| {
+                j.started
+                    .as_ref()
+                    .map(|(t, _)| t.saturating_sub(j.launched) as f64 / 1e9)
+            })
+            .collect();
+        waits.sort_by(f64::total_cmp);
+        let failed = jobs.len() - waits.len();
+        put(
+            "makespan (s)",
+            c,
+            format!("{:.1}", (last - first) as f64 / 1e9),
+        );
+        if !waits.is_empty() {
+            let mean = waits.iter().sum::<f64>() / waits.len() as f64;
+            put("mean wait (s)", c, format!("{mean:.1}"));
+            // With 12 jobs the p95 is the maximum.
+            put("max wait (s)", c, format!("{:.1}", waits[waits.len() - 1]));
+        }
+        for (h, url) in column.urls.iter().enumerate() {
+            let on = |long: bool| {
+                jobs.iter()
+                    .zip(FLEET_ORDER)
+                    .filter(|(j, k)| {
+                        j.started.as_ref().is_some_and(|(_, u)| u == url) && (!long || **k == b'L')
+                    })
+                    .count()
+            };
+            put(
+                &format!("jobs (4 s jobs) on host {}", h + 1),
+                c,
+                format!("{} ({})", on(false), on(true)),
+            );
+        }
+        let ups: usize = column.fake_dirs.iter().map(|d| up_calls(d)).sum();
+        put("netlab up calls", c, (ups - ups_before).to_string());
+        put("failed jobs", c, failed.to_string());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut header = format!("| {:<26} |", "fleet: 12 jobs");
+    for column in columns {
+        header.push_str(&format!(" {:>12} |", column.name));
+    }
+    println!("{header}");
+    println!(
+        "|{}|",
+        header[1..header.len() - 1]
+            .split('|')
+            .map(|c| "-".repeat(c.len()))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for (row, values) in rows {
+        let mut line = format!("| {row:<26} |");
+        for c in 0..columns.len() {
+            line.push_str(&format!(
+                " {:>12} |",
+                values.get(c).map_or("-", String::as_str)
+            ));
+        }
+        println!("{line}");
+    }
 }
