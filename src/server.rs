@@ -122,6 +122,7 @@ fn serve(config: Config) -> i32 {
         Err(e) => return fail(e),
     };
     let nofile = listener::raise_nofile_limit();
+    crate::core::longpoll::set_cap(crate::core::longpoll::cap_for(nofile));
     // Bound before netlab is touched: a second server started by mistake on a port in use
     // must fail without tearing down anything.
     let socket = match listener::bind(&config.host, config.port, listener::socket_timeout(&config))
@@ -337,12 +338,14 @@ fn serve(config: Config) -> i32 {
     eprintln!("listening on http://{bound}");
     log::info!("listening on http://{bound}");
     log::info!(
-        "serving with {} {}; state dir {}; client timeout {:.1} s; open files limit {}",
+        "serving with {} {}; state dir {}; client timeout {:.1} s; open files limit {} \
+         (long-polls parked at most {})",
         config.workers,
         plural(config.workers, "worker", "workers"),
         config.state_dir.display(),
         config.client_timeout.as_secs_f64(),
         nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+        crate::core::longpoll::cap(),
     );
     notify::notify("READY=1");
 

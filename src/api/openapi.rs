@@ -303,7 +303,8 @@ fn core_schemas() -> Value {
                 "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
             }}},
             "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
-            "long_polls": {"type": "integer"}
+            "long_polls": {"type": "integer"},
+            "long_poll_cap": {"type": "integer", "description": "At most this many long-polls are parked (a quarter of the open-files limit less 256, at most 10 000); beyond, `wait` is ignored."}
         }}
     })
 }

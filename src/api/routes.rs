@@ -981,6 +981,7 @@ fn debug_health(call: &Call<'_>, _: &Request) -> Reply {
             active_timeout: shared.config.active_timeout.as_secs_f64(),
             waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
             long_polls,
+            long_poll_cap: crate::core::longpoll::cap(),
             teardowns,
         },
     )

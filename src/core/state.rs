@@ -690,7 +690,7 @@ impl Shared {
     }
 
     /// Parks a long-poll of session `id`, which was `seen` in that state; it is answered at
-    /// once instead when the state changed meanwhile, when [`longpoll::MAX_PARKED`] requests
+    /// once instead when the state changed meanwhile, when [`longpoll::cap`] requests
     /// are parked already, or during a shutdown.
     pub fn park(
         &self,
@@ -731,6 +731,33 @@ impl Shared {
             parked.take_ready(queue, now, longpoll::Due::Changed)
         };
         longpoll::answer(ready);
+    }
+
+    /// Answers the long-polls whose client is gone (see [`longpoll::live_peers`]), on the
+    /// connections of our listening `port`; returns how many.
+    pub fn drop_dead_parked(&self, port: u16) -> usize {
+        let serial = {
+            let state = self.lock();
+            if state.parked.is_empty() {
+                return 0;
+            }
+            state.parked.next_serial()
+        };
+        // Read without the lock: those parked meanwhile are not judged by this reading.
+        let Some(alive) = longpoll::live_peers(port) else {
+            return 0;
+        };
+        let ready = {
+            let mut state = self.lock();
+            let State { parked, queue, .. } = &mut *state;
+            parked.take_dead(queue, serial, &alive)
+        };
+        let dead = ready.len();
+        if dead > 0 {
+            log::debug!("{dead} long-polls answered: their clients are gone");
+        }
+        longpoll::answer(ready);
+        dead
     }
 
     /// Answers the long-polls whose wait ran out (every one when `all`, at shutdown);
