@@ -692,23 +692,23 @@ fn create_session(call: &Call<'_>, request: &Request) -> Reply {
     let now = shared.clock.now();
     let created = {
         let mut state = shared.lock();
-        let created = state
+        state
             .queue
             .create_with(id, now, Arc::clone(&info))
             .map(|position| {
                 state.queue.set_owner(&id, caller.owner());
                 (position, state.changed())
-            });
-        if let Ok((position, _)) = &created {
-            observe::note_created(shared, &id, &info, *position);
-        }
-        created
+            })
     };
     match created {
         Ok((position, version)) => {
             if let Err(e) = shared.persist(version) {
                 return e.into();
             }
+            // Recorded once the session is in the state file: a session refused because the
+            // file cannot be written (503) leaves no `session_created`. (Another session
+            // ending in between may put this session's `session_promoted` first.)
+            observe::note_created(shared, &id, &info, position);
             let by = caller.describe();
             if position == 0 {
                 log::info!("session {id} created{by} and active");
