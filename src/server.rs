@@ -525,6 +525,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
         }
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
+    state.event_id_floor = saved.event_id;
     for session in &saved.sessions {
         // An ACTIVE session before the restart; if the file does not say since when, it
         // is since now.

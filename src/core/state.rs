@@ -195,6 +195,8 @@ pub struct State {
     /// Long-polls (`GET /session/{id}?wait=S`) waiting for their session to change.
     pub parked: Parked,
     version: u64,
+    /// The newest event id the state file recorded (restored); new ids start above it.
+    pub event_id_floor: u64,
 }
 
 impl State {
@@ -209,6 +211,7 @@ impl State {
             teardowns: Vec::new(),
             parked: Parked::default(),
             version: 0,
+            event_id_floor: 0,
         }
     }
 
@@ -373,6 +376,9 @@ impl Shared {
     ) -> Self {
         let labs_dir = config.state_dir.join("labs");
         let events = EventLog::open(&config.state_dir);
+        if let Some(state) = &state {
+            events.start_above(state.event_id_floor);
+        }
         let instances = config.instances();
         let config_unhealthy_after = config.unhealthy_after;
         Shared {
@@ -408,7 +414,11 @@ impl Shared {
     pub fn persist(&self, version: u64) -> Result<(), NotPersisted> {
         let durable = self.persister.commit(
             version,
-            |snap| self.lock().snapshot_into(snap),
+            |snap| {
+                self.lock().snapshot_into(snap);
+                // Read after the state: every event about this state is at or below it.
+                snap.event_id = self.events.last_id();
+            },
             |baseline| {
                 let mut state = self.lock();
                 let upto = state.version;
