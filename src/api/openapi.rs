@@ -290,7 +290,7 @@ fn core_schemas() -> Value {
         "Acquired": {"type": "object", "required": ["reused", "devices"], "properties": {"reused": {"type": "boolean"}, "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}},
         "LabStatus": {"type": "object", "properties": {
             "running": {"type": "boolean"},
-            "topology": {"type": ["string", "null"]},
+            "topology": {"type": ["string", "null"], "description": "The uploaded topology file's name (not its path on the server)."},
             "ref_count": {"type": "integer"},
             "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
             "netlab_status": {"type": "null", "description": "Always null. Kept for compatibility with the Python server's clients, which read the key; that server never filled it either. Ask netlab itself for its view: `netlab status --all` (see the operator guide)."}

@@ -1028,7 +1028,13 @@ fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
     let status = match lab {
         Some(lab) => LabStatus {
             running: true,
-            topology: Some(lab.topology.to_string_lossy()),
+            // The file's name only: the server's paths are nobody's business.
+            topology: Some(
+                lab.topology
+                    .file_name()
+                    .unwrap_or(lab.topology.as_os_str())
+                    .to_string_lossy(),
+            ),
             ref_count: lab.ref_count,
             devices: &lab.devices_json,
             netlab_status: None,
