@@ -167,6 +167,8 @@ pub struct Health {
     pub waiting_timeout: f64,
     /// Long-polls parked right now.
     pub long_polls: usize,
+    /// At most this many are parked (from the open-files limit).
+    pub long_poll_cap: usize,
     pub teardowns: Vec<PendingTeardown>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

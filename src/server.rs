@@ -129,6 +129,7 @@ fn start(config: Config) -> Result<Ready, StartError> {
     statedir::prepare(&config.state_dir).map_err(StartError::of)?;
     let lock = lockfile::acquire(&config.state_dir).map_err(StartError::of)?;
     let nofile = listener::raise_nofile_limit();
+    crate::core::longpoll::set_cap(crate::core::longpoll::cap_for(nofile));
     // Bound before netlab is touched: a second server started by mistake on a port in use
     // must fail without tearing down anything.
     let cannot_listen = |e: &dyn std::fmt::Display| {
@@ -488,12 +489,14 @@ fn say_ready(config: &Config, bound: SocketAddr, nofile: Option<u64>) {
     eprintln!("listening on http://{bound}");
     log::info!("listening on http://{bound}");
     log::info!(
-        "serving with {} {}; state dir {}; client timeout {:.1} s; open files limit {}",
+        "serving with {} {}; state dir {}; client timeout {:.1} s; open files limit {} \
+         (long-polls parked at most {})",
         config.workers,
         plural(config.workers, "worker", "workers"),
         config.state_dir.display(),
         config.client_timeout.as_secs_f64(),
         nofile.map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+        crate::core::longpoll::cap(),
     );
     notify::notify("READY=1");
 }
@@ -653,6 +656,7 @@ fn restore(config: &Config, netlab: &Netlab, now: std::time::Duration) -> (State
     };
     let saved = confine(saved, &config.state_dir.join("labs"));
     restore_sessions(&mut state, &saved, now);
+    state.event_id_floor = saved.event_id;
     let mut keep: Vec<PathBuf> = Vec::new();
     let (labs, starts) = saved_slots(&saved);
     for start in starts {

@@ -115,7 +115,7 @@ pub fn client_info(request: &Request) -> Result<ClientInfo, Reply> {
     })
 }
 
-/// A session was created (under the state lock; recording an event writes no file).
+/// A session was created and is in the state file.
 pub fn note_created(shared: &Shared, id: &SessionId, info: &ClientInfo, position: usize) {
     METRICS.session_created();
     shared.events.emit(

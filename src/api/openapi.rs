@@ -290,7 +290,7 @@ fn core_schemas() -> Value {
         "Acquired": {"type": "object", "required": ["reused", "devices"], "properties": {"reused": {"type": "boolean"}, "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}}}},
         "LabStatus": {"type": "object", "properties": {
             "running": {"type": "boolean"},
-            "topology": {"type": ["string", "null"]},
+            "topology": {"type": ["string", "null"], "description": "The uploaded topology file's name (not its path on the server)."},
             "ref_count": {"type": "integer"},
             "devices": {"type": "array", "items": {"$ref": "#/components/schemas/Device"}},
             "netlab_status": {"type": "null", "description": "Always null. Kept for compatibility with the Python server's clients, which read the key; that server never filled it either. Ask netlab itself for its view: `netlab status --all` (see the operator guide)."}
@@ -303,7 +303,8 @@ fn core_schemas() -> Value {
                 "error": {"type": ["string", "null"]}, "retry_in": {"type": ["number", "null"]}
             }}},
             "active_timeout": {"type": "number"}, "waiting_timeout": {"type": "number"},
-            "long_polls": {"type": "integer"}
+            "long_polls": {"type": "integer"},
+            "long_poll_cap": {"type": "integer", "description": "At most this many long-polls are parked (a quarter of the open-files limit less 256, at most 10 000); beyond, `wait` is ignored."}
         }}
     })
 }

@@ -697,23 +697,23 @@ fn create_session(call: &Call<'_>, request: &Request) -> Reply {
     let now = shared.clock.now();
     let created = {
         let mut state = shared.lock();
-        let created = state
+        state
             .queue
             .create_with(id, now, Arc::clone(&info))
             .map(|position| {
                 state.queue.set_owner(&id, caller.owner());
                 (position, state.changed())
-            });
-        if let Ok((position, _)) = &created {
-            observe::note_created(shared, &id, &info, *position);
-        }
-        created
+            })
     };
     match created {
         Ok((position, version)) => {
             if let Err(e) = shared.persist(version) {
                 return e.into();
             }
+            // Recorded once the session is in the state file: a session refused because the
+            // file cannot be written (503) leaves no `session_created`. (Another session
+            // ending in between may put this session's `session_promoted` first.)
+            observe::note_created(shared, &id, &info, position);
             let by = caller.describe();
             if position == 0 {
                 log::info!("session {id} created{by} and active");
@@ -986,6 +986,7 @@ fn debug_health(call: &Call<'_>, _: &Request) -> Reply {
             active_timeout: shared.config.active_timeout.as_secs_f64(),
             waiting_timeout: shared.config.waiting_timeout.as_secs_f64(),
             long_polls,
+            long_poll_cap: crate::core::longpoll::cap(),
             teardowns,
         },
     )
@@ -1032,7 +1033,13 @@ fn lab_status(call: &Call<'_>, request: &Request) -> Reply {
     let status = match lab {
         Some(lab) => LabStatus {
             running: true,
-            topology: Some(lab.topology.to_string_lossy()),
+            // The file's name only: the server's paths are nobody's business.
+            topology: Some(
+                lab.topology
+                    .file_name()
+                    .unwrap_or(lab.topology.as_os_str())
+                    .to_string_lossy(),
+            ),
             ref_count: lab.ref_count,
             devices: &lab.devices_json,
             netlab_status: None,

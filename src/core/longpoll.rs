@@ -6,13 +6,48 @@
 //! answering thread takes the ready requests out under the lock and writes them after it
 //! let go of it: no socket write ever happens under the lock.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::core::queue::{Queue, SessionId, Status};
 use crate::http::reply::{Reply, Responder};
 
-/// At most this many parked requests; beyond, `wait` is ignored and the answer immediate.
+/// At most this many parked requests, however many descriptors we may open; beyond the cap
+/// (see [`cap_for`]), `wait` is ignored and the answer immediate.
 pub const MAX_PARKED: usize = 10_000;
+/// Descriptors kept out of the long-polls' share: the workers' connections, uploads, the
+/// state and log files, netlab's pipes.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// The cap in force (set once at start from the open-files limit).
+static CAP: AtomicUsize = AtomicUsize::new(MAX_PARKED);
+
+/// The cap for an open-files limit of `nofile` (`None`: unlimited). Each parked request
+/// holds its connection's two descriptors (tiny_http keeps a clone of the socket for
+/// writing); the long-polls get at most half of what is left after a reserve, so that a
+/// crowd of waiting clients cannot starve the rest of the server of descriptors (which would
+/// make tiny_http's accept loop fail and the server restart).
+pub fn cap_for(nofile: Option<u64>) -> usize {
+    match nofile {
+        None => MAX_PARKED,
+        Some(n) => {
+            let share = n.saturating_sub(RESERVED_DESCRIPTORS) / 4;
+            usize::try_from(share).map_or(MAX_PARKED, |share| share.min(MAX_PARKED))
+        }
+    }
+}
+
+/// Sets the cap (at start).
+pub fn set_cap(cap: usize) {
+    CAP.store(cap, Ordering::Relaxed);
+}
+
+/// The cap in force.
+pub fn cap() -> usize {
+    CAP.load(Ordering::Relaxed)
+}
 /// The longest wait a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: f64 = 60.0;
 
@@ -22,6 +57,8 @@ struct Waiter {
     seen: (Status, usize),
     deadline: Duration,
     responder: Responder,
+    /// The order it was parked in (see [`Parked::take_dead`]).
+    serial: u64,
 }
 
 /// Which parked requests [`Parked::take_ready`] takes out.
@@ -41,6 +78,8 @@ pub struct Parked {
     waiters: Vec<Waiter>,
     /// The earliest deadline among `waiters`.
     earliest: Option<Duration>,
+    /// The serial of the next request parked.
+    next_serial: u64,
 }
 
 /// A parked request ready to be answered, and its answer.
@@ -56,7 +95,12 @@ impl Parked {
     }
 
     pub fn is_full(&self) -> bool {
-        self.waiters.len() >= MAX_PARKED
+        self.waiters.len() >= cap()
+    }
+
+    /// The serial the next parked request will get: those parked before have a lower one.
+    pub fn next_serial(&self) -> u64 {
+        self.next_serial
     }
 
     /// Parks a request; true when its deadline is the earliest now (the timer must wake
@@ -77,8 +121,42 @@ impl Parked {
             seen,
             deadline,
             responder,
+            serial: self.next_serial,
         });
+        self.next_serial += 1;
         earliest
+    }
+
+    /// Takes out the requests parked before `serial` whose client is gone: their peer
+    /// address is not among the `alive` connections (see [`live_peers`]). They are answered
+    /// with the state as it is (the write fails or reaches a client that half-closed); their
+    /// session is not refreshed, since nobody is there to poll.
+    pub fn take_dead(&mut self, queue: &Queue, serial: u64, alive: &HashSet<SocketAddr>) -> Ready {
+        let dead = |w: &Waiter| {
+            w.serial < serial
+                && w.responder
+                    .request()
+                    .remote_addr()
+                    .is_some_and(|addr| !alive.contains(&canonical(*addr)))
+        };
+        if !self.waiters.iter().any(dead) {
+            return Vec::new();
+        }
+        let mut ready = Vec::new();
+        let mut kept = Vec::with_capacity(self.waiters.len());
+        for waiter in self.waiters.drain(..) {
+            if dead(&waiter) {
+                let reply = queue
+                    .lookup(&waiter.id)
+                    .map_or_else(Reply::session_not_found, status_reply);
+                ready.push((waiter.responder, reply));
+            } else {
+                kept.push(waiter);
+            }
+        }
+        self.earliest = kept.iter().map(|w| w.deadline).min();
+        self.waiters = kept;
+        ready
     }
 
     /// The earliest deadline of a parked request.
@@ -119,6 +197,81 @@ impl Parked {
         self.earliest = kept.iter().map(|w| w.deadline).min();
         self.waiters = kept;
         ready
+    }
+}
+
+// ------------------------------------------------------------------ dead clients' long-polls
+
+/// tiny_http gives no access to a connection's socket, so a client that went away while its
+/// request was parked is found in the kernel's table of TCP connections instead: the
+/// connections to our listening `port` that are ESTABLISHED, by peer address. A peer that
+/// reset its connection is no longer listed; one that closed it is in CLOSE_WAIT; either
+/// way it is not in the set. `None` when the tables cannot be read (not Linux, no /proc):
+/// then nothing is taken for dead.
+///
+/// The kernel's table is read in pieces, so a connection may in rare cases be missed while
+/// others come and go; its request is then answered early with the state as it is, which
+/// the client takes as any other answer (it asks again).
+pub fn live_peers(port: u16) -> Option<HashSet<SocketAddr>> {
+    let mut alive = HashSet::new();
+    let mut read_any = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            read_any = true;
+            alive.extend(established_peers(&text, port));
+        }
+    }
+    read_any.then_some(alive)
+}
+
+/// TCP state 1 in the kernel's tables.
+const ESTABLISHED: &str = "01";
+
+/// The peers of the ESTABLISHED connections to local `port` in the text of `/proc/net/tcp`
+/// or `/proc/net/tcp6`.
+fn established_peers(text: &str, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
+    text.lines().skip(1).filter_map(move |line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (local, remote, state) = (fields.next()?, fields.next()?, fields.next()?);
+        if state != ESTABLISHED || parse_entry(local)?.port() != port {
+            return None;
+        }
+        parse_entry(remote).map(canonical)
+    })
+}
+
+/// An address of the kernel's table: `0100007F:1F90` (IPv4) or 32 hex digits and a port
+/// (IPv6). The address is printed as 32-bit words in the host's byte order, the port as a
+/// number.
+fn parse_entry(entry: &str) -> Option<SocketAddr> {
+    let (addr, port) = entry.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = addr.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip: std::net::IpAddr = match addr.len() {
+        8 => std::net::Ipv4Addr::from(word(0)?).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// An IPv4 client of a listener on `[::]` is `::ffff:a.b.c.d`: the same peer as `a.b.c.d`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     }
 }
 
@@ -231,6 +384,100 @@ mod tests {
         assert_eq!(ready[0].1, Reply::session_not_found());
         assert_eq!(parked.take_ready(&mut queue, s(13), Due::All).len(), 1);
         assert!(parked.is_empty());
+    }
+
+    #[test]
+    fn the_cap_follows_the_open_files_limit() {
+        assert_eq!(cap_for(None), MAX_PARKED);
+        assert_eq!(cap_for(Some(65_536)), MAX_PARKED);
+        // 20 000 descriptors: 4 936 parked hold 9 872, half of what the reserve leaves.
+        assert_eq!(cap_for(Some(20_000)), 4_936);
+        assert_eq!(cap_for(Some(1_024)), 192);
+        assert_eq!(cap_for(Some(100)), 0);
+        assert_eq!(cap_for(Some(u64::MAX)), MAX_PARKED);
+    }
+
+    /// Lines of `/proc/net/tcp` and `/proc/net/tcp6` as Linux prints them (little-endian).
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn the_kernel_tables_are_read() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:1F90 0100007F:C351 08 00000000:00000000 00:00000000 00000000  1000        0 3 1 0000000000000000 20 4 30 10 -1
+   3: 0100007F:C352 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 4 1 0000000000000000 20 4 30 10 -1
+   4: 0201A8C0:1F90 6401A8C0:D431 01 00000000:00000000 00:00000000 00000000  1000        0 5 1 0000000000000000 20 4 30 10 -1
+";
+        let peers: Vec<SocketAddr> = established_peers(tcp, 8080).collect();
+        // Listening (0A), CLOSE_WAIT (08) and a connection from port 8080 elsewhere are not.
+        assert_eq!(
+            peers,
+            [
+                "127.0.0.1:50000".parse().unwrap(),
+                "192.168.1.100:54321".parse().unwrap()
+            ]
+        );
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000  1000        0 6 1 0000000000000000 20 4 30 10 -1
+   1: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:C353 01 00000000:00000000 00:00000000 00000000  1000        0 7 1 0000000000000000 20 4 30 10 -1
+   2: 000080FE00000000FF005452FF0535FE:1F90 000080FE00000000FF005452FF0635FE:C354 01 00000000:00000000 00:00000000 00000000  1000        0 8 1 0000000000000000 20 4 30 10 -1
+";
+        let peers: Vec<SocketAddr> = established_peers(tcp6, 8080).collect();
+        assert_eq!(
+            peers,
+            [
+                "[::1]:50000".parse().unwrap(),
+                // An IPv4 client of a listener on [::] is that IPv4 address.
+                "127.0.0.1:50003".parse().unwrap(),
+                "[fe80::5254:ff:fe35:6ff]:50004".parse().unwrap(),
+            ]
+        );
+        assert_eq!(parse_entry("0100007F"), None);
+        assert_eq!(parse_entry("0100007G:1F90"), None);
+        assert_eq!(parse_entry("0100007F0:1F90"), None);
+    }
+
+    #[test]
+    fn the_dead_are_taken_out() {
+        let mut queue = Queue::new(10);
+        let ids: Vec<SessionId> = (0..2).map(|_| uuid::Uuid::new_v4()).collect();
+        for id in &ids {
+            queue.create(*id, Duration::ZERO).unwrap();
+        }
+        let from = |port: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port)) };
+        let parked_from = |port: u16| {
+            Responder::capture(
+                tiny_http::TestRequest::new()
+                    .with_remote_addr(from(port))
+                    .into(),
+            )
+            .0
+        };
+        let mut parked = Parked::default();
+        let s = Duration::from_secs;
+        parked.park(ids[1], (Status::Waiting, 1), s(30), parked_from(1));
+        parked.park(ids[1], (Status::Waiting, 1), s(20), parked_from(2));
+        let serial = parked.next_serial();
+        // Parked after the table was read: not judged by it.
+        parked.park(ids[1], (Status::Waiting, 1), s(10), parked_from(3));
+        let alive: HashSet<SocketAddr> = [from(1)].into();
+        let ready = parked.take_dead(&queue, serial, &alive);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].1, status_reply((Status::Waiting, 1)));
+        assert_eq!(parked.len(), 2);
+        assert_eq!(parked.next_deadline(), Some(s(10)));
+        // The answer refreshed nothing: nobody was there.
+        let stale = queue.sweep(s(100), s(1), s(1));
+        assert_eq!(stale.len(), 2);
+        // The rest are gone too, and their sessions with them.
+        let ready = parked.take_dead(&queue, parked.next_serial(), &HashSet::new());
+        let replies: Vec<Reply> = ready.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(
+            replies,
+            [Reply::session_not_found(), Reply::session_not_found()]
+        );
+        assert!(parked.is_empty());
+        assert_eq!(parked.next_deadline(), None);
     }
 
     #[test]

@@ -198,6 +198,8 @@ pub struct State {
     /// Long-polls (`GET /session/{id}?wait=S`) waiting for their session to change.
     pub parked: Parked,
     version: u64,
+    /// The newest event id the state file recorded (restored); new ids start above it.
+    pub event_id_floor: u64,
 }
 
 impl State {
@@ -212,6 +214,7 @@ impl State {
             teardowns: Vec::new(),
             parked: Parked::default(),
             version: 0,
+            event_id_floor: 0,
         }
     }
 
@@ -376,6 +379,9 @@ impl Shared {
     ) -> Self {
         let labs_dir = config.state_dir.join("labs");
         let events = EventLog::open(&config.state_dir);
+        if let Some(state) = &state {
+            events.start_above(state.event_id_floor);
+        }
         let instances = config.instances();
         let config_unhealthy_after = config.unhealthy_after;
         Shared {
@@ -411,7 +417,11 @@ impl Shared {
     pub fn persist(&self, version: u64) -> Result<(), NotPersisted> {
         let durable = self.persister.commit(
             version,
-            |snap| self.lock().snapshot_into(snap),
+            |snap| {
+                self.lock().snapshot_into(snap);
+                // Read after the state: every event about this state is at or below it.
+                snap.event_id = self.events.last_id();
+            },
             |baseline| {
                 let mut state = self.lock();
                 let upto = state.version;
@@ -693,7 +703,7 @@ impl Shared {
     }
 
     /// Parks a long-poll of session `id`, which was `seen` in that state; it is answered at
-    /// once instead when the state changed meanwhile, when [`longpoll::MAX_PARKED`] requests
+    /// once instead when the state changed meanwhile, when [`longpoll::cap`] requests
     /// are parked already, or during a shutdown.
     pub fn park(
         &self,
@@ -734,6 +744,33 @@ impl Shared {
             parked.take_ready(queue, now, longpoll::Due::Changed)
         };
         longpoll::answer(ready);
+    }
+
+    /// Answers the long-polls whose client is gone (see [`longpoll::live_peers`]), on the
+    /// connections of our listening `port`; returns how many.
+    pub fn drop_dead_parked(&self, port: u16) -> usize {
+        let serial = {
+            let state = self.lock();
+            if state.parked.is_empty() {
+                return 0;
+            }
+            state.parked.next_serial()
+        };
+        // Read without the lock: those parked meanwhile are not judged by this reading.
+        let Some(alive) = longpoll::live_peers(port) else {
+            return 0;
+        };
+        let ready = {
+            let mut state = self.lock();
+            let State { parked, queue, .. } = &mut *state;
+            parked.take_dead(queue, serial, &alive)
+        };
+        let dead = ready.len();
+        if dead > 0 {
+            log::debug!("{dead} long-polls answered: their clients are gone");
+        }
+        longpoll::answer(ready);
+        dead
     }
 
     /// Answers the long-polls whose wait ran out (every one when `all`, at shutdown);

@@ -1,6 +1,7 @@
 //! The timer thread. Every `--sweep-interval` it reaps stale sessions, tears down a lab left
 //! idle with no session past `--idle-lab-timeout`, and queues the failed teardowns whose
-//! retry is due; it answers the long-polls whose wait ran out. It only decides (under the
+//! retry is due, and answers the long-polls whose client is gone; it answers the long-polls
+//! whose wait ran out. It only decides (under the
 //! state lock) and queues teardowns for the lab thread; it never runs netlab itself.
 //!
 //! Under systemd with `WatchdogSec=`, it also pets the watchdog, but only after asking the
@@ -27,6 +28,7 @@ pub fn run(shared: &Shared, stop: Receiver<()>, probe: SocketAddr) {
         if now >= next_sweep {
             shared.sweep();
             shared.health_tick();
+            shared.drop_dead_parked(probe.port());
             next_sweep = now + shared.config.sweep_interval;
         }
         if let Some(every) = watchdog

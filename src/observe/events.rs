@@ -171,6 +171,17 @@ impl EventLog {
         let _ = self.tx.send(Write_::Line(json));
     }
 
+    /// Event ids go on above `floor` (the newest id the state file recorded), whatever the
+    /// event files hold. Ids must never be given twice (`GET /events?since=ID` would skip
+    /// the second ones), but a full disk can lose the file's last lines while the state
+    /// file, written on every change, still recorded how far ids had gone; so the next id
+    /// is above the greater of the two. Lines lost after the state file's last write (both
+    /// files failing) cannot be known of.
+    pub fn start_above(&self, floor: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.next_id = inner.next_id.max(floor.saturating_add(1));
+    }
+
     /// The id of the newest event (0 when there is none).
     pub fn last_id(&self) -> u64 {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_id - 1
@@ -355,6 +366,29 @@ mod tests {
 
     fn ids(events: &[Event]) -> Vec<u64> {
         events.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn ids_start_above_the_state_files_and_the_event_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        for n in 0..3 {
+            log.emit("x", json!({ "n": n }));
+        }
+        log.close();
+        // The state file recorded more than the event file holds: above the state file's.
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        log.start_above(7);
+        log.emit("x", json!({}));
+        assert_eq!(ids(&log.newest(10, 0)), [8, 3, 2, 1]);
+        log.close();
+        // It recorded less (written before the last events): above the event file's.
+        let log = EventLog::open_with(dir.path(), ROTATE_BYTES);
+        log.start_above(5);
+        assert_eq!(log.last_id(), 8);
+        log.emit("x", json!({}));
+        assert_eq!(log.newest(1, 0)[0].id, 9);
+        log.close();
     }
 
     /// A full disk (`/dev/full` behind the event file) loses lines, counts them, and reports

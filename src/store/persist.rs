@@ -122,6 +122,10 @@ pub struct Snapshot {
     /// The other slots that have a lab or a start (`--slots` above 1).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slots: Vec<SlotRecord>,
+    /// The id of the newest event when the file was written: event ids after a restart
+    /// start above it even when the event file lost its last lines (see `EventLog`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub event_id: u64,
     /// The first slot's lab. This and the next two fields end the file: the package's
     /// postrm reads the file's end to tell whether it records a lab.
     #[serde(default)]

@@ -219,6 +219,13 @@ class Sandbox:
     def status_file(self) -> Path:
         return self.home / ".netlab" / "status.yaml"
 
+    def lab_dir(self) -> Path:
+        """The work directory of the lab netlab runs as its default instance (GET /lab names
+        only the topology file; the Python server's full path is not relied on)."""
+        where = self.registered().get("default")
+        assert where, self.registered()
+        return Path(where)
+
     def registered(self) -> dict[str, str | None]:
         """Instances registered in status.yaml: name -> their 'dir' (top-level keys only)."""
         try:

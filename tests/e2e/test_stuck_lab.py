@@ -35,8 +35,8 @@ def test_a_teardown_netlab_fails_with_exit_0_is_kept_and_retried(
     sid, _ = api.new_session()
     r = api.post_lab(sid, "pair.yml", topo("pair.yml"))
     assert r.status == 200, r
-    lab = api.get("/lab", session=sid).json()
-    work = Path(lab["topology"]).parent
+    assert api.get("/lab", session=sid).json()["running"] is True
+    work = sandbox.lab_dir()
     assert (work / "clab.yml").is_file()
 
     shim = sandbox.bin / "containerlab"
@@ -82,7 +82,7 @@ def test_the_runbooks_netlab_status_commands(
     sid, _ = api.new_session()
     r = api.post_lab(sid, "pair.yml", topo("pair.yml"))
     assert r.status == 200, r
-    work = str(Path(api.get("/lab", session=sid).json()["topology"]).parent)
+    work = str(sandbox.lab_dir())
 
     def status(*args: str, columns: str | None) -> subprocess.CompletedProcess[str]:
         env = sandbox.env()
@@ -112,12 +112,12 @@ def test_the_runbooks_netlab_status_commands(
     assert os.path.isdir(work)
 
 
-def _lab_without_snapshot(api: Client, topo) -> tuple[str, Path]:
+def _lab_without_snapshot(api: Client, sandbox: Sandbox, topo) -> tuple[str, Path]:
     """A running sandbox lab whose netlab.snapshot.pickle was deleted by hand."""
     sid, _ = api.new_session()
     r = api.post_lab(sid, "pair.yml", topo("pair.yml"))
     assert r.status == 200, r
-    work = Path(api.get("/lab", session=sid).json()["topology"]).parent
+    work = sandbox.lab_dir()
     (work / "netlab.snapshot.pickle").unlink()
     assert (work / "clab.yml").is_file()
     return sid, work
@@ -130,7 +130,7 @@ def test_a_lab_without_snapshot_is_destroyed_with_containerlab(
     destroy` from clab.yml itself, and only then deletes the work directory."""
     server = start_server(sweep_interval=0.2)
     api = Client(server.url)
-    sid, work = _lab_without_snapshot(api, topo)
+    sid, work = _lab_without_snapshot(api, sandbox, topo)
     before = sandbox.count_calls("containerlab destroy")
     r = api.delete("/lab?force=true", session=sid)
     assert (r.status, r.body) == (202, b""), r
@@ -145,7 +145,7 @@ def test_cleanup_destroys_a_lab_without_snapshot_with_containerlab(
 ) -> None:
     server = start_server(extra_args=["--on-exit", "keep"])
     api = Client(server.url)
-    _, work = _lab_without_snapshot(api, topo)
+    _, work = _lab_without_snapshot(api, sandbox, topo)
     assert server.terminate() == 0
     assert work.is_dir() and sandbox.default_registered()
     before = sandbox.count_calls("containerlab destroy")

@@ -195,6 +195,27 @@ pub fn test_dir() -> tempfile::TempDir {
     dir
 }
 
+/// `command` run by `sh` after `ulimit -n nofile` (its arguments, environment and stdio:
+/// stderr piped, the rest null, as [`TestServer::command`] sets them).
+fn under_limit(command: &Command, nofile: u64) -> Command {
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
+}
+
 /// A running server with its own state dir and fake-netlab dir.
 pub struct TestServer {
     pub child: Child,
@@ -211,6 +232,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Reuse the state and fake dirs of an earlier server (restarts).
     pub dir: Option<tempfile::TempDir>,
+    /// Start the server with this open-files limit (soft and hard), through `sh`'s ulimit.
+    pub nofile: Option<u64>,
 }
 
 impl Options {
@@ -281,9 +304,11 @@ impl TestServer {
         let gate = shared();
         let dir = options.dir.take().unwrap_or_else(test_dir);
         std::fs::create_dir_all(dir.path().join("fake/control")).unwrap();
-        let mut child = Self::command(dir.path(), &options)
-            .spawn()
-            .expect("start the server");
+        let mut command = Self::command(dir.path(), &options);
+        if let Some(nofile) = options.nofile {
+            command = under_limit(&command, nofile);
+        }
+        let mut child = command.spawn().expect("start the server");
         let (addr, log) = wait_for_listening(&mut child);
         TestServer {
             child,

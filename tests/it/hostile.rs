@@ -955,10 +955,7 @@ fn a_semicolon_in_a_quoted_file_name_is_part_of_the_name() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let lab = s.lab("GET", "/lab", &a).json();
-    assert!(
-        lab["topology"].as_str().unwrap().ends_with("/a;b.yml"),
-        "{lab}"
-    );
+    assert_eq!(lab["topology"], "a;b.yml", "{lab}");
     assert!(
         s.call_lines().contains(&"up a;b.yml".to_owned()),
         "{:?}",

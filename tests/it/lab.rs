@@ -27,12 +27,14 @@ fn lab_state(s: &TestServer, id: &str) -> serde_json::Value {
     r.json()
 }
 
+/// The work dir of the lab session `id` holds, as the state file records it (`GET /lab`
+/// names only the topology file).
 fn work_dir_of(s: &TestServer, id: &str) -> PathBuf {
-    let v = lab_state(s, id);
-    PathBuf::from(v["topology"].as_str().unwrap())
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    assert_eq!(lab_state(s, id)["running"], true);
+    let text = std::fs::read_to_string(s.state_dir().join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(state["holder"], id, "{state}");
+    PathBuf::from(state["lab"]["work_dir"].as_str().unwrap())
 }
 
 /// Waits until the teardowns queued so far are done (no lab registered, no work dir left).
@@ -66,14 +68,16 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
     assert_eq!(state["ref_count"], 1);
     assert_eq!(state["devices"], v["devices"]);
     assert_eq!(state["netlab_status"], serde_json::Value::Null);
-    let topology = PathBuf::from(state["topology"].as_str().unwrap());
-    assert_eq!(topology.file_name().unwrap(), "lab.yml");
-    assert!(topology.starts_with(s.state_dir().join("labs")));
+    // The file's name: where the server keeps it is none of the client's business.
+    assert_eq!(state["topology"], "lab.yml");
+    let work = work_dir_of(&s, &a);
+    assert!(work.starts_with(s.state_dir().join("labs")));
+    let topology = work.join("lab.yml");
     assert_eq!(std::fs::read_to_string(&topology).unwrap(), TOPO_A);
     s.lab("GET", "/lab/devices", &a)
         .expect(200, &serde_json::to_string(&v["devices"]).unwrap());
 
-    let work = topology.parent().unwrap().display().to_string();
+    let work = work.display().to_string();
     let state_dir = s.state_dir().display().to_string();
     let calls = s.calls();
     let lines: Vec<String> = calls.iter().map(|(argv, _)| argv.join(" ")).collect();

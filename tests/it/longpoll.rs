@@ -254,3 +254,68 @@ fn a_wait_on_a_session_of_another_token_is_404() {
         .request("GET", &path, &[], b"")
         .expect(401, "{\"detail\":\"Not authenticated\"}");
 }
+
+/// Opens a long-poll whose answer is never read.
+fn park_raw(addr: SocketAddr, id: &str) -> TcpStream {
+    send_wait(addr, id, "60")
+}
+
+#[test]
+fn long_polls_of_clients_that_went_away_free_their_slots() {
+    // The timer looks for dead clients every --sweep-interval (0.1 s in tests).
+    let server = start();
+    let (first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let reset: Vec<TcpStream> = (0..10).map(|_| park_raw(server.addr, &second)).collect();
+    let closed: Vec<TcpStream> = (0..5).map(|_| park_raw(server.addr, &second)).collect();
+    let alive: Vec<TcpStream> = (0..5).map(|_| park_raw(server.addr, &second)).collect();
+    wait_parked(&server, 20);
+    // Reset: SO_LINGER 0, then close, sends an RST.
+    for stream in reset {
+        rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    }
+    wait_parked(&server, 10);
+    // Closed the ordinary way (a FIN; the server's side is left in CLOSE_WAIT).
+    drop(closed);
+    wait_parked(&server, 5);
+    // The live ones stay parked (the wait is 60 s) and are answered at the promotion.
+    assert_eq!(server.get("/debug/health").json()["long_polls"], 5);
+    server
+        .delete(&format!("/session/{first}"))
+        .expect_empty(204);
+    for stream in alive {
+        read(stream).expect(200, "{\"status\":\"active\",\"position\":0}");
+    }
+    wait_parked(&server, 0);
+}
+
+#[test]
+fn the_long_poll_cap_follows_the_open_files_limit() {
+    // 1 280 descriptors: (1 280 - 256) / 4 = 256 long-polls at most.
+    let server = TestServer::start(Options {
+        nofile: Some(1280),
+        ..Options::default()
+    });
+    assert_eq!(server.get("/debug/health").json()["long_poll_cap"], 256);
+    assert!(
+        server
+            .log_text()
+            .contains("open files limit 1280 (long-polls parked at most 256)"),
+        "{}",
+        server.log_text()
+    );
+    let (_first, _) = server.create_session();
+    let (second, _) = server.create_session();
+    let parked: Vec<TcpStream> = (0..256).map(|_| park_raw(server.addr, &second)).collect();
+    wait_parked(&server, 256);
+    // Beyond the cap, `wait` is ignored: answered at once.
+    let started = Instant::now();
+    server
+        .get(&format!("/session/{second}?wait=30"))
+        .expect(200, "{\"status\":\"waiting\",\"position\":1}");
+    assert!(started.elapsed() < before_the_wait_ran_out(30));
+    assert_eq!(server.get("/debug/health").json()["long_polls"], 256);
+    drop(parked);
+    wait_parked(&server, 0);
+}

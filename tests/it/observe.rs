@@ -694,3 +694,48 @@ fn no_managed_labs_is_not_a_failing_netlab_status() {
         assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
     }
 }
+
+#[test]
+fn event_ids_never_repeat_after_lines_were_lost() {
+    let s = start();
+    named_session(&s, "first", "t");
+    let file = s.state_dir().join("events.jsonl");
+    // server_started and session_created, written by the event thread.
+    wait_until(
+        Duration::from_secs(10),
+        "two lines in the event file",
+        || std::fs::read_to_string(&file).is_ok_and(|text| text.lines().count() == 2),
+    );
+    let dir = s.kill_keep_dir();
+    // The event file cannot be written (a directory in its place): the lines of this run
+    // are lost, while the state file is written on every change.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let s = start_in(dir);
+    for n in 0..3 {
+        let id = named_session(&s, &format!("lost-{n}"), "t");
+        s.delete(&format!("/session/{id}")).expect_empty(204);
+    }
+    let seen: Vec<u64> = events(&s, "?limit=10000")
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    let newest = seen[0];
+    assert!(newest >= 7, "{seen:?}");
+    let dir = s.kill_keep_dir();
+    std::fs::remove_dir(&file).unwrap();
+    // The file knows of nothing past 2; the state file says how far ids went.
+    let s = start_in(dir);
+    let list = events(&s, "?limit=10000");
+    assert_eq!(list[0]["kind"], "server_started");
+    let first_new = list[0]["id"].as_u64().unwrap();
+    assert!(first_new > newest, "{first_new} after {newest}: {list:?}");
+    let id = named_session(&s, "after", "t");
+    s.delete(&format!("/session/{id}")).expect_empty(204);
+    let ids: Vec<u64> = events(&s, &format!("?since={newest}"))
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "server_started, created, ended: {ids:?}");
+    assert!(ids.iter().all(|id| !seen.contains(id)), "{ids:?} {seen:?}");
+}

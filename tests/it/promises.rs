@@ -233,6 +233,16 @@ fn a_full_disk_refuses_changes_and_loses_nothing_acknowledged() {
     s.delete(&format!("/session/{a}")).expect(503, &detail);
     s.expect_session(&a, "active", 0);
     s.expect_session(&b, "waiting", 1);
+    // The refused session left no `session_created`: only the two made before.
+    let events = s.get("/events").json();
+    let created: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "session_created")
+        .map(|e| e["session"].as_str().unwrap())
+        .collect();
+    assert_eq!(created, [&b[..8], &a[..8]], "{events}");
     s.get("/healthz").expect(
         503,
         &format!("{{\"detail\":\"degraded: {NOT_PERSISTED}\"}}"),

@@ -163,10 +163,13 @@ fn health_endpoints() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     let v = r.json();
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    assert_eq!(keys.len(), 9);
-    assert!(r.text().ends_with(
-        r#","sessions":2,"queue_length":2,"active_timeout":300.0,"waiting_timeout":600.0,"long_polls":0,"teardowns":[]}"#
-    ));
+    assert_eq!(keys.len(), 10);
+    // The cap follows the open-files limit of the machine the test runs on.
+    let cap = v["long_poll_cap"].as_u64().unwrap();
+    assert!((1..=10_000).contains(&cap), "{cap}");
+    assert!(r.text().ends_with(&format!(
+        r#","sessions":2,"queue_length":2,"active_timeout":300.0,"waiting_timeout":600.0,"long_polls":0,"long_poll_cap":{cap},"teardowns":[]}}"#
+    )));
     assert_eq!(v["teardowns"], serde_json::json!([]));
     assert_eq!(v["status"], "ok");
     assert_eq!(v["active_timeout"], 300.0);
