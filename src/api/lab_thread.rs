@@ -231,12 +231,58 @@ fn discard(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
     }
 }
 
+/// What a start leaves behind until it has a lab that is kept: its work dir and its start
+/// record in the slot. Dropped before [`StartWork::keep`], it cleans both up: the directory
+/// removed (or, once netlab ran in it, the half-made lab discarded) and the start record
+/// ended. Every way out of [`start`] but success goes through its drop. While a panic
+/// unwinds, it leaves both to the acquire slot's drop, which turns the start record into a
+/// pending teardown (no netlab command runs on a thread that is failing).
+struct StartWork<'a> {
+    shared: &'a Shared,
+    netlab: &'a dyn Driver,
+    job: &'a StartJob,
+    ticket: Ticket,
+    /// netlab ran in the work dir: discard, not just remove.
+    netlab_ran: bool,
+    /// The start record is ended already (by `finish_start`).
+    record_ended: bool,
+    kept: bool,
+}
+
+impl StartWork<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for StartWork<'_> {
+    fn drop(&mut self) {
+        if self.kept || std::thread::panicking() {
+            return;
+        }
+        if self.netlab_ran {
+            discard(self.shared, self.netlab, self.job);
+        } else {
+            remove_dir(&self.job.work_dir);
+        }
+        if !self.record_ended {
+            let _ = finish_start(self.shared, &self.ticket, self.job.lab_slot, None);
+        }
+    }
+}
+
 fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     let ticket = job.slot.ticket();
-    let slot = job.lab_slot;
+    let mut work = StartWork {
+        shared,
+        netlab,
+        job,
+        ticket,
+        netlab_ran: false,
+        record_ended: false,
+        kept: false,
+    };
     if shared.is_shutting_down() {
-        remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(503, "Server is shutting down");
     }
     let events = StartEvents::begin(shared, job, ticket.session);
@@ -246,10 +292,9 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
     if let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
         log::warn!("lab {}: {why}", job.topology.display());
         shared.start_failed(&why);
-        remove_dir(&job.work_dir);
-        let _ = finish_start(shared, &ticket, slot, None);
         return Reply::detail(409, why);
     }
+    work.netlab_ran = true;
     let devices = match run_netlab(shared, netlab, job) {
         Ok(devices) => devices,
         Err(e) => {
@@ -258,8 +303,6 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             if e.counts_against_host() {
                 shared.start_failed(&e.to_string());
             }
-            discard(shared, netlab, job);
-            let _ = finish_start(shared, &ticket, slot, None);
             return Reply::detail(e.status(), e.to_string());
         }
     };
@@ -274,15 +317,19 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         devices_json: devices_json.clone(),
         instance: job.instance,
     };
-    let (active, stored) = match finish_start(shared, &ticket, slot, Some(record)) {
+    let (active, stored) = match finish_start(shared, &ticket, job.lab_slot, Some(record)) {
         Ok(done) => done,
         Err(e) => {
-            not_recorded(shared, netlab, job);
+            // Not recorded, so not kept: a lab nobody knows of would outlive a restart.
+            log::error!(
+                "lab {} came up but cannot be recorded: tearing it down again",
+                job.topology.display()
+            );
             return e.into();
         }
     };
+    work.record_ended = true;
     if !stored {
-        discard(shared, netlab, job);
         return if active {
             events.failed(503, "the server is shutting down");
             log::warn!("the server is shutting down: tearing the new lab down again");
@@ -290,12 +337,13 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         } else {
             events.failed(404, "the session ended while its lab was starting");
             log::warn!(
-                "session {} ended while its lab was starting: tore the new lab down",
+                "session {} ended while its lab was starting: tearing the new lab down",
                 ticket.session
             );
             Reply::detail(404, "Session not found")
         };
     }
+    work.keep();
     events.started(devices.len());
     Reply::json(
         200,
@@ -338,24 +386,6 @@ fn run_netlab(
         )
         .and_then(|()| registered(netlab, job))
         .and_then(|()| netlab.devices(&job.work_dir, job.instance))
-}
-
-/// A lab that came up but could not be recorded (the state file cannot be written) is not
-/// kept: a lab nobody knows of would outlive a restart.
-fn not_recorded(shared: &Shared, netlab: &dyn Driver, job: &StartJob) {
-    log::error!(
-        "lab {} came up but cannot be recorded: tearing it down again",
-        job.topology.display()
-    );
-    discard(shared, netlab, job);
-    let version = {
-        let mut state = shared.lock();
-        if let Some(s) = state.slots.get_mut(job.lab_slot) {
-            s.starting = None;
-        }
-        state.changed()
-    };
-    shared.persist_quietly(version);
 }
 
 /// A start's log lines and events: begun, then failed or started, each naming the session,
