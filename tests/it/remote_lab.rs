@@ -302,8 +302,11 @@ fn a_killed_client_is_reaped_after_the_active_timeout() {
     wait_until(Duration::from_secs(10), "a session", || {
         sessions(&server) == 1
     });
-    // Heartbeats keep it for longer than the timeout while the client lives...
-    std::thread::sleep(Duration::from_millis(800));
+    // Heartbeats keep it for longer than the timeout while the client lives: four
+    // heartbeats answered (at a third of the 0.5 s timeout apart) span more than it...
+    wait_until(Duration::from_secs(10), "four heartbeats", || {
+        heartbeats_answered(&server) >= 4
+    });
     assert_eq!(sessions(&server), 1);
     // ...and SIGKILL stops them: the server reaps it.
     run.child.kill().unwrap();
@@ -653,7 +656,9 @@ fn a_signal_while_waiting_ends_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let run = Run::start(&["run", "--url", &server.url(), "--", "true"], dir.path());
     wait_until(Duration::from_secs(10), "queued", || sessions(&server) == 2);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until(Duration::from_secs(10), "its long-poll parked", || {
+        long_polls(&server) >= 1
+    });
     let sent = Instant::now();
     run.signal(Signal::TERM);
     let (code, stderr) = run.finish(Duration::from_secs(5));
@@ -790,7 +795,9 @@ fn on_a_terminal_the_progress_line_is_updated_in_place() {
         .spawn()
         .unwrap();
     wait_until(Duration::from_secs(10), "queued", || sessions(&server) == 2);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(10), "its long-poll parked", || {
+        long_polls(&server) >= 1
+    });
     server
         .delete(&format!("/session/{holder}"))
         .expect_empty(204);
@@ -1339,4 +1346,25 @@ fn sigterm_while_queued_on_two_hosts_ends_both_sessions() {
     assert_eq!(code, 128 + 15, "{stderr}");
     assert_eq!(queue_names(&one), [None]);
     assert_eq!(queue_names(&two), [None]);
+}
+
+/// Heartbeats the server has answered 2xx (from `/metrics`).
+fn heartbeats_answered(server: &TestServer) -> u64 {
+    let metrics = server.get("/metrics").text();
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"neops_remote_lab_http_requests_total{route="/session/heartbeat",code="2xx"} "#,
+            )
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Long-polls parked in the server right now (from `/debug/health`).
+fn long_polls(server: &TestServer) -> u64 {
+    server.get("/debug/health").json()["long_polls"]
+        .as_u64()
+        .unwrap_or(0)
 }
