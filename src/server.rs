@@ -1069,30 +1069,7 @@ fn cleanup(config: Config) -> i32 {
             }
         }
     }
-    // netlab's `default` instance and every slot's, unless it is a lab that just failed:
-    // trying again would only fail again, and report the same lab twice.
-    let mut instances: Vec<Option<u16>> = vec![None];
-    instances.extend(config.instances().into_iter().flatten().map(Some));
-    let mut instance_errors: Vec<(String, String)> = Vec::new();
-    for instance in instances {
-        let is_left = !left.is_empty()
-            && netlab
-                .instance_dir(&config.state_dir, instance)
-                .ok()
-                .flatten()
-                .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
-        if is_left {
-            continue;
-        }
-        if let Err(e) = netlab.cleanup_instance(&config.state_dir, instance) {
-            let name = record::instance_name(instance);
-            log::error!(
-                "cannot clear netlab's '{name}' instance: {}",
-                crate::lab::netlab::for_log(&e)
-            );
-            instance_errors.push((name, e.to_string()));
-        }
-    }
+    let instance_errors = clear_instances_after_cleanup(&config, &netlab, &left);
     let keep: Vec<PathBuf> = left.iter().map(|t| t.work_dir().to_path_buf()).collect();
     remove_leftover_work_dirs(&config, &keep);
     if left.is_empty() && instance_errors.is_empty() {
@@ -1117,6 +1094,39 @@ fn cleanup(config: Config) -> i32 {
     }
     eprint!("{}", unfinished_report(&config, &left, &instance_errors));
     1
+}
+
+/// `cleanup`'s last pass over netlab's registry: netlab's `default` instance and every
+/// slot's, unless it is a lab that just failed (trying again would only fail again, and
+/// report the same lab twice). Each instance netlab could not clear, with its words.
+fn clear_instances_after_cleanup(
+    config: &Config,
+    netlab: &Netlab,
+    left: &[Teardown],
+) -> Vec<(String, String)> {
+    let mut instances: Vec<Option<u16>> = vec![None];
+    instances.extend(config.instances().into_iter().flatten().map(Some));
+    let mut instance_errors: Vec<(String, String)> = Vec::new();
+    for instance in instances {
+        let is_left = !left.is_empty()
+            && netlab
+                .instance_dir(&config.state_dir, instance)
+                .ok()
+                .flatten()
+                .is_some_and(|dir| left.iter().any(|t| t.work_dir() == dir));
+        if is_left {
+            continue;
+        }
+        if let Err(e) = netlab.cleanup_instance(&config.state_dir, instance) {
+            let name = record::instance_name(instance);
+            log::error!(
+                "cannot clear netlab's '{name}' instance: {}",
+                crate::lab::netlab::for_log(&e)
+            );
+            instance_errors.push((name, e.to_string()));
+        }
+    }
+    instance_errors
 }
 
 /// What `cleanup` could not finish (labs, and netlab instances with netlab's words), and the

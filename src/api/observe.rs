@@ -331,30 +331,7 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
             .and(first.idle_since)
             .map(|since| wall - now.saturating_sub(since).as_secs_f64()),
     };
-    let running = copies.iter().enumerate().find_map(|(i, (slot, _, _))| {
-        shared
-            .lab_log(i)
-            .running()
-            .map(|(command, since)| (i, slot, command, since))
-    });
-    let operation = match running {
-        Some((i, slot, command, since)) => Some(Operation {
-            command: command.into(),
-            slot: Some(i + 1),
-            since: secs(since),
-            session: if command == "up" {
-                slot.starting.as_ref().map(|s| prefix(&s.session))
-            } else {
-                None
-            },
-        }),
-        None => acquiring.map(|s| Operation {
-            command: "upload".into(),
-            slot: None,
-            since: wall,
-            session: Some(prefix(&s)),
-        }),
-    };
+    let operation = operation(shared, &copies, acquiring, wall);
     let single = copies.len() == 1;
     let holds = |id: &SessionId, active: bool| {
         copies.iter().any(|(slot, _, _)| {
@@ -405,6 +382,40 @@ pub fn queue_view(shared: &Shared, limit: usize) -> QueueView {
         truncated: total > sessions.len(),
         total,
         sessions,
+    }
+}
+
+/// The netlab command running now in any slot (and for whom, for an `up`), else the upload
+/// in progress.
+fn operation(
+    shared: &Shared,
+    copies: &[SlotCopy],
+    acquiring: Option<SessionId>,
+    wall: f64,
+) -> Option<Operation> {
+    let running = copies.iter().enumerate().find_map(|(i, (slot, _, _))| {
+        shared
+            .lab_log(i)
+            .running()
+            .map(|(command, since)| (i, slot, command, since))
+    });
+    match running {
+        Some((i, slot, command, since)) => Some(Operation {
+            command: command.into(),
+            slot: Some(i + 1),
+            since: secs(since),
+            session: if command == "up" {
+                slot.starting.as_ref().map(|s| prefix(&s.session))
+            } else {
+                None
+            },
+        }),
+        None => acquiring.map(|s| Operation {
+            command: "upload".into(),
+            slot: None,
+            since: wall,
+            session: Some(prefix(&s)),
+        }),
     }
 }
 
