@@ -137,7 +137,7 @@ def test_node_data_is_what_inspect_node_prints(api: Client, server: ServerProces
     device types, in netlab's node order. Our server reads all of it in one netlab call."""
     sid, _ = api.new_session()
     data = acquire(api, sid, topo("devices.yml"), "devices.yml")
-    wd = work_dir(api, sid)
+    wd = work_dir(api, sid, sandbox)
 
     listing = sandbox.run_netlab(
         "inspect", "-q", "--instance", "default", "--format", "json", "list(nodes.keys())", cwd=wd
