@@ -326,7 +326,7 @@ fn sigterm_reaches_the_command_and_the_lab_is_released_within_a_second() {
     let topo = topology(dir.path(), "nodes: [r1]\n");
     let marker = dir.path().join("got-term");
     let script = format!(
-        "trap 'echo term > {}; exit 143' TERM; echo started > {}.started; while true; do sleep 0.02; done",
+        "trap 'echo term > {}; exit 143' TERM; echo started > {}.started; mkfifo hold; {{ read _ < hold; }} 2>/dev/null",
         marker.display(),
         marker.display()
     );
@@ -500,7 +500,7 @@ fn a_session_ended_by_someone_else_terminates_the_command_and_exits_75() {
     let id_file = dir.path().join("id");
     let marker = dir.path().join("got-term");
     let script = format!(
-        "trap 'echo term > {}; exit 143' TERM; echo \"$REMOTE_LAB_SESSION_ID\" > {}; while true; do sleep 0.02; done",
+        "trap 'echo term > {}; exit 143' TERM; echo \"$REMOTE_LAB_SESSION_ID\" > {}; mkfifo hold; {{ read _ < hold; }} 2>/dev/null",
         marker.display(),
         id_file.display()
     );
@@ -995,7 +995,7 @@ fn heartbeats_refused_past_the_active_timeout_lose_the_session_and_stop_the_comm
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("got-term");
     let script = format!(
-        "trap 'echo term > {}; exit 143' TERM; while true; do sleep 0.02; done",
+        "trap 'echo term > {}; exit 143' TERM; mkfifo hold; {{ read _ < hold; }} 2>/dev/null",
         marker.display()
     );
     let (code, stderr) = Run::start(
@@ -1021,7 +1021,7 @@ fn sigkill_of_remote_lab_leaves_no_command_running() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
     let script = format!(
-        "echo $$ > {}.tmp; mv {0}.tmp {0}; while true; do sleep 0.05; done",
+        "echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 600",
         pid_file.display()
     );
     let mut run = Run::start(
@@ -1108,9 +1108,9 @@ fn a_non_ascii_name_arrives_percent_encoded_and_the_server_shows_it_decoded() {
     let server = start();
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
-    let go = dir.path().join("go");
+    let go = gate(dir.path(), "go");
     let script = format!(
-        "touch {}; while [ ! -e {} ]; do sleep 0.02; done",
+        "touch {}; cat {} > /dev/null",
         started.display(),
         go.display()
     );
@@ -1134,7 +1134,7 @@ fn a_non_ascii_name_arrives_percent_encoded_and_the_server_shows_it_decoded() {
     });
     let queue = server.get("/queue").json();
     assert_eq!(queue["sessions"][0]["client_name"], name);
-    std::fs::write(&go, "").unwrap();
+    open_gate(&go);
     let (code, stderr) = run.finish(Duration::from_secs(10));
     assert_eq!(code, 0, "{stderr}");
 }
@@ -1171,12 +1171,11 @@ fn credentials_per_host_from_netrc_and_a_host_that_rejects_them() {
     netrc("token-of-host-two-0123456789");
     let urls = format!("{url_one},{url_two}");
     // Two jobs held at once: one on each host.
-    let go = dir.path().join("go");
     let job = |n: u32| {
         let script = format!(
-            "echo \"$REMOTE_LAB_URL\" > {d}/url{n}; while [ ! -e {g} ]; do sleep 0.02; done",
+            "echo \"$REMOTE_LAB_URL\" > {d}/url{n}; cat {g} > /dev/null",
             d = dir.path().display(),
-            g = go.display()
+            g = gate(dir.path(), &format!("go{n}")).display()
         );
         Run::start(
             &["run", "--url", &urls, "--", "sh", "-c", &script],
@@ -1191,7 +1190,9 @@ fn credentials_per_host_from_netrc_and_a_host_that_rejects_them() {
     wait_until(Duration::from_secs(10), "job 2 started", || {
         read(&dir.path().join("url2")).ends_with('\n')
     });
-    std::fs::write(&go, "").unwrap();
+    for n in [1, 2] {
+        open_gate(&dir.path().join(format!("go{n}")));
+    }
     for run in [first, second] {
         let (code, stderr) = run.finish(Duration::from_secs(10));
         assert_eq!(code, 0, "{stderr}");
@@ -1367,4 +1368,27 @@ fn long_polls(server: &TestServer) -> u64 {
     server.get("/debug/health").json()["long_polls"]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// A FIFO in `dir` that a command waits at with `cat GATE` (no polling), until
+/// [`open_gate`].
+fn gate(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+    path
+}
+
+/// Lets the command waiting at `gate` go on: opening the FIFO for writing succeeds once the
+/// command has it open for reading, and closing it gives the command its end of file.
+fn open_gate(gate: &Path) {
+    use rustix::fs::{Mode, OFlags};
+    wait_until(Duration::from_secs(10), "the command at its gate", || {
+        rustix::fs::open(
+            gate,
+            OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .is_ok()
+    });
 }
