@@ -107,8 +107,6 @@ struct Ready {
     shared: Arc<Shared>,
     server: Arc<Server>,
     bound: SocketAddr,
-    /// A copy of the listening socket, for `listener::rescue`.
-    rescue_socket: std::net::TcpListener,
     netlab: Netlab,
     lab_rx: Vec<Receiver<LabJob>>,
     signals: Signals,
@@ -146,9 +144,6 @@ fn start(config: Config) -> Result<Ready, StartError> {
     let clock = Arc::new(MonotonicClock::new());
     let (state, lab_outcome) = restore(&config, &netlab, clock.now());
 
-    let rescue_socket = socket
-        .try_clone()
-        .map_err(|e| StartError(format!("cannot copy the listening socket: {e}")))?;
     let server = Arc::new(Server::from_listener(socket, None).map_err(|e| cannot_listen(&e))?);
     let bound = server
         .server_addr()
@@ -171,7 +166,6 @@ fn start(config: Config) -> Result<Ready, StartError> {
         shared,
         server,
         bound,
-        rescue_socket,
         netlab,
         lab_rx,
         signals,
@@ -331,7 +325,6 @@ impl Ready {
             shared,
             server,
             bound,
-            rescue_socket,
             netlab,
             lab_rx,
             signals,
@@ -356,14 +349,16 @@ impl Ready {
         let watch = spawn(&shared, "watch", move |shared, stop| {
             watch_listener(shared, timer::probe_address(bound), every, &stop);
         });
+        let arrivals = listener::Arrivals::new();
         let rescuer = {
             let shared = Arc::clone(&shared);
+            let arrivals = arrivals.clone();
             let probe = timer::probe_address(bound);
             thread::Builder::new()
                 .name("rescue".into())
                 .spawn(move || {
                     let dispatched = &pool::DISPATCHED;
-                    listener::rescue(&rescue_socket, probe, shared.shutdown_flag(), dispatched);
+                    listener::rescue(&arrivals, probe, shared.shutdown_flag(), dispatched);
                 })
                 .expect("cannot start the rescue thread")
         };
@@ -372,7 +367,7 @@ impl Ready {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name("listener".into())
-                .spawn(move || pool::listen(&server, shared.shutdown_flag(), &work_tx))
+                .spawn(move || pool::listen(&server, shared.shutdown_flag(), &work_tx, &arrivals))
                 .expect("cannot start the listener thread")
         };
         let listened = listener

@@ -14,19 +14,26 @@
 //! [`EXIT_RESTART`] and a log line saying why: the service manager starts it again, and the
 //! state file makes that restart invisible to clients.
 
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
 /// Connections that arrive while tiny_http's connection threads are idle can be left
-/// waiting in its pool; see [`rescue`]. Rounds of rescue are this far apart: while
-/// requests come in, a few requests of ours every this long.
-const RESCUE_GAP: Duration = Duration::from_millis(10);
+/// waiting in its pool; see [`rescue`]. While requests come in, a round of rescue is made at
+/// least this often, for a connection whose first request came late (every other case is
+/// announced through [`Arrivals`]).
+const RESCUE_BACKSTOP: Duration = Duration::from_millis(50);
+
+/// How long [`rescue`] lets a burst of connections settle (tiny_http accepting the rest of
+/// it, the threads it woke taking theirs) before its first request.
+const RESCUE_SETTLE: Duration = Duration::from_micros(200);
 
 /// The exit status of a deliberate crash: the service manager should start us again.
 const EXIT_RESTART: i32 = 75;
@@ -77,6 +84,75 @@ pub fn bind(host: &str, port: u16, timeout: Duration) -> io::Result<TcpListener>
     Ok(TcpListener::from(fd))
 }
 
+/// Announces, from the listener thread to [`rescue`], that a connection brought its first
+/// request: the moment at which tiny_http may have left others of the same burst waiting.
+#[derive(Clone)]
+pub struct Arrivals {
+    tx: Sender<()>,
+    rx: Receiver<()>,
+}
+
+impl Arrivals {
+    pub fn new() -> Self {
+        // One pending announcement is enough: a round serves every connection then waiting.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        Arrivals { tx, rx }
+    }
+
+    /// Says that a connection not seen before brought a request; never blocks.
+    pub fn announce(&self) {
+        let _ = self.tx.try_send(());
+    }
+
+    fn forget(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The peers whose requests the listener thread has seen, to tell a new connection from
+/// the next request of a kept-alive one.
+pub struct Peers {
+    seen: HashSet<SocketAddr>,
+}
+
+/// Peers remembered before the set starts afresh (each then counts as new once more, which
+/// costs one round of [`rescue`]).
+const MAX_PEERS: usize = 4096;
+
+impl Peers {
+    pub fn new() -> Self {
+        Peers {
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Whether `peer` is a connection not seen before.
+    pub fn is_new(&mut self, peer: Option<&SocketAddr>) -> bool {
+        let Some(peer) = peer else {
+            return false;
+        };
+        if self.seen.len() >= MAX_PEERS {
+            self.seen.clear();
+        }
+        self.seen.insert(*peer)
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `Host` of [`rescue`]'s own requests, so that they announce nothing.
+pub const RESCUE_HOST: &str = "rescue";
+
 /// Keeps tiny_http from leaving connections unserved, until `stop` is set.
 ///
 /// tiny_http hands each accepted connection to a pool of threads, one connection per thread
@@ -87,135 +163,142 @@ pub fn bind(host: &str, port: u16, timeout: Duration) -> io::Result<TcpListener>
 /// no new thread is started for them. Such a connection is served only when some thread of
 /// the pool finishes its own connection, which for keep-alive clients may be never.
 ///
-/// So whenever connections arrive (the listening socket `listener`, a copy of tiny_http's,
-/// becomes readable, or `requests`, the count of requests taken from tiny_http, grows by
-/// more than this thread's own), this thread waits for tiny_http to accept them and then
-/// connects to `probe` itself with one short request at a time ([`kick`]): while connections
-/// are left waiting, every thread of the pool is busy, so each such request gets a new
-/// thread, which takes the oldest waiting connection once it has answered. A round stops
-/// when requests are answered without a new thread (an idle thread took them: nothing is
-/// waiting any more). While requests come in, a round is made every [`RESCUE_GAP`]: a
-/// burst that arrives while this thread is busy is accepted before it looks.
-pub fn rescue(listener: &TcpListener, probe: SocketAddr, stop: &AtomicBool, requests: &AtomicU64) {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let readable = |timeout: &Timespec| {
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        matches!(poll(&mut fds, Some(timeout)), Ok(n) if n > 0)
-    };
+/// A connection is left waiting only in a moment when the pool has just woken an idle
+/// thread for another one, and that one's first request is then announced by the listener
+/// thread ([`Arrivals`]). So at each announcement this thread lets the burst settle and then
+/// connects to `probe` itself with one short request at a time ([`kick`]): while
+/// connections are left waiting, every thread of the pool is busy, so each such request
+/// gets a new thread, which takes the oldest waiting connection once it has answered. A
+/// round stops when requests are answered without a new thread (an idle thread took them:
+/// nothing is waiting any more). While requests come in (`requests`, the count of requests
+/// taken from tiny_http, grows), a round is also made every [`RESCUE_BACKSTOP`], for a
+/// connection whose first request came late.
+pub fn rescue(arrivals: &Arrivals, probe: SocketAddr, stop: &AtomicBool, requests: &AtomicU64) {
     // The stop flag is looked at once a second when nothing arrives.
-    let idle_wait = Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    };
-    let no_wait = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let busy_wait = Timespec {
-        tv_sec: 0,
-        tv_nsec: i64::try_from(RESCUE_GAP.as_nanos()).unwrap_or(10_000_000),
-    };
-    // Whether requests came in since the last look, others than our own. tiny_http accepts
-    // a connection within microseconds of its arrival, often before this thread's poll
-    // sees the socket readable; but a burst of connections that left some waiting served
-    // the others, so while requests come in a round is made every [`RESCUE_GAP`].
+    const IDLE_WAIT: Duration = Duration::from_secs(1);
     let mut seen = requests.load(Ordering::Relaxed);
     let mut ours = 0;
     let mut busy = false;
     while !stop.load(Ordering::SeqCst) {
-        let arrived = readable(if busy { &busy_wait } else { &idle_wait });
+        let announced =
+            match arrivals
+                .rx
+                .recv_timeout(if busy { RESCUE_BACKSTOP } else { IDLE_WAIT })
+            {
+                Ok(()) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
         let now = requests.load(Ordering::Relaxed);
         busy = now.saturating_sub(seen) > ours;
         seen = now;
-        if !arrived && !busy {
+        if !announced && !busy {
             continue;
         }
-        // tiny_http accepts within microseconds; then its woken threads take their
-        // connections.
-        for _ in 0..100 {
-            if !readable(&no_wait) {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        std::thread::sleep(Duration::from_micros(500));
+        std::thread::sleep(RESCUE_SETTLE);
         if stop.load(Ordering::SeqCst) {
             return;
         }
+        // Whatever was announced until now is seen to by this round.
+        arrivals.forget();
         let kicks = rescue_round(probe);
         RESCUE_KICKS.fetch_add(kicks, Ordering::Relaxed);
         ours = kicks as u64;
-        if !busy {
-            std::thread::sleep(RESCUE_GAP);
-        }
     }
 }
 
-/// One round of [`rescue`]: requests one at a time until two in a row are answered
-/// without a new thread. Returns the requests made.
+/// One round of [`rescue`]: short requests until two rounds of them in a row are answered
+/// without a new thread. They go out one at a time at first, and in growing batches sent
+/// at once while every one of a batch gets a new thread (many connections waiting: a
+/// hundred of them freed one request at a time took 90 ms on a busy machine). Returns the
+/// requests made.
 fn rescue_round(probe: SocketAddr) -> usize {
     let mut kicks = 0;
-    let mut unanswered = 0;
+    let mut unanswered: u32 = 0;
     let mut idle_seen = 0;
-    while kicks < MAX_KICKS && unanswered < MAX_UNANSWERED && idle_seen < 2 {
+    let mut batch = 1;
+    while kicks < MAX_KICKS && (unanswered as usize) < MAX_UNANSWERED && idle_seen < 2 {
         let before = thread_count();
-        let answered = kick(probe);
-        kicks += 1;
-        if !answered {
+        // Doubled after each request not answered in time, so that a machine too busy to
+        // answer within the first limit gets a request after a while rather than a storm.
+        let limit = (KICK_LIMIT * 2u32.pow(unanswered.min(4))).min(KICK_LIMIT_MAX);
+        let answered = kick(probe, batch, limit);
+        kicks += batch;
+        if answered < batch {
             // Queued behind the waiting connections itself: the threads the pool woke for
             // the last arrivals have not taken theirs yet (on a loaded machine that can
-            // take a while). Once they have, the next request gets a new thread. (This
-            // one is closed: when its turn comes, its thread moves straight on to the
+            // take a while). Once they have, the next request gets a new thread. (Such a
+            // request is closed: when its turn comes, its thread moves straight on to the
             // next connection in the queue.)
             unanswered += 1;
-            std::thread::sleep(Duration::from_millis(1 << unanswered.min(5)));
+            batch = 1;
+            std::thread::sleep(KICK_PAUSE);
             continue;
         }
-        if matches!((before, thread_count()), (Some(b), Some(a)) if a > b) {
-            idle_seen = 0;
-        } else {
-            // An idle thread of the pool took it: nothing is waiting. Twice in a row, in
-            // case another thread of ours ended meanwhile.
-            idle_seen += 1;
+        match (before, thread_count()) {
+            (Some(b), Some(a)) if a >= b + batch => {
+                idle_seen = 0;
+                batch = (batch * 2).min(MAX_BATCH);
+            }
+            _ => {
+                // An idle thread of the pool took one: nothing is waiting. Twice in a
+                // row, in case another thread of ours ended meanwhile.
+                idle_seen += 1;
+                batch = 1;
+            }
         }
     }
     kicks
 }
 
+/// The largest batch of requests [`rescue_round`] sends at once.
+const MAX_BATCH: usize = 32;
+
 /// Most requests of one round of [`rescue`]: more connections than this left waiting at
 /// once are served over several rounds (or by the watch).
 const MAX_KICKS: usize = 1024;
 
-/// A round of [`rescue`] ends after this many requests that were not answered within
-/// [`KICK_LIMIT`] (seconds: the listener is overwhelmed or gone, which the watch sees to).
+/// A round of [`rescue`] ends after this many requests that were not answered in time
+/// (the listener is overwhelmed or gone, which the watch sees to).
 const MAX_UNANSWERED: usize = 100;
 
-/// How long [`kick`] waits for its answer. One not answered by then is taken to be queued
-/// behind waiting connections (see [`rescue_round`]); one merely slow costs a request more.
-const KICK_LIMIT: Duration = Duration::from_millis(50);
+/// How long [`kick`] first waits for its answer. One not answered by then is taken to be
+/// queued behind waiting connections (see [`rescue_round`]); one merely slow costs a
+/// request more, and the next waits twice as long, up to [`KICK_LIMIT_MAX`].
+const KICK_LIMIT: Duration = Duration::from_millis(4);
+const KICK_LIMIT_MAX: Duration = Duration::from_millis(50);
+
+/// The pause after a request not answered in time: the threads the pool woke get the CPU.
+const KICK_PAUSE: Duration = Duration::from_micros(500);
 
 /// Requests [`rescue`] made so far (logged at exit).
 pub static RESCUE_KICKS: AtomicUsize = AtomicUsize::new(0);
 
-/// One short request to the listener: `GET /healthz` with `Connection: close`, read to its
-/// end, then closed. Returns whether it was answered within [`KICK_LIMIT`].
-fn kick(addr: SocketAddr) -> bool {
-    let limit = KICK_LIMIT;
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, limit) else {
-        return false;
-    };
-    let sent = stream
-        .set_read_timeout(Some(limit))
-        .and_then(|_| stream.set_write_timeout(Some(limit)))
-        .and_then(|_| {
-            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: rescue\r\nConnection: close\r\n\r\n")
-        });
-    if sent.is_err() {
-        return false;
-    }
+/// `count` short requests to the listener, sent at once: `GET /healthz` with
+/// `Connection: close` on a connection each, each read to its end, then closed. Returns how
+/// many were answered within `limit`.
+fn kick(addr: SocketAddr, count: usize, limit: Duration) -> usize {
+    let request =
+        format!("GET /healthz HTTP/1.1\r\nHost: {RESCUE_HOST}\r\nConnection: close\r\n\r\n");
+    let sent: Vec<TcpStream> = (0..count)
+        .filter_map(|_| {
+            let mut stream = TcpStream::connect_timeout(&addr, limit).ok()?;
+            stream
+                .set_read_timeout(Some(limit))
+                .and_then(|_| stream.set_write_timeout(Some(limit)))
+                .and_then(|_| stream.write_all(request.as_bytes()))
+                .ok()?;
+            Some(stream)
+        })
+        .collect();
     let mut answer = Vec::with_capacity(256);
-    // To the end: the connection's thread in the pool has finished with it then.
-    stream.read_to_end(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.1 ")
+    sent.into_iter()
+        .filter(|mut stream| {
+            answer.clear();
+            // To the end: the connection's thread in the pool has finished with it then.
+            stream.read_to_end(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.1 ")
+        })
+        .count()
 }
 
 /// The threads of this process (`Threads:` in /proc/self/status).
@@ -351,6 +434,43 @@ pub fn restart_now(why: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_new_once_and_the_set_starts_afresh_when_full() {
+        let mut peers = Peers::new();
+        let a: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(peers.is_new(Some(&a)));
+        assert!(
+            !peers.is_new(Some(&a)),
+            "the next request of a kept-alive connection"
+        );
+        assert!(!peers.is_new(None), "no address, nothing to announce");
+        for port in 1..MAX_PEERS as u16 {
+            peers.is_new(Some(&SocketAddr::from(([127, 0, 0, 2], port))));
+        }
+        assert_eq!(peers.seen.len(), MAX_PEERS);
+        assert!(
+            peers.is_new(Some(&a)),
+            "forgotten when the set started afresh"
+        );
+        assert_eq!(peers.seen.len(), 1);
+    }
+
+    #[test]
+    fn announcements_never_block_and_one_stands_for_many() {
+        let arrivals = Arrivals::new();
+        for _ in 0..10 {
+            arrivals.announce();
+        }
+        assert!(arrivals.rx.try_recv().is_ok());
+        assert!(
+            arrivals.rx.try_recv().is_err(),
+            "one pending announcement at most"
+        );
+        arrivals.announce();
+        arrivals.forget();
+        assert!(arrivals.rx.try_recv().is_err());
+    }
 
     #[test]
     fn accepted_connections_inherit_the_timeouts() {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use tiny_http::{Request, Server};
 
+use crate::http::listener::{Arrivals, Peers, RESCUE_HOST};
 use crate::http::reply::{Reply, Responder};
 
 /// What a worker calls for each request.
@@ -40,8 +41,10 @@ pub fn listen(
     server: &Server,
     stop: &AtomicBool,
     tx: &Sender<Request>,
+    arrivals: &Arrivals,
 ) -> Result<(), ListenerFailed> {
     let mut waiter = Waiter::new();
+    let mut peers = Peers::new();
     loop {
         let request = match next_incoming(&mut waiter, server, stop) {
             Ok(Some(request)) => request,
@@ -53,6 +56,9 @@ pub fn listen(
                 return Err(ListenerFailed(e.to_string()));
             }
         };
+        if peers.is_new(request.remote_addr()) && !from_rescue(&request) {
+            arrivals.announce();
+        }
         if !dispatch(request, tx) {
             return Ok(());
         }
@@ -67,6 +73,14 @@ pub fn listen(
         }
     }
     Ok(())
+}
+
+/// Whether `request` is one of the rescue thread's own (see `listener::rescue`).
+fn from_rescue(request: &Request) -> bool {
+    request
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Host") && h.value.as_str() == RESCUE_HOST)
 }
 
 /// Requests taken from tiny_http so far (the rescue in `listener` watches it).

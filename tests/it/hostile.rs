@@ -1045,3 +1045,72 @@ fn a_cross_site_origin_is_refused() {
         "{csp}"
     );
 }
+
+/// Opens `count` connections back to back, sends `GET /healthz` on each, and returns how
+/// many were answered 204 by `deadline`, with the connections (open).
+fn answered_of_a_burst(s: &TestServer, count: usize, deadline: Instant) -> (usize, Vec<TcpStream>) {
+    // Connected at the same moment from a thread each, as close together as wrk's
+    // non-blocking connects: one thread connecting in turn gives the pool time between.
+    let start = Arc::new(std::sync::Barrier::new(count));
+    let mut conns: Vec<TcpStream> = (0..count)
+        .map(|_| {
+            let (addr, start) = (s.addr, Arc::clone(&start));
+            thread::spawn(move || {
+                start.wait();
+                TcpStream::connect(addr).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for c in &mut conns {
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: burst\r\n\r\n")
+            .unwrap();
+    }
+    let mut answered = 0;
+    for c in &mut conns {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        c.set_read_timeout(Some(left)).unwrap();
+        let mut head = [0u8; 12];
+        if c.read_exact(&mut head).is_ok() && &head == b"HTTP/1.1 204" {
+            answered += 1;
+        }
+    }
+    (answered, conns)
+}
+
+#[test]
+fn every_connection_of_a_burst_is_served_while_the_others_stay_open() {
+    // tiny_http's pool can queue connections that arrive back to back for threads that stay
+    // busy with their own keep-alive connections (see `listener::rescue`): without the
+    // rescue, those wait for the once-a-second watch, one per second, so most of a burst
+    // would still be waiting at the deadline. It happens when a burst is larger than the
+    // pool's idle threads and the threads the pool wakes do not get the CPU at once: so
+    // threads of ours keep both CPUs busy meanwhile, and each burst is larger than the one
+    // before (whose threads are idle by then).
+    let s = start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<JoinHandle<()>> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for (round, count) in [32, 64, 128].into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (answered, _open) = answered_of_a_burst(&s, count, deadline);
+        assert_eq!(answered, count, "connections of burst {round} answered");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for b in busy {
+        b.join().unwrap();
+    }
+}
