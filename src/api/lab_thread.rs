@@ -14,8 +14,8 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use serde_json::json;
@@ -25,7 +25,7 @@ use crate::config::OnExit;
 use crate::core::queue::{ClientInfo, SessionId, Status};
 use crate::core::state::{LabJob, Shared, StartJob, Ticket, file_name};
 use crate::http::reply::Reply;
-use crate::lab::netlab::{Netlab, NetlabError};
+use crate::lab::netlab::{Netlab, NetlabError, SnapshotStamp, snapshot_stamp};
 use crate::lab::record::{self, Device, LabRecord, Teardown};
 use crate::lab::upload::remove_dir;
 use crate::observe::events::{self, now_ms, who};
@@ -35,7 +35,7 @@ use crate::store::persist::NotPersisted;
 
 /// What the lab thread asks of netlab; [`Netlab`] does it, a unit test can stand in.
 /// Every call names the netlab instance (`None`: `default`).
-pub trait Driver {
+pub trait Driver: Sync {
     /// `netlab up`; `spawned` gets the process group as soon as it runs.
     fn up(
         &self,
@@ -44,7 +44,18 @@ pub trait Driver {
         cancel: &AtomicBool,
         spawned: &dyn Fn(u32),
     ) -> Result<(), NetlabError>;
-    fn devices(&self, work_dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError>;
+    /// The devices of the lab in `work_dir` (after its `up`).
+    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError>;
+    /// The devices of the lab in `work_dir` in one call, while its `up` still runs (the
+    /// snapshot is there); killed when `cancel` is set. A driver without it answers
+    /// `Cancelled`, and the devices are read after `up`.
+    fn devices_early(
+        &self,
+        _work_dir: &Path,
+        _cancel: &AtomicBool,
+    ) -> Result<Vec<Device>, NetlabError> {
+        Err(NetlabError::Cancelled)
+    }
     fn tear_down(
         &self,
         work_dir: &Path,
@@ -69,8 +80,15 @@ impl Driver for Netlab {
     ) -> Result<(), NetlabError> {
         Netlab::up(self, topology, instance, cancel, spawned)
     }
-    fn devices(&self, work_dir: &Path, instance: Option<u16>) -> Result<Vec<Device>, NetlabError> {
-        Netlab::devices(self, work_dir, instance)
+    fn devices(&self, work_dir: &Path) -> Result<Vec<Device>, NetlabError> {
+        Netlab::devices(self, work_dir)
+    }
+    fn devices_early(
+        &self,
+        work_dir: &Path,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Device>, NetlabError> {
+        Netlab::devices_at_once(self, work_dir, Some(cancel))
     }
     fn tear_down(
         &self,
@@ -92,9 +110,24 @@ impl Driver for Netlab {
     }
 }
 
+/// What a slot's lab worker knows of its netlab instance from the commands it ran itself
+/// (only this worker runs netlab for the instance while the server runs). It saves a
+/// start the Python start of `netlab status` (half a second) where the answer is known.
+#[derive(Debug, Default)]
+struct Known {
+    /// netlab registers nothing under the instance: `status` said so (or the lab we had
+    /// there was cleared), or our last teardown of it succeeded. Not known at start, after
+    /// a start (its lab is registered, or it failed) and after a failed teardown.
+    clear: bool,
+    /// A start of ours was seen registered under the slot's multilab id (`status --all`):
+    /// netlab honours the plugin, which need not be checked again.
+    registers: bool,
+}
+
 /// The lab worker of slot `slot` (its index): takes its jobs until a shutdown.
 pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: usize) {
     let lab_log = shared.lab_log(slot);
+    let mut known = Known::default();
     for job in jobs.iter() {
         let stop = matches!(job, LabJob::Shutdown);
         let check = matches!(job, LabJob::HealthCheck);
@@ -102,7 +135,7 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
         let result = catch_unwind(AssertUnwindSafe(|| match job {
             LabJob::Start(job) => {
                 lab_log.begin(Job::Up);
-                let reply = start(shared, netlab, &job);
+                let reply = start(shared, netlab, &job, &mut known);
                 lab_log.end();
                 METRICS.acquisition(Outcome::of_start(reply.status), Some(job.began.elapsed()));
                 let StartJob {
@@ -112,13 +145,23 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
                 responder.respond(reply);
             }
             LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t, slot) {
-                Ok(()) => shared.teardown_done(t.work_dir()),
-                Err(e) => shared.teardown_failed(&t, e),
+                Ok(()) => {
+                    known.clear = true;
+                    shared.teardown_done(t.work_dir());
+                }
+                Err(e) => {
+                    known.clear = false;
+                    shared.teardown_failed(&t, e);
+                }
             },
-            LabJob::HealthCheck => health_check(shared, netlab, slot),
+            LabJob::HealthCheck => {
+                known.clear = false;
+                health_check(shared, netlab, slot);
+            }
             LabJob::Shutdown => shut_down(shared, netlab, slot),
         }));
         if result.is_err() {
+            known.clear = false;
             lab_log.end();
             log::error!(
                 "the lab worker of slot {} panicked during the {description}; taking the next job",
@@ -244,6 +287,10 @@ struct StartWork<'a> {
     ticket: Ticket,
     /// netlab ran in the work dir: discard, not just remove.
     netlab_ran: bool,
+    /// netlab refused the `up` because the instance runs elsewhere: it wrote its files here
+    /// but deployed nothing, and a `down --force` here would reach the other lab (same
+    /// instance, same names): the directory is only removed.
+    refused: bool,
     /// The start record is ended already (by `finish_start`).
     record_ended: bool,
     kept: bool,
@@ -260,7 +307,7 @@ impl Drop for StartWork<'_> {
         if self.kept || std::thread::panicking() {
             return;
         }
-        if self.netlab_ran {
+        if self.netlab_ran && !self.refused {
             discard(self.shared, self.netlab, self.job);
         } else {
             remove_dir(&self.job.work_dir);
@@ -271,7 +318,7 @@ impl Drop for StartWork<'_> {
     }
 }
 
-fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
+fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob, known: &mut Known) -> Reply {
     let ticket = job.slot.ticket();
     let mut work = StartWork {
         shared,
@@ -279,6 +326,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         job,
         ticket,
         netlab_ran: false,
+        refused: false,
         record_ended: false,
         kept: false,
     };
@@ -286,18 +334,42 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
         return Reply::detail(503, "Server is shutting down");
     }
     let events = StartEvents::begin(shared, job, ticket.session);
-    // Whatever netlab still registers as the slot's instance (a lab we lost track of)
-    // would make `up` fail: clear it first, if it is ours; another's is left alone and
-    // refused.
-    if let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
+    let refuse = |why: String| {
         log::warn!("lab {}: {why}", job.topology.display());
         shared.start_failed(&why);
-        return Reply::detail(409, why);
+        Reply::detail(409, why)
+    };
+    // Whatever netlab still registers as the slot's instance (a lab we lost track of)
+    // would make `up` fail: clear it first, if it is ours; another's is left alone and
+    // refused. Where this worker knows the instance to be clear, `up` goes first, and the
+    // same is done only if netlab refuses it as running elsewhere (someone started it by
+    // hand meanwhile), before a second `up`.
+    let looked = !known.clear;
+    if looked {
+        match clear_instance(netlab, &shared.config, job.instance) {
+            Ok(_) => {}
+            Err(why) => return refuse(why),
+        }
     }
+    known.clear = false;
     work.netlab_ran = true;
-    let devices = match run_netlab(shared, netlab, job) {
+    let check_registration = !known.registers;
+    let mut result = run_netlab(shared, netlab, job, check_registration);
+    if matches!(result, Err(NetlabError::AlreadyRunning(_))) && !looked {
+        log::info!(
+            "lab {}: netlab says its instance runs elsewhere: looking where",
+            job.topology.display()
+        );
+        if let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
+            work.refused = true;
+            return refuse(why);
+        }
+        result = run_netlab(shared, netlab, job, check_registration);
+    }
+    let devices = match result {
         Ok(devices) => devices,
         Err(e) => {
+            work.refused = matches!(e, NetlabError::AlreadyRunning(_));
             log_failure(job, &e);
             events.failed(e.status(), &e.to_string());
             if e.counts_against_host() {
@@ -306,6 +378,7 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
             return Reply::detail(e.status(), e.to_string());
         }
     };
+    known.registers |= job.instance.is_some();
     // netlab did its part, whatever becomes of the lab: the host starts labs.
     shared.start_succeeded("start");
     let devices_json = record::devices_json(&devices);
@@ -356,11 +429,14 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob) -> Reply {
 
 /// `netlab up` for the job (its process group recorded in the start record, so that a
 /// restart after a crash can kill what is left of it), the check that netlab registered the
-/// slot's instance there, and the devices.
+/// slot's instance there, and the devices: read while `up` deploys, as soon as netlab has
+/// written the lab's snapshot ([`early_devices`]), and again after `up` only if that failed
+/// or the snapshot changed since.
 fn run_netlab(
     shared: &Shared,
     netlab: &dyn Driver,
     job: &StartJob,
+    check_registration: bool,
 ) -> Result<Vec<Device>, NetlabError> {
     let record_group = |pgid: u32| {
         let version = {
@@ -377,15 +453,100 @@ fn run_netlab(
         };
         shared.persist_quietly(version);
     };
-    netlab
-        .up(
+    let up_ended = AtomicBool::new(false);
+    let up_failed = AtomicBool::new(false);
+    let work_dir = job.work_dir.as_path();
+    let (up, early) = std::thread::scope(|scope| {
+        let early = std::thread::Builder::new()
+            .name("inspect".into())
+            .spawn_scoped(scope, || {
+                early_devices(netlab, work_dir, &up_ended, &up_failed)
+            });
+        // Set however `up` ends, a panic included (the scope waits for the inspect).
+        let ended = UpEnded {
+            ended: &up_ended,
+            failed: &up_failed,
+            success: false,
+        };
+        let up = netlab.up(
             &job.topology,
             job.instance,
             shared.shutdown_flag(),
             &record_group,
-        )
-        .and_then(|()| registered(netlab, job))
-        .and_then(|()| netlab.devices(&job.work_dir, job.instance))
+        );
+        ended.end(up.is_ok());
+        let early = early.ok().and_then(|t| t.join().ok()).flatten();
+        (up, early)
+    });
+    up?;
+    if check_registration {
+        registered(netlab, job)?;
+    }
+    match early {
+        Some((devices, seen)) if snapshot_stamp(&job.work_dir) == Some(seen) => Ok(devices),
+        _ => netlab.devices(&job.work_dir),
+    }
+}
+
+/// Tells [`early_devices`] that `up` ended, and whether it failed (its inspect is then
+/// killed): when [`UpEnded::end`] is called, or dropped (a panic: failed).
+struct UpEnded<'a> {
+    ended: &'a AtomicBool,
+    failed: &'a AtomicBool,
+    success: bool,
+}
+
+impl UpEnded<'_> {
+    fn end(mut self, success: bool) {
+        self.success = success;
+    }
+}
+
+impl Drop for UpEnded<'_> {
+    fn drop(&mut self) {
+        self.failed.store(!self.success, Ordering::SeqCst);
+        self.ended.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How often [`early_devices`] looks for the snapshot.
+const SNAPSHOT_LOOK: Duration = Duration::from_millis(20);
+
+/// The devices of the lab `up` is starting in `work_dir`, read with one `netlab inspect`
+/// as soon as the snapshot `up` writes before it deploys is there and has not changed for
+/// one look ([`SNAPSHOT_LOOK`]), with the snapshot's size and time then; `None` when `up`
+/// ended first or the inspect failed. On a real host the deploy takes far longer than the
+/// inspect (a Python start of about half a second), which so costs nothing. The inspect is
+/// killed when `up` failed.
+fn early_devices(
+    netlab: &dyn Driver,
+    work_dir: &Path,
+    up_ended: &AtomicBool,
+    up_failed: &AtomicBool,
+) -> Option<(Vec<Device>, SnapshotStamp)> {
+    let mut last = None;
+    let seen = loop {
+        if up_ended.load(Ordering::SeqCst) {
+            return None;
+        }
+        let now = snapshot_stamp(work_dir);
+        if now.is_some() && now == last {
+            break now?;
+        }
+        last = now;
+        std::thread::sleep(SNAPSHOT_LOOK);
+    };
+    match netlab.devices_early(work_dir, up_failed) {
+        Ok(devices) => Some((devices, seen)),
+        Err(NetlabError::Cancelled) => None,
+        Err(e) => {
+            log::debug!(
+                "reading the devices while netlab up runs failed (read again after it): {}",
+                crate::lab::netlab::for_log(&e)
+            );
+            None
+        }
+    }
 }
 
 /// A start's log lines and events: begun, then failed or started, each naming the session,
@@ -532,9 +693,9 @@ fn health_check(shared: &Shared, netlab: &dyn Driver, slot: usize) {
     lab_log.begin(Job::Up);
     let outcome = match clear_instance(netlab, &shared.config, instance) {
         Err(why) => Err((true, why)),
-        Ok(()) => netlab
+        Ok(_) => netlab
             .up(&topology, instance, shared.shutdown_flag(), &|_| {})
-            .and_then(|()| netlab.devices(&work_dir, instance))
+            .and_then(|()| netlab.devices(&work_dir))
             .map(|devices| devices.len())
             .map_err(|e| (e.counts_against_host(), e.to_string())),
     };
@@ -601,19 +762,21 @@ fn registered(netlab: &dyn Driver, job: &StartJob) -> Result<(), NetlabError> {
 /// (a lab we lost track of), or anywhere with `--cleanup-foreign`. One in another directory
 /// belongs to someone else (another server, a person at the shell): it is left alone, and
 /// the reason is returned. A registration whose directory is gone is cleared either way.
+/// `Ok(true)`: netlab registers nothing under the instance now (as far as it said);
+/// `Ok(false)`: that is not known (netlab's answer or the clearing failed, as logged).
 pub fn clear_instance(
     netlab: &dyn Driver,
     config: &crate::config::Config,
     instance: Option<u16>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let labs = config.state_dir.join("labs");
     let name = record::instance_name(instance);
     let dir = match netlab.instance_dir(&config.state_dir, instance) {
         Ok(Some(dir)) => dir,
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(true),
         Err(e) => {
             log::warn!("cannot tell where netlab's instance {name} is: {e}");
-            return Ok(());
+            return Ok(false);
         }
     };
     let ours = crate::store::statedir::is_work_dir(&labs, &dir);
@@ -623,8 +786,9 @@ pub fn clear_instance(
                 "cannot clear netlab's '{name}' instance: {}",
                 crate::lab::netlab::for_log(&e)
             );
+            return Ok(false);
         }
-        return Ok(());
+        return Ok(true);
     }
     Err(format!(
         "netlab's instance '{name}' is running in {}, outside this server's {}: \
@@ -716,7 +880,7 @@ mod tests {
             }
             Ok(())
         }
-        fn devices(&self, _: &Path, _: Option<u16>) -> Result<Vec<Device>, NetlabError> {
+        fn devices(&self, _: &Path) -> Result<Vec<Device>, NetlabError> {
             Ok(vec![Device {
                 name: "r1".into(),
                 raw: json!({"name": "r1"}),

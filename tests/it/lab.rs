@@ -90,8 +90,7 @@ fn fresh_start_returns_devices_and_runs_netlab_in_order() {
     );
     // Every node's data in one call (the expression is the server's own).
     assert!(
-        lines[2]
-            .starts_with("inspect -q --instance default --format json __import__('box').BoxList("),
+        lines[2].starts_with("inspect -q --format json __import__('box').BoxList("),
         "{lines:?}"
     );
     assert_eq!(calls[0].1, state_dir);
@@ -159,7 +158,9 @@ fn reuse_false_restarts_an_idle_lab_and_is_refused_for_a_held_one() {
     assert!(!first.exists());
     let lines = s.call_lines();
     assert_eq!(lines[0], "down --cleanup");
-    assert_eq!(lines[2], "up t.yml");
+    // The lab worker tore the lab down itself: netlab registers nothing in its instance,
+    // and the next `up` comes without asking `netlab status` first.
+    assert_eq!(lines[1], "up t.yml");
     assert_eq!(s.calls()[0].1, first.display().to_string());
     assert_eq!(s.work_dirs(), vec![second]);
 }
@@ -503,10 +504,10 @@ fn devices_are_read_node_by_node_when_the_one_call_fails() {
     assert_eq!(
         inspects[1..],
         [
-            "inspect -q --instance default --format json list(nodes.keys())",
-            "inspect -q --instance default --node s1 --format json",
-            "inspect -q --instance default --node s2 --format json",
-            "inspect -q --instance default --node s3 --format json",
+            "inspect -q --format json list(nodes.keys())",
+            "inspect -q --node s1 --format json",
+            "inspect -q --node s2 --format json",
+            "inspect -q --node s3 --format json",
         ]
     );
     s.clear_control("all.fail");
@@ -847,4 +848,38 @@ fn a_registered_lab_without_its_files_is_not_reported_torn_down() {
     assert!(containerlab_calls(&s.fake_dir()).is_empty());
     assert_eq!(s.work_dirs(), std::slice::from_ref(&work));
     assert_eq!(s.registered(), Some(work.display().to_string()));
+}
+
+#[test]
+fn the_devices_are_read_while_up_deploys_and_not_again() {
+    // netlab writes the lab's snapshot before it deploys (here: a deploy of 1 s): the one
+    // inspect runs then, and the answer comes when `up` ends, with nothing read after it.
+    let s = start();
+    let (a, _) = s.create_session();
+    s.set_control("up.deploy", "1");
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap();
+    let inspects: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|c| c["argv"][0] == "inspect")
+        .collect();
+    assert_eq!(inspects.len(), 1, "{log}");
+    let ups = std::fs::read_to_string(s.fake_dir().join("ups.log")).unwrap();
+    let up: serde_json::Value = serde_json::from_str(ups.lines().last().unwrap()).unwrap();
+    let began = inspects[0]["t"].as_f64().unwrap();
+    assert!(
+        began > up["start"].as_f64().unwrap() && began < up["end"].as_f64().unwrap(),
+        "the inspect began at {began}, `up` ran {up}"
+    );
+    s.lab("GET", "/lab/devices", &a)
+        .expect(200, &serde_json::to_string(&r.json()["devices"]).unwrap());
+    let names: Vec<String> = r.json()["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["r1", "r2"]);
 }

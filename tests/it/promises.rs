@@ -428,3 +428,101 @@ fn an_orphaned_netlab_up_is_killed_on_restart() {
         1
     );
 }
+
+#[test]
+fn a_foreign_lab_started_behind_our_back_is_refused_without_touching_it() {
+    // `other` tore its own lab down, so it knows netlab's `default` instance to be free
+    // and starts the next lab without asking `netlab status` first. Meanwhile the first
+    // server started a lab of its own in that instance: netlab refuses `other`'s `up`
+    // (after writing its files into the new work dir, as netlab does), and `other` then
+    // looks, finds the lab outside its state dir, and answers 409 as it would have before.
+    // No `down` runs in its work dir: one there would reach the first server's lab.
+    let s = start();
+    let other = TestServer::start(sharing_netlab_of(&s, &[]).in_dir(prepared_dir()));
+    let (b, _) = other.create_session();
+    assert_eq!(
+        other.acquire(&b, &Form::topology("t.yml", TOPO)).status,
+        200
+    );
+    assert_eq!(other.lab("DELETE", "/lab", &b).status, 202);
+    wait_until(Duration::from_secs(10), "other's lab torn down", || {
+        s.registered().is_none()
+    });
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    let registered = s.registered().unwrap();
+    s.clear_calls();
+
+    let r = other.acquire(&b, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        r.json()["detail"],
+        format!(
+            "netlab's instance 'default' is running in {registered}, outside this server's {}: \
+             not touching it (tear it down there, or start the server with --cleanup-foreign)",
+            other.state_dir().join("labs").display()
+        )
+    );
+    assert_eq!(
+        s.call_lines(),
+        ["up t.yml", "status --all --format json"],
+        "an `up` refused, then a look, and nothing torn down"
+    );
+    assert_eq!(s.registered().as_deref(), Some(registered.as_str()));
+    assert_eq!(s.lab("GET", "/lab", &a).json()["running"], true);
+    assert!(
+        other.work_dirs().is_empty(),
+        "the refused start's files are gone"
+    );
+}
+
+#[test]
+fn a_leftover_of_ours_found_behind_a_refused_up_is_cleared_and_the_start_goes_on() {
+    // The instance is registered in a directory of this server's labs/ that it does not
+    // know (left by a crash of a process it cannot remember): the refused `up` makes it
+    // look, clear it, and start again.
+    let s = start();
+    let (a, _) = s.create_session();
+    assert_eq!(s.acquire(&a, &Form::topology("t.yml", TOPO)).status, 200);
+    assert_eq!(s.lab("DELETE", "/lab", &a).status, 202);
+    wait_until(Duration::from_secs(10), "the lab torn down", || {
+        s.registered().is_none() && s.work_dirs().is_empty()
+    });
+    let leftover = s
+        .state_dir()
+        .join("labs")
+        .join(uuid::Uuid::new_v4().to_string());
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("netlab.snapshot.pickle"), "{}").unwrap();
+    std::fs::write(
+        s.fake_dir().join("instance.json"),
+        serde_json::json!({"dir": leftover, "nodes": ["r1"], "name": "left"}).to_string(),
+    )
+    .unwrap();
+    s.clear_calls();
+
+    let r = s.acquire(&a, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lines = s.call_lines();
+    assert_eq!(
+        lines[..4],
+        [
+            "up t.yml",
+            "status --all --format json",
+            "down --instance default --cleanup",
+            "up t.yml",
+        ],
+        "{lines:?}"
+    );
+    let new: Vec<PathBuf> = s
+        .work_dirs()
+        .into_iter()
+        .filter(|d| *d != leftover)
+        .collect();
+    assert_eq!(new.len(), 1);
+    assert_eq!(s.registered(), Some(new[0].display().to_string()));
+    assert!(
+        !leftover.join("netlab.snapshot.pickle").exists(),
+        "netlab cleared it"
+    );
+}

@@ -138,7 +138,7 @@ fn a_held_lab_is_readopted_without_a_new_netlab_up() {
         [
             "version",
             "status --all --format json",
-            "inspect -q --instance default --format json list(nodes.keys())"
+            "inspect -q --format json list(nodes.keys())"
         ]
     );
     s.expect_session(&b, "waiting", 1);
