@@ -309,6 +309,21 @@ fn a_second_server_on_the_same_port_destroys_nothing() {
     assert_eq!(s.lab("GET", "/lab", &a).json()["running"], true);
 }
 
+/// `POST /lab` on `server` is refused 409 because netlab's `default` instance runs in
+/// `registered`, outside its state dir.
+fn expect_foreign_refusal(server: &TestServer, session: &str, registered: &str) {
+    let r = server.acquire(session, &Form::topology("t.yml", TOPO));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        r.json()["detail"],
+        format!(
+            "netlab's instance 'default' is running in {registered}, outside this server's {}: \
+             not touching it (tear it down there, or start the server with --cleanup-foreign)",
+            server.state_dir().join("labs").display()
+        )
+    );
+}
+
 #[test]
 fn a_foreign_default_instance_is_left_alone_unless_asked() {
     let s = start();
@@ -328,16 +343,7 @@ fn a_foreign_default_instance_is_left_alone_unless_asked() {
     );
     // ...and refuses to start a lab over it.
     let (b, _) = other.create_session();
-    let r = other.acquire(&b, &Form::topology("t.yml", TOPO));
-    assert_eq!(r.status, 409, "{}", r.text());
-    assert_eq!(
-        r.json()["detail"],
-        format!(
-            "netlab's instance 'default' is running in {registered}, outside this server's {}: \
-             not touching it (tear it down there, or start the server with --cleanup-foreign)",
-            other.state_dir().join("labs").display()
-        )
-    );
+    expect_foreign_refusal(&other, &b, &registered);
     assert_eq!(s.registered().as_deref(), Some(registered.as_str()));
     assert!(other.work_dirs().is_empty());
     drop(other);
@@ -453,16 +459,7 @@ fn a_foreign_lab_started_behind_our_back_is_refused_without_touching_it() {
     let registered = s.registered().unwrap();
     s.clear_calls();
 
-    let r = other.acquire(&b, &Form::topology("t.yml", TOPO));
-    assert_eq!(r.status, 409, "{}", r.text());
-    assert_eq!(
-        r.json()["detail"],
-        format!(
-            "netlab's instance 'default' is running in {registered}, outside this server's {}: \
-             not touching it (tear it down there, or start the server with --cleanup-foreign)",
-            other.state_dir().join("labs").display()
-        )
-    );
+    expect_foreign_refusal(&other, &b, &registered);
     assert_eq!(
         s.call_lines(),
         ["up t.yml", "status --all --format json"],
