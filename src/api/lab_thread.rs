@@ -127,6 +127,7 @@ struct Known {
 /// The lab worker of slot `slot` (its index): takes its jobs until a shutdown.
 pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: usize) {
     let lab_log = shared.lab_log(slot);
+    let instance = shared.lock().slots.get(slot).and_then(|s| s.instance);
     let mut known = Known::default();
     for job in jobs.iter() {
         let stop = matches!(job, LabJob::Shutdown);
@@ -146,7 +147,15 @@ pub fn run(shared: &Shared, netlab: &dyn Driver, jobs: Receiver<LabJob>, slot: u
             }
             LabJob::Teardown(t) => match observed_teardown(shared, netlab, &t, slot) {
                 Ok(()) => {
-                    known.clear = true;
+                    // Free unless the slot has another lab running (a pending teardown of
+                    // an older failed start's remains), or the teardown was of an instance
+                    // no slot has any more, which comes here too.
+                    known.clear = t.lab.instance == instance
+                        && shared
+                            .lock()
+                            .slots
+                            .get(slot)
+                            .is_some_and(|s| s.lab.is_none());
                     shared.teardown_done(t.work_dir());
                 }
                 Err(e) => {
