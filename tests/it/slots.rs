@@ -403,3 +403,43 @@ fn cleanup_tears_down_every_slot_and_leaves_no_instance() {
     assert!(s.work_dirs().is_empty());
     assert!(!s.state_dir().join("state.json").exists());
 }
+
+#[test]
+fn a_slot_asks_netlab_status_only_until_it_knows_its_instance() {
+    // The first start of a slot asks where its instance runs (before `up`) and whether
+    // netlab registered it there (after); once the slot tore its own lab down, the next
+    // start is `up` and the one inspect, nothing else.
+    let s = start_slots(2, &[]);
+    s.clear_calls(); // the start-up's own look at netlab
+    let (a, _) = s.create_session();
+    let form = || Form::topology(TOPOLOGIES[1].0, TOPOLOGIES[1].1);
+    assert_eq!(s.acquire(&a, &form()).status, 200);
+    let first: Vec<String> = s
+        .call_lines()
+        .into_iter()
+        .map(|l| l.split(" __import__").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        first,
+        [
+            "status --all --format json",
+            "up b.yml",
+            "status --all --format json",
+            "inspect -q --format json",
+        ]
+    );
+    assert_eq!(s.lab("DELETE", "/lab", &a).status, 202);
+    wait_until(Duration::from_secs(10), "the lab torn down", || {
+        instances(&s).is_empty() && s.work_dirs().is_empty()
+    });
+    s.clear_calls();
+    assert_eq!(s.acquire(&a, &form()).status, 200);
+    assert_eq!(instances(&s)[0].0, "1", "the first empty slot again");
+    let again: Vec<String> = s
+        .call_lines()
+        .into_iter()
+        .map(|l| l.split(" __import__").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(again, ["up b.yml", "inspect -q --format json"]);
+    assert_eq!(instances(&s).len(), 1);
+}
