@@ -169,13 +169,14 @@ pub const RESCUE_HOST: &str = "rescue";
 /// A connection is left waiting only in a moment when the pool has just woken an idle
 /// thread for another one, and that one's first request is then announced by the listener
 /// thread ([`Arrivals`]). So at each announcement this thread lets the burst settle and then
-/// connects to `probe` itself with one short request at a time ([`kick`]): while
+/// connects to `probe` itself with short requests ([`rescue_round`], [`kick`]): while
 /// connections are left waiting, every thread of the pool is busy, so each such request
 /// gets a new thread, which takes the oldest waiting connection once it has answered. A
 /// round stops when requests are answered without a new thread (an idle thread took them:
 /// nothing is waiting any more). While requests come in (`requests`, the count of requests
 /// taken from tiny_http, grows), a round is also made every [`RESCUE_BACKSTOP`], for a
-/// connection whose first request came late.
+/// connection whose first request came late; after a round that found nothing waiting, the
+/// next waits [`RESCUE_REST`].
 pub fn rescue(arrivals: &Arrivals, probe: SocketAddr, stop: &AtomicBool, requests: &AtomicU64) {
     // The stop flag is looked at once a second when nothing arrives.
     const IDLE_WAIT: Duration = Duration::from_secs(1);
@@ -220,7 +221,7 @@ pub fn rescue(arrivals: &Arrivals, probe: SocketAddr, stop: &AtomicBool, request
     }
 }
 
-/// One round of [`rescue`]: short requests until two rounds of them in a row are answered
+/// One round of [`rescue`]: short requests until two batches of them in a row are answered
 /// without a new thread. They go out one at a time at first, and in growing batches sent
 /// at once while every one of a batch gets a new thread (many connections waiting: a
 /// hundred of them freed one request at a time took 90 ms on a busy machine). Returns the
