@@ -484,7 +484,12 @@ fn run_netlab(
             &record_group,
         );
         ended.end(up.is_ok());
-        let early = early.ok().and_then(|t| t.join().ok()).flatten();
+        let early = early.ok().and_then(|t| {
+            // Awake at once if it is still looking for the snapshot.
+            t.thread().unpark();
+            t.join().ok()
+        });
+        let early = early.flatten();
         (up, early)
     });
     up?;
@@ -543,7 +548,8 @@ fn early_devices(
             break now?;
         }
         last = now;
-        std::thread::sleep(SNAPSHOT_LOOK);
+        // Woken early when `up` ends.
+        std::thread::park_timeout(SNAPSHOT_LOOK);
     };
     match netlab.devices_early(work_dir, up_failed) {
         Ok(devices) => Some((devices, seen)),
