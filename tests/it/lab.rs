@@ -490,19 +490,18 @@ fn devices_are_read_node_by_node_when_the_one_call_fails() {
         text.replace(&lab, "clab-LAB")
     };
     assert_eq!(same(by_node.text()), same(at_once.text()));
-    let mut inspects: Vec<String> = s
+    let (at_once_calls, mut inspects): (Vec<String>, Vec<String>) = s
         .calls()
         .iter()
         .map(|(argv, _)| argv.join(" "))
         .filter(|l| l.starts_with("inspect"))
-        .collect();
-    inspects[1..].sort();
-    assert!(
-        inspects[0].contains("__import__('box').BoxList("),
-        "{inspects:?}"
-    );
+        .partition(|l| l.contains("__import__('box').BoxList("));
+    // The one call first (once more after `up` when it also ran, and failed, while `up`
+    // deployed: a busy machine leaves the fake netlab's `up` running long enough).
+    assert!((1..=2).contains(&at_once_calls.len()), "{at_once_calls:?}");
+    inspects.sort();
     assert_eq!(
-        inspects[1..],
+        inspects,
         [
             "inspect -q --format json list(nodes.keys())",
             "inspect -q --node s1 --format json",
