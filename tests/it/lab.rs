@@ -851,20 +851,31 @@ fn a_registered_lab_without_its_files_is_not_reported_torn_down() {
 
 #[test]
 fn the_devices_are_read_while_up_deploys_and_not_again() {
-    // netlab writes the lab's snapshot before it deploys (here: a deploy of 1 s): the one
-    // inspect runs then, and the answer comes when `up` ends, with nothing read after it.
+    // netlab writes the lab's snapshot before it deploys (here: a deploy that lasts until
+    // the test opens the fake's gate): the one inspect runs then, and the answer comes when
+    // `up` ends, with nothing read after it.
     let s = start();
     let (a, _) = s.create_session();
-    s.set_control("up.deploy", "1");
-    let r = s.acquire(&a, &Form::topology("t.yml", TOPO_A));
+    let deploy = gate(&s.fake_dir().join("control"), "up.gate");
+    let pending = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
+    let inspects = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(s.fake_dir().join("calls.log"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|c| c["argv"][0] == "inspect")
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the inspect while up deploys",
+        || !inspects().is_empty(),
+    );
+    open_gate(&deploy);
+    let r = pending.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    let log = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap();
-    let inspects: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|c| c["argv"][0] == "inspect")
-        .collect();
-    assert_eq!(inspects.len(), 1, "{log}");
+    let inspects = inspects();
+    assert_eq!(inspects.len(), 1, "{inspects:?}");
     let ups = std::fs::read_to_string(s.fake_dir().join("ups.log")).unwrap();
     let up: serde_json::Value = serde_json::from_str(ups.lines().last().unwrap()).unwrap();
     let began = inspects[0]["t"].as_f64().unwrap();

@@ -1020,9 +1020,12 @@ fn sigkill_of_remote_lab_leaves_no_command_running() {
     let server = start();
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
+    // The command waits at a gate nobody opens (no timer): only a signal ends it.
+    let never = gate(dir.path(), "never");
     let script = format!(
-        "echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 600",
-        pid_file.display()
+        "echo $$ > {}.tmp; mv {0}.tmp {0}; exec cat {}",
+        pid_file.display(),
+        never.display()
     );
     let mut run = Run::start(
         &["run", "--url", &server.url(), "--", "sh", "-c", &script],
@@ -1368,27 +1371,4 @@ fn long_polls(server: &TestServer) -> u64 {
     server.get("/debug/health").json()["long_polls"]
         .as_u64()
         .unwrap_or(0)
-}
-
-/// A FIFO in `dir` that a command waits at with `cat GATE` (no polling), until
-/// [`open_gate`].
-fn gate(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let made = Command::new("mkfifo").arg(&path).status().unwrap();
-    assert!(made.success(), "mkfifo {}", path.display());
-    path
-}
-
-/// Lets the command waiting at `gate` go on: opening the FIFO for writing succeeds once the
-/// command has it open for reading, and closing it gives the command its end of file.
-fn open_gate(gate: &Path) {
-    use rustix::fs::{Mode, OFlags};
-    wait_until(Duration::from_secs(10), "the command at its gate", || {
-        rustix::fs::open(
-            gate,
-            OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .is_ok()
-    });
 }
