@@ -375,29 +375,14 @@ impl TestServer {
 
     /// `POST /lab` with a multipart body.
     pub fn acquire(&self, id: &str, form: &Form) -> Resp {
-        let content_type = form.content_type();
-        self.request(
-            "POST",
-            "/lab",
-            &[("X-Session-ID", id), ("Content-Type", &content_type)],
-            &form.body(),
-        )
+        post_lab(self.addr, id, form)
     }
 
     /// Sends `POST /lab` of `form` as session `id` on a thread of its own and returns once
     /// the fake netlab has started `up` (set `up.sleep` first to keep it running).
     pub fn acquire_during_up(&self, id: &str, form: Form) -> std::thread::JoinHandle<Resp> {
         let (addr, id) = (self.addr, id.to_owned());
-        let handle = std::thread::spawn(move || {
-            let content_type = form.content_type();
-            request(
-                addr,
-                "POST",
-                "/lab",
-                &[("X-Session-ID", &id), ("Content-Type", &content_type)],
-                &form.body(),
-            )
-        });
+        let handle = std::thread::spawn(move || post_lab(addr, &id, &form));
         wait_until(Duration::from_secs(5), "netlab up to start", || {
             self.call_lines().iter().any(|l| l.starts_with("up "))
         });
@@ -412,12 +397,21 @@ impl TestServer {
         let _ = std::fs::remove_file(self.fake_dir().join("control").join(name));
     }
 
+    /// The fake netlab's calls as it logs them: `argv`, `cwd`, `pid`, `t` (when it began)
+    /// and `env` (the multilab variables it was given).
+    pub fn call_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.fake_dir().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// The fake netlab's calls, as (argv, cwd).
     pub fn calls(&self) -> Vec<(Vec<String>, String)> {
-        let text = std::fs::read_to_string(self.fake_dir().join("calls.log")).unwrap_or_default();
-        text.lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        self.call_records()
+            .into_iter()
+            .map(|v| {
                 let argv = v["argv"]
                     .as_array()
                     .unwrap()
@@ -692,6 +686,18 @@ pub fn request(
     // The server may answer before reading the body (the gate): ignore a reset here.
     let _ = stream.write_all(body);
     read_response(&mut stream, method == "HEAD")
+}
+
+/// `POST /lab` of `form` as session `id`.
+pub fn post_lab(addr: SocketAddr, id: &str, form: &Form) -> Resp {
+    let content_type = form.content_type();
+    request(
+        addr,
+        "POST",
+        "/lab",
+        &[("X-Session-ID", id), ("Content-Type", &content_type)],
+        &form.body(),
+    )
 }
 
 pub fn read_response(stream: &mut impl Read, head_only: bool) -> Resp {

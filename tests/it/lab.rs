@@ -859,10 +859,8 @@ fn the_devices_are_read_while_up_deploys_and_not_again() {
     let deploy = gate(&s.fake_dir().join("control"), "up.gate");
     let pending = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     let inspects = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(s.fake_dir().join("calls.log"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        s.call_records()
+            .into_iter()
             .filter(|c| c["argv"][0] == "inspect")
             .collect()
     };

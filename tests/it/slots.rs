@@ -73,17 +73,7 @@ fn acquire_three_at_once(s: &TestServer, ids: &[String]) -> Vec<Resp> {
         .zip(TOPOLOGIES)
         .map(|(id, (name, text))| {
             let (addr, id) = (s.addr, id.clone());
-            std::thread::spawn(move || {
-                let form = Form::topology(name, text);
-                let content_type = form.content_type();
-                request(
-                    addr,
-                    "POST",
-                    "/lab",
-                    &[("X-Session-ID", &id), ("Content-Type", &content_type)],
-                    &form.body(),
-                )
-            })
+            std::thread::spawn(move || post_lab(addr, &id, &Form::topology(name, text)))
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).collect()
@@ -162,23 +152,18 @@ fn three_labs_start_at_once_each_in_its_own_instance_directory_and_subnet() {
     let first_end = ups.iter().map(|u| u.2).fold(f64::MAX, f64::min);
     assert!(last_start < first_end, "the ups did not overlap: {ups:?}");
 
-    // Every `up` had the plugin and its id; nobody ran netlab's `default` instance.
-    let calls = std::fs::read_to_string(s.fake_dir().join("calls.log")).unwrap();
+    // Every `up` had the plugin and its id; nobody ran netlab's `default` instance, and
+    // every inspect ran in the directory of a lab of its own instance.
+    let registered = instances(&s);
+    let lab_dirs: BTreeSet<&str> = registered.iter().map(|r| r.1.as_str()).collect();
     let mut ids_used = BTreeSet::new();
-    for line in calls.lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let argv: Vec<&str> = v["argv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
-        if argv[0] == "up" {
-            assert_eq!(v["env"]["NETLAB_PLUGIN"], "multilab", "{line}");
+    for v in s.call_records() {
+        if v["argv"][0] == "up" {
+            assert_eq!(v["env"]["NETLAB_PLUGIN"], "multilab", "{v}");
             ids_used.insert(v["env"]["NETLAB_MULTILAB_ID"].as_str().unwrap().to_owned());
         }
-        if argv[0] == "inspect" {
-            assert_ne!(argv[3], "default", "{line}");
+        if v["argv"][0] == "inspect" {
+            assert!(lab_dirs.contains(v["cwd"].as_str().unwrap()), "{v}");
         }
     }
     assert_eq!(
@@ -186,7 +171,6 @@ fn three_labs_start_at_once_each_in_its_own_instance_directory_and_subnet() {
         BTreeSet::from(["1".into(), "2".into(), "3".into()])
     );
 
-    let registered = instances(&s);
     let keys: Vec<&str> = registered.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(keys, ["1", "2", "3"]);
     let dirs: BTreeSet<&str> = registered.iter().map(|r| r.1.as_str()).collect();
