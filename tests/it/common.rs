@@ -389,6 +389,29 @@ impl TestServer {
         handle
     }
 
+    /// Makes every fake `up` wait, once it wrote the snapshot, at a gate of its own (see
+    /// [`TestServer::open_up_gates`]).
+    pub fn gate_ups(&self) {
+        std::fs::create_dir(self.fake_dir().join("control/up.gates")).unwrap();
+    }
+
+    /// Waits until `count` fake `up`s wait at their gates, then lets them all go on.
+    pub fn open_up_gates(&self, count: usize) {
+        let dir = self.fake_dir().join("control/up.gates");
+        let gates = || -> Vec<PathBuf> {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
+        };
+        wait_until(Duration::from_secs(20), "the ups at their gates", || {
+            gates().len() >= count
+        });
+        for gate in gates() {
+            open_gate(&gate);
+        }
+    }
+
     pub fn set_control(&self, name: &str, content: &str) {
         std::fs::write(self.fake_dir().join("control").join(name), content).unwrap();
     }

@@ -856,7 +856,7 @@ fn the_devices_are_read_while_up_deploys_and_not_again() {
     // `up` ends, with nothing read after it.
     let s = start();
     let (a, _) = s.create_session();
-    let deploy = gate(&s.fake_dir().join("control"), "up.gate");
+    s.gate_ups();
     let pending = s.acquire_during_up(&a, Form::topology("t.yml", TOPO_A));
     let inspects = || -> Vec<serde_json::Value> {
         s.call_records()
@@ -869,7 +869,7 @@ fn the_devices_are_read_while_up_deploys_and_not_again() {
         "the inspect while up deploys",
         || !inspects().is_empty(),
     );
-    open_gate(&deploy);
+    s.open_up_gates(1);
     let r = pending.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let inspects = inspects();

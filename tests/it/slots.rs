@@ -141,9 +141,18 @@ fn three_sessions_are_active_at_once_and_the_fourth_waits_at_position_1() {
 #[test]
 fn three_labs_start_at_once_each_in_its_own_instance_directory_and_subnet() {
     let s = start_slots(3, &[]);
-    // Long enough that the three `up`s overlap however the machine schedules them.
-    s.set_control("up.sleep", "1.5");
-    let ids = three_labs(&s);
+    // Each `up` waits at a gate until all three are at theirs: run one after another,
+    // the first would wait there for ever.
+    s.gate_ups();
+    let ids: Vec<String> = (0..3).map(|_| s.create_session().0).collect();
+    let answers = std::thread::scope(|scope| {
+        let answers = scope.spawn(|| acquire_three_at_once(&s, &ids));
+        s.open_up_gates(3);
+        answers.join().unwrap()
+    });
+    for r in answers {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
 
     // The three `up`s ran at the same time: each began before any of them ended.
     let ups = ups(&s);
