@@ -354,11 +354,8 @@ fn start(shared: &Shared, netlab: &dyn Driver, job: &StartJob, known: &mut Known
     // same is done only if netlab refuses it as running elsewhere (someone started it by
     // hand meanwhile), before a second `up`.
     let looked = !known.clear;
-    if looked {
-        match clear_instance(netlab, &shared.config, job.instance) {
-            Ok(_) => {}
-            Err(why) => return refuse(why),
-        }
+    if looked && let Err(why) = clear_instance(netlab, &shared.config, job.instance) {
+        return refuse(why);
     }
     known.clear = false;
     work.netlab_ran = true;
@@ -708,7 +705,7 @@ fn health_check(shared: &Shared, netlab: &dyn Driver, slot: usize) {
     lab_log.begin(Job::Up);
     let outcome = match clear_instance(netlab, &shared.config, instance) {
         Err(why) => Err((true, why)),
-        Ok(_) => netlab
+        Ok(()) => netlab
             .up(&topology, instance, shared.shutdown_flag(), &|_| {})
             .and_then(|()| netlab.devices(&work_dir))
             .map(|devices| devices.len())
@@ -777,21 +774,19 @@ fn registered(netlab: &dyn Driver, job: &StartJob) -> Result<(), NetlabError> {
 /// (a lab we lost track of), or anywhere with `--cleanup-foreign`. One in another directory
 /// belongs to someone else (another server, a person at the shell): it is left alone, and
 /// the reason is returned. A registration whose directory is gone is cleared either way.
-/// `Ok(true)`: netlab registers nothing under the instance now (as far as it said);
-/// `Ok(false)`: that is not known (netlab's answer or the clearing failed, as logged).
 pub fn clear_instance(
     netlab: &dyn Driver,
     config: &crate::config::Config,
     instance: Option<u16>,
-) -> Result<bool, String> {
+) -> Result<(), String> {
     let labs = config.state_dir.join("labs");
     let name = record::instance_name(instance);
     let dir = match netlab.instance_dir(&config.state_dir, instance) {
         Ok(Some(dir)) => dir,
-        Ok(None) => return Ok(true),
+        Ok(None) => return Ok(()),
         Err(e) => {
             log::warn!("cannot tell where netlab's instance {name} is: {e}");
-            return Ok(false);
+            return Ok(());
         }
     };
     let ours = crate::store::statedir::is_work_dir(&labs, &dir);
@@ -801,9 +796,8 @@ pub fn clear_instance(
                 "cannot clear netlab's '{name}' instance: {}",
                 crate::lab::netlab::for_log(&e)
             );
-            return Ok(false);
         }
-        return Ok(true);
+        return Ok(());
     }
     Err(format!(
         "netlab's instance '{name}' is running in {}, outside this server's {}: \
