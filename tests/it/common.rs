@@ -1005,15 +1005,6 @@ pub fn process_figures(pid: u32) -> (u64, u64, usize) {
     (field("VmRSS:"), field("Threads:"), fds)
 }
 
-/// A FIFO in `dir` that a command (or the fake netlab) waits at by reading it (no polling),
-/// until [`open_gate`].
-pub fn gate(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let made = Command::new("mkfifo").arg(&path).status().unwrap();
-    assert!(made.success(), "mkfifo {}", path.display());
-    path
-}
-
 /// Lets the command waiting at `gate` go on: opening the FIFO for writing succeeds once the
 /// command has it open for reading, and closing it gives the command its end of file.
 pub fn open_gate(gate: &Path) {

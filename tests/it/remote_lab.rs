@@ -1372,3 +1372,12 @@ fn long_polls(server: &TestServer) -> u64 {
         .as_u64()
         .unwrap_or(0)
 }
+
+/// A FIFO in `dir` that a command waits at with `cat GATE` (no polling), until
+/// [`open_gate`].
+fn gate(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let made = Command::new("mkfifo").arg(&path).status().unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+    path
+}
